@@ -50,7 +50,9 @@ def check_trust_domain(value: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"trust domain must be a string, not {type(value).__name__}")
     if not is_dns1123_subdomain(value):
-        raise InvalidName(f"trust domain {value!r} is not a DNS-1123 subdomain such as cluster.local")
+        raise InvalidName(
+            f"trust domain {value!r} is not a DNS-1123 subdomain such as cluster.local"
+        )
     return value
 
 

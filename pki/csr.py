@@ -1,0 +1,135 @@
+"""Certificate signing requests: creation (the proxy's side) and validation (the CA's side).
+
+Validation is stricter than Linkerd's: the CSR's self-signature is checked, the key algorithm
+must be allowed, and the CSR must carry exactly one DNS SAN (equal to the requested identity)
+and no other SAN. Each refusal is its own :class:`~pki.errors.CSRError` subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from pki.errors import (
+    CSRIdentityMismatch,
+    CSRKeyNotAllowed,
+    CSRMalformed,
+    CSRSignatureInvalid,
+    CSRSubjectAltNameError,
+    CSRTooLarge,
+    UnsupportedAlgorithm,
+)
+from pki.keys import KeyAlgorithm, PrivateKey, PublicKeyTypes, algorithm_of
+
+# An ML-DSA-65 CSR is ~5.5 KB; anything near this limit is not a CSR we would sign.
+DEFAULT_MAX_CSR_BYTES = 16 * 1024
+
+
+def create_csr(dns_name: str, key: PrivateKey, *, spiffe_id: str | None = None) -> bytes:
+    """A DER CSR with CN = ``dns_name`` and exactly one DNS SAN (Linkerd's ``csr.der``)."""
+    sans: list[x509.GeneralName] = [x509.DNSName(dns_name)]
+    if spiffe_id:
+        sans.append(x509.UniformResourceIdentifier(spiffe_id))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key.key, key.algorithm.signature_hash())
+    )
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedCSR:
+    """A CSR that passed validation: the identity it names and the public key to certify."""
+
+    dns_name: str
+    public_key: PublicKeyTypes
+    algorithm: KeyAlgorithm
+
+
+def parse_csr(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_CSR_BYTES
+) -> x509.CertificateSigningRequest:
+    """Parse DER or PEM bytes into a CSR, refusing oversized input before parsing."""
+    if not isinstance(data, bytes | bytearray):
+        raise TypeError(f"CSR must be bytes, not {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise CSRTooLarge(f"CSR is {len(data)} bytes, over the limit of {max_bytes} bytes")
+    if not data:
+        raise CSRMalformed("CSR is empty")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_csr(bytes(data))
+        return x509.load_der_x509_csr(bytes(data))
+    except ValueError as e:
+        raise CSRMalformed(f"CSR is not a valid PKCS#10 request: {e}") from None
+
+
+def validate_csr(
+    data: bytes | x509.CertificateSigningRequest,
+    *,
+    expected_name: str | None = None,
+    allowed_algorithms: Collection[KeyAlgorithm] = (KeyAlgorithm.ECDSA_P256,),
+    max_bytes: int = DEFAULT_MAX_CSR_BYTES,
+) -> ValidatedCSR:
+    """Check a CSR and return what may be certified; raise a :class:`CSRError` subclass if not."""
+    csr = (
+        data
+        if isinstance(data, x509.CertificateSigningRequest)
+        else parse_csr(data, max_bytes=max_bytes)
+    )
+    try:
+        public_key = csr.public_key()
+        algorithm = algorithm_of(public_key)
+    except UnsupportedAlgorithm as e:
+        raise CSRKeyNotAllowed(f"CSR key is not allowed: {e}") from None
+    except ValueError as e:
+        raise CSRMalformed(f"CSR public key cannot be read: {e}") from None
+    if algorithm not in allowed_algorithms:
+        allowed = ", ".join(a.value for a in allowed_algorithms)
+        raise CSRKeyNotAllowed(
+            f"CSR key algorithm {algorithm.value} is not allowed (allowed: {allowed})"
+        )
+    try:
+        signature_ok = csr.is_signature_valid
+    except Exception:  # malformed signature encodings raise instead of returning False
+        signature_ok = False
+    if not signature_ok:
+        raise CSRSignatureInvalid("CSR signature does not verify with the CSR's own public key")
+    dns_name = _single_dns_san(csr)
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if cns and cns[0].value != dns_name:
+        raise CSRIdentityMismatch(
+            f"CSR subject CN {cns[0].value!r} differs from its DNS SAN {dns_name!r}"
+        )
+    if expected_name is not None and dns_name != expected_name:
+        raise CSRIdentityMismatch(
+            f"CSR names {dns_name!r}, but the requested identity is {expected_name!r}"
+        )
+    return ValidatedCSR(dns_name, public_key, algorithm)  # type: ignore[arg-type]
+
+
+def _single_dns_san(csr: x509.CertificateSigningRequest) -> str:
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CSRSubjectAltNameError(
+            "CSR has no subjectAltName; exactly one DNS name is required"
+        ) from None
+    except ValueError as e:
+        raise CSRMalformed(f"CSR extensions cannot be parsed: {e}") from None
+    names = list(san)
+    dns = [n.value for n in names if isinstance(n, x509.DNSName)]
+    others = [type(n).__name__ for n in names if not isinstance(n, x509.DNSName)]
+    if others:
+        raise CSRSubjectAltNameError(
+            f"CSR carries {', '.join(sorted(set(others)))} SANs; only one DNS name is allowed"
+        )
+    if len(dns) != 1:
+        raise CSRSubjectAltNameError(f"CSR carries {len(dns)} DNS SANs; exactly one is required")
+    return str(dns[0])

@@ -1,0 +1,275 @@
+"""Rotation: the pure plan for the issuer and anchors, and the store operations that carry it out.
+
+``plan(state, policy, now)`` looks at a store version and says what the cron job must do: renew
+the issuer or not, and whether a human must act (the anchor is inside its warning window, or the
+issuer can no longer be renewed for its full validity before the anchor expires). The anchor is
+never replaced automatically: that changes what every workload trusts and is a human decision.
+
+The cron job's life is a table of ``(stage, event) -> stage`` walked by :func:`advance`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pki.bundle import TrustBundle
+from pki.certs import (
+    DEFAULT_ANCHOR_LIFETIME,
+    DEFAULT_CLOCK_SKEW,
+    DEFAULT_ISSUER_LIFETIME,
+    Credential,
+    create_anchor,
+    create_issuer,
+)
+from pki.errors import BundleError, PKIError, StoreError
+from pki.keys import KeyAlgorithm, PrivateKey
+from pki.renewal import RenewalDecision, RenewalPolicy, decide
+from pki.store import ANCHOR, ANCHOR_KEY, BUNDLE, ISSUER, ISSUER_KEY, FileStore, StoreState
+from pki.verify import verify_chain
+
+ANCHOR_WARNING_WINDOW = timedelta(days=60)
+
+
+class Stage(enum.Enum):
+    START = "start"
+    PLANNED = "planned"
+    RENEWING = "renewing"
+    DONE = "done"
+    NEEDS_HUMAN = "needs-human"
+    FAILED = "failed"
+
+
+class Event(enum.Enum):
+    PLAN_OK = "plan-ok"  # plan computed
+    NOT_DUE = "not-due"
+    DUE = "due"
+    COMMITTED = "committed"
+    HUMAN_ACTION = "human-action"
+    ERROR = "error"
+
+
+TRANSITIONS: dict[tuple[Stage, Event], Stage] = {
+    (Stage.START, Event.PLAN_OK): Stage.PLANNED,
+    (Stage.START, Event.ERROR): Stage.FAILED,
+    (Stage.PLANNED, Event.NOT_DUE): Stage.DONE,
+    (Stage.PLANNED, Event.DUE): Stage.RENEWING,
+    (Stage.PLANNED, Event.HUMAN_ACTION): Stage.NEEDS_HUMAN,
+    (Stage.RENEWING, Event.COMMITTED): Stage.DONE,
+    (Stage.RENEWING, Event.ERROR): Stage.FAILED,
+    (Stage.DONE, Event.HUMAN_ACTION): Stage.NEEDS_HUMAN,
+}
+
+
+class InvalidTransition(PKIError):
+    """An event that the rotation state machine does not accept in its current stage."""
+
+
+def advance(stage: Stage, event: Event) -> Stage:
+    try:
+        return TRANSITIONS[(stage, event)]
+    except KeyError:
+        raise InvalidTransition(
+            f"event {event.value} is not valid in stage {stage.value}"
+        ) from None
+
+
+class AnchorStatus(enum.Enum):
+    OK = "ok"
+    WARNING = "warning"  # inside the warning window: plan the anchor rotation now
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class RotationPlan:
+    """What the cron job should do for one store version at ``now``."""
+
+    now: datetime
+    issuer: RenewalDecision
+    anchor_status: AnchorStatus
+    anchor_expires: datetime
+    renewed_issuer_not_after: datetime  # NotAfter a renewal now would get (after clamping)
+    issuer_lifetime: timedelta
+    human_actions: tuple[str, ...]
+
+    @property
+    def renew_issuer(self) -> bool:
+        return self.issuer.due and self.anchor_status is not AnchorStatus.EXPIRED
+
+
+def plan(
+    state: StoreState,
+    policy: RenewalPolicy,
+    now: datetime,
+    *,
+    anchor_warning: timedelta = ANCHOR_WARNING_WINDOW,
+    jitter_sample: float = 0.0,
+) -> RotationPlan:
+    """The rotation plan for ``state`` at ``now`` (pure)."""
+    bundle = state.require_bundle()
+    issuer = state.require_issuer()
+    anchor = state.anchor or min(bundle.anchors, key=lambda c: c.not_after)
+    decision = decide(
+        issuer.certificate, policy, now, jitter_sample=jitter_sample, not_after=issuer.expires
+    )
+    lifetime = issuer.certificate.lifetime
+    renewed_not_after = min(now + lifetime, anchor.not_after)
+    actions: list[str] = []
+    if now >= anchor.not_after:
+        status = AnchorStatus.EXPIRED
+        actions.append(
+            f"the trust anchor expired at {anchor.not_after.isoformat()}: create a new anchor "
+            "('trustmesh pki anchor create --rotate'), distribute the bundle, then a new issuer"
+        )
+    elif anchor.not_after - now <= anchor_warning:
+        status = AnchorStatus.WARNING
+        actions.append(
+            f"the trust anchor expires at {anchor.not_after.isoformat()} (within "
+            f"{anchor_warning.days} days): rotate it with 'trustmesh pki anchor create --rotate'"
+        )
+    else:
+        status = AnchorStatus.OK
+    if status is not AnchorStatus.EXPIRED and renewed_not_after < now + lifetime:
+        actions.append(
+            f"a renewed issuer would be cut short to {renewed_not_after.isoformat()} by the "
+            "anchor's expiry: rotate the anchor"
+        )
+    return RotationPlan(
+        now=now,
+        issuer=decision,
+        anchor_status=status,
+        anchor_expires=anchor.not_after,
+        renewed_issuer_not_after=renewed_not_after,
+        issuer_lifetime=lifetime,
+        human_actions=tuple(actions),
+    )
+
+
+# --- store operations (each under the store lock, one atomic version each) -----------------
+
+
+def init_anchor(
+    store: FileStore,
+    *,
+    now: datetime,
+    algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256,
+    lifetime: timedelta = DEFAULT_ANCHOR_LIFETIME,
+    rotate: bool = False,
+    common_name: str = "TrustMesh trust anchor",
+) -> StoreState:
+    """Create the trust anchor. With ``rotate``, add a new anchor beside the existing ones.
+
+    The new anchor becomes the one that signs issuers; the old ones stay in the bundle until
+    removed with ``bundle remove`` once every workload trusts the new one.
+    """
+    with store.lock():
+        current = store.load() if store.current_version() is not None else None
+        if current is not None and current.anchor is not None and not rotate:
+            raise StoreError(
+                f"{store.root} already has a trust anchor ({current.anchor.fingerprint[:16]}…); "
+                "use --rotate to add a new one beside it"
+            )
+        key = PrivateKey.generate(algorithm)
+        anchor = create_anchor(key, now=now, lifetime=lifetime, common_name=common_name)
+        bundle = TrustBundle((anchor,))
+        if current is not None and current.bundle is not None:
+            bundle = current.bundle.add(anchor)
+        reason = "anchor rotated (new anchor added to bundle)" if current else "anchor created"
+        return store.commit(
+            {BUNDLE: bundle.pem(), ANCHOR: anchor.pem, ANCHOR_KEY: key.to_pem()},
+            reason=reason,
+            now=now,
+        )
+
+
+def _new_issuer(
+    state: StoreState, *, now: datetime, algorithm: KeyAlgorithm, lifetime: timedelta
+) -> Credential:
+    issuer = create_issuer(
+        PrivateKey.generate(algorithm), state.anchor_credential(), now=now, lifetime=lifetime
+    )
+    verify_chain(issuer.certificate, issuer.chain, state.require_bundle(), at=now)
+    return issuer
+
+
+def issue_issuer(
+    store: FileStore,
+    *,
+    now: datetime,
+    algorithm: KeyAlgorithm | None = None,
+    lifetime: timedelta | None = None,
+    reason: str = "issuer created",
+) -> StoreState:
+    """Create (or immediately replace) the issuer, signed by the store's anchor.
+
+    Algorithm and lifetime default to the current issuer's, else ECDSA P-256 and 48 h.
+    """
+    with store.lock():
+        return _issue_locked(store, store.load(), now, algorithm, lifetime, reason)
+
+
+def _issue_locked(
+    store: FileStore,
+    state: StoreState,
+    now: datetime,
+    algorithm: KeyAlgorithm | None,
+    lifetime: timedelta | None,
+    reason: str,
+) -> StoreState:
+    if state.issuer is not None:
+        algorithm = algorithm or state.issuer.certificate.key_algorithm
+        lifetime = lifetime or state.issuer.certificate.lifetime - 2 * DEFAULT_CLOCK_SKEW
+    algorithm = algorithm or KeyAlgorithm.ECDSA_P256
+    lifetime = lifetime or DEFAULT_ISSUER_LIFETIME
+    issuer = _new_issuer(state, now=now, algorithm=algorithm, lifetime=lifetime)
+    return store.commit(
+        {ISSUER: issuer.chain_pem(), ISSUER_KEY: issuer.key.to_pem()}, reason=reason, now=now
+    )
+
+
+def rotate_if_due(
+    store: FileStore, policy: RenewalPolicy, *, now: datetime, dry_run: bool = False
+) -> tuple[RotationPlan, StoreState | None]:
+    """The cron job's core: plan under the lock and renew the issuer when due.
+
+    Returns the plan and the new state (None when nothing was written).
+    """
+    with store.lock():
+        state = store.load()
+        p = plan(state, policy, now)
+        if not p.renew_issuer or dry_run:
+            return p, None
+        new = _issue_locked(store, state, now, None, None, "issuer renewed by rotate")
+        store.prune()
+        return p, new
+
+
+def bundle_add(store: FileStore, anchor_pem: bytes, *, now: datetime) -> StoreState:
+    from pki.certs import load_pem_chain
+
+    with store.lock():
+        state = store.load()
+        bundle = state.require_bundle()
+        for cert in load_pem_chain(anchor_pem):
+            if not cert.is_ca:
+                raise BundleError(f"{cert.subject} is not a CA certificate")
+            bundle = bundle.add(cert)
+        return store.commit({BUNDLE: bundle.pem()}, reason="anchor added to bundle", now=now)
+
+
+def bundle_remove(store: FileStore, fingerprint: str, *, now: datetime) -> StoreState:
+    with store.lock():
+        state = store.load()
+        bundle = state.require_bundle()
+        target = bundle.find(fingerprint)
+        if state.anchor is not None and target == state.anchor:
+            raise BundleError(
+                "refusing to remove the anchor that signs the current issuer; "
+                "rotate the anchor first ('trustmesh pki anchor create --rotate')"
+            )
+        return store.commit(
+            {BUNDLE: bundle.remove(target.fingerprint).pem()},
+            reason=f"anchor {target.fingerprint[:16]} removed from bundle",
+            now=now,
+        )

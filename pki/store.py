@@ -1,0 +1,347 @@
+"""``FileStore``: the embedded credential store, a versioned archive with an atomic pointer.
+
+Layout::
+
+    <root>/lock                     flock()ed by writers
+    <root>/current -> versions/000007
+    <root>/versions/000007/         one complete version: bundle.pem, anchor.pem, anchor.key,
+                                    issuer.pem, issuer.key, … and meta.json (sha256 of each file)
+
+A write builds the next version in a temporary directory, fsyncs every file and the directory,
+renames it into ``versions/`` and then flips ``current`` with ``os.replace`` on a symlink. A crash
+at any instant therefore leaves ``current`` at the old or the new complete version, never a mix;
+leftovers of an interrupted write are removed by the next writer. Keys are written 0600 and the
+store directory is 0700. Readers take no lock: they resolve ``current`` once and read that
+version, and ``meta.json`` digests catch any file that does not belong to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pki.bundle import TrustBundle
+from pki.certs import Certificate, Credential, load_pem_chain
+from pki.errors import PKIError, StoreCorrupt, StoreError, StoreLocked, StoreNotInitialized
+from pki.keys import PrivateKey
+
+BUNDLE = "bundle.pem"
+ANCHOR = "anchor.pem"
+ANCHOR_KEY = "anchor.key"
+ISSUER = "issuer.pem"
+ISSUER_KEY = "issuer.key"
+META = "meta.json"
+_VERSION_DIGITS = 6
+DEFAULT_KEEP_VERSIONS = 20
+
+
+def _crash_point(label: str) -> None:
+    """Test hook: with ``TRUSTMESH_CRASH_AT=<label>`` set, the process SIGKILLs itself here.
+
+    The crash test uses it to kill a real ``trustmesh rotate`` at every step of a write; it is
+    inert unless the variable names this exact step.
+    """
+    if os.environ.get("TRUSTMESH_CRASH_AT") == label:
+        os.kill(os.getpid(), 9)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def is_secret(name: str) -> bool:
+    return name.endswith(".key")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    """One version of the store, fully loaded."""
+
+    version: int
+    path: Path
+    created: str
+    reason: str
+    files: tuple[str, ...]
+    bundle: TrustBundle | None
+    anchor: Certificate | None
+    anchor_key: PrivateKey | None
+    issuer: Credential | None
+
+    def anchor_credential(self) -> Credential:
+        if self.anchor is None:
+            raise StoreNotInitialized(
+                "the store has no trust anchor; run 'trustmesh pki anchor create'"
+            )
+        if self.anchor_key is None:
+            raise StoreError(
+                "the anchor's private key is not in the store (kept offline); "
+                "an issuer cannot be signed here"
+            )
+        return Credential(self.anchor, self.anchor_key)
+
+    def require_bundle(self) -> TrustBundle:
+        if self.bundle is None:
+            raise StoreNotInitialized(
+                "the store has no trust bundle; run 'trustmesh pki anchor create'"
+            )
+        return self.bundle
+
+    def require_issuer(self) -> Credential:
+        if self.issuer is None:
+            raise StoreNotInitialized("the store has no issuer; run 'trustmesh pki issuer create'")
+        return self.issuer
+
+
+class FileStore:
+    """A directory holding the trust anchors, the issuer and their keys (see module doc)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"FileStore({str(self.root)!r})"
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    # --- reading ----------------------------------------------------------------------
+
+    def current_version(self) -> int | None:
+        try:
+            target = os.readlink(self.root / "current")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreCorrupt(f"{self.root}/current is not a symlink: {e.strerror}") from None
+        try:
+            return int(Path(target).name)
+        except ValueError:
+            raise StoreCorrupt(f"{self.root}/current points at {target!r}, not a version") from None
+
+    def version_path(self, version: int) -> Path:
+        return self.versions_dir / f"{version:0{_VERSION_DIGITS}d}"
+
+    def versions(self) -> list[int]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit())
+
+    def read_version(self, version: int) -> dict[str, bytes]:
+        """All files of ``version``, checked against its ``meta.json`` digests."""
+        path = self.version_path(version)
+        meta = self._meta(path)
+        files: dict[str, bytes] = {}
+        for name, digest in meta["files"].items():
+            try:
+                data = (path / name).read_bytes()
+            except FileNotFoundError:
+                raise StoreCorrupt(f"{path / name} is listed in meta.json but missing") from None
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise StoreCorrupt(f"{path / name} does not match its digest in meta.json")
+            files[name] = data
+        return files
+
+    def _meta(self, path: Path) -> dict[str, Any]:
+        try:
+            meta = json.loads((path / META).read_text())
+        except FileNotFoundError:
+            raise StoreCorrupt(f"{path} has no meta.json") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreCorrupt(f"{path / META} is not valid JSON: {e}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+            raise StoreCorrupt(f"{path / META} lacks the 'files' table")
+        return meta
+
+    def load(self) -> StoreState:
+        """The current version, parsed. Raises StoreNotInitialized for an empty store."""
+        version = self.current_version()
+        if version is None:
+            raise StoreNotInitialized(
+                f"no TrustMesh store at {self.root}; run 'trustmesh pki anchor create --store {self.root}'"
+            )
+        return self._parse(version)
+
+    def _parse(self, version: int) -> StoreState:
+        files = self.read_version(version)
+        meta = self._meta(self.version_path(version))
+        try:
+            bundle = TrustBundle.from_pem(files[BUNDLE]) if BUNDLE in files else None
+            anchor = Certificate.from_pem(files[ANCHOR]) if ANCHOR in files else None
+            anchor_key = PrivateKey.load(files[ANCHOR_KEY]) if ANCHOR_KEY in files else None
+            issuer = None
+            if ISSUER in files:
+                if ISSUER_KEY not in files:
+                    raise StoreCorrupt(f"version {version} has {ISSUER} but no {ISSUER_KEY}")
+                chain = load_pem_chain(files[ISSUER])
+                issuer = Credential(chain[0], PrivateKey.load(files[ISSUER_KEY]), chain[1:])
+        except StoreCorrupt:
+            raise
+        except PKIError as e:
+            raise StoreCorrupt(f"version {version} of {self.root} is unreadable: {e}") from None
+        return StoreState(
+            version=version,
+            path=self.version_path(version),
+            created=str(meta.get("created", "")),
+            reason=str(meta.get("reason", "")),
+            files=tuple(sorted(files)),
+            bundle=bundle,
+            anchor=anchor,
+            anchor_key=anchor_key,
+            issuer=issuer,
+        )
+
+    def trust_bundle(self) -> TrustBundle:
+        return self.load().require_bundle()
+
+    def issuer(self) -> Credential:
+        return self.load().require_issuer()
+
+    def read_file(self, name: str) -> bytes | None:
+        version = self.current_version()
+        if version is None:
+            return None
+        return self.read_version(version).get(name)
+
+    # --- writing ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, *, wait: float = 0.0) -> Iterator[FileStore]:
+        """Hold the store's write lock; raise StoreLocked if another process holds it."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise StoreLocked(
+                        f"another process{holder} holds the lock on {self.root}; try again later"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        try:
+            self._clean_partial_writes()
+            yield self
+        finally:
+            self._lock_fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _clean_partial_writes(self) -> None:
+        if self.versions_dir.is_dir():
+            for p in self.versions_dir.iterdir():
+                if p.name.startswith(".tmp-"):
+                    shutil.rmtree(p, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / ".current.tmp").unlink()
+
+    def commit(
+        self, changes: Mapping[str, bytes | None], *, reason: str, now: datetime
+    ) -> StoreState:
+        """Write a new version: the current files updated by ``changes`` (None deletes a file).
+
+        The caller must hold :meth:`lock`. The new version is validated by loading it back before
+        ``current`` moves to it.
+        """
+        if self._lock_fd is None:
+            raise StoreError("FileStore.commit() needs the store lock (use 'with store.lock():')")
+        for name in changes:
+            if "/" in name or name.startswith(".") or name == META:
+                raise ValueError(f"invalid store file name {name!r}")
+        self.root.chmod(0o700)
+        self.versions_dir.mkdir(exist_ok=True, mode=0o700)
+        previous = self.current_version()
+        files = self.read_version(previous) if previous is not None else {}
+        for name, data in changes.items():
+            if data is None:
+                files.pop(name, None)
+            else:
+                files[name] = data
+        version = max(self.versions(), default=0) + 1
+        tmp = self.versions_dir / f".tmp-{version}-{os.getpid()}"
+        tmp.mkdir(mode=0o700)
+        for name, data in sorted(files.items()):
+            _crash_point(f"write:{name}")
+            write_file_atomic(tmp / name, data, mode=0o600 if is_secret(name) else 0o644)
+        meta = {
+            "version": version,
+            "created": now.isoformat(),
+            "reason": reason,
+            "previous": previous,
+            "files": {n: hashlib.sha256(d).hexdigest() for n, d in sorted(files.items())},
+        }
+        _crash_point("write:meta")
+        write_file_atomic(tmp / META, json.dumps(meta, indent=2).encode() + b"\n")
+        _crash_point("rename")
+        final = self.version_path(version)
+        os.rename(tmp, final)
+        _fsync_dir(self.versions_dir)
+        state = self._parse(version)  # refuse to point at a version that does not load
+        _crash_point("flip")
+        link = self.root / ".current.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        os.symlink(f"versions/{final.name}", link)
+        os.replace(link, self.root / "current")
+        _fsync_dir(self.root)
+        _crash_point("flipped")
+        return state
+
+    def prune(self, keep: int = DEFAULT_KEEP_VERSIONS) -> list[int]:
+        """Delete all but the newest ``keep`` versions (never the current one)."""
+        if self._lock_fd is None:
+            raise StoreError("FileStore.prune() needs the store lock")
+        current = self.current_version()
+        old = [v for v in self.versions()[:-keep] if v != current] if keep > 0 else []
+        for v in old:
+            shutil.rmtree(self.version_path(v))
+        return old
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid = os.read(fd, 32).decode().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
