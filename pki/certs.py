@@ -50,7 +50,7 @@ class Certificate:
     # --- loading ------------------------------------------------------------------------
 
     @classmethod
-    def from_x509(cls, cert: x509.Certificate) -> Certificate:
+    def from_x509(cls, cert: X509Certificate) -> Certificate:
         return cls(cert.public_bytes(serialization.Encoding.DER), cert)
 
     @classmethod
