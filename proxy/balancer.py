@@ -1,0 +1,124 @@
+"""Peak-EWMA power-of-two-choices load balancing (Linkerd's and tower's algorithm), pure.
+
+Each endpoint carries a latency estimate that jumps up to any slower observation at once
+(the "peak") and otherwise decays exponentially towards newer, faster observations with time
+constant ``decay``. Its load is ``estimate * (pending + 1)``. A pick draws two distinct
+endpoints at random and takes the one with the lower load, so a slow or busy endpoint quickly
+gets a small share without any one endpoint being starved of probes. Time is always passed in
+(seconds on any monotonic clock); randomness comes from the ``rng`` the caller provides.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from proxy.errors import ConfigError, NoEndpoints
+
+# Linkerd's defaults (linkerd/app/outbound, BalanceP2c.peak_ewma).
+DEFAULT_RTT = 0.030
+DEFAULT_DECAY = 10.0
+
+E = TypeVar("E", bound=Hashable)
+
+
+@dataclass(slots=True)
+class EndpointLoad:
+    """Mutable load state of one endpoint (owned by the balancer, read by tests and metrics)."""
+
+    rtt: float
+    updated_at: float
+    pending: int = 0
+
+    def decayed(self, now: float, decay: float) -> float:
+        """The estimate decayed towards zero for the time since its last update."""
+        elapsed = max(0.0, now - self.updated_at)
+        return self.rtt * math.exp(-elapsed / decay)
+
+    def observe(self, rtt: float, now: float, decay: float) -> None:
+        if rtt > self.rtt:
+            self.rtt = rtt  # peak: a slower observation takes effect at once
+        else:
+            weight = math.exp(-max(0.0, now - self.updated_at) / decay)
+            self.rtt = self.rtt * weight + rtt * (1.0 - weight)
+        self.updated_at = now
+
+
+class PeakEwmaBalancer(Generic[E]):
+    """Power-of-two-choices over endpoints weighted by peak-EWMA latency and in-flight count.
+
+    Call :meth:`pick` for each request (it counts the request as pending on the chosen
+    endpoint) and :meth:`complete` with the start time when its response head arrives or
+    it fails.
+    """
+
+    __slots__ = ("_decay", "_default_rtt", "_endpoints", "_loads", "_rng")
+
+    def __init__(
+        self,
+        endpoints: Iterable[E] = (),
+        *,
+        now: float,
+        default_rtt: float = DEFAULT_RTT,
+        decay: float = DEFAULT_DECAY,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not default_rtt > 0:
+            raise ConfigError(f"default_rtt must be positive, got {default_rtt!r}")
+        if not decay > 0:
+            raise ConfigError(f"decay must be positive, got {decay!r}")
+        self._default_rtt = float(default_rtt)
+        self._decay = float(decay)
+        self._rng = rng if rng is not None else random.Random()
+        self._loads: dict[E, EndpointLoad] = {}
+        self._endpoints: list[E] = []
+        self.set_endpoints(endpoints, now=now)
+
+    @property
+    def endpoints(self) -> tuple[E, ...]:
+        return tuple(self._endpoints)
+
+    def set_endpoints(self, endpoints: Iterable[E], *, now: float) -> None:
+        """Replace the endpoint set; endpoints that stay keep their load state."""
+        new = list(dict.fromkeys(endpoints))
+        self._loads = {
+            ep: self._loads.get(ep) or EndpointLoad(self._default_rtt, now) for ep in new
+        }
+        self._endpoints = new
+
+    def load(self, endpoint: E, now: float) -> float:
+        """The current cost of ``endpoint``: decayed RTT estimate times (pending + 1)."""
+        state = self._loads[endpoint]
+        return state.decayed(now, self._decay) * (state.pending + 1)
+
+    def state(self, endpoint: E) -> EndpointLoad:
+        return self._loads[endpoint]
+
+    def pick(self, now: float) -> E:
+        """Choose an endpoint for one request and count the request as pending on it."""
+        eps = self._endpoints
+        n = len(eps)
+        if n == 0:
+            raise NoEndpoints("the service has no endpoints to balance over")
+        if n == 1:
+            chosen = eps[0]
+        else:
+            i = self._rng.randrange(n)
+            j = self._rng.randrange(n - 1)
+            if j >= i:
+                j += 1
+            a, b = eps[i], eps[j]
+            chosen = a if self.load(a, now) <= self.load(b, now) else b
+        self._loads[chosen].pending += 1
+        return chosen
+
+    def complete(self, endpoint: E, started_at: float, now: float) -> None:
+        """Record the outcome of a request picked at ``started_at`` (latency = now - start)."""
+        state = self._loads.get(endpoint)
+        if state is None:  # removed from the set while the request was in flight
+            return
+        state.pending = max(0, state.pending - 1)
+        state.observe(max(0.0, now - started_at), now, self._decay)

@@ -1,0 +1,48 @@
+"""The error tree of the proxy package.
+
+Every failure the proxy reports is a :class:`ProxyError`. The listeners map these to one
+behaviour each at the edge (an HTTP status with an ``l5d-proxy-error`` header, or a closed
+connection); messages are full sentences and never contain key material.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base class of every error raised by the proxy."""
+
+
+class ConfigError(ProxyError, ValueError):
+    """A route table, policy, credential or listener setting is invalid."""
+
+
+class TransportHeaderError(ProxyError, ValueError):
+    """A mesh transport header is malformed or too large."""
+
+
+class TLSError(ProxyError):
+    """A mesh TLS handshake or record failed."""
+
+
+class PeerIdentityMismatch(TLSError):
+    """The peer's certificate does not carry the identity that discovery promised."""
+
+
+class KexRefused(TLSError):
+    """The handshake negotiated a key-exchange group the policy does not allow."""
+
+
+class NoEndpoints(ProxyError):
+    """A service has no endpoint to send to (HTTP 503)."""
+
+
+class UnknownRoute(ProxyError):
+    """No route matches the request's authority or the listener's target (HTTP 404/close)."""
+
+
+class UpstreamError(ProxyError):
+    """The upstream connection failed or broke mid-exchange (HTTP 502)."""
+
+
+class Forbidden(ProxyError):
+    """Inbound policy denied the connection or request (HTTP 403 / closed connection)."""

@@ -1,0 +1,96 @@
+"""Peak-EWMA P2C: a slow endpoint gets a small share; estimates peak and decay as specified."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from proxy.balancer import DEFAULT_DECAY, DEFAULT_RTT, PeakEwmaBalancer
+from proxy.errors import ConfigError, NoEndpoints
+
+
+def simulate(
+    latency: dict[str, float], *, requests: int, interval: float, seed: int
+) -> Counter[str]:
+    """Open-loop load: one request every ``interval`` s, each taking its endpoint's latency."""
+    bal = PeakEwmaBalancer(latency, now=0.0, rng=random.Random(seed))
+    inflight: list[tuple[float, float, str]] = []  # (done_at, started_at, endpoint)
+    shares: Counter[str] = Counter()
+    for k in range(requests):
+        now = k * interval
+        while inflight and inflight[0][0] <= now:
+            done, started, ep = heapq.heappop(inflight)
+            bal.complete(ep, started, done)
+        ep = bal.pick(now)
+        shares[ep] += 1
+        heapq.heappush(inflight, (now + latency[ep], now, ep))
+    return shares
+
+
+def test_slow_endpoint_gets_a_small_share() -> None:
+    shares = simulate(
+        {"fast-a": 0.005, "fast-b": 0.005, "slow": 0.200},
+        requests=20_000,
+        interval=0.002,
+        seed=7,
+    )
+    total = sum(shares.values())
+    assert shares["slow"] / total < 0.05, shares
+    assert abs(shares["fast-a"] - shares["fast-b"]) / total < 0.1, shares
+
+
+def test_equal_endpoints_share_evenly() -> None:
+    shares = simulate({e: 0.01 for e in "abcd"}, requests=8_000, interval=0.004, seed=1)
+    assert min(shares.values()) > 0.2 * 8_000, shares
+
+
+def test_defaults_are_linkerds() -> None:
+    assert DEFAULT_RTT == 0.030
+    assert DEFAULT_DECAY == 10.0
+    bal = PeakEwmaBalancer(["a"], now=5.0)
+    assert bal.state("a").rtt == DEFAULT_RTT
+    assert bal.load("a", 5.0) == pytest.approx(DEFAULT_RTT)
+
+
+def test_peak_then_decay() -> None:
+    bal = PeakEwmaBalancer(["a"], now=0.0, decay=10.0)
+    assert bal.pick(0.0) == "a"
+    assert bal.load("a", 0.0) == pytest.approx(2 * DEFAULT_RTT)  # one pending
+    bal.complete("a", 0.0, 0.5)  # 500 ms: a peak replaces the estimate at once
+    assert bal.state("a").rtt == pytest.approx(0.5)
+    bal.pick(10.5)
+    bal.complete("a", 10.5, 10.5)  # an instant reply, 10 s later: weight exp(-1)
+    assert bal.state("a").rtt == pytest.approx(0.5 * math.exp(-1))
+    # With no traffic the estimate decays towards zero.
+    assert bal.load("a", 20.5) == pytest.approx(0.5 * math.exp(-1) * math.exp(-1))
+
+
+def test_busy_endpoint_is_avoided() -> None:
+    bal = PeakEwmaBalancer(["a", "b"], now=0.0, rng=random.Random(3))
+    for _ in range(5):
+        bal.state("a").pending += 1
+    assert [bal.pick(0.0) for _ in range(5)] == ["b"] * 5  # until b is as busy as a
+
+
+def test_set_endpoints_keeps_state_and_ignores_removed() -> None:
+    bal = PeakEwmaBalancer(["a", "b"], now=0.0)
+    bal.pick(0.0)
+    bal.complete("a", 0.0, 1.0)
+    bal.set_endpoints(["a", "c"], now=2.0)
+    assert bal.endpoints == ("a", "c")
+    assert bal.state("a").rtt == pytest.approx(1.0)
+    assert bal.state("c").rtt == DEFAULT_RTT
+    bal.complete("b", 0.0, 3.0)  # finished after removal: ignored
+
+
+def test_errors() -> None:
+    with pytest.raises(NoEndpoints):
+        PeakEwmaBalancer([], now=0.0).pick(0.0)
+    with pytest.raises(ConfigError, match="decay"):
+        PeakEwmaBalancer(["a"], now=0.0, decay=0)
+    with pytest.raises(ConfigError, match="default_rtt"):
+        PeakEwmaBalancer(["a"], now=0.0, default_rtt=-1)
