@@ -1,0 +1,26 @@
+"""Configuration shared by the CLI commands: where the credential store lives by default.
+
+The default store is ``$TRUSTMESH_HOME`` when set, else ``~/.local/share/trustmesh`` (the XDG
+data directory convention), so ``trustmesh pki`` and ``trustmesh rotate`` find the same store
+without flags.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+ENV_HOME = "TRUSTMESH_HOME"
+
+
+def default_store_path(environ: Mapping[str, str] | None = None) -> Path:
+    """The store directory used when ``--store`` is not given.
+
+    ``environ`` defaults to ``os.environ``; tests pass their own mapping.
+    """
+    env = os.environ if environ is None else environ
+    home = env.get(ENV_HOME, "").strip()
+    if home:
+        return Path(home).expanduser()
+    return Path(env.get("HOME") or Path.home()).expanduser() / ".local" / "share" / "trustmesh"
