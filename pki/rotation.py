@@ -48,6 +48,7 @@ class Event(enum.Enum):
     COMMITTED = "committed"
     HUMAN_ACTION = "human-action"
     ERROR = "error"
+    DRY_RUN = "dry-run"  # due, but --dry-run: nothing written
 
 
 TRANSITIONS: dict[tuple[Stage, Event], Stage] = {
@@ -55,6 +56,7 @@ TRANSITIONS: dict[tuple[Stage, Event], Stage] = {
     (Stage.START, Event.ERROR): Stage.FAILED,
     (Stage.PLANNED, Event.NOT_DUE): Stage.DONE,
     (Stage.PLANNED, Event.DUE): Stage.RENEWING,
+    (Stage.PLANNED, Event.DRY_RUN): Stage.DONE,
     (Stage.PLANNED, Event.HUMAN_ACTION): Stage.NEEDS_HUMAN,
     (Stage.RENEWING, Event.COMMITTED): Stage.DONE,
     (Stage.RENEWING, Event.ERROR): Stage.FAILED,

@@ -268,9 +268,12 @@ class FileStore:
             os.close(fd)
 
     def _clean_partial_writes(self) -> None:
+        # A write killed before its flip leaves a .tmp- directory, or a complete version newer
+        # than ``current`` that nothing ever pointed at: both are discarded.
+        current = self.current_version() or 0
         if self.versions_dir.is_dir():
             for p in self.versions_dir.iterdir():
-                if p.name.startswith(".tmp-"):
+                if p.name.startswith(".tmp-") or (p.name.isdigit() and int(p.name) > current):
                     shutil.rmtree(p, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             (self.root / ".current.tmp").unlink()

@@ -8,6 +8,7 @@ error trees become one line on stderr and a non-zero exit at this boundary.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from typing import Any
 
@@ -23,10 +24,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Run the destination (discovery and policy) service.",
     ),
     "proxy": ("trustmesh.commands.proxy:proxy", "Run the sidecar proxy."),
-    "alerts": ("trustmesh.commands.alerts:alerts", "Expiry exporter and cron-friendly alert checks."),
-    "check": ("trustmesh.commands.check:check", "Health checks of the PKI, control plane and proxies."),
+    "alerts": (
+        "trustmesh.commands.alerts:alerts",
+        "Expiry exporter and cron-friendly alert checks.",
+    ),
+    "check": (
+        "trustmesh.commands.check:check",
+        "Health checks of the PKI, control plane and proxies.",
+    ),
     "up": ("trustmesh.commands.up:up", "Run the embedded mesh (control plane and proxies)."),
-    "demo": ("trustmesh.commands.up:demo", "Run the embedded mesh on a demo app and drive traffic."),
+    "demo": (
+        "trustmesh.commands.up:demo",
+        "Run the embedded mesh on a demo app and drive traffic.",
+    ),
     "inject": ("trustmesh.commands.injector:inject", "Add the proxy to Kubernetes manifests."),
     "injector": ("trustmesh.commands.injector:injector", "Run the admission webhook."),
     "install": ("trustmesh.commands.injector:install", "Render the control-plane manifests."),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import click
@@ -20,7 +19,7 @@ class CLIError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it on the class
 
     def show(self, file: object | None = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
@@ -50,5 +49,3 @@ def run_cli(command: click.Command, argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         return 130
     return rv if isinstance(rv, int) else EXIT_OK
-
-
