@@ -1,0 +1,230 @@
+"""One socket as the rest of the proxy sees it: an asyncio protocol with optional mesh TLS.
+
+A :class:`Link` hands the plaintext it receives to its ``sink``, any object with the
+``asyncio.Protocol`` callback names (``data_received``, ``eof_received``, ``connection_lost``,
+``pause_writing``, ``resume_writing``). The sink is swapped as the connection changes role
+(detector, HTTP codec, idle in a pool, opaque relay). TLS is started in place with
+:meth:`start_tls`, after detection has seen the ClientHello, or right after connecting.
+The hot path is one method call per read and per write; counters are plain ints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errno_names
+import socket
+from typing import Any
+
+from proxy.errors import TLSError
+from proxy.meshtls import HandshakeInfo, TlsSession
+
+
+class NullSink:
+    """Ignores everything; used while a link has no owner (e.g. closing)."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+NULL_SINK = NullSink()
+
+
+class Link(asyncio.Protocol):
+    """A TCP connection, plaintext or mesh TLS, delivering plaintext to ``sink``."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "closed",
+        "eof",
+        "handshake",
+        "on_handshake",
+        "peer",
+        "sink",
+        "tls",
+        "tracker",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, sink: Any = NULL_SINK) -> None:
+        self.sink: Any = sink
+        self.transport: asyncio.Transport | None = None
+        self.tls: TlsSession | None = None
+        self.handshake: asyncio.Future[HandshakeInfo] | None = None
+        self.on_handshake: Any = None  # optional callback(link, info | None, error | None)
+        self.peer: tuple[str, int] | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed = False
+        self.eof = False
+        self.write_paused = False
+        self.tracker: Any = None  # metrics: told once when the connection closes
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = (peer[0], peer[1])
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        tls = self.tls
+        if tls is None:
+            self.sink.data_received(data)
+            return
+        was_done = tls.info is not None
+        try:
+            plaintext, out = tls.feed(data)
+        except TLSError as e:
+            self._handshake_failed(e)
+            return
+        if out:
+            self._raw_write(out)
+        if not was_done and tls.info is not None:
+            self._handshake_done(tls.info)
+        if plaintext:
+            self.sink.data_received(plaintext)
+        if tls.closed and not self.eof:
+            self.eof = True
+            self.sink.eof_received()
+
+    def eof_received(self) -> bool:
+        if self.tls is not None and self.tls.info is None:
+            self._handshake_failed(TLSError("the peer closed the connection during the handshake"))
+            return False
+        if not self.eof:
+            self.eof = True
+            self.sink.eof_received()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        if self.tracker is not None:
+            self.tracker.closed(self, _errno(exc))
+            self.tracker = None
+        if self.handshake is not None and not self.handshake.done():
+            self.handshake.set_exception(TLSError("the connection closed during the handshake"))
+        self.sink.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.sink.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.sink.resume_writing()
+
+    # -- what owners call -------------------------------------------------------------------
+
+    def start_tls(
+        self, session: TlsSession, buffered: bytes = b""
+    ) -> asyncio.Future[HandshakeInfo]:
+        """Run ``session`` over this link from now on; ``buffered`` is data already read."""
+        self.tls = session
+        self.handshake = asyncio.get_running_loop().create_future()
+        try:
+            hello = session.start()
+        except TLSError as e:
+            self._handshake_failed(e)
+            return self.handshake
+        if hello:
+            self._raw_write(hello)
+        if buffered:
+            self.bytes_in -= len(buffered)  # counted once already, as plaintext
+            self.data_received(buffered)
+        return self.handshake
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            return
+        if self.tls is not None:
+            try:
+                data = self.tls.encrypt(data)
+            except TLSError:
+                self.abort()
+                return
+        self.bytes_out += len(data)
+        self.transport.write(data)
+
+    def write_eof(self) -> None:
+        """Half-close: no more data from us (close_notify first when over TLS)."""
+        if self.closed or self.transport is None:
+            return
+        if self.tls is not None:
+            alert = self.tls.close_notify()
+            if alert:
+                self._raw_write(alert)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _raw_write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    def _handshake_done(self, info: HandshakeInfo) -> None:
+        if self.on_handshake is not None:
+            self.on_handshake(self, info, None)
+        if self.handshake is not None and not self.handshake.done():
+            self.handshake.set_result(info)
+
+    def _handshake_failed(self, error: TLSError) -> None:
+        if self.on_handshake is not None:
+            self.on_handshake(self, None, error)
+        if self.handshake is not None and not self.handshake.done():
+            self.handshake.set_exception(error)
+        # Send the alert the session queued, so the peer learns why, then drop the connection.
+        if self.transport is not None and not self.closed:
+            if self.tls is not None:
+                alert = self.tls.drain()
+                if alert:
+                    self._raw_write(alert)
+            self.transport.close()
+        self.closed = True
+        self.sink.connection_lost(error)
+
+
+def _errno(exc: BaseException | None) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno_names.errorcode.get(exc.errno, str(exc.errno))
+    return ""

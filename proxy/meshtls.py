@@ -1,0 +1,318 @@
+"""Mesh TLS: TLS 1.3 mutual authentication over pyOpenSSL memory BIOs, with hybrid key exchange.
+
+pyOpenSSL here runs on the OpenSSL 4 bundled with pyca/cryptography, which negotiates
+X25519MLKEM768 (the stdlib ``ssl`` module links an OpenSSL without ML-KEM). Sessions are
+sans-IO: bytes from the socket go into :meth:`TlsSession.feed`, and whatever the session
+wants to send comes back as bytes for the driver to write.
+
+pyOpenSSL checks chains, never names, so the client checks here that the server's leaf has a
+DNS or URI SAN exactly equal to the identity discovery promised, and the server takes the first
+DNS/URI SAN of a verified client certificate as the client identity. Contexts are built from
+the credential source's current value and rebuilt when it changes, so a renewed certificate
+or trust bundle applies to new connections while live ones keep their session.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _ossl
+
+from proxy.errors import ConfigError, KexRefused, PeerIdentityMismatch, TLSError
+from proxy.transport_header import ALPN
+
+HYBRID_GROUP = "X25519MLKEM768"
+# One hybrid key share in the ClientHello; X25519 stays acceptable to classical peers.
+GROUPS = b"X25519MLKEM768:X25519"
+_READ = 65536
+
+
+class KexPolicy(enum.Enum):
+    """Which key exchanges a mesh connection may use."""
+
+    HYBRID_REQUIRED = "hybrid-required"
+    HYBRID_PREFERRED = "hybrid-preferred"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class MeshCredentials:
+    """The local identity's certificate chain (leaf first), PKCS#8 key, and the trust bundle."""
+
+    identity: str
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.identity, str) or not self.identity:
+            raise ConfigError("identity must be a non-empty string")
+        for field in ("chain_pem", "key_pem", "bundle_pem"):
+            value = getattr(self, field)
+            if not isinstance(value, bytes) or b"-----BEGIN" not in value:
+                raise ConfigError(f"{field} must be PEM bytes")
+
+    def __repr__(self) -> str:  # never show the key
+        return f"MeshCredentials({self.identity!r})"
+
+
+class CredentialSource(Protocol):
+    """Where the proxy gets its current credentials (the identity client implements this)."""
+
+    def current(self) -> MeshCredentials | None:
+        """The credentials to use for new connections; None before the first certificate."""
+
+
+class StaticCredentials:
+    """A credential source holding one value, replaced with :meth:`update` (tests, files)."""
+
+    def __init__(self, credentials: MeshCredentials | None = None) -> None:
+        self._credentials = credentials
+
+    def current(self) -> MeshCredentials | None:
+        return self._credentials
+
+    def update(self, credentials: MeshCredentials) -> None:
+        self._credentials = credentials
+
+
+def split_pem_certificates(pem: bytes) -> list[crypto.X509]:
+    """Every certificate in a PEM blob, in order."""
+    marker = b"-----END CERTIFICATE-----"
+    certs = []
+    for block in pem.split(marker)[:-1]:
+        start = block.find(b"-----BEGIN CERTIFICATE-----")
+        if start < 0:
+            raise ConfigError("PEM data contains an END CERTIFICATE line without its BEGIN")
+        try:
+            certs.append(crypto.load_certificate(crypto.FILETYPE_PEM, block[start:] + marker))
+        except crypto.Error as e:
+            raise ConfigError(f"a PEM certificate does not parse: {e}") from None
+    if not certs:
+        raise ConfigError("PEM data contains no certificate")
+    return certs
+
+
+def san_identities(cert: x509.Certificate) -> tuple[str, ...]:
+    """DNS and URI SANs of ``cert``, in certificate order."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(
+        g.value for g in san if isinstance(g, x509.DNSName | x509.UniformResourceIdentifier)
+    )
+
+
+def _set_groups(ctx: SSL.Context) -> None:
+    setter = getattr(_ossl, "SSL_CTX_set1_groups_list", None) or getattr(
+        _ossl, "SSL_CTX_set1_curves_list", None
+    )
+    if setter is None or setter(ctx._context, GROUPS) != 1:
+        raise TLSError("this OpenSSL cannot set the TLS key-exchange groups")
+
+
+def _base_context(creds: MeshCredentials, *, server: bool) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    # Frees idle record buffers: ~25 KiB less per held connection.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    _set_groups(ctx)
+    chain = split_pem_certificates(creds.chain_pem)
+    try:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, creds.key_pem)
+    except crypto.Error:
+        raise ConfigError("the private key PEM does not parse") from None
+    ctx.use_certificate(chain[0])
+    for extra in chain[1:]:
+        ctx.add_extra_chain_cert(extra)
+    try:
+        ctx.use_privatekey(key)
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise ConfigError("the private key does not match the leaf certificate") from None
+    store = ctx.get_cert_store()
+    assert store is not None
+    for anchor in split_pem_certificates(creds.bundle_pem):
+        store.add_cert(anchor)
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeInfo:
+    """What a completed handshake established."""
+
+    group: str
+    peer_identity: str | None
+    alpn: bytes | None
+
+
+class MeshTls:
+    """Builds client and server sessions from the credential source's current value."""
+
+    def __init__(self, source: CredentialSource, kex: KexPolicy = KexPolicy.HYBRID_REQUIRED):
+        if not isinstance(kex, KexPolicy):
+            raise TypeError("kex must be a KexPolicy")
+        self.source = source
+        self.kex = kex
+        self._built_from: MeshCredentials | None = None
+        self._server_ctx: SSL.Context | None = None
+        self._client_ctx: SSL.Context | None = None
+
+    @property
+    def credentials(self) -> MeshCredentials:
+        creds = self.source.current()
+        if creds is None:
+            raise TLSError("no certificate yet: the proxy is not ready for mesh TLS")
+        if creds is not self._built_from:
+            server = _base_context(creds, server=True)
+            # Client certificates are optional: unauthenticated clients are for policy to judge.
+            server.set_verify(SSL.VERIFY_PEER)
+            server.set_alpn_select_callback(_select_alpn)
+            client = _base_context(creds, server=False)
+            client.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+            self._server_ctx, self._client_ctx, self._built_from = server, client, creds
+        return creds
+
+    def server_session(self) -> TlsSession:
+        """A session accepting one inbound mesh connection."""
+        self.credentials  # noqa: B018 - rebuilds the contexts when credentials changed
+        assert self._server_ctx is not None
+        conn = SSL.Connection(self._server_ctx, None)
+        conn.set_accept_state()
+        return TlsSession(conn, expected=None, kex=self.kex)
+
+    def client_session(self, peer_identity: str, *, alpn: bytes | None = ALPN) -> TlsSession:
+        """A session to a peer that must present ``peer_identity`` (also sent as SNI)."""
+        self.credentials  # noqa: B018
+        assert self._client_ctx is not None
+        conn = SSL.Connection(self._client_ctx, None)
+        conn.set_tlsext_host_name(peer_identity.encode("ascii"))
+        if alpn is not None:
+            conn.set_alpn_protos([alpn])
+        conn.set_connect_state()
+        return TlsSession(conn, expected=peer_identity, kex=self.kex)
+
+
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+
+class TlsSession:
+    """One TLS connection over memory BIOs: bytes in, plaintext and bytes-to-send out."""
+
+    __slots__ = ("_conn", "closed", "expected", "info", "kex")
+
+    def __init__(self, conn: SSL.Connection, *, expected: str | None, kex: KexPolicy) -> None:
+        self._conn = conn
+        self.expected = expected
+        self.kex = kex
+        self.info: HandshakeInfo | None = None
+        self.closed = False  # the peer sent close_notify
+
+    def start(self) -> bytes:
+        """Begin the handshake; for a client this returns the ClientHello."""
+        return self._handshake()
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        """Take bytes from the socket; return (plaintext for the application, bytes to send).
+
+        Raises :class:`TLSError` (or a subclass) when the handshake or a record fails.
+        """
+        conn = self._conn
+        conn.bio_write(data)
+        out = b""
+        if self.info is None:
+            out = self._handshake()
+            if self.info is None:
+                return b"", out
+        chunks = []
+        try:
+            while True:
+                chunks.append(conn.recv(_READ))
+        except SSL.WantReadError:
+            pass
+        except SSL.ZeroReturnError:
+            self.closed = True
+        except SSL.Error as e:
+            raise TLSError(f"TLS record error: {_reason(e)}") from None
+        pending = self.drain()
+        return b"".join(chunks), (out + pending) if out else pending
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """Encrypt application data; returns the records to write."""
+        try:
+            self._conn.sendall(plaintext)
+        except SSL.Error as e:
+            raise TLSError(f"TLS write failed: {_reason(e)}") from None
+        return self.drain()
+
+    def close_notify(self) -> bytes:
+        """The close_notify alert, telling the peer no more data follows (a TLS half-close)."""
+        try:
+            self._conn.shutdown()
+        except SSL.Error:
+            return b""
+        return self.drain()
+
+    def drain(self) -> bytes:
+        conn = self._conn
+        try:
+            first = conn.bio_read(_READ)
+        except SSL.WantReadError:
+            return b""
+        parts = [first]
+        try:
+            while True:
+                parts.append(conn.bio_read(_READ))
+        except SSL.WantReadError:
+            pass
+        return b"".join(parts)
+
+    def _handshake(self) -> bytes:
+        conn = self._conn
+        try:
+            conn.do_handshake()
+        except SSL.WantReadError:
+            return self.drain()
+        except SSL.Error as e:
+            # Our alert, if any, stays queued: the driver drains and sends it before closing.
+            raise TLSError(f"TLS handshake failed: {_reason(e)}") from None
+        out = self.drain()
+        self.info = self._check()
+        return out
+
+    def _check(self) -> HandshakeInfo:
+        conn = self._conn
+        group = conn.get_group_name() or "unknown"
+        alpn = conn.get_alpn_proto_negotiated() or None
+        peer = conn.get_peer_certificate(as_cryptography=True)
+        names = san_identities(peer) if peer is not None else ()
+        if self.expected is not None and self.expected not in names:
+            raise PeerIdentityMismatch(
+                f"the peer presented {', '.join(names) or 'no identity'}, "
+                f"not the expected {self.expected}"
+            )
+        if self.kex is KexPolicy.HYBRID_REQUIRED and group != HYBRID_GROUP:
+            raise KexRefused(f"the handshake negotiated {group}, and {HYBRID_GROUP} is required")
+        identity = self.expected if self.expected is not None else (names[0] if names else None)
+        return HandshakeInfo(group, identity, alpn)
+
+    @property
+    def group(self) -> str | None:
+        """The negotiated group even when the handshake was then refused (for metrics)."""
+        try:
+            return self._conn.get_group_name()
+        except SSL.Error:
+            return None
+
+
+def _reason(e: SSL.Error) -> str:
+    try:
+        return "; ".join(str(part[2]) for part in e.args[0]) or "unknown"
+    except (IndexError, TypeError):
+        return str(e) or type(e).__name__

@@ -1,0 +1,194 @@
+"""Proxy metrics with Linkerd's names, counted in plain dicts and rendered only at scrape time.
+
+The hot path does a dict increment per event; Prometheus text is built by :meth:`render`.
+Byte counters of live connections are read from the links at scrape time, so a long-lived
+connection shows its traffic before it closes.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Any
+
+# linkerd/metrics/src/latency.rs
+LATENCY_BUCKETS_MS = (
+    1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
+    1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000,
+)  # fmt: skip
+
+
+class Family:
+    """A counter or gauge family: label values tuple -> number."""
+
+    __slots__ = ("help", "kind", "labels", "name", "values")
+
+    def __init__(self, name: str, kind: str, help: str, labels: tuple[str, ...]) -> None:
+        self.name, self.kind, self.help, self.labels = name, kind, help, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...], amount: float = 1) -> None:
+        self.values[key] = self.values.get(key, 0) + amount
+
+    def set(self, key: tuple[str, ...], value: float) -> None:
+        self.values[key] = value
+
+    def get(self, key: tuple[str, ...]) -> float:
+        return self.values.get(key, 0)
+
+    def lines(self, extra: dict[tuple[str, ...], float] | None = None) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+        values = dict(self.values)
+        for key, amount in (extra or {}).items():
+            values[key] = values.get(key, 0) + amount
+        for key, value in sorted(values.items()):
+            yield f"{self.name}{_labels(self.labels, key)} {_number(value)}"
+
+
+class Histogram:
+    """A histogram with fixed buckets: label values -> [bucket counts..., sum]."""
+
+    __slots__ = ("buckets", "help", "labels", "name", "values")
+
+    def __init__(
+        self, name: str, help: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
+        self.name, self.help, self.labels, self.buckets = name, help, labels, buckets
+        self.values: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        counts = self.values.get(key)
+        if counts is None:
+            counts = self.values[key] = [0] * (len(self.buckets) + 2)
+        counts[bisect_left(self.buckets, value)] += 1
+        counts[-1] += value
+
+    def count(self, key: tuple[str, ...]) -> int:
+        counts = self.values.get(key)
+        return int(sum(counts[:-1])) if counts else 0
+
+    def lines(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        names = (*self.labels, "le")
+        for key, counts in sorted(self.values.items()):
+            running = 0.0
+            for bound, n in zip((*self.buckets, "+Inf"), counts[:-1], strict=True):
+                running += n
+                yield f"{self.name}_bucket{_labels(names, (*key, str(bound)))} {_number(running)}"
+            yield f"{self.name}_count{_labels(self.labels, key)} {_number(running)}"
+            yield f"{self.name}_sum{_labels(self.labels, key)} {_number(counts[-1])}"
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    inner = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True) if v != "")
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+TCP_LABELS = ("direction", "peer", "tls", "client_id", "server_id")
+
+
+class ProxyMetrics:
+    """Every metric family the data plane reports."""
+
+    def __init__(self) -> None:
+        http = ("direction", "authority", "tls", "client_id", "server_id")
+        self.request_total = Family("request_total", "counter", "HTTP requests.", http)
+        self.response_total = Family(
+            "response_total",
+            "counter",
+            "HTTP responses.",
+            (*http, "status_code", "classification"),
+        )
+        self.response_latency_ms = Histogram(
+            "response_latency_ms",
+            "Time to the response head, in milliseconds.",
+            ("direction", "authority", "status_code"),
+            tuple(float(b) for b in LATENCY_BUCKETS_MS),
+        )
+        self.tcp_open_total = Family("tcp_open_total", "counter", "Opened connections.", TCP_LABELS)
+        self.tcp_close_total = Family(
+            "tcp_close_total", "counter", "Closed connections.", (*TCP_LABELS, "errno")
+        )
+        self.tcp_open_connections = Family(
+            "tcp_open_connections", "gauge", "Connections open now.", TCP_LABELS
+        )
+        self.tcp_read_bytes_total = Family(
+            "tcp_read_bytes_total", "counter", "Bytes read from peers.", TCP_LABELS
+        )
+        self.tcp_write_bytes_total = Family(
+            "tcp_write_bytes_total", "counter", "Bytes written to peers.", TCP_LABELS
+        )
+        self.tls_handshakes_total = Family(
+            "tls_handshakes_total",
+            "counter",
+            "Mesh TLS handshakes by side, negotiated group and result.",
+            ("direction", "group", "result"),
+        )
+        self.inbound_authz_deny_total = Family(
+            "inbound_authz_deny_total",
+            "counter",
+            "Inbound connections or requests denied by policy.",
+            ("protocol", "srv_name", "reason"),
+        )
+        self.inbound_authz_allow_total = Family(
+            "inbound_authz_allow_total",
+            "counter",
+            "Inbound connections or requests allowed by policy.",
+            ("protocol", "srv_name", "authz_name"),
+        )
+        self._live: dict[Any, tuple[str, ...]] = {}
+
+    # -- connections ------------------------------------------------------------------------
+
+    def opened(self, link: Any, labels: tuple[str, ...]) -> None:
+        """Track ``link`` (with ``bytes_in``/``bytes_out``) under TCP ``labels``."""
+        self._live[link] = labels
+        link.tracker = self
+        self.tcp_open_total.inc(labels)
+
+    def closed(self, link: Any, errno: str = "") -> None:
+        labels = self._live.pop(link, None)
+        if labels is None:
+            return
+        self.tcp_close_total.inc((*labels, errno))
+        self.tcp_read_bytes_total.inc(labels, link.bytes_in)
+        self.tcp_write_bytes_total.inc(labels, link.bytes_out)
+
+    def render(self) -> str:
+        """Prometheus text exposition of every family."""
+        reads: dict[tuple[str, ...], float] = {}
+        writes: dict[tuple[str, ...], float] = {}
+        opened: dict[tuple[str, ...], float] = {}
+        for link, labels in self._live.items():
+            reads[labels] = reads.get(labels, 0) + link.bytes_in
+            writes[labels] = writes.get(labels, 0) + link.bytes_out
+            opened[labels] = opened.get(labels, 0) + 1
+        self.tcp_open_connections.values = opened
+        out: list[str] = []
+        for fam in (
+            self.request_total,
+            self.response_total,
+            self.tcp_open_total,
+            self.tcp_close_total,
+            self.tcp_open_connections,
+            self.tls_handshakes_total,
+            self.inbound_authz_allow_total,
+            self.inbound_authz_deny_total,
+        ):
+            out.extend(fam.lines())
+        out.extend(self.response_latency_ms.lines())
+        out.extend(self.tcp_read_bytes_total.lines(reads))
+        out.extend(self.tcp_write_bytes_total.lines(writes))
+        return "\n".join(out) + "\n"

@@ -1,0 +1,143 @@
+"""Where outbound traffic goes: services, their endpoints and the identity each must present.
+
+The outbound side asks a :class:`RouteSource` for the service behind an HTTP authority or an
+upstream listener; the destination client implements the same interface from its stream, and
+:class:`StaticRoutes` serves a fixed table (tests, benchmarks, ``--routes`` files). A changed
+service is a new (frozen) value, so callers notice changes by identity comparison.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.errors import ConfigError
+
+
+class ServiceProtocol(enum.Enum):
+    """How to carry a service's traffic (Linkerd's protocol hints)."""
+
+    HTTP1 = "http"
+    OPAQUE = "opaque"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend: the application's address, and for a meshed one its proxy's identity/port.
+
+    A meshed endpoint (``identity`` set) is reached through mesh TLS on ``proxy_port`` at
+    ``host``, with a transport header naming ``port``; an unmeshed one is dialled directly.
+    """
+
+    host: str
+    port: int
+    identity: str | None = None
+    proxy_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError("endpoint host must be a non-empty string")
+        _check_port("endpoint port", self.port)
+        if (self.identity is None) != (self.proxy_port is None):
+            raise ConfigError(
+                f"endpoint {self.host}:{self.port} needs both identity and proxy_port, or neither"
+            )
+        if self.proxy_port is not None:
+            _check_port("endpoint proxy_port", self.proxy_port)
+
+    @property
+    def meshed(self) -> bool:
+        return self.identity is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A named set of endpoints reached by authority (``name`` and ``authorities``)."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    protocol: ServiceProtocol = ServiceProtocol.HTTP1
+    authorities: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("service name must not be empty")
+        if not isinstance(self.endpoints, tuple) or not all(
+            isinstance(e, Endpoint) for e in self.endpoints
+        ):
+            raise TypeError(f"service {self.name}: endpoints must be a tuple of Endpoint")
+        if not isinstance(self.protocol, ServiceProtocol):
+            raise TypeError(f"service {self.name}: protocol must be a ServiceProtocol")
+
+
+class RouteSource(Protocol):
+    """Looks services up for the outbound side (the destination client implements this)."""
+
+    def by_authority(self, authority: str) -> Service | None:
+        """The service an HTTP ``Host``/authority names, or None."""
+
+    def by_name(self, name: str) -> Service | None:
+        """The service called ``name`` (upstream listeners are configured by name)."""
+
+
+class StaticRoutes:
+    """A fixed route table; :meth:`replace` swaps it whole (e.g. when a file changes)."""
+
+    def __init__(self, services: tuple[Service, ...] = ()) -> None:
+        self._names: dict[str, Service] = {}
+        self._authorities: dict[str, Service] = {}
+        self.replace(services)
+
+    def replace(self, services: tuple[Service, ...]) -> None:
+        names: dict[str, Service] = {}
+        authorities: dict[str, Service] = {}
+        for svc in services:
+            if svc.name in names:
+                raise ConfigError(f"service {svc.name} is defined twice")
+            names[svc.name] = svc
+            for authority in (svc.name, *svc.authorities):
+                authorities[authority.lower()] = svc
+        self._names, self._authorities = names, authorities
+
+    def by_authority(self, authority: str) -> Service | None:
+        svc = self._authorities.get(authority)
+        if svc is None:
+            authority = authority.lower()
+            svc = self._authorities.get(authority)
+            if svc is None and ":" in authority:  # "web:80" -> "web"
+                svc = self._authorities.get(authority.rsplit(":", 1)[0])
+        return svc
+
+    def by_name(self, name: str) -> Service | None:
+        return self._names.get(name)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StaticRoutes:
+        """Build from ``{"services": [{"name", "protocol", "authorities", "endpoints": [...]}]}``."""
+        services = []
+        for raw in data.get("services", ()):
+            try:
+                endpoints = tuple(
+                    Endpoint(e["host"], int(e["port"]), e.get("identity"), e.get("proxy_port"))
+                    for e in raw.get("endpoints", ())
+                )
+                services.append(
+                    Service(
+                        raw["name"],
+                        endpoints,
+                        ServiceProtocol(raw.get("protocol", "http")),
+                        tuple(raw.get("authorities", ())),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"route table entry {raw!r} is invalid: {e}") from None
+        return cls(tuple(services))
+
+
+def _check_port(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise ConfigError(f"{name} must be an int between 1 and 65535, got {value!r}")

@@ -1,0 +1,150 @@
+"""Mesh TLS sessions: real TLS 1.3 handshakes between memory-BIO sessions and against
+classical-only and foreign clients."""
+
+from __future__ import annotations
+
+import pytest
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib
+
+from proxy.errors import ConfigError, KexRefused, PeerIdentityMismatch, TLSError
+from proxy.meshtls import (
+    HYBRID_GROUP,
+    KexPolicy,
+    MeshCredentials,
+    MeshTls,
+    StaticCredentials,
+    TlsSession,
+)
+from proxy.transport_header import ALPN
+
+
+def pump(client: TlsSession, server: TlsSession) -> None:
+    """Exchange handshake flights until both sides are done (bounded)."""
+    out = client.start()
+    for _ in range(10):
+        _, back = server.feed(out) if out else (b"", b"")
+        _, out = client.feed(back) if back else (b"", b"")
+        if client.info is not None and server.info is not None:
+            return
+    raise AssertionError("handshake did not finish in 10 flights")
+
+
+def test_mutual_hybrid_handshake_and_data(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api", spiffe=True)
+    client = MeshTls(StaticCredentials(web)).client_session(api.identity)
+    server = MeshTls(StaticCredentials(api)).server_session()
+    pump(client, server)
+    assert client.info.group == server.info.group == HYBRID_GROUP
+    assert client.info.peer_identity == api.identity
+    assert server.info.peer_identity == web.identity  # learned from the client certificate
+    assert client.info.alpn == server.info.alpn == ALPN
+    plain, _ = server.feed(client.encrypt(b"hello"))
+    assert plain == b"hello"
+    reply, _ = client.feed(server.encrypt(b"world"))
+    assert reply == b"world"
+    plain, _ = server.feed(client.close_notify())
+    assert plain == b"" and server.closed
+
+
+def test_wrong_identity_is_refused(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    client = MeshTls(StaticCredentials(web)).client_session(
+        "db.default.serviceaccount.identity.trustmesh.cluster.local"
+    )
+    server = MeshTls(StaticCredentials(api)).server_session()
+    with pytest.raises(PeerIdentityMismatch, match=api.identity):
+        pump(client, server)
+
+
+def test_foreign_trust_anchor_is_refused(pki, other_pki) -> None:
+    web, api = pki.credentials("web"), other_pki.credentials("api")
+    client = MeshTls(StaticCredentials(web)).client_session(api.identity)
+    server = MeshTls(StaticCredentials(api)).server_session()
+    with pytest.raises(TLSError, match="certificate verify failed"):
+        pump(client, server)
+
+
+def classical_client(bundle_pem: bytes, groups: bytes) -> SSL.Connection:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    assert lib.SSL_CTX_set1_curves_list(ctx._context, groups) == 1
+    ctx.get_cert_store().add_cert(crypto.load_certificate(crypto.FILETYPE_PEM, bundle_pem))
+    ctx.set_verify(SSL.VERIFY_PEER)
+    conn = SSL.Connection(ctx, None)
+    conn.set_connect_state()
+    return conn
+
+
+def run_raw_client(conn: SSL.Connection, server: TlsSession) -> None:
+    out = b""
+    for _ in range(10):
+        try:
+            conn.do_handshake()
+        except SSL.WantReadError:
+            pass
+        try:
+            out = conn.bio_read(65536)
+        except SSL.WantReadError:
+            out = b""
+        _, back = server.feed(out)
+        if back:
+            conn.bio_write(back)
+        if server.info is not None:
+            return
+
+
+def test_classical_client_refused_under_hybrid_required(pki) -> None:
+    api = pki.credentials("api")
+    server = MeshTls(StaticCredentials(api), KexPolicy.HYBRID_REQUIRED).server_session()
+    with pytest.raises(KexRefused, match="x25519"):
+        run_raw_client(classical_client(pki.bundle.pem(), b"X25519"), server)
+    assert server.group == "x25519"
+
+
+def test_classical_client_accepted_under_hybrid_preferred(pki) -> None:
+    api = pki.credentials("api")
+    server = MeshTls(StaticCredentials(api), KexPolicy.HYBRID_PREFERRED).server_session()
+    run_raw_client(classical_client(pki.bundle.pem(), b"X25519"), server)
+    assert server.info is not None and server.info.group == "x25519"
+    assert server.info.peer_identity is None  # no client certificate: unauthenticated
+
+
+def test_new_credentials_apply_to_new_sessions_only(pki, other_pki) -> None:
+    source = StaticCredentials(pki.credentials("web"))
+    tls = MeshTls(source)
+    server = MeshTls(StaticCredentials(pki.credentials("api"))).server_session()
+    old = tls.client_session(
+        server_identity := "api.default.serviceaccount.identity.trustmesh.cluster.local"
+    )
+    pump(old, server)
+    renewed = pki.credentials("web")
+    source.update(renewed)
+    fresh_server = MeshTls(StaticCredentials(pki.credentials("api"))).server_session()
+    fresh = tls.client_session(server_identity)
+    pump(fresh, fresh_server)
+    # The live session still works after the swap.
+    plain, _ = server.feed(old.encrypt(b"still here"))
+    assert plain == b"still here"
+    # The new client presented the renewed certificate.
+    peer = fresh_server._conn.get_peer_certificate()
+    assert peer.get_serial_number() != server._conn.get_peer_certificate().get_serial_number()
+    assert renewed.chain_pem.startswith(crypto.dump_certificate(crypto.FILETYPE_PEM, peer))
+
+
+def test_no_credentials_yet() -> None:
+    with pytest.raises(TLSError, match="not ready"):
+        MeshTls(StaticCredentials()).server_session()
+
+
+def test_bad_credentials(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    with pytest.raises(ConfigError, match="does not match"):
+        MeshTls(
+            StaticCredentials(
+                MeshCredentials(web.identity, web.chain_pem, api.key_pem, web.bundle_pem)
+            )
+        ).server_session()
+    with pytest.raises(ConfigError, match="PEM"):
+        MeshCredentials(web.identity, b"junk", web.key_pem, web.bundle_pem)
+    assert "PRIVATE" not in repr(web)
