@@ -1,0 +1,94 @@
+"""The supervisor with real child processes: readiness, restart with backoff, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trustmesh.supervisor import (
+    ChildSpec,
+    ReadyCheck,
+    Supervisor,
+    SupervisorError,
+    free_ports,
+    python_module,
+)
+
+
+def _http_server(port: int) -> tuple[str, ...]:
+    return python_module("http.server", "--bind", "127.0.0.1", str(port))
+
+
+def test_start_waits_for_readiness_and_stop_terminates(tmp_path):
+    (port,) = free_ports(1)
+    sup = Supervisor(tmp_path / "logs")
+    try:
+        sup.start(ChildSpec("web", _http_server(port), ReadyCheck(("127.0.0.1", port), "/")))
+        assert ReadyCheck(("127.0.0.1", port), "/")()
+    finally:
+        sup.stop()
+    assert all(c.proc.returncode is not None for c in sup.children)
+    assert not ReadyCheck(("127.0.0.1", port), None)()
+
+
+def test_child_that_dies_while_starting_names_its_log(tmp_path):
+    sup = Supervisor(tmp_path / "logs")
+    spec = ChildSpec(
+        "broken",
+        (sys.executable, "-c", "import sys; print('bad config'); sys.exit(3)"),
+        ReadyCheck(("127.0.0.1", free_ports(1)[0])),
+    )
+    with pytest.raises(SupervisorError, match=r"broken exited with status 3.*broken\.log"):
+        sup.start(spec)
+    sup.stop()
+    assert "bad config" in (tmp_path / "logs" / "broken.log").read_text()
+
+
+def test_crashed_child_is_restarted_after_backoff(tmp_path):
+    (port,) = free_ports(1)
+    sup = Supervisor(tmp_path / "logs")
+    try:
+        sup.start(ChildSpec("web", _http_server(port), ReadyCheck(("127.0.0.1", port), "/")))
+        first = sup.children[0].proc
+        first.kill()
+        first.wait()
+        now = time.monotonic()
+        assert sup.poll(now) == []  # schedules the restart
+        assert sup.poll(now + 0.1) == []  # backoff not over
+        assert sup.poll(now + 1.0) == ["web"]
+        assert sup.children[0].proc.pid != first.pid
+    finally:
+        sup.stop()
+
+
+def test_children_die_with_a_killed_supervisor(tmp_path):
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from trustmesh.supervisor import ChildSpec, Supervisor\n"
+        f"sup = Supervisor(Path({str(tmp_path)!r}))\n"
+        "sup.start(ChildSpec('sleeper', (sys.executable, '-c', 'import time; time.sleep(60)')))\n"
+        "print(sup.children[0].proc.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        # Reap if it became our zombie (it is re-parented to init, normally).
+        time.sleep(0.05)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("child outlived its killed supervisor")

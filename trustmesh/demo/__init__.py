@@ -1,0 +1,1 @@
+"""The demo application that ``trustmesh demo`` meshes: small standard-library services."""

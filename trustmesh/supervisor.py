@@ -1,0 +1,219 @@
+"""Child-process supervision for ``trustmesh up``: start in order, wait for readiness, restart a
+crashed child with backoff, and stop everything on Ctrl-C or SIGTERM.
+
+Children run in their own session (a terminal's Ctrl-C reaches only the supervisor, which then
+stops them in reverse order) and get ``PR_SET_PDEATHSIG`` so that none outlives a supervisor
+that was killed outright. Each child's output goes to ``<log_dir>/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import http.client
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("trustmesh.up")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyCheck:
+    """How to tell a child is ready: HTTP 200 on ``path`` at ``addr``, or a TCP accept."""
+
+    addr: tuple[str, int]
+    path: str | None = "/ready"
+
+    def __call__(self) -> bool:
+        try:
+            if self.path is None:
+                with socket.create_connection(self.addr, timeout=0.5):
+                    return True
+            conn = http.client.HTTPConnection(*self.addr, timeout=0.5)
+            try:
+                conn.request("GET", self.path)
+                return conn.getresponse().status == 200
+            finally:
+                conn.close()
+        except OSError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    name: str
+    argv: tuple[str, ...]
+    ready: Callable[[], bool] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    ready_timeout: float = 30.0
+    restart: bool = True
+
+
+class SupervisorError(RuntimeError):
+    """A child could not be started or did not become ready."""
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes]
+    restarts: int = 0
+    next_restart: float = 0.0
+
+
+class Supervisor:
+    """Owns a set of child processes for the lifetime of ``trustmesh up``."""
+
+    MAX_RESTARTS = 5
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[_Child] = []
+        self._stopping = False
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, spec: ChildSpec) -> subprocess.Popen[bytes]:
+        out = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - child owns it
+        try:
+            return subprocess.Popen(
+                list(spec.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **spec.env},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # only prctl(): safe between fork and exec
+            )
+        finally:
+            out.close()
+
+    def start(self, spec: ChildSpec) -> None:
+        """Start ``spec`` and wait until it is ready (or raise, naming its log file)."""
+        proc = self._spawn(spec)
+        child = _Child(spec, proc)
+        self.children.append(child)
+        log.info("started %s (pid %d)", spec.name, proc.pid)
+        if spec.ready is None:
+            return
+        deadline = time.monotonic() + spec.ready_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SupervisorError(
+                    f"{spec.name} exited with status {proc.returncode} while starting; "
+                    f"see {self.log_dir / (spec.name + '.log')}"
+                )
+            if spec.ready():
+                log.info("%s is ready", spec.name)
+                return
+            time.sleep(0.05)
+        raise SupervisorError(
+            f"{spec.name} was not ready within {spec.ready_timeout:.0f}s; "
+            f"see {self.log_dir / (spec.name + '.log')}"
+        )
+
+    def poll(self, now: float | None = None) -> list[str]:
+        """Restart children that exited (with backoff); return the names restarted."""
+        if self._stopping:
+            return []
+        now = time.monotonic() if now is None else now
+        restarted = []
+        for child in self.children:
+            if child.proc.poll() is None or not child.spec.restart:
+                continue
+            if child.restarts >= self.MAX_RESTARTS:
+                continue
+            if child.next_restart == 0.0:
+                delay = min(10.0, 0.5 * 2**child.restarts)
+                child.next_restart = now + delay
+                log.warning(
+                    "%s exited with status %s; restarting in %.1fs",
+                    child.spec.name,
+                    child.proc.returncode,
+                    delay,
+                )
+                continue
+            if now >= child.next_restart:
+                child.proc = self._spawn(child.spec)
+                child.restarts += 1
+                child.next_restart = 0.0
+                restarted.append(child.spec.name)
+        return restarted
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM every child in reverse start order, then SIGKILL what is left."""
+        self._stopping = True
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in reversed(self.children):
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                child.proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", child.spec.name, timeout)
+                child.proc.kill()
+                child.proc.wait()
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def python_module(module: str, *args: str) -> tuple[str, ...]:
+    """argv running ``python -m module args`` with this interpreter."""
+    return (sys.executable, "-m", module, *args)
+
+
+def trustmesh_argv(*args: str) -> tuple[str, ...]:
+    return python_module("trustmesh", *args)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free TCP ports on ``host`` (bound together, then released)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for_signal(stop: Callable[[], bool], supervisor: Supervisor, tick: float = 0.2) -> None:
+    """Block until SIGINT/SIGTERM or ``stop()`` says so, polling children meanwhile."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not received and not stop():
+            supervisor.poll()
+            time.sleep(tick)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
