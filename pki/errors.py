@@ -127,3 +127,7 @@ class KEMError(PKIError, ValueError):
 
 class TokenError(PKIError, ValueError):
     """A signed workload token is malformed, forged, expired or for another audience."""
+
+
+class EndpointError(PKIError):
+    """A live TLS endpoint could not be reached or did not complete a handshake."""
