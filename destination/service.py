@@ -1,0 +1,178 @@
+"""The destination service assembled: a source, the hub, the gRPC server and the admin port.
+
+:class:`DestinationServer` is what ``trustmesh destination serve`` runs and what tests start on
+port 0. It refuses to start on an invalid mesh file; after that, an invalid change is refused
+and the last good state stays served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from destination.admin import AdminServer
+from destination.bundles import (
+    BundleProvider,
+    file_provider,
+    publish_bundle,
+    refresh_bundle,
+    store_provider,
+)
+from destination.hub import Hub
+from destination.meshfile import MeshFileSource
+from destination.metrics import ServiceMetrics
+from destination.resources import ClusterState, MeshSettings
+from destination.server import add_services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    listen: str = "127.0.0.1:8086"
+    admin_listen: str = "127.0.0.1:9996"
+    settings: MeshSettings = field(default_factory=MeshSettings)
+    mesh_file: Path | None = None
+    kubernetes: bool = False
+    store: Path | None = None  # credential store: TLS certificate and trust bundle
+    tls: bool = False
+    trust_bundle: Path | None = None  # PEM file of anchors (overrides the store's bundle)
+    poll_interval: float = 1.0
+    resync: timedelta = timedelta(minutes=5)
+
+    def __post_init__(self) -> None:
+        if (self.mesh_file is None) == (not self.kubernetes):
+            raise ValueError("choose exactly one source: a mesh file or Kubernetes")
+        if self.tls and self.store is None:
+            raise ValueError("--tls needs --store DIR to issue the server certificate")
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"address {text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class DestinationServer:
+    """Runs until :meth:`stop`; ``port`` and ``admin_port`` are the bound ports."""
+
+    def __init__(self, options: ServeOptions, *, kube_api: Any = None) -> None:
+        self.options = options
+        self.metrics = ServiceMetrics()
+        self.hub = Hub()
+        self.port = 0
+        self.admin_port = 0
+        self._kube_api = kube_api
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._admin = AdminServer(self.metrics.registry, self.readiness)
+        self.mesh_source: MeshFileSource | None = None
+        self.kube_source: Any = None
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._grpc is None:
+            return False, "gRPC server not started"
+        if self.hub.state is None:
+            return False, "no cluster state loaded yet"
+        return True, ""
+
+    def publish(self, state: ClusterState) -> None:
+        changed = self.hub.set_state(state)
+        self.metrics.generation.set(self.hub.generation)
+        log.debug("state %d applied; %d topics changed", self.hub.generation, changed)
+
+    def _bundle_provider(self) -> tuple[BundleProvider | None, Path | None]:
+        o = self.options
+        if o.trust_bundle is not None:
+            return file_provider(o.trust_bundle), o.trust_bundle
+        if o.store is not None:
+            return store_provider(o.store), o.store / "current"
+        return None, None
+
+    async def start(self) -> None:
+        o = self.options
+        if o.mesh_file is not None:
+            self.mesh_source = MeshFileSource(
+                o.mesh_file,
+                self.publish,
+                lambda result, error: self.metrics.reload("mesh-file", result),
+                poll_interval=o.poll_interval,
+            )
+            self.publish(self.mesh_source.load())  # an invalid file refuses to start
+            self.metrics.reload("mesh-file", "applied")
+            self._spawn(self.mesh_source.run(self._stop))
+        else:
+            from destination.kubernetes import KubernetesSource
+
+            self.kube_source = KubernetesSource(
+                self._kube_api, self.publish, self.metrics, resync=o.resync
+            )
+            self._spawn(self.kube_source.run(self._stop))
+        provider, watched = self._bundle_provider()
+        if provider is not None:
+            publish_bundle(provider, self.hub, self.metrics)
+            self._spawn(refresh_bundle(provider, watched, self.hub, self.metrics, self._stop))
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_concurrent_streams", 10_000),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 3_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ]
+        )
+        add_services(server, self.hub, o.settings, self.metrics)
+        host, port = split_host_port(o.listen)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if o.tls:
+            from destination.tls import server_credentials
+
+            assert o.store is not None
+            self.port = server.add_secure_port(address, server_credentials(o.store, o.settings))
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        self._grpc = server
+        admin_host, admin_port = split_host_port(o.admin_listen)
+        self.admin_port = await self._admin.start(admin_host, admin_port)
+        log.info("destination service on %s:%d (admin %d)", host, self.port, self.admin_port)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_crash)
+        self._tasks.append(task)
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self, grace: float = 0.5) -> None:
+        self._stop.set()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self._admin.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    async def __aenter__(self) -> DestinationServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())
