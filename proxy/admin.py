@@ -1,0 +1,65 @@
+"""The admin server (Linkerd's port 4191): ``/metrics``, ``/ready``, ``/live``.
+
+Not on the data path, so it uses asyncio streams and reads one small request per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from proxy.metrics import ProxyMetrics
+
+_MAX_HEAD = 8192
+
+
+class AdminServer:
+    """Serves Prometheus metrics and the readiness/liveness probes."""
+
+    def __init__(self, metrics: ProxyMetrics, ready: Callable[[], bool]) -> None:
+        self.metrics = metrics
+        self.ready = ready
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self._handle, host, port, reuse_address=True)
+
+    def respond(self, method: str, path: str) -> tuple[int, str, bytes, str]:
+        """(status, reason, body, content type) for one request; pure apart from reading state."""
+        path = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, "Method Not Allowed", b"method not allowed\n", "text/plain"
+        if path == "/live":
+            return 200, "OK", b"live\n", "text/plain"
+        if path == "/ready":
+            if self.ready():
+                return 200, "OK", b"ready\n", "text/plain"
+            return 503, "Service Unavailable", b"not ready\n", "text/plain"
+        if path == "/metrics":
+            body = self.metrics.render().encode()
+            return 200, "OK", body, "text/plain; version=0.0.4"
+        return 404, "Not Found", b"not found\n", "text/plain"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+            if len(head) > _MAX_HEAD:
+                raise ValueError("request head too large")
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            if len(parts) != 3:
+                raise ValueError("malformed request line")
+            status, reason, body, ctype = self.respond(parts[0], parts[1])
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                + (b"" if parts[0] == "HEAD" else body)
+            )
+            await writer.drain()
+        except (TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.write(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()

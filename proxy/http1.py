@@ -1,0 +1,451 @@
+"""HTTP/1.1 forwarding with httptools: keep-alive, streamed bodies, pooled upstreams, upgrades.
+
+:class:`Http1Server` is the sink of a client connection. It parses requests with httptools
+(measured ~20x cheaper than h11 per exchange), asks its :class:`Dispatcher` where each one
+goes (a fresh choice per request), and streams the request and response bodies through as
+they arrive: nothing is buffered whole. Bodies are re-framed (chunked stays chunked,
+Content-Length stays as is); hop-by-hop headers and those named in ``Connection`` are
+dropped. A ``101 Switching Protocols`` answer to an ``Upgrade`` request (WebSocket) hands
+both connections to an opaque :class:`~proxy.tcp.Relay`. Pipelined requests are answered
+in order, one upstream exchange at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Protocol
+
+import httptools
+
+from proxy.errors import (
+    Forbidden,
+    NoEndpoints,
+    ProxyError,
+    TLSError,
+    UnknownRoute,
+    UpstreamError,
+)
+from proxy.link import Link
+from proxy.tcp import Relay
+
+HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+     b"transfer-encoding", b"upgrade", b"l5d-client-id")
+)  # fmt: skip
+MAX_PENDING_BODY = 1 << 20  # pause the client while this much body waits for an upstream
+
+# The one place where proxy errors become HTTP statuses (Linkerd's errors/respond.rs).
+_STATUS: tuple[tuple[type[ProxyError], int, bytes], ...] = (
+    (Forbidden, 403, b"Forbidden"),
+    (UnknownRoute, 404, b"Not Found"),
+    (NoEndpoints, 503, b"Service Unavailable"),
+    (UpstreamError, 502, b"Bad Gateway"),
+    (TLSError, 502, b"Bad Gateway"),
+)
+
+
+def error_status(error: ProxyError) -> tuple[int, bytes]:
+    for cls, status, phrase in _STATUS:
+        if isinstance(error, cls):
+            return status, phrase
+    return 500, b"Internal Server Error"
+
+
+class Exchange:
+    """One request/response pair as it moves through the proxy."""
+
+    __slots__ = (
+        "authority", "chunked", "client_10", "close_after", "conn_tokens", "extra_headers",
+        "headers", "is_head", "keep_alive", "link", "method", "pending", "pending_size",
+        "req_done", "resp", "started", "target", "tunnel_tail", "upgrade", "url",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.conn_tokens: tuple[bytes, ...] = ()
+        self.method = b""
+        self.authority = ""
+        self.chunked = False
+        self.upgrade = False
+        self.is_head = False
+        self.keep_alive = True
+        self.client_10 = False
+        self.req_done = False
+        self.close_after = False
+        self.pending: list[bytes] | None = []
+        self.pending_size = 0
+        self.link: Link | None = None
+        self.resp: _Response | None = None
+        self.target: Any = None  # the dispatcher's choice
+        self.extra_headers = b""  # added by the dispatcher, e.g. l5d-client-id
+        self.started = 0.0
+        self.tunnel_tail = b""
+
+
+class Dispatcher(Protocol):
+    """What a listener supplies: routing, upstream connections and accounting."""
+
+    def begin(self, ex: Exchange, now: float) -> None:
+        """Route ``ex`` (set ``target``, maybe ``extra_headers``) or raise a ProxyError."""
+
+    def take(self, ex: Exchange) -> Link | None:
+        """A pooled upstream link for ``ex.target``, if one is idle."""
+
+    async def connect(self, ex: Exchange) -> Link:
+        """A new upstream link for ``ex.target`` (raises ProxyError)."""
+
+    def response_head(self, ex: Exchange, status: int, now: float) -> None:
+        """The response head arrived (or an error response was made): count it."""
+
+    def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
+        """The exchange ended; pool ``link`` when ``reusable``, else close it."""
+
+
+class Http1Server:
+    """Serves HTTP/1 requests arriving on ``link`` by forwarding them through ``dispatcher``."""
+
+    __slots__ = ("_loop", "dispatcher", "link", "parser", "parsing", "paused", "queue")
+
+    def __init__(self, link: Link, dispatcher: Dispatcher, early: bytes = b"") -> None:
+        self.link = link
+        self.dispatcher = dispatcher
+        self._loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.parsing: Exchange | None = None
+        self.paused = False
+        link.sink = self
+        if early:
+            self.data_received(early)
+
+    # -- client side: httptools request callbacks -------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            ex = self.queue[-1]
+            ex.tunnel_tail = data[e.args[0] :]
+            self.link.pause_reading()  # nothing more to parse until the upgrade is answered
+        except httptools.HttpParserError:
+            self._bad_request()
+
+    def on_message_begin(self) -> None:
+        self.parsing = Exchange()
+
+    def on_url(self, url: bytes) -> None:
+        assert self.parsing is not None
+        self.parsing.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.headers.append((name, value))
+        lname = name.lower()
+        if lname == b"host":
+            ex.authority = value.decode("latin-1")
+        elif lname == b"connection":
+            ex.conn_tokens += tuple(t.strip().lower() for t in value.split(b","))
+        elif lname == b"transfer-encoding":
+            ex.chunked = value.lower().rstrip().endswith(b"chunked")
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        parser = self.parser
+        ex.method = parser.get_method()
+        ex.is_head = ex.method == b"HEAD"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.client_10 = parser.get_http_version() == "1.0"
+        ex.upgrade = parser.should_upgrade()
+        if not ex.authority and ex.url[:1] != b"/":  # absolute-form target
+            rest = ex.url.partition(b"://")[2]
+            ex.authority = rest.partition(b"/")[0].decode("latin-1")
+        self.queue.append(ex)
+        if len(self.queue) == 1:
+            self._start(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self._send_body(ex, b"%x\r\n%b\r\n" % (len(body), body) if ex.chunked else body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.req_done = True
+        if ex.chunked:
+            self._send_body(ex, b"0\r\n\r\n")
+
+    def _send_body(self, ex: Exchange, data: bytes) -> None:
+        if ex.pending is None:
+            assert ex.link is not None
+            ex.link.write(data)
+            return
+        ex.pending.append(data)
+        ex.pending_size += len(data)
+        if ex.pending_size > MAX_PENDING_BODY and not self.paused:
+            self.paused = True
+            self.link.pause_reading()
+
+    # -- client link events -----------------------------------------------------------------
+
+    def eof_received(self) -> None:
+        if not self.queue:
+            self.link.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        while self.queue:
+            ex = self.queue.popleft()
+            if ex.link is not None:
+                self.dispatcher.finish(ex, ex.link, reusable=False)
+                ex.link = None
+
+    def pause_writing(self) -> None:  # the client is slow: stop reading the upstream
+        if self.queue and self.queue[0].link is not None:
+            self.queue[0].link.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.queue and self.queue[0].link is not None:
+            self.queue[0].link.resume_reading()
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    def _start(self, ex: Exchange) -> None:
+        ex.started = now = self._loop.time()
+        try:
+            self.dispatcher.begin(ex, now)
+        except ProxyError as e:
+            self._fail(ex, e)
+            return
+        link = self.dispatcher.take(ex)
+        if link is not None:
+            self._attach(ex, link)
+        else:
+            self._loop.create_task(self._connect(ex))
+
+    async def _connect(self, ex: Exchange) -> None:
+        try:
+            link = await self.dispatcher.connect(ex)
+        except ProxyError as e:
+            self._fail(ex, e)
+            return
+        if self.link.closed or not self.queue or self.queue[0] is not ex:
+            self.dispatcher.finish(ex, link, reusable=False)
+            return
+        self._attach(ex, link)
+
+    def _attach(self, ex: Exchange, link: Link) -> None:
+        ex.link = link
+        ex.resp = resp = _Response(self, ex)
+        link.sink = resp
+        pending = ex.pending or ()
+        ex.pending = None
+        link.write(b"".join((self._request_head(ex), *pending)))
+        if self.paused:
+            self.paused = False
+            self.link.resume_reading()
+        if link.closed or link.eof:  # the pooled link died while we were choosing it
+            resp.eof_received()
+
+    def _request_head(self, ex: Exchange) -> bytes:
+        drop = HOP_BY_HOP.union(ex.conn_tokens) if ex.conn_tokens else HOP_BY_HOP
+        parts = [ex.method, b" ", ex.url, b" HTTP/1.1\r\n"]
+        upgrade_to = b""
+        for name, value in ex.headers:
+            lname = name.lower()
+            if lname in drop:
+                if lname == b"upgrade":
+                    upgrade_to = value
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if ex.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if ex.upgrade and upgrade_to:
+            parts += (b"connection: upgrade\r\nupgrade: ", upgrade_to, b"\r\n")
+        parts += (ex.extra_headers, b"\r\n")
+        return b"".join(parts)
+
+    def _fail(self, ex: Exchange, error: ProxyError, link: Link | None = None) -> None:
+        """Answer ``ex`` with the error's status and an ``l5d-proxy-error`` reason."""
+        status, phrase = error_status(error)
+        self.dispatcher.response_head(ex, status, self._loop.time())
+        reason = str(error).replace("\r", " ").replace("\n", " ").encode("latin-1", "replace")
+        # A request whose body we did not read cannot be followed by another on this connection.
+        close = not ex.req_done or not ex.keep_alive
+        self.link.write(
+            b"HTTP/1.1 %d %b\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\n%b\r\n"
+            % (status, phrase, reason, b"connection: close\r\n" if close else b"")
+        )
+        ex.close_after = close
+        self._complete(ex, link, reusable=False)
+
+    def _bad_request(self) -> None:
+        self.link.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        self.link.close()
+
+    def _complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
+        """The response to ``ex`` has been fully written: move on to the next request."""
+        self.dispatcher.finish(ex, link, reusable and ex.req_done)
+        ex.link = None
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        if ex.close_after or not ex.keep_alive or not ex.req_done or ex.upgrade:
+            self.link.close()
+            return
+        if self.queue:
+            self._start(self.queue[0])
+        elif self.link.eof:
+            self.link.close()
+
+    def _switch(self, ex: Exchange, upstream: Link, tail: bytes) -> None:
+        """101 Switching Protocols: both sides become an opaque relay."""
+        self.queue.clear()
+        self.dispatcher.finish(ex, None, reusable=False)
+        self.link.resume_reading()
+        Relay(self.link, upstream, early_a=ex.tunnel_tail, early_b=tail)
+
+
+class _Response:
+    """The sink of the upstream link while it carries the response to one exchange."""
+
+    __slots__ = (
+        "body_mode", "done", "ex", "head_sent", "headers", "parser", "reason", "reusable",
+        "server", "switching",
+    )  # fmt: skip
+
+    def __init__(self, server: Http1Server, ex: Exchange) -> None:
+        self.server = server
+        self.ex = ex
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.head_sent = False
+        self.done = False
+        self.switching = False
+        self.reusable = False
+        self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            if self.switching:
+                self.server._switch(self.ex, self._link(), data[e.args[0] :])
+                return
+        except httptools.HttpParserError:
+            self._broken("the upstream sent a malformed HTTP response")
+            return
+        if self.done:
+            self._finish()
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        ex = self.ex
+        chunked = False
+        has_length = False
+        tokens: tuple[bytes, ...] = ()
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding":
+                chunked = value.lower().rstrip().endswith(b"chunked")
+            elif lname == b"content-length":
+                has_length = True
+            elif lname == b"connection":
+                tokens += tuple(t.strip().lower() for t in value.split(b","))
+        self.switching = status == 101 and ex.upgrade
+        # Read here: httptools forgets keep-alive once the message is complete.
+        self.reusable = parser.should_keep_alive()
+        drop = HOP_BY_HOP.union(tokens) if tokens else HOP_BY_HOP
+        parts = [b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
+        upgrade_to = b""
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname in drop:
+                if lname == b"upgrade":
+                    upgrade_to = value
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        self.headers = []
+        self.reason = b""
+        if 100 <= status < 200 and not self.switching:
+            self.server.link.write(b"".join((*parts, b"\r\n")))  # interim: the final one follows
+            return
+        no_body = ex.is_head or status in (204, 304) or self.switching
+        if self.switching:
+            parts += (b"connection: upgrade\r\nupgrade: ", upgrade_to, b"\r\n")
+        elif chunked and not ex.client_10:
+            parts.append(b"transfer-encoding: chunked\r\n")
+            self.body_mode = 1
+        elif not has_length and not no_body:
+            ex.close_after = True  # close-delimited (or HTTP/1.0 client): EOF ends the body
+        if ex.close_after or not ex.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self.server.dispatcher.response_head(ex, status, self.server._loop.time())
+        self.server.link.write(b"".join(parts))
+        self.head_sent = True
+        if no_body and not self.switching:
+            self.done = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.body_mode:
+            self.server.link.write(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self.server.link.write(body)
+
+    def on_message_complete(self) -> None:
+        if self.head_sent:
+            if self.body_mode:
+                self.server.link.write(b"0\r\n\r\n")
+            self.done = True
+
+    def _finish(self) -> None:
+        link = self._link()
+        reusable = self.reusable and not self.ex.close_after
+        self.server._complete(self.ex, link, reusable)
+
+    def _link(self) -> Link:
+        link = self.ex.link
+        assert link is not None
+        return link
+
+    def _broken(self, reason: str) -> None:
+        ex = self.ex
+        if self.head_sent:
+            ex.close_after = True
+            self.server.dispatcher.finish(ex, ex.link, reusable=False)
+            ex.link = None
+            self.server.link.abort()  # the client must not take a truncated body as whole
+        else:
+            self.server._fail(ex, UpstreamError(reason), ex.link)
+
+    def eof_received(self) -> None:
+        if self.done:
+            return
+        if self.head_sent and self.ex.close_after and not self.body_mode:
+            self.done = True  # a close-delimited body ends here
+            self.server._complete(self.ex, self._link(), reusable=False)
+        else:
+            self.done = True
+            self._broken("the upstream closed the connection before the response ended")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.eof_received()
+
+    def pause_writing(self) -> None:  # the upstream is slow to take the request body
+        self.server.link.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.server.link.resume_reading()

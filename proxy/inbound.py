@@ -1,0 +1,263 @@
+"""The inbound side: from the mesh to the local application.
+
+A connection on the inbound port is detected first. A TLS ClientHello whose SNI is this
+proxy's identity is terminated with mesh TLS (other SNIs are refused: there is nothing to pass
+them through to without ``SO_ORIGINAL_DST``); the client identity comes from its certificate.
+With ALPN ``transport.l5d.io/v1`` the transport header names the local target port and
+protocol; otherwise (and for plaintext clients) the configured default port is the target and
+the protocol is detected. The port's policy then decides: a denied TCP connection is closed,
+a denied HTTP request gets 403 with ``l5d-proxy-error``; authorized HTTP requests carry
+``l5d-client-id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+
+from proxy.detect import Detected, Proto
+from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError
+from proxy.http1 import Exchange, Http1Server
+from proxy.link import NULL_SINK, Link
+from proxy.listener import DETECT_TIMEOUT, Detector
+from proxy.meshtls import HandshakeInfo, MeshTls
+from proxy.metrics import ProxyMetrics
+from proxy.policy import Decision, PolicySource, authorize
+from proxy.routes import Endpoint
+from proxy.tcp import Relay
+from proxy.transport_header import ALPN, SessionProtocol, decode
+from proxy.upstream import Connector, Pool
+
+log = logging.getLogger(__name__)
+
+
+class InboundHttp:
+    """The HTTP dispatcher for one inbound connection: policy per request, local target."""
+
+    __slots__ = ("conn", "decision", "inbound", "policy_seen")
+
+    def __init__(self, inbound: Inbound, conn: _Conn) -> None:
+        self.inbound = inbound
+        self.conn = conn
+        self.policy_seen: object = None
+        self.decision: Decision | None = None
+
+    def begin(self, ex: Exchange, now: float) -> None:
+        inbound, conn = self.inbound, self.conn
+        policy = inbound.policy.current()
+        if policy is not self.policy_seen:  # re-decide only when the policy changed
+            self.policy_seen = policy
+            self.decision = authorize(policy, conn.port, conn.client_id, conn.ip)
+        decision = self.decision
+        assert decision is not None
+        labels = ("inbound", ex.authority, conn.tls, conn.client_id or "", "")
+        inbound.metrics.request_total.inc(labels)
+        if not decision.allowed:
+            inbound.metrics.inbound_authz_deny_total.inc(("http", decision.server, "unauthorized"))
+            raise Forbidden(decision.reason)
+        inbound.metrics.inbound_authz_allow_total.inc(
+            ("http", decision.server, decision.authorization or "")
+        )
+        ex.target = labels
+        if conn.client_id:
+            ex.extra_headers = conn.client_header
+
+    def take(self, ex: Exchange) -> Link | None:
+        return self.inbound.pool.take(self.conn.port)
+
+    async def connect(self, ex: Exchange) -> Link:
+        return await self.inbound.connector.connect(self.inbound.app(self.conn.port), None)
+
+    def response_head(self, ex: Exchange, status: int, now: float) -> None:
+        labels = ex.target or (
+            "inbound",
+            ex.authority,
+            self.conn.tls,
+            self.conn.client_id or "",
+            "",
+        )
+        code = str(status)
+        metrics = self.inbound.metrics
+        metrics.response_total.inc((*labels, code, "failure" if status >= 500 else "success"))
+        metrics.response_latency_ms.observe(
+            ("inbound", ex.authority, code), (now - ex.started) * 1000.0
+        )
+
+    def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
+        if link is not None:
+            if reusable:
+                self.inbound.pool.put(self.conn.port, link)
+            else:
+                link.close()
+
+
+class _Conn:
+    """What the inbound side knows about one client connection."""
+
+    __slots__ = ("client_header", "client_id", "ip", "link", "port", "tls")
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        peer = link.peer[0] if link.peer else "0.0.0.0"
+        self.ip = ipaddress.ip_address(peer.split("%")[0])
+        self.client_id: str | None = None
+        self.client_header = b""
+        self.tls = "no_identity"
+        self.port = 0
+
+
+class _HeaderReader:
+    """Reads the transport header that follows the handshake, then dispatches."""
+
+    __slots__ = ("buffer", "conn", "inbound")
+
+    def __init__(self, inbound: Inbound, conn: _Conn) -> None:
+        self.inbound, self.conn = inbound, conn
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            parsed = decode(self.buffer)
+        except TransportHeaderError as e:
+            log.info("closing inbound connection: %s", e)
+            self.conn.link.abort()
+            return
+        if parsed is None:
+            return
+        header, used = parsed
+        self.conn.link.sink = NULL_SINK
+        self.conn.port = header.port
+        proto = Proto.HTTP1 if header.protocol is SessionProtocol.HTTP1 else None
+        self.inbound.dispatch(self.conn, proto, self.buffer[used:])
+
+    def eof_received(self) -> None:
+        self.conn.link.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+class Inbound:
+    """Terminates mesh TLS, authorizes and forwards to the local application."""
+
+    def __init__(
+        self,
+        tls: MeshTls,
+        policy: PolicySource,
+        metrics: ProxyMetrics,
+        *,
+        app_host: str = "127.0.0.1",
+        default_port: int | None = None,
+        allowed_ports: frozenset[int] | None = None,
+        detect_timeout: float = DETECT_TIMEOUT,
+    ) -> None:
+        self.tls = tls
+        self.policy = policy
+        self.metrics = metrics
+        self.app_host = app_host
+        self.default_port = default_port
+        self.allowed_ports = allowed_ports
+        self.detect_timeout = detect_timeout
+        self.loop = asyncio.get_running_loop()
+        self.connector = Connector(None, metrics, direction="inbound")
+        self.pool = Pool(clock=self.loop.time)
+        self._apps: dict[int, Endpoint] = {}
+
+    def app(self, port: int) -> Endpoint:
+        ep = self._apps.get(port)
+        if ep is None:
+            ep = self._apps[port] = Endpoint(self.app_host, port)
+        return ep
+
+    def accept(self, link: Link) -> None:
+        Detector(link, self._detected, self.detect_timeout)
+
+    def _detected(self, link: Link, verdict: Detected, buffered: bytes) -> None:
+        conn = _Conn(link)
+        if verdict.proto is not Proto.TLS:
+            self._opened(conn)
+            self._plain(conn, verdict, buffered)
+            return
+        try:
+            identity = self.tls.credentials.identity
+            if verdict.sni is not None and verdict.sni != identity:
+                raise TLSError(f"SNI {verdict.sni} is not this proxy's identity {identity}")
+            session = self.tls.server_session()
+        except TLSError as e:
+            log.info("refusing inbound TLS: %s", e)
+            self.metrics.tls_handshakes_total.inc(("inbound", "none", "refused"))
+            link.abort()
+            return
+        link.on_handshake = lambda lk, info, err: self._handshaken(conn, info, err)
+        link.start_tls(session, buffered)
+
+    def _handshaken(
+        self, conn: _Conn, info: HandshakeInfo | None, error: ProxyError | None
+    ) -> None:
+        link = conn.link
+        if info is None:
+            group = (link.tls.group if link.tls else None) or "none"
+            result = "kex_refused" if type(error).__name__ == "KexRefused" else "error"
+            self.metrics.tls_handshakes_total.inc(("inbound", group, result))
+            return
+        self.metrics.tls_handshakes_total.inc(("inbound", info.group, "ok"))
+        conn.client_id = info.peer_identity
+        conn.tls = "true"
+        if info.peer_identity:
+            conn.client_header = b"l5d-client-id: " + info.peer_identity.encode() + b"\r\n"
+        self._opened(conn)
+        if info.alpn == ALPN:
+            link.sink = _HeaderReader(self, conn)
+        else:
+            Detector(link, lambda lk, v, buf: self._plain(conn, v, buf), self.detect_timeout)
+
+    def _opened(self, conn: _Conn) -> None:
+        self.metrics.opened(conn.link, ("inbound", "src", conn.tls, conn.client_id or "", ""))
+
+    def _plain(self, conn: _Conn, verdict: Detected, buffered: bytes) -> None:
+        if self.default_port is None:
+            conn.link.close()  # no transport header and nowhere configured to send it
+            return
+        conn.port = self.default_port
+        self.dispatch(conn, Proto.HTTP1 if verdict.proto is Proto.HTTP1 else None, buffered)
+
+    def dispatch(self, conn: _Conn, proto: Proto | None, early: bytes) -> None:
+        """Hand an identified connection to HTTP/1 forwarding or the opaque relay."""
+        if self.allowed_ports is not None and conn.port not in self.allowed_ports:
+            log.info("closing inbound connection for port %d: not an application port", conn.port)
+            conn.link.abort()
+            return
+        if proto is Proto.HTTP1:
+            Http1Server(conn.link, InboundHttp(self, conn), early)
+            return
+        decision = authorize(self.policy.current(), conn.port, conn.client_id, conn.ip)
+        if not decision.allowed:
+            self.metrics.inbound_authz_deny_total.inc(("tcp", decision.server, "unauthorized"))
+            conn.link.close()
+            return
+        self.metrics.inbound_authz_allow_total.inc(
+            ("tcp", decision.server, decision.authorization or "")
+        )
+        conn.link.pause_reading()
+        self.loop.create_task(self._relay(conn, early))
+
+    async def _relay(self, conn: _Conn, early: bytes) -> None:
+        try:
+            upstream = await self.connector.connect(self.app(conn.port), None)
+        except ProxyError as e:
+            log.info("inbound TCP to port %d failed: %s", conn.port, e)
+            conn.link.abort()
+            return
+        if conn.link.closed:
+            upstream.close()
+            return
+        Relay(conn.link, upstream, early_a=early)
+        conn.link.resume_reading()

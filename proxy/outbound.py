@@ -1,0 +1,209 @@
+"""The outbound side: from the local application to the mesh.
+
+On the outbound port, HTTP/1 requests are routed by authority (``Host``) to a service, a
+fresh endpoint is picked for each request with peak-EWMA P2C, and the request rides a pooled
+mesh-TLS connection to that endpoint's proxy. Other protocols on that port have no target
+without ``SO_ORIGINAL_DST`` and are closed. An *upstream listener* is a local port mapped to
+one service: opaque services are relayed as TCP (one endpoint choice per connection), HTTP
+services are forwarded per request whatever the ``Host``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+from proxy.balancer import PeakEwmaBalancer
+from proxy.detect import Detected, Proto
+from proxy.errors import ProxyError, UnknownRoute
+from proxy.http1 import Exchange, Http1Server
+from proxy.link import Link
+from proxy.listener import DETECT_TIMEOUT, Detector
+from proxy.metrics import ProxyMetrics
+from proxy.routes import Endpoint, RouteSource, Service, ServiceProtocol
+from proxy.tcp import Relay
+from proxy.transport_header import SessionProtocol
+from proxy.upstream import Connector, Pool
+
+
+@dataclass(slots=True)
+class _Choice:
+    """One request's endpoint choice, completed exactly once on the balancer."""
+
+    balancer: PeakEwmaBalancer[Endpoint]
+    endpoint: Endpoint
+    labels: tuple[str, ...]
+    completed: bool = False
+
+
+class OutboundHttp:
+    """The HTTP dispatcher of the outbound side (see :class:`proxy.http1.Dispatcher`)."""
+
+    def __init__(
+        self,
+        outbound: Outbound,
+        service: str | None = None,
+    ) -> None:
+        self.outbound = outbound
+        self.fixed_service = service  # upstream listener: every request goes to this service
+
+    def begin(self, ex: Exchange, now: float) -> None:
+        out = self.outbound
+        if self.fixed_service is not None:
+            svc = out.routes.by_name(self.fixed_service)
+        else:
+            svc = out.routes.by_authority(ex.authority)
+        if svc is None:
+            raise UnknownRoute(f"no service is known for authority {ex.authority!r}")
+        balancer = out.balancer(svc, now)
+        ep = balancer.pick(now)
+        labels: tuple[str, ...] = (
+            "outbound",
+            ex.authority,
+            "true" if ep.meshed else "no_identity",
+            "",
+            ep.identity or "",
+        )
+        ex.target = _Choice(balancer, ep, labels)
+        out.metrics.request_total.inc(labels)
+
+    def take(self, ex: Exchange) -> Link | None:
+        return self.outbound.pool.take(ex.target.endpoint)
+
+    async def connect(self, ex: Exchange) -> Link:
+        return await self.outbound.connector.connect(ex.target.endpoint, SessionProtocol.HTTP1)
+
+    def response_head(self, ex: Exchange, status: int, now: float) -> None:
+        choice: _Choice | None = ex.target
+        metrics = self.outbound.metrics
+        if choice is None:  # refused before routing
+            labels: tuple[str, ...] = ("outbound", ex.authority, "", "", "")
+            metrics.request_total.inc(labels)
+        else:
+            labels = choice.labels
+            if not choice.completed:
+                choice.completed = True
+                choice.balancer.complete(choice.endpoint, ex.started, now)
+        code = str(status)
+        metrics.response_total.inc((*labels, code, "failure" if status >= 500 else "success"))
+        metrics.response_latency_ms.observe(
+            ("outbound", ex.authority, code), (now - ex.started) * 1000.0
+        )
+
+    def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
+        choice: _Choice | None = ex.target
+        if choice is not None and not choice.completed:  # failed before any response head
+            choice.completed = True
+            choice.balancer.complete(choice.endpoint, ex.started, self.outbound.clock())
+        if link is not None:
+            if reusable and choice is not None:
+                self.outbound.pool.put(choice.endpoint, link)
+            else:
+                link.close()
+
+
+class Outbound:
+    """Routes, balancers, pooled mesh connections and the accept logic of the outbound side."""
+
+    def __init__(
+        self,
+        routes: RouteSource,
+        connector: Connector,
+        metrics: ProxyMetrics,
+        *,
+        detect_timeout: float = DETECT_TIMEOUT,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.routes = routes
+        self.connector = connector
+        self.metrics = metrics
+        self.detect_timeout = detect_timeout
+        self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time
+        self.pool = Pool(clock=self.clock)
+        self.http = OutboundHttp(self)
+        self._rng = rng or random.Random()
+        self._balancers: dict[str, tuple[Service, PeakEwmaBalancer[Endpoint]]] = {}
+
+    def balancer(self, svc: Service, now: float) -> PeakEwmaBalancer[Endpoint]:
+        """The balancer of ``svc``, following endpoint changes (a new Service value)."""
+        known = self._balancers.get(svc.name)
+        if known is None:
+            bal = PeakEwmaBalancer(svc.endpoints, now=now, rng=self._rng)
+            self._balancers[svc.name] = (svc, bal)
+            return bal
+        old, bal = known
+        if old is not svc:
+            if old.endpoints != svc.endpoints:
+                bal.set_endpoints(svc.endpoints, now=now)
+            self._balancers[svc.name] = (svc, bal)
+        return bal
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    def accept(self, link: Link) -> None:
+        """A connection on the outbound port: HTTP/1 is routed by authority."""
+        self.metrics.opened(link, ("outbound", "src", "no_identity", "", ""))
+        Detector(link, self._detected_outbound_port, self.detect_timeout)
+
+    def _detected_outbound_port(self, link: Link, verdict: Detected, buffered: bytes) -> None:
+        if verdict.proto is Proto.HTTP1:
+            Http1Server(link, self.http, buffered)
+        else:
+            link.close()  # no original destination to send opaque bytes to
+
+    def upstream_listener(self, service: str) -> UpstreamListener:
+        return UpstreamListener(self, service)
+
+
+class UpstreamListener:
+    """A local port mapped to one service (how traffic enters without iptables)."""
+
+    def __init__(self, outbound: Outbound, service: str) -> None:
+        self.outbound = outbound
+        self.service = service
+        self.http = OutboundHttp(outbound, service)
+
+    def accept(self, link: Link) -> None:
+        out = self.outbound
+        out.metrics.opened(link, ("outbound", "src", "no_identity", "", ""))
+        svc = out.routes.by_name(self.service)
+        if svc is not None and svc.protocol is ServiceProtocol.OPAQUE:
+            out.loop.create_task(self._relay(link, svc, b""))
+        else:
+            Detector(link, self._detected, out.detect_timeout)
+
+    def _detected(self, link: Link, verdict: Detected, buffered: bytes) -> None:
+        if verdict.proto is Proto.HTTP1:
+            Http1Server(link, self.http, buffered)
+            return
+        svc = self.outbound.routes.by_name(self.service)
+        if svc is None:
+            link.close()
+            return
+        link.pause_reading()
+        self.outbound.loop.create_task(self._relay(link, svc, buffered))
+
+    async def _relay(self, link: Link, svc: Service, early: bytes) -> None:
+        out = self.outbound
+        link.pause_reading()
+        now = out.clock()
+        try:
+            bal = out.balancer(svc, now)
+            ep = bal.pick(now)
+        except ProxyError:
+            link.abort()
+            return
+        try:
+            upstream = await out.connector.connect(ep, None)
+        except ProxyError:
+            link.abort()
+            return
+        finally:
+            bal.complete(ep, now, out.clock())
+        if link.closed:
+            upstream.close()
+            return
+        Relay(link, upstream, early_a=early)
+        link.resume_reading()

@@ -1,0 +1,154 @@
+"""Test helpers: a mesh of two in-process proxies in front of a real aiohttp application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import WSMsgType, web
+
+from proxy.app import Listen, Proxy, ProxySettings
+from proxy.meshtls import KexPolicy, MeshCredentials, StaticCredentials
+from proxy.policy import InboundPolicy, StaticPolicy
+from proxy.routes import Endpoint, Service, ServiceProtocol, StaticRoutes
+
+LOOPBACK = Listen("127.0.0.1", 0)
+
+
+async def echo_app() -> web.Application:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "x-client-id": request.headers.get("l5d-client-id", "-"),
+                "x-method": request.method,
+                "x-te": request.headers.get("transfer-encoding", "-"),
+            }
+        )
+        if request.query.get("chunked"):
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = int(request.headers.get("content-length", "0") or 0)
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(int(request.query.get("n", "10"))):
+            await resp.write(b"part %d\n" % i)
+        await resp.write_eof()
+        return resp
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == WSMsgType.TEXT:
+                await sock.send_str("echo:" + msg.data)
+        return sock
+
+    app = web.Application()
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/ws", ws)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def run_app() -> AsyncIterator[int]:
+    runner = web.AppRunner(await echo_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Mesh:
+    client: Proxy
+    server: Proxy
+    app_port: int
+    routes: StaticRoutes
+    server_policy: StaticPolicy
+    client_creds: StaticCredentials
+
+    @property
+    def outbound(self) -> int:
+        return self.client.port("outbound")
+
+
+@contextlib.asynccontextmanager
+async def run_mesh(
+    web_creds: MeshCredentials,
+    api_creds: MeshCredentials,
+    *,
+    app_port: int,
+    expected_identity: str | None = None,
+    policy: InboundPolicy | None = None,
+    tcp_port: int | None = None,
+    kex: KexPolicy = KexPolicy.HYBRID_REQUIRED,
+) -> AsyncIterator[Mesh]:
+    """A client proxy (identity web) and a server proxy (identity api) in front of the app."""
+    server_policy = StaticPolicy(policy or InboundPolicy())
+    server = Proxy(
+        StaticCredentials(api_creds),
+        StaticRoutes(),
+        server_policy,
+        ProxySettings(outbound=LOOPBACK, inbound=LOOPBACK, admin=None, kex=kex),
+    )
+    await server.start()
+    routes = StaticRoutes()
+    client_creds = StaticCredentials(web_creds)
+    upstreams = ((LOOPBACK, "tcp-echo"),) if tcp_port else ()
+    client = Proxy(
+        client_creds,
+        routes,
+        StaticPolicy(),
+        ProxySettings(
+            outbound=LOOPBACK, inbound=LOOPBACK, admin=LOOPBACK, kex=kex, upstreams=upstreams
+        ),
+    )
+    await client.start()
+    ident = expected_identity or api_creds.identity
+    inbound = server.port("inbound")
+    services = [
+        Service(
+            "api", (Endpoint("127.0.0.1", app_port, ident, inbound),), authorities=("api.local",)
+        ),
+        Service("direct", (Endpoint("127.0.0.1", app_port),)),
+    ]
+    if tcp_port:
+        services.append(
+            Service(
+                "tcp-echo",
+                (Endpoint("127.0.0.1", tcp_port, ident, inbound),),
+                ServiceProtocol.OPAQUE,
+            )
+        )
+    routes.replace(tuple(services))
+    try:
+        yield Mesh(client, server, app_port, routes, server_policy, client_creds)
+    finally:
+        await client.stop()
+        await server.stop()
+
+
+async def raw_exchange(port: int, request: bytes, *, until_close: bool = True) -> bytes:
+    """Send raw bytes to ``port`` and read the reply (to EOF, bounded by a timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read(-1) if until_close else await reader.read(65536)
+    finally:
+        writer.close()

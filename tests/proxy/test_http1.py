@@ -1,0 +1,190 @@
+"""HTTP/1.1 through two real proxies with mesh TLS between them, to a real aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiohttp
+import pytest
+from proxy_mesh import raw_exchange, run_app, run_mesh
+
+from proxy.listener import serve
+from proxy.meshtls import MeshTls, StaticCredentials
+from proxy.policy import Authorization, DefaultPolicy, InboundPolicy, Server
+from proxy.routes import Endpoint, Service
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_get_keepalive_pooling_and_client_id(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(5):
+                async with http.get(
+                    f"http://127.0.0.1:{mesh.outbound}/echo", headers={"Host": "api.local"}
+                ) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["x-client-id"] == web.identity
+                    assert await resp.read() == b""
+        text = mesh.client.metrics.render()
+        assert (
+            'tls_handshakes_total{direction="outbound",group="X25519MLKEM768",result="ok"} 1'
+            in text
+        )
+        assert (
+            f'request_total{{direction="outbound",authority="api.local",tls="true",server_id="{api.identity}"}} 5'
+            in text
+        )
+        assert (
+            'response_latency_ms_bucket{direction="outbound",authority="api.local",status_code="200",le="+Inf"} 5'
+            in text
+        )
+        server_text = mesh.server.metrics.render()
+        assert f'client_id="{web.identity}"' in server_text
+
+
+async def test_streamed_bodies_both_framings(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    body = os.urandom(3 * 1024 * 1024 + 17)
+
+    async def chunks():
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        url = f"http://127.0.0.1:{mesh.outbound}/echo"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                url + "?chunked=1", data=chunks(), headers={"Host": "api"}
+            ) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-te"] == "chunked"  # the app saw a chunked request
+                assert await resp.read() == body
+            async with http.put(url, data=body, headers={"Host": "api"}) as resp:
+                assert resp.headers["x-te"] == "-"
+                assert resp.headers["content-length"] == str(len(body))
+                assert await resp.read() == body
+            async with http.get(
+                f"http://127.0.0.1:{mesh.outbound}/stream?n=500", headers={"Host": "api"}
+            ) as resp:
+                lines = (await resp.read()).splitlines()
+                assert lines[0] == b"part 0" and lines[-1] == b"part 499"
+            async with http.head(url, headers={"Host": "api"}) as resp:
+                assert resp.status == 200 and resp.headers["x-method"] == "HEAD"
+
+
+async def test_pipelined_requests_and_hop_by_hop_headers(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        req = (
+            b"POST /echo HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\n"
+            b"Connection: keep-alive, x-secret\r\nx-secret: 1\r\nl5d-client-id: forged\r\n\r\nhello"
+            b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        reply = await raw_exchange(mesh.outbound, req)
+        assert reply.count(b"HTTP/1.1 200") == 2
+        assert reply.index(b"hello") < reply.rindex(b"HTTP/1.1 200")
+        assert b"forged" not in reply and web.identity.encode() in reply
+
+
+async def test_websocket_upgrade(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"http://127.0.0.1:{mesh.outbound}/ws", headers={"Host": "api"}) as ws,
+        ):
+            for i in range(3):
+                await ws.send_str(f"m{i}")
+                assert (await ws.receive(timeout=5)).data == f"echo:m{i}"
+
+
+async def test_policy_denial_gets_403_with_reason(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    policy = InboundPolicy(DefaultPolicy.DENY)
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port, policy=policy) as mesh:
+        reply = await raw_exchange(
+            mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 403 Forbidden")
+        assert b"l5d-proxy-error: server default:deny denies every client" in reply
+        # Only another identity is authorized on the app port: still denied, reason names us.
+        mesh.server_policy.update(
+            InboundPolicy(
+                DefaultPolicy.DENY,
+                servers=(
+                    Server(
+                        "app", app_port, (Authorization("ops", (pki.credentials("ops").identity,)),)
+                    ),
+                ),
+            )
+        )
+        reply = await raw_exchange(
+            mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 403") and web.identity.encode() in reply
+        assert 'inbound_authz_deny_total{protocol="http"' in mesh.server.metrics.render()
+
+
+async def test_unknown_authority_wrong_identity_and_dead_endpoint(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    other = pki.credentials("db").identity
+    async with (
+        run_app() as app_port,
+        run_mesh(web, api, app_port=app_port, expected_identity=other) as mesh,
+    ):
+        reply = await raw_exchange(
+            mesh.outbound, b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 404") and b"l5d-proxy-error" in reply
+        reply = await raw_exchange(
+            mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        # The real peer proxy refuses an SNI that is not its identity.
+        assert reply.startswith(b"HTTP/1.1 502") and b"during the handshake" in reply
+        # A rogue peer that accepts any SNI is refused by the client's own SAN check.
+        rogue_tls = MeshTls(StaticCredentials(api))
+        rogue = await serve("127.0.0.1", 0, lambda link: link.start_tls(rogue_tls.server_session()))
+        try:
+            port = rogue.sockets[0].getsockname()[1]
+            mesh.routes.replace(
+                (
+                    Service("api", (Endpoint("127.0.0.1", app_port, other, port),)),
+                    Service("direct", (Endpoint("127.0.0.1", app_port),)),
+                )
+            )
+            reply = await raw_exchange(
+                mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+            )
+        finally:
+            rogue.close()
+        assert reply.startswith(b"HTTP/1.1 502")
+        assert f"presented {api.identity}, not the expected {other}".encode() in reply
+        assert 'result="identity_mismatch"' in mesh.client.metrics.render()
+        # An unmeshed endpoint is dialled directly.
+        reply = await raw_exchange(
+            mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: direct\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 200") and b"x-client-id: -" in reply
+
+
+async def test_malformed_request_gets_400(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        reply = await raw_exchange(mesh.outbound, b"GET / HTTP/1.1\r\nHost api\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400")
+
+
+async def test_admin_endpoints(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        admin = mesh.client.port("admin")
+        async with aiohttp.ClientSession() as http:
+            for path, status, text in (("/live", 200, "live\n"), ("/ready", 200, "ready\n")):
+                async with http.get(f"http://127.0.0.1:{admin}{path}") as resp:
+                    assert (resp.status, await resp.text()) == (status, text)
+            async with http.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+                assert "# TYPE response_latency_ms histogram" in await resp.text()
+        await asyncio.sleep(0)
