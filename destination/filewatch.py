@@ -92,7 +92,8 @@ async def watch_file(
     if notify.fd >= 0:
 
         def on_readable() -> None:
-            if notify.drain():
+            # Only our file, or Kubernetes' ``..data`` symlink flip; ignore editors' temp files.
+            if any(n == path.name or n.startswith("..") for n in notify.drain()):
                 wake.set()
 
         loop.add_reader(notify.fd, on_readable)

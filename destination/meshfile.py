@@ -39,13 +39,15 @@ from destination.resources import (
 
 log = logging.getLogger(__name__)
 
-MAX_FILE_BYTES = 16 * 1024 * 1024  # refuse absurd files rather than exhaust memory
+MAX_FILE_BYTES = 16 * 1024 * 1024
+# libyaml's safe loader parses ~5x faster than the pure-Python one; both refuse arbitrary tags.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # refuse absurd files rather than exhaust memory
 
 
 def load_mesh_text(text: str, source: str = "mesh file") -> ClusterState:
     """Parse every document of ``text``; raise on the first invalid one."""
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_LOADER))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -33,7 +33,6 @@ from destination.policy import Protocol
 from destination.resources import ClusterState, MeshSettings
 from destination.wire import bundle_to_proto, inbound_to_proto, outbound_to_proto, update_to_proto
 from protos import destination_pb2 as dpb
-from protos import destination_pb2_grpc as dgrpc
 from protos import policy_pb2 as ppb
 from protos import policy_pb2_grpc as pgrpc
 
@@ -56,8 +55,9 @@ def status_for(error: DestinationError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _encode_diff(old: EndpointSet | None, new: EndpointSet) -> tuple[dpb.Update, ...]:
-    return tuple(update_to_proto(c) for c in diff(old, new))
+def _encode_diff(old: EndpointSet | None, new: EndpointSet) -> tuple[bytes, ...]:
+    # Serialized once per (from, to) version pair and shared by every stream at ``old``.
+    return tuple(update_to_proto(c).SerializeToString() for c in diff(old, new))
 
 
 def _as_error(value: object) -> DestinationError:
@@ -105,7 +105,7 @@ class _Streams:
             self.metrics.topics.set(self.hub.topic_count())
 
 
-class DestinationService(dgrpc.DestinationServicer):
+class DestinationService:
     """``io.linkerd.proxy.destination.Destination``."""
 
     def __init__(self, streams: _Streams) -> None:
@@ -113,7 +113,8 @@ class DestinationService(dgrpc.DestinationServicer):
 
     async def Get(
         self, request: dpb.GetDestination, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[dpb.Update]:
+    ) -> AsyncIterator[bytes]:
+        """Yields encoded ``Update`` messages (see :func:`add_services` for the serializer)."""
         s = self._s
         try:
             target = parse_authority(request.path, s.settings.cluster_domain)
@@ -247,7 +248,28 @@ def add_services(
 ) -> None:
     """Register every destination-service API on ``server``."""
     streams = _Streams(hub, settings, metrics)
-    dgrpc.add_DestinationServicer_to_server(DestinationService(streams), server)
+    dst = DestinationService(streams)
+    # Get yields pre-encoded bytes, so its serializer is the identity; the service name and
+    # method paths are Linkerd's.
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "io.linkerd.proxy.destination.Destination",
+                {
+                    "Get": grpc.unary_stream_rpc_method_handler(
+                        dst.Get,
+                        request_deserializer=dpb.GetDestination.FromString,
+                        response_serializer=bytes,
+                    ),
+                    "GetProfile": grpc.unary_stream_rpc_method_handler(
+                        dst.GetProfile,
+                        request_deserializer=dpb.GetDestination.FromString,
+                        response_serializer=dpb.DestinationProfile.SerializeToString,
+                    ),
+                },
+            ),
+        )
+    )
     pgrpc.add_InboundPoliciesServicer_to_server(InboundPolicyService(streams), server)
     pgrpc.add_OutboundPoliciesServicer_to_server(OutboundPolicyService(streams), server)
     pgrpc.add_TrustBundlesServicer_to_server(TrustBundleService(streams), server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -106,6 +107,9 @@ def serve(
             await server.start()
         except DestinationError as e:
             raise CLIError(str(e), EXIT_INVALID_MESH_FILE) from None
+        # Everything loaded so far lives for the whole run: keep it out of the cyclic GC's
+        # generations, so that a full collection does not stall a fan-out to 1,000 streams.
+        gc.freeze()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
@@ -118,7 +122,12 @@ def serve(
         await server.wait_stopped()
         await server.stop()
 
-    asyncio.run(run())
+    try:
+        import uvloop  # optional: a faster event loop for the fan-out
+    except ImportError:
+        asyncio.run(run())
+    else:
+        uvloop.run(run())
 
 
 @destination.command()
