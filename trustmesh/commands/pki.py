@@ -1,0 +1,663 @@
+"""``trustmesh pki``: trust anchors, issuers, bundles, leaves, inspection and KEM sealing.
+
+The commands are thin: every decision is made by the ``pki`` library; this module parses flags,
+reads the clock once per command, writes files atomically and renders results (rich tables for
+people, ``-o json`` for machines). Private keys are only ever written to files (0600), never to
+stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pki import kem
+from pki.certs import Credential, issue_leaf, load_pem_chain, utcnow
+from pki.csr import validate_csr
+from pki.durations import format_duration, parse_duration
+from pki.errors import InvalidDuration, InvalidName, PKIError
+from pki.inspect import (
+    CertificateInfo,
+    ChainInfo,
+    EndpointInfo,
+    StoreInfo,
+    describe_chain,
+    describe_store,
+    load_certificates,
+    parse_endpoint,
+    probe_endpoint,
+    read_target,
+)
+from pki.keys import KeyAlgorithm, PrivateKey
+from pki.names import Identity
+from pki.renewal import RenewalPolicy
+from pki.rotation import bundle_add, bundle_remove, init_anchor, issue_issuer
+from pki.store import FileStore, StoreState, write_file_atomic
+from pki.verify import verify_leaf
+from trustmesh.config import default_store_path
+from trustmesh.errors import EXIT_USAGE, CLIError
+
+F = TypeVar("F", bound=Callable[..., Any])
+ALGORITHMS = [a.value for a in KeyAlgorithm]
+
+
+# --- shared options --------------------------------------------------------------------------
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except InvalidDuration as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _algorithm(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> KeyAlgorithm | None:
+    return None if value is None else KeyAlgorithm.parse(value)
+
+
+def store_option(f: F) -> F:
+    """``--store DIR`` on a sub-command; it overrides the one given to ``trustmesh pki``."""
+    return click.option(
+        "--store",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="The credential store (overrides 'trustmesh pki --store').",
+    )(f)
+
+
+def output_option(f: F) -> F:
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        help="Output format.",
+    )(f)
+
+
+def algorithm_option(default: str | None) -> Callable[[F], F]:
+    return click.option(
+        "--algorithm",
+        type=click.Choice(ALGORITHMS, case_sensitive=False),
+        default=default,
+        callback=_algorithm,
+        show_default=default is not None,
+        help="Key algorithm.",
+    )
+
+
+def _store(store: Path | None) -> FileStore:
+    if store is None:
+        obj = click.get_current_context().find_object(_PKIContext)
+        store = obj.store if obj is not None else None
+    return FileStore(store or default_store_path())
+
+
+class _PKIContext:
+    def __init__(self, store: Path | None) -> None:
+        self.store = store
+
+
+def _console(err: bool = False) -> Console:
+    # Created per call so that click's output capture (and pipes) are honoured.
+    # Piped output gets a wide virtual terminal so fingerprints and dates are not folded.
+    stream = sys.stderr if err else sys.stdout
+    width = None if stream.isatty() else 160
+    return Console(file=stream, width=width, soft_wrap=True, highlight=False)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _when(info: CertificateInfo) -> str:
+    if info.remaining < timedelta(0):
+        return f"{info.not_after.isoformat()} (expired {format_duration(-info.remaining)} ago)"
+    return f"{info.not_after.isoformat()} ({format_duration(info.remaining)} left)"
+
+
+# --- rendering for people --------------------------------------------------------------------
+
+
+def _cert_table(info: CertificateInfo, title: str | None = None) -> Table:
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("subject", info.subject),
+        ("issuer", info.issuer),
+        ("status", info.status),
+        ("not before", info.not_before.isoformat()),
+        ("not after", _when(info)),
+        ("key", info.key_algorithm),
+        ("signature", info.signature_algorithm),
+        ("CA", f"yes (path length {info.path_length})" if info.is_ca else "no"),
+        ("serial", info.serial),
+        ("sha256", info.fingerprint),
+    ]
+    if info.dns_names:
+        rows.append(("DNS names", ", ".join(info.dns_names)))
+    if info.uris:
+        rows.append(("URIs", ", ".join(info.uris)))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _print_chain(console: Console, chain: ChainInfo) -> None:
+    for i, info in enumerate(chain.certificates):
+        console.print(_cert_table(info, title=f"[{i}] {info.subject}"))
+        console.print()
+    if chain.verified is not None:
+        verdict = "verified" if chain.verified else f"NOT verified: {chain.verify_error}"
+        console.print(f"chain: {verdict}")
+    console.print(f"chain expires: {chain.expires.isoformat()}")
+
+
+def _print_store(console: Console, info: StoreInfo) -> None:
+    console.print(f"store {info.root}: version {info.version} ({info.reason}, {info.created})")
+    console.print(f"bundle digest: {info.bundle_digest}")
+    anchors = Table(title="trust anchors")
+    for col in ("fingerprint", "subject", "key", "not after", "signs issuers"):
+        anchors.add_column(col)
+    for a in info.anchors:
+        signing = "yes" if a.fingerprint == info.signing_anchor else ""
+        anchors.add_row(a.fingerprint[:16], a.subject, a.key_algorithm, _when(a), signing)
+    console.print(anchors)
+    if info.issuer is None:
+        console.print("issuer: none (run 'trustmesh pki issuer create')")
+        return
+    issuer = info.issuer.certificates[0]
+    console.print(_cert_table(issuer, title="issuer"))
+    verdict = "verified" if info.issuer.verified else f"NOT verified: {info.issuer.verify_error}"
+    console.print(f"issuer chain: {verdict}")
+    if info.renew_at is not None:
+        console.print(f"renewal: {info.renewal_action} (renewal point {info.renew_at.isoformat()})")
+
+
+def _print_endpoint(console: Console, info: EndpointInfo) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("endpoint", info.endpoint)
+    table.add_row("server name", info.server_name or "(none)")
+    table.add_row("protocol", info.protocol)
+    table.add_row("cipher", info.cipher)
+    table.add_row("key exchange", info.group or "(unknown)")
+    if info.client_certificate:
+        table.add_row("client certificate", info.client_certificate)
+    console.print(table)
+    console.print()
+    _print_chain(console, info.chain)
+
+
+def _print_state(console: Console, state: StoreState, what: str) -> None:
+    console.print(f"{what}; store {state.path.parent.parent} is now at version {state.version}")
+
+
+# --- the group -------------------------------------------------------------------------------
+
+
+@click.group()
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    show_default="$TRUSTMESH_HOME or ~/.local/share/trustmesh",
+    help="The credential store.",
+)
+@click.pass_context
+def pki(ctx: click.Context, store: Path | None) -> None:
+    """Manage trust anchors, issuers, trust bundles and workload certificates.
+
+    Durations are written 90s, 24h, 30d.
+    """
+    ctx.obj = _PKIContext(store)
+
+
+# --- anchors ---------------------------------------------------------------------------------
+
+
+@pki.group()
+def anchor() -> None:
+    """Trust anchors (root CAs)."""
+
+
+@anchor.command("create")
+@algorithm_option("ecdsa-p256")
+@click.option("--validity", default="365d", show_default=True, callback=_duration)
+@click.option("--rotate", is_flag=True, help="Add a new anchor beside the existing one(s).")
+@store_option
+@output_option
+def anchor_create(
+    algorithm: KeyAlgorithm, validity: timedelta, rotate: bool, store: Path | None, output: str
+) -> None:
+    """Create the trust anchor (or, with --rotate, a new one that joins the bundle)."""
+    fs = _store(store)
+    state = init_anchor(fs, now=utcnow(), algorithm=algorithm, lifetime=validity, rotate=rotate)
+    assert state.anchor is not None and state.bundle is not None
+    if output == "json":
+        _emit_json(
+            {
+                "store": str(fs.root),
+                "version": state.version,
+                "anchor": state.anchor.fingerprint,
+                "not_after": state.anchor.not_after.isoformat(),
+                "algorithm": algorithm.value,
+                "bundle_digest": state.bundle.digest,
+                "bundle_size": len(state.bundle.anchors),
+            }
+        )
+        return
+    console = _console()
+    _print_state(console, state, f"created trust anchor {state.anchor.fingerprint[:16]}")
+    console.print(
+        f"algorithm {algorithm.value}, valid until {state.anchor.not_after.isoformat()}; "
+        f"bundle holds {len(state.bundle.anchors)} anchor(s), digest {state.bundle.digest[:16]}"
+    )
+
+
+# --- issuers ---------------------------------------------------------------------------------
+
+
+@pki.group()
+def issuer() -> None:
+    """The issuer (intermediate CA) that signs workload certificates."""
+
+
+def _report_issuer(fs: FileStore, state: StoreState, what: str, output: str) -> None:
+    cred = state.require_issuer()
+    if output == "json":
+        _emit_json(
+            {
+                "store": str(fs.root),
+                "version": state.version,
+                "issuer": cred.certificate.fingerprint,
+                "algorithm": cred.certificate.key_algorithm.value,
+                "not_after": cred.certificate.not_after.isoformat(),
+                "expires": cred.expires.isoformat(),
+            }
+        )
+        return
+    console = _console()
+    _print_state(console, state, f"{what} issuer {cred.certificate.fingerprint[:16]}")
+    console.print(
+        f"algorithm {cred.certificate.key_algorithm.value}, "
+        f"valid until {cred.certificate.not_after.isoformat()}"
+    )
+
+
+@issuer.command("create")
+@algorithm_option("ecdsa-p256")
+@click.option("--validity", default="48h", show_default=True, callback=_duration)
+@store_option
+@output_option
+def issuer_create(
+    algorithm: KeyAlgorithm, validity: timedelta, store: Path | None, output: str
+) -> None:
+    """Create the issuer, signed by the store's trust anchor."""
+    fs = _store(store)
+    if fs.load().issuer is not None:
+        raise CLIError(
+            f"{fs.root} already has an issuer; replace it with 'trustmesh pki issuer rotate'"
+        )
+    state = issue_issuer(fs, now=utcnow(), algorithm=algorithm, lifetime=validity)
+    _report_issuer(fs, state, "created", output)
+
+
+@issuer.command("rotate")
+@algorithm_option(None)
+@click.option("--validity", default=None, callback=_duration, help="Default: the current one's.")
+@store_option
+@output_option
+def issuer_rotate(
+    algorithm: KeyAlgorithm | None, validity: timedelta | None, store: Path | None, output: str
+) -> None:
+    """Replace the issuer now (new key), whatever its renewal point."""
+    fs = _store(store)
+    fs.load().require_issuer()
+    state = issue_issuer(
+        fs, now=utcnow(), algorithm=algorithm, lifetime=validity, reason="issuer rotated by hand"
+    )
+    _report_issuer(fs, state, "rotated to", output)
+
+
+@issuer.command("show")
+@store_option
+def issuer_show(store: Path | None) -> None:
+    """Print the issuer's certificate chain (PEM, issuer first, no anchor)."""
+    click.echo(_store(store).issuer().chain_pem().decode(), nl=False)
+
+
+# --- bundles ---------------------------------------------------------------------------------
+
+
+@pki.group()
+def bundle() -> None:
+    """The trust bundle: every anchor workloads trust."""
+
+
+@bundle.command("show")
+@store_option
+def bundle_show(store: Path | None) -> None:
+    """Print the trust bundle (PEM)."""
+    click.echo(_store(store).trust_bundle().pem().decode(), nl=False)
+
+
+def _report_bundle(fs: FileStore, state: StoreState, what: str, output: str) -> None:
+    b = state.require_bundle()
+    if output == "json":
+        _emit_json(
+            {
+                "store": str(fs.root),
+                "version": state.version,
+                "bundle_digest": b.digest,
+                "anchors": list(b.fingerprints),
+            }
+        )
+        return
+    console = _console()
+    _print_state(console, state, what)
+    console.print(f"bundle: {len(b.anchors)} anchor(s), digest {b.digest}")
+
+
+@bundle.command("add")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@store_option
+@output_option
+def bundle_add_cmd(file: Path, store: Path | None, output: str) -> None:
+    """Add the CA certificate(s) in FILE (PEM or DER) to the trust bundle."""
+    certs = load_certificates(read_target(file))
+    fs = _store(store)
+    state = bundle_add(fs, b"".join(c.pem for c in certs), now=utcnow())
+    _report_bundle(fs, state, f"added {len(certs)} anchor(s)", output)
+
+
+@bundle.command("remove")
+@click.argument("fingerprint")
+@store_option
+@output_option
+def bundle_remove_cmd(fingerprint: str, store: Path | None, output: str) -> None:
+    """Remove the anchor whose SHA-256 fingerprint starts with FINGERPRINT."""
+    fs = _store(store)
+    state = bundle_remove(fs, fingerprint.replace(":", ""), now=utcnow())
+    _report_bundle(fs, state, "removed the anchor", output)
+
+
+# --- leaves ----------------------------------------------------------------------------------
+
+
+def _identity(name: str) -> Identity:
+    try:
+        if name.startswith("spiffe://"):
+            return Identity.from_spiffe_id(name)
+        return Identity.parse(name)
+    except InvalidName as e:
+        raise click.BadParameter(str(e), param_hint="'--identity'") from None
+
+
+@pki.command()
+@click.option("--identity", "name", required=True, help="DNS-like identity or SPIFFE ID.")
+@click.option(
+    "--csr",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Certify the key of this CSR (PEM or DER).",
+)
+@click.option("--generate", is_flag=True, help="Generate the key; write it to OUT.key (0600).")
+@algorithm_option("ecdsa-p256")
+@click.option("--validity", default="24h", show_default=True, callback=_duration)
+@click.option("--spiffe", is_flag=True, help="Add the SPIFFE ID as a URI SAN.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the leaf and its chain (PEM) here.",
+)
+@store_option
+@output_option
+def leaf(
+    name: str,
+    csr: Path | None,
+    generate: bool,
+    algorithm: KeyAlgorithm,
+    validity: timedelta,
+    spiffe: bool,
+    out: Path,
+    store: Path | None,
+    output: str,
+) -> None:
+    """Issue a workload certificate for --identity from the store's issuer."""
+    if (csr is None) == (not generate):
+        raise click.UsageError("give exactly one of --csr FILE and --generate")
+    ident = _identity(name)
+    issuer_cred = _store(store).issuer()
+    fs_bundle = _store(store).trust_bundle()
+    now = utcnow()
+    key: PrivateKey | None = None
+    if csr is not None:
+        validated = validate_csr(
+            read_target(csr), expected_name=ident.dns_name, allowed_algorithms=tuple(KeyAlgorithm)
+        )
+        public_key: object = validated.public_key
+    else:
+        key = PrivateKey.generate(algorithm)
+        public_key = key.public_key()
+    cert = issue_leaf(
+        public_key,
+        ident.dns_name,
+        issuer_cred,
+        now=now,
+        lifetime=validity,
+        spiffe_id=ident.spiffe_id if spiffe else None,
+    )
+    verify_leaf(cert, issuer_cred.full_chain, fs_bundle, at=now, expected_identity=ident.dns_name)
+    key_path = out.with_name(out.name + ".key")
+    if key is not None:
+        Credential(cert, key)  # the key matches the certificate
+        write_file_atomic(key_path, key.to_pem(), mode=0o600)
+    write_file_atomic(out, b"".join(c.pem for c in (cert, *issuer_cred.full_chain)), mode=0o644)
+    if output == "json":
+        _emit_json(
+            {
+                "identity": ident.dns_name,
+                "certificate": str(out),
+                "key": str(key_path) if key is not None else None,
+                "fingerprint": cert.fingerprint,
+                "not_after": cert.not_after.isoformat(),
+                "algorithm": cert.key_algorithm.value,
+            }
+        )
+        return
+    console = _console()
+    console.print(f"issued {ident.dns_name} until {cert.not_after.isoformat()} -> {out}")
+    if key is not None:
+        console.print(f"private key -> {key_path} (0600)")
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+
+def _load_client(cert_file: Path | None, key_file: Path | None) -> Credential | None:
+    if cert_file is None and key_file is None:
+        return None
+    if cert_file is None or key_file is None:
+        raise click.UsageError("--client-cert and --client-key go together")
+    chain = load_pem_chain(read_target(cert_file))
+    return Credential(chain[0], PrivateKey.load(read_target(key_file)), chain[1:])
+
+
+@pki.command()
+@click.argument("target")
+@click.option(
+    "--ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Verify the chain against the anchors in this PEM file.",
+)
+@click.option("--servername", help="SNI for HOST:PORT (default: the host).")
+@click.option("--client-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--timeout", default="10s", show_default=True, callback=_duration)
+@click.option(
+    "--renew-before", callback=_duration, help="Store targets: renewal policy (default: 1/3 left)."
+)
+@output_option
+def inspect(
+    target: str,
+    ca: Path | None,
+    servername: str | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    timeout: timedelta,
+    renew_before: timedelta | None,
+    output: str,
+) -> None:
+    """Describe TARGET: a PEM/DER certificate file, a store directory, or HOST:PORT (live TLS)."""
+    from pki.bundle import TrustBundle
+
+    now = utcnow()
+    bundle = TrustBundle.from_pem(read_target(ca)) if ca else None
+    path = Path(target)
+    result: ChainInfo | StoreInfo | EndpointInfo
+    if path.is_dir():
+        policy = RenewalPolicy(renew_before=renew_before) if renew_before else None
+        result = describe_store(FileStore(path.resolve()), now, policy=policy)
+    elif path.exists():
+        result = describe_chain(load_certificates(read_target(path)), now, bundle=bundle)
+    else:
+        endpoint = parse_endpoint(target)
+        if endpoint is None:
+            raise CLIError(
+                f"{target!r} is neither a file, a store directory nor HOST:PORT", EXIT_USAGE
+            )
+        result = probe_endpoint(
+            endpoint,
+            now=now,
+            timeout=timeout.total_seconds(),
+            server_name=servername,
+            client=_load_client(client_cert, client_key),
+            bundle=bundle,
+        )
+    if output == "json":
+        _emit_json(result.to_dict())
+        return
+    console = _console()
+    if isinstance(result, StoreInfo):
+        _print_store(console, result)
+    elif isinstance(result, EndpointInfo):
+        _print_endpoint(console, result)
+    else:
+        _print_chain(console, result)
+
+
+# --- KEM sealing -----------------------------------------------------------------------------
+
+
+@pki.group("kem")
+def kem_group() -> None:
+    """Hybrid X25519 + ML-KEM-768 sealing of key material (see README for the format)."""
+
+
+def _backend_option(f: F) -> F:
+    return click.option(
+        "--backend",
+        type=click.Choice(["cryptography", "liboqs"]),
+        default="cryptography",
+        show_default=True,
+        help="ML-KEM implementation (liboqs only if its shared library is installed).",
+    )(f)
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise CLIError(f"{path} exists; use --force to replace it", EXIT_USAGE)
+
+
+@kem_group.command("keygen")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write OUT.key (private, 0600) and OUT.pub.",
+)
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+@_backend_option
+@output_option
+def kem_keygen(out: Path, force: bool, backend: str, output: str) -> None:
+    """Generate a hybrid KEM key pair."""
+    private_path, public_path = out.with_name(out.name + ".key"), out.with_name(out.name + ".pub")
+    for p in (private_path, public_path):
+        _refuse_overwrite(p, force)
+    kem.get_backend(backend)
+    public = kem.write_keypair(kem.KEMPrivateKey.generate(), private_path, public_path)
+    if output == "json":
+        _emit_json(
+            {
+                "private_key": str(private_path),
+                "public_key": str(public_path),
+                "key_id": public.key_id.hex(),
+            }
+        )
+        return
+    _console().print(
+        f"key {public.key_id.hex()}: private -> {private_path} (0600), public -> {public_path}"
+    )
+
+
+@kem_group.command("seal")
+@click.option(
+    "--to", "to", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: FILE.sealed")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@_backend_option
+def kem_seal(to: Path, file: Path, out: Path | None, force: bool, backend: str) -> None:
+    """Seal FILE to the public key --to PUB."""
+    target = out or file.with_name(file.name + ".sealed")
+    _refuse_overwrite(target, force)
+    recipient = kem.KEMPublicKey.from_armored(read_target(to))
+    envelope = kem.seal(read_target(file), recipient, backend=kem.get_backend(backend))
+    write_file_atomic(target, envelope, mode=0o600)
+    _console().print(f"sealed {file} to key {recipient.key_id.hex()} -> {target}")
+
+
+@kem_group.command("unseal")
+@click.option(
+    "--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Default: FILE without its .sealed suffix. Written 0600.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@_backend_option
+def kem_unseal(key_file: Path, file: Path, out: Path | None, force: bool, backend: str) -> None:
+    """Open FILE with the private key --key PRIV; the plaintext goes to a 0600 file."""
+    if out is None:
+        if file.suffix != ".sealed":
+            raise CLIError(
+                f"{file} does not end in .sealed; say where to write with --out", EXIT_USAGE
+            )
+        out = file.with_suffix("")
+    _refuse_overwrite(out, force)
+    try:
+        private = kem.KEMPrivateKey.from_armored(read_target(key_file))
+    except PKIError as e:
+        raise CLIError(f"{key_file}: {e}") from None
+    plaintext = kem.unseal(read_target(file), private, backend=kem.get_backend(backend))
+    write_file_atomic(out, plaintext, mode=0o600)
+    _console().print(f"unsealed {file} -> {out} (0600)")
