@@ -49,7 +49,6 @@ class Link(asyncio.Protocol):
         "bytes_out",
         "closed",
         "eof",
-        "handshake",
         "on_handshake",
         "peer",
         "sink",
@@ -63,7 +62,6 @@ class Link(asyncio.Protocol):
         self.sink: Any = sink
         self.transport: asyncio.Transport | None = None
         self.tls: TlsSession | None = None
-        self.handshake: asyncio.Future[HandshakeInfo] | None = None
         self.on_handshake: Any = None  # optional callback(link, info | None, error | None)
         self.peer: tuple[str, int] | None = None
         self.bytes_in = 0
@@ -124,8 +122,9 @@ class Link(asyncio.Protocol):
         if self.tracker is not None:
             self.tracker.closed(self, _errno(exc))
             self.tracker = None
-        if self.handshake is not None and not self.handshake.done():
-            self.handshake.set_exception(TLSError("the connection closed during the handshake"))
+        if self.tls is not None and self.tls.info is None and self.on_handshake is not None:
+            self._handshake_failed(TLSError("the connection closed during the handshake"))
+            return
         self.sink.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -138,23 +137,42 @@ class Link(asyncio.Protocol):
 
     # -- what owners call -------------------------------------------------------------------
 
-    def start_tls(
-        self, session: TlsSession, buffered: bytes = b""
-    ) -> asyncio.Future[HandshakeInfo]:
-        """Run ``session`` over this link from now on; ``buffered`` is data already read."""
+    def start_tls(self, session: TlsSession, buffered: bytes = b"") -> None:
+        """Run ``session`` over this link from now on; ``buffered`` is data already read.
+
+        ``on_handshake(link, info, None)`` or ``on_handshake(link, None, error)`` is called once
+        the handshake ends; after a failure the link is closed.
+        """
         self.tls = session
-        self.handshake = asyncio.get_running_loop().create_future()
         try:
             hello = session.start()
         except TLSError as e:
             self._handshake_failed(e)
-            return self.handshake
+            return
         if hello:
             self._raw_write(hello)
         if buffered:
             self.bytes_in -= len(buffered)  # counted once already, as plaintext
             self.data_received(buffered)
-        return self.handshake
+
+    async def handshake(self, session: TlsSession) -> HandshakeInfo:
+        """Start ``session`` and wait for its handshake (raises TLSError)."""
+        done: asyncio.Future[HandshakeInfo] = asyncio.get_running_loop().create_future()
+        previous = self.on_handshake
+
+        def finished(link: Link, info: HandshakeInfo | None, error: TLSError | None) -> None:
+            if previous is not None:
+                previous(link, info, error)
+            if done.done():
+                return
+            if info is not None:
+                done.set_result(info)
+            else:
+                done.set_exception(error or TLSError("handshake failed"))
+
+        self.on_handshake = finished
+        self.start_tls(session)
+        return await done
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
@@ -203,16 +221,14 @@ class Link(asyncio.Protocol):
             self.transport.write(data)
 
     def _handshake_done(self, info: HandshakeInfo) -> None:
-        if self.on_handshake is not None:
-            self.on_handshake(self, info, None)
-        if self.handshake is not None and not self.handshake.done():
-            self.handshake.set_result(info)
+        callback, self.on_handshake = self.on_handshake, None
+        if callback is not None:
+            callback(self, info, None)
 
     def _handshake_failed(self, error: TLSError) -> None:
-        if self.on_handshake is not None:
-            self.on_handshake(self, None, error)
-        if self.handshake is not None and not self.handshake.done():
-            self.handshake.set_exception(error)
+        callback, self.on_handshake = self.on_handshake, None
+        if callback is not None:
+            callback(self, None, error)
         # Send the alert the session queued, so the peer learns why, then drop the connection.
         if self.transport is not None and not self.closed:
             if self.tls is not None:

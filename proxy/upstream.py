@@ -70,7 +70,7 @@ class Connector:
         session = self.tls.client_session(identity)
         link.on_handshake = self._count_handshake
         try:
-            return await link.start_tls(session)
+            return await link.handshake(session)
         except TLSError as e:
             link.abort()
             raise UpstreamError(f"mesh TLS to {identity} failed: {e}") from None

@@ -91,14 +91,15 @@ async def test_pipelined_requests_and_hop_by_hop_headers(pki) -> None:
 
 async def test_websocket_upgrade(pki) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
-    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.ws_connect(f"http://127.0.0.1:{mesh.outbound}/ws", headers={"Host": "api"}) as ws,
-        ):
-            for i in range(3):
-                await ws.send_str(f"m{i}")
-                assert (await ws.receive(timeout=5)).data == f"echo:m{i}"
+    async with (
+        run_app() as app_port,
+        run_mesh(web, api, app_port=app_port) as mesh,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"http://127.0.0.1:{mesh.outbound}/ws", headers={"Host": "api"}) as ws,
+    ):
+        for i in range(3):
+            await ws.send_str(f"m{i}")
+            assert (await ws.receive(timeout=5)).data == f"echo:m{i}"
 
 
 async def test_policy_denial_gets_403_with_reason(pki) -> None:

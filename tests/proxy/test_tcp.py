@@ -1,0 +1,95 @@
+"""Opaque TCP through an upstream listener and mesh TLS: half-close, policy, classical clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+
+import pytest
+from proxy_mesh import run_mesh
+
+from proxy.policy import DefaultPolicy, InboundPolicy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _read_all_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads to EOF (the client's half-close), then answers with the byte count and closes."""
+    total = 0
+    while chunk := await reader.read(65536):
+        total += len(chunk)
+    writer.write(b"got %d" % total)
+    await writer.drain()
+    writer.close()
+
+
+async def test_opaque_relay_with_half_close(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    server = await asyncio.start_server(_read_all_then_reply, "127.0.0.1", 0)
+    tcp_port = server.sockets[0].getsockname()[1]
+    try:
+        async with run_mesh(web, api, app_port=tcp_port, tcp_port=tcp_port) as mesh:
+            port = mesh.client.port("upstream:tcp-echo")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            payload = os.urandom(2 * 1024 * 1024)
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()  # half-close: the server only answers after our EOF
+            async with asyncio.timeout(10):
+                assert await reader.read(-1) == b"got %d" % len(payload)
+            writer.close()
+            text = mesh.server.metrics.render()
+            assert 'inbound_authz_allow_total{protocol="tcp"' in text
+    finally:
+        server.close()
+
+
+async def test_tcp_denied_by_policy_is_closed(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    server = await asyncio.start_server(_read_all_then_reply, "127.0.0.1", 0)
+    tcp_port = server.sockets[0].getsockname()[1]
+    try:
+        async with run_mesh(
+            web, api, app_port=tcp_port, tcp_port=tcp_port, policy=InboundPolicy(DefaultPolicy.DENY)
+        ) as mesh:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", mesh.client.port("upstream:tcp-echo")
+            )
+            writer.write(b"hello")
+            writer.write_eof()
+            async with asyncio.timeout(10):
+                assert await reader.read(-1) == b""
+            writer.close()
+            assert 'inbound_authz_deny_total{protocol="tcp"' in mesh.server.metrics.render()
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+async def test_classical_only_client_is_refused_under_hybrid_required(pki, tmp_path) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    (tmp_path / "ca.pem").write_bytes(pki.bundle.pem())
+    async with run_mesh(web, api, app_port=9) as mesh:
+        inbound = mesh.server.port("inbound")
+
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-connect", f"127.0.0.1:{inbound}", "-tls1_3",
+            "-groups", "X25519", "-servername", api.identity,
+            "-CAfile", str(tmp_path / "ca.pem"),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(20):
+                output, _ = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        text = mesh.server.metrics.render()
+        assert (
+            'tls_handshakes_total{direction="inbound",group="x25519",result="kex_refused"} 1'
+            in text
+        )
+        assert b"x25519" in output.lower()
