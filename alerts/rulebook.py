@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from alerts.errors import RuleFileError
+from alerts.errors import RuleFileError, TemplateError
 from alerts.templating import check_template, render
 
 RULES_DIR = Path(__file__).resolve().parent / "rules"
@@ -46,8 +46,11 @@ class AlertRule:
                 raise RuleFileError(f"{where}: annotation {key!r} is missing or empty.")
         if not self.annotations["runbook_url"].endswith(f"runbooks/{self.name}.md"):
             raise RuleFileError(f"{where}: runbook_url must end in 'runbooks/{self.name}.md'.")
-        for text in self.annotations.values():
-            check_template(text)
+        for key, text in self.annotations.items():
+            try:
+                check_template(text)
+            except TemplateError as e:
+                raise RuleFileError(f"{where}: annotation {key!r}: {e}") from None
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
         object.__setattr__(self, "annotations", MappingProxyType(dict(self.annotations)))
 

@@ -1,0 +1,143 @@
+"""Helpers for the alerts tests: real certificates built with pki at a fixed time, a real TLS
+server (pyOpenSSL) on 127.0.0.1 for probes, and a silent TCP listener."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from OpenSSL import SSL, crypto
+
+from pki.certs import Certificate, Credential, create_anchor, create_issuer, issue_leaf
+from pki.keys import PrivateKey
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+WORKLOAD_NAME = "web.default.serviceaccount.identity.trustmesh.cluster.local"
+WEBHOOK_NAME = "trustmesh-proxy-injector.trustmesh.svc"
+
+
+@dataclass(frozen=True)
+class Chain:
+    anchor: Credential
+    issuer: Credential
+    workload: Credential
+    webhook: Credential
+    other: Credential
+
+
+def leaf(issuer: Credential, name: str, lifetime: timedelta = timedelta(hours=24)) -> Credential:
+    key = PrivateKey.generate()
+    cert = issue_leaf(key.public_key(), name, issuer, now=NOW, lifetime=lifetime)
+    return Credential(cert, key, issuer.full_chain)
+
+
+def ts(cert: Certificate, attr: str = "not_after") -> float:
+    return float(getattr(cert, attr).timestamp())
+
+
+def make_chain() -> Chain:
+    anchor_key = PrivateKey.generate()
+    anchor = Credential(
+        create_anchor(anchor_key, now=NOW, lifetime=timedelta(days=365)), anchor_key
+    )
+    issuer = create_issuer(PrivateKey.generate(), anchor, now=NOW, lifetime=timedelta(hours=48))
+    return Chain(
+        anchor=anchor,
+        issuer=issuer,
+        workload=leaf(issuer, WORKLOAD_NAME),
+        webhook=leaf(issuer, WEBHOOK_NAME, timedelta(hours=40)),
+        other=leaf(issuer, "db.example.org", timedelta(hours=40)),
+    )
+
+
+@contextlib.contextmanager
+def tls_server(credential: Credential) -> Iterator[str]:
+    """Serve TLS handshakes presenting ``credential`` (leaf + chain); yields HOST:PORT."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.use_certificate(crypto.X509.from_cryptography(credential.certificate.x509))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(credential.key.key))
+    for cert in credential.chain:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert.x509))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            # pyOpenSSL needs a blocking socket (a timeout makes it non-blocking underneath);
+            # the clients in these tests always finish or close, so this cannot hang.
+            sock.settimeout(None)
+            conn = SSL.Connection(ctx, sock)
+            conn.set_accept_state()
+            with contextlib.suppress(SSL.Error, OSError):
+                conn.do_handshake()
+                conn.shutdown()
+            sock.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """Accepts connections (the kernel backlog does) and never says a word."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records JSON POST bodies (a webhook receiver)."""
+
+    def __init__(self, status: int = 200) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received: list[tuple[str, object]] = []
+        arrived = threading.Condition()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with arrived:
+                    received.append((self.path, json.loads(body)))
+                    arrived.notify_all()
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"refused" if status >= 300 else b"ok")
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.received = received
+        self.arrived = arrived
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

@@ -1,0 +1,97 @@
+"""``trustmesh alerts check`` end to end in-process: real store, real webhook receiver."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alerts_testkit import Receiver
+
+from pki.certs import chain_pem
+from pki.rotation import init_anchor, issue_issuer
+from pki.store import FileStore
+from trustmesh.cli import cli
+from trustmesh.errors import run_cli
+
+
+def _store(
+    tmp_path: Path, issuer_age: timedelta, lifetime: timedelta = timedelta(days=365)
+) -> FileStore:
+    now = datetime.now(UTC)  # the command reads the clock; build the store around it
+    store = FileStore(tmp_path / "store")
+    init_anchor(store, now=now - issuer_age, lifetime=timedelta(days=3650))
+    issue_issuer(store, now=now - issuer_age, lifetime=lifetime)
+    return store
+
+
+def test_nothing_firing_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = _store(tmp_path, timedelta(days=1))
+    assert run_cli(cli, ["alerts", "check", "--store", str(store.root)]) == 0
+    assert "no alerts firing (2 certificates from 1 sources)" in capsys.readouterr().out
+
+
+def test_firing_exits_3_names_the_alert_and_posts_to_the_webhook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = _store(tmp_path, timedelta(days=360))  # 5 days left of 365: warning and critical
+    with Receiver() as receiver:
+        code = run_cli(
+            cli,
+            [
+                "alerts",
+                "check",
+                "--store",
+                str(store.root),
+                "--webhook",
+                receiver.url,
+                "-o",
+                "json",
+            ],
+        )
+    assert code == 3
+    report = json.loads(capsys.readouterr().out)
+    names = sorted(a["labels"]["alertname"] for a in report["alerts"])
+    assert names == ["IssuerExpiringSoon", "IssuerExpiryCritical"]
+    ((_, posted),) = receiver.received
+    assert sorted(a["labels"]["alertname"] for a in posted["alerts"]) == names  # type: ignore[index]
+
+
+def test_table_output_names_each_alert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = _store(tmp_path, timedelta(days=340))
+    assert run_cli(cli, ["alerts", "check", "--store", str(store.root)]) == 3
+    out = capsys.readouterr().out
+    assert "IssuerExpiringSoon" in out and "IssuerExpiryCritical" not in out
+
+
+def test_unreadable_source_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    assert run_cli(cli, ["alerts", "check", "--scan", str(bad)]) == 1
+    assert f"error: file:{bad}: {bad} holds no readable certificate" in capsys.readouterr().err
+
+
+def test_scan_with_a_role_and_a_failing_alertmanager(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = _store(tmp_path, timedelta(days=360))
+    pem = tmp_path / "issuer.pem"
+    pem.write_bytes(chain_pem([store.issuer().certificate]))
+    with Receiver(status=500) as receiver:
+        code = run_cli(
+            cli, ["alerts", "check", "--scan", f"webhook={pem}", "--alertmanager", receiver.url]
+        )
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "CertificateExpiryCritical" in captured.out
+    assert "answered HTTP 500" in captured.err
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    assert (
+        run_cli(cli, ["alerts", "check", "--alertmanager", "http://a", "--webhook", "http://b"])
+        == 2
+    )
+    assert run_cli(cli, ["alerts", "check", "--probe", "nohost"]) == 2
+    assert run_cli(cli, ["alerts", "exporter", "--listen", "nowhere"]) == 2

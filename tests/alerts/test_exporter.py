@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from alerts_testkit import NOW, silent_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from alerts.exporter import Exporter, scan
+from alerts.sources import ProbeSource, StoreSource
+from pki.rotation import init_anchor, issue_issuer
+from pki.store import FileStore
+
+
+def _scrape(port: int) -> tuple[float, dict[str, list[tuple[dict[str, str], float]]]]:
+    started = time.monotonic()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    took = time.monotonic() - started
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return took, samples
+
+
+def _poll(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_exporter_serves_the_scan_and_never_blocks_a_scrape_on_a_probe(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    init_anchor(store, now=NOW)
+    state = issue_issuer(store, now=NOW, lifetime=timedelta(hours=48))
+    with silent_server() as silent:
+        exporter = Exporter(
+            [StoreSource(store.root), ProbeSource(silent, timeout=2.0)],
+            clock=lambda: 1234.5,
+            interval=60,
+        )
+        port = exporter.start("127.0.0.1", 0)
+        try:
+            # The first refresh is stuck on the silent probe for 2 s; scrapes answer at once.
+            for _ in range(5):
+                took, samples = _scrape(port)
+                assert took < 0.5
+            assert "trustmesh_exporter_last_refresh_timestamp_seconds" not in samples
+            _poll(lambda: "trustmesh_exporter_last_refresh_timestamp_seconds" in _scrape(port)[1])
+            _, samples = _scrape(port)
+        finally:
+            exporter.stop()
+    source = f"store:{store.root}"
+    assert samples["trustmesh_exporter_last_refresh_timestamp_seconds"] == [({}, 1234.5)]
+    not_after = {
+        s[0]["role"]: (s[0], s[1]) for s in samples["trustmesh_cert_not_after_timestamp_seconds"]
+    }
+    issuer_labels, issuer_not_after = not_after["issuer"]
+    assert issuer_labels == {
+        "role": "issuer",
+        "subject": state.issuer.certificate.subject,  # type: ignore[union-attr]
+        "fingerprint": state.issuer.certificate.fingerprint,  # type: ignore[union-attr]
+        "source": source,
+    }
+    assert issuer_not_after == state.issuer.certificate.not_after.timestamp()  # type: ignore[union-attr]
+    assert len(samples["trustmesh_cert_not_before_timestamp_seconds"]) == 2
+    assert len(samples["trustmesh_cert_renewal_due_timestamp_seconds"]) == 2
+    up = {labels["source"]: value for labels, value in samples["trustmesh_cert_source_up"]}
+    assert up == {source: 1.0, f"probe:{silent}": 0.0}
+    errors = {
+        labels["source"]: value for labels, value in samples["trustmesh_cert_source_errors_total"]
+    }
+    assert errors == {source: 0.0, f"probe:{silent}": 1.0}
+    assert samples["trustmesh_trust_bundle_info"] == [
+        ({"digest": state.bundle.digest, "source": source}, 1.0)  # type: ignore[union-attr]
+    ]
+
+
+def test_refresh_follows_a_rotation(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    init_anchor(store, now=NOW)
+    first = issue_issuer(store, now=NOW).issuer.certificate  # type: ignore[union-attr]
+    exporter = Exporter([StoreSource(store.root)], clock=lambda: 0.0, interval=60)
+    assert first.fingerprint in {c.fingerprint for c in exporter.refresh().certs}
+    second = issue_issuer(store, now=NOW + timedelta(hours=1)).issuer.certificate  # type: ignore[union-attr]
+    fingerprints = {c.fingerprint for c in exporter.refresh().certs}
+    assert second.fingerprint in fingerprints and first.fingerprint not in fingerprints
+
+
+def test_scan_without_sources_is_empty() -> None:
+    assert scan([], 7.0).certs == ()
