@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 # libyaml's safe loader parses ~5x faster than the pure-Python one; both refuse arbitrary tags.
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # refuse absurd files rather than exhaust memory
+_LOADER = getattr(
+    yaml, "CSafeLoader", yaml.SafeLoader
+)  # refuse absurd files rather than exhaust memory
 
 
 def load_mesh_text(text: str, source: str = "mesh file") -> ClusterState:

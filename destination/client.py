@@ -1,0 +1,335 @@
+"""The proxy's side of the destination service: subscriptions with last-known-state semantics.
+
+``DestinationClient`` opens one gRPC channel and, per question, a :class:`Watch`: a background
+stream that keeps an immutable snapshot (an :class:`EndpointSet`, an :class:`InboundPolicy`, an
+:class:`OutboundPolicy`, a :class:`TrustBundleSnapshot`). When the service goes away the watch
+keeps its last snapshot, marks itself ``stale`` (and the client's ``control_plane_up`` gauge
+drops to 0), and reconnects with jittered exponential backoff; the first message of the new
+stream replaces the old state. ``INVALID_ARGUMENT`` is terminal (asking again cannot help);
+``NOT_FOUND`` is an answer (the service may appear later) and is retried.
+
+    async with DestinationClient("127.0.0.1:8086", workload=WorkloadRef("default", "web-0")) as c:
+        watch = c.resolve("web.default.svc.cluster.local:8080")
+        endpoints = await watch.wait_ready(timeout=5)
+        async for snapshot in watch.updates():
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from destination.errors import DestinationError, InvalidTarget, NotFound, Unavailable
+from destination.model import EndpointSet, NoEndpoints, apply
+from destination.paths import WorkloadRef
+from destination.policy import InboundPolicy, OutboundPolicy
+from destination.wire import (
+    bundle_from_proto,
+    inbound_from_proto,
+    outbound_from_proto,
+    update_from_proto,
+)
+from protos import destination_pb2 as dpb
+from protos import destination_pb2_grpc as dgrpc
+from protos import policy_pb2 as ppb
+from protos import policy_pb2_grpc as pgrpc
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full-range jitter: ``base * 2**attempt`` capped at ``maximum``,
+    then scaled by a random factor in ``[1 - jitter, 1]``."""
+
+    base: float = 0.1
+    maximum: float = 5.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.base <= self.maximum:
+            raise ValueError("backoff base must be positive and at most the maximum")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("backoff jitter must be within 0..1")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        raw = min(self.maximum, self.base * (2 ** min(attempt, 30)))
+        return raw * (1 - self.jitter * rng.random())
+
+
+class ClientMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.up = Gauge(
+            "trustmesh_destination_client_control_plane_up",
+            "1 while every destination stream is live; 0 while serving last-known state.",
+            registry=r,
+        )
+        self.stale = Gauge(
+            "trustmesh_destination_client_stale_streams",
+            "Streams currently serving their last-known state.",
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "trustmesh_destination_client_reconnects",
+            "Stream reconnect attempts, by stream kind.",
+            ["stream"],
+            registry=r,
+        )
+        self.updates = Counter(
+            "trustmesh_destination_client_updates",
+            "Messages received, by stream kind.",
+            ["stream"],
+            registry=r,
+        )
+        self.up.set(1)
+
+
+class Watch(Generic[V]):
+    """The last-known answer to one question, kept current by a background stream."""
+
+    def __init__(
+        self,
+        client: DestinationClient,
+        kind: str,
+        open_call: Callable[[], Any],
+        fold: Callable[[V | None, Any], V],
+        reset: Callable[[], V | None],
+        on_not_found: Callable[[], V] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.current: V | None = None
+        self.stale = True  # until the first message arrives
+        self.error: DestinationError | None = None  # the last error (terminal when .done)
+        self.done = False
+        self._client = client
+        self._open = open_call
+        self._fold = fold
+        self._reset = reset
+        self._on_not_found = on_not_found
+        self._changed = asyncio.Event()
+        self._version = 0
+        self._task = asyncio.ensure_future(self._run())
+
+    def _set(self, value: V | None, *, stale: bool) -> None:
+        changed = value != self.current or stale != self.stale
+        self.current = value
+        self._set_stale(stale)
+        if changed:
+            self._version += 1
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
+
+    def _set_stale(self, stale: bool) -> None:
+        if stale != self.stale:
+            self.stale = stale
+            self._client._stale_changed()
+
+    async def _run(self) -> None:
+        attempt = 0
+        rng = self._client.rng
+        while not self.done:
+            call = self._open()
+            try:
+                value = self._reset()
+                async for msg in call:
+                    self._client.metrics.updates.labels(self.kind).inc()
+                    attempt = 0
+                    self.error = None
+                    value = self._fold(value, msg)
+                    self._set(value, stale=False)
+                self.error = Unavailable("the destination service closed the stream")
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code is grpc.StatusCode.INVALID_ARGUMENT:
+                    self.error = InvalidTarget(e.details() or "invalid request")
+                    self.done = True
+                    self._set(self.current, stale=True)
+                    return
+                if code is grpc.StatusCode.NOT_FOUND:
+                    self.error = NotFound(e.details() or "not found")
+                    if self._on_not_found is not None:
+                        self._set(self._on_not_found(), stale=False)
+                else:
+                    self.error = Unavailable(f"{code.name}: {e.details()}")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            if not isinstance(self.error, NotFound) or self._on_not_found is None:
+                self._set(self.current, stale=True)  # keep the last-known value, flag it
+            self._client.metrics.reconnects.labels(self.kind).inc()
+            await asyncio.sleep(self._client.backoff.delay(attempt, rng))
+            attempt += 1
+
+    async def wait_ready(self, timeout: float) -> V:
+        """The first answer (raises the stream's error if it is terminal or on timeout)."""
+        async with asyncio.timeout(timeout):
+            while self.current is None:
+                if self.done and self.error is not None:
+                    raise self.error
+                await self._changed.wait()
+        return self.current
+
+    async def updates(self) -> AsyncIterator[V]:
+        """Yield the current snapshot (once known), then each new one, until closed."""
+        version = -1
+        while not self.done:
+            if self._version != version and self.current is not None:
+                version = self._version
+                yield self.current
+            else:
+                await self._changed.wait()
+
+    async def close(self) -> None:
+        self.done = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+
+class DestinationClient:
+    """A connection to the destination service shared by every watch of one proxy."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        workload: WorkloadRef | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+        metrics: ClientMetrics | None = None,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 3_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Reconnect timing is ours (jittered backoff per watch), not the channel's.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1_000),
+        ]
+        if server_name is not None:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.workload = workload or WorkloadRef()
+        self.backoff = backoff or Backoff()
+        self.rng = rng or random.Random()
+        self.metrics = metrics or ClientMetrics()
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=options)
+        )
+        self._dst = dgrpc.DestinationStub(self._channel)
+        self._inbound = pgrpc.InboundPoliciesStub(self._channel)
+        self._outbound = pgrpc.OutboundPoliciesStub(self._channel)
+        self._bundles = pgrpc.TrustBundlesStub(self._channel)
+        self._watches: list[Watch[Any]] = []
+
+    @property
+    def control_plane_up(self) -> bool:
+        """False while any watch is serving its last-known state."""
+        return not any(w.stale and not w.done for w in self._watches)
+
+    def _stale_changed(self) -> None:
+        stale = sum(1 for w in self._watches if w.stale and not w.done)
+        self.metrics.stale.set(stale)
+        self.metrics.up.set(0 if stale else 1)
+
+    def _add(self, watch: Watch[Any]) -> Any:
+        self._watches.append(watch)
+        self._stale_changed()
+        return watch
+
+    def resolve(self, authority: str) -> Watch[EndpointSet]:
+        """Endpoints of ``authority`` (``<svc>.<ns>.svc.<domain>:<port>``)."""
+        request = dpb.GetDestination(
+            scheme="k8s", path=authority, context_token=self.workload.token()
+        )
+
+        def fold(current: EndpointSet | None, msg: dpb.Update) -> EndpointSet:
+            change = update_from_proto(msg)
+            base = current or EndpointSet(authority)
+            if isinstance(change, NoEndpoints) and not change.exists:
+                return EndpointSet(authority, (), exists=False)
+            return apply(base, change)
+
+        return self._add(
+            Watch(
+                self,
+                "destination",
+                lambda: self._dst.Get(request),
+                fold,
+                lambda: None,
+                on_not_found=lambda: EndpointSet(authority, (), exists=False),
+            )
+        )
+
+    def inbound_policy(
+        self, port: int, workload: WorkloadRef | None = None
+    ) -> Watch[InboundPolicy]:
+        """The policy of one of this workload's inbound ports."""
+        ref = workload or self.workload
+        if ref.namespace is None or ref.name is None:
+            raise InvalidTarget("inbound policy needs the workload's namespace and name")
+        request = ppb.PortSpec(workload=f"{ref.namespace}:{ref.name}", port=port)
+        return self._add(
+            Watch(
+                self,
+                "inbound",
+                lambda: self._inbound.Watch(request),
+                lambda _old, msg: inbound_from_proto(msg),
+                lambda: None,
+            )
+        )
+
+    def outbound_policy(self, authority: str) -> Watch[OutboundPolicy]:
+        request = ppb.TrafficSpec(source_workload=self.workload.token(), authority=authority)
+        return self._add(
+            Watch(
+                self,
+                "outbound",
+                lambda: self._outbound.Watch(request),
+                lambda _old, msg: outbound_from_proto(msg),
+                lambda: None,
+            )
+        )
+
+    def trust_bundle(self, digest: str = "") -> Watch[Any]:
+        """The mesh's trust anchors (:class:`TrustBundleSnapshot`), renewed on every change."""
+        request = ppb.TrustBundleRequest(workload=self.workload.token(), digest=digest)
+        return self._add(
+            Watch(
+                self,
+                "trust_bundle",
+                lambda: self._bundles.Watch(request),
+                lambda _old, msg: bundle_from_proto(msg),
+                lambda: None,
+            )
+        )
+
+    async def close(self) -> None:
+        for w in self._watches:
+            await w.close()
+        self._watches.clear()
+        await self._channel.close()
+
+    async def __aenter__(self) -> DestinationClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

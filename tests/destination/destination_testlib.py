@@ -1,0 +1,48 @@
+"""Shared helpers of the destination tests (importable; conftest holds the fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+WEB = """\
+apiVersion: trustmesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-0, namespace: default, labels: {app: web}}
+spec: {serviceAccount: web, address: 127.0.0.1, inboundProxyPort: 14143}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {selector: {app: web}, ports: [{port: 8080, targetPort: 18080}]}
+"""
+
+WEB_1 = """\
+---
+apiVersion: trustmesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-1, namespace: default, labels: {app: web}}
+spec: {serviceAccount: web, address: 127.0.0.2, inboundProxyPort: 14144}
+"""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll ``check`` until it returns a truthy value, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
