@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno as errno_names
 import socket
-from typing import Any
+from typing import Any, cast
 
 from proxy.errors import TLSError
 from proxy.meshtls import HandshakeInfo, TlsSession
@@ -74,8 +74,8 @@ class Link(asyncio.Protocol):
     # -- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:

@@ -1,0 +1,151 @@
+"""The runnable proxy end to end, as real processes: curl -> outbound proxy -> mesh TLS ->
+inbound proxy -> a stdlib HTTP app, with tshark watching the mesh hop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "very-secret-payload-4f1c"
+
+APP = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("client=" + self.headers.get("l5d-client-id", "-") + " SECRET_MARK\\n").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+""".replace("SECRET_MARK", SECRET)
+
+
+def _start(args: list[str], **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _first_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # bounded by the test timeout
+    if not line:
+        raise AssertionError(f"process exited: {proc.stderr.read() if proc.stderr else ''}")
+    return line
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for proc in reversed(started):
+            _stop(proc)
+
+
+def _write_identity(pki, tmp: Path, name: str) -> tuple[str, dict[str, str]]:
+    creds = pki.credentials(name)
+    (tmp / f"{name}.crt").write_bytes(creds.chain_pem)
+    key = tmp / f"{name}.key"
+    key.write_bytes(creds.key_pem)
+    key.chmod(0o600)
+    (tmp / "bundle.pem").write_bytes(creds.bundle_pem)
+    return creds.identity, {"chain": f"{name}.crt", "key": f"{name}.key", "bundle": "bundle.pem"}
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("tshark")), reason="curl+tshark")
+def test_curl_through_two_proxy_processes_with_hybrid_mesh_tls(pki, tmp_path, procs) -> None:
+    app = _start([sys.executable, "-c", APP])
+    procs.append(app)
+    app_port = int(_first_line(app))
+
+    api_id, api_files = _write_identity(pki, tmp_path, "api")
+    web_id, web_files = _write_identity(pki, tmp_path, "web")
+    zero = {"host": "127.0.0.1", "port": 0}
+    api_cfg = tmp_path / "api.yaml"
+    api_cfg.write_text(yaml.safe_dump({
+        "identity": api_id, "credentials": api_files, "outbound": zero, "admin": zero,
+        "inbound": {**zero, "ports": [app_port]},
+    }))  # fmt: skip
+    server = _start([sys.executable, "-m", "proxy", "--config", str(api_cfg)])
+    procs.append(server)
+    inbound = json.loads(_first_line(server))["inbound"]
+
+    web_cfg = tmp_path / "web.yaml"
+    web_cfg.write_text(yaml.safe_dump({
+        "identity": web_id, "credentials": web_files, "outbound": zero, "admin": zero,
+        "inbound": zero,
+        "routes": {"services": [{"name": "api", "endpoints": [
+            {"host": "127.0.0.1", "port": app_port, "identity": api_id, "proxy_port": inbound}]}]},
+    }))  # fmt: skip
+    client = _start([sys.executable, "-m", "proxy", "--config", str(web_cfg)])
+    procs.append(client)
+    ports = json.loads(_first_line(client))
+
+    pcap = tmp_path / "hop.pcap"
+    tshark = _start(["tshark", "-i", "lo", "-f", f"tcp port {inbound}", "-w", str(pcap)])
+    procs.append(tshark)
+    assert tshark.stderr is not None
+    deadline = time.monotonic() + 30
+    while "Capturing on" not in tshark.stderr.readline():
+        assert time.monotonic() < deadline and tshark.poll() is None, "tshark did not start"
+
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-H", "Host: api",
+         f"http://127.0.0.1:{ports['outbound']}/hello", f"http://127.0.0.1:{ports['outbound']}/again"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"client={web_id} {SECRET}\n" * 2
+
+    metrics = subprocess.run(
+        ["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{ports['admin']}/metrics"],
+        capture_output=True, text=True, timeout=10,
+    ).stdout  # fmt: skip
+    assert (
+        'tls_handshakes_total{direction="outbound",group="X25519MLKEM768",result="ok"} 1' in metrics
+    )
+
+    time.sleep(0.5)  # let the capture flush the last packets before stopping it
+    tshark.send_signal(signal.SIGINT)
+    tshark.wait(timeout=20)
+    groups = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"tcp.port=={inbound},tls",
+         "-Y", "tls.handshake.type == 1", "-T", "fields",
+         "-e", "tls.handshake.extensions_key_share_group"],
+        capture_output=True, text=True, timeout=60,
+    ).stdout.split()  # fmt: skip
+    assert groups and all(g.split(",")[0] in ("4588", "0x11ec") for g in groups), groups
+    raw = pcap.read_bytes()
+    assert SECRET.encode() not in raw and b"/hello" not in raw and web_id.encode() not in raw
+    assert os.stat(tmp_path / "web.key").st_mode & 0o777 == 0o600
