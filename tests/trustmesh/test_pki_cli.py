@@ -1,0 +1,391 @@
+"""``trustmesh pki``: the commands end to end, through click and as a real process.
+
+Chains made here are checked by the system ``openssl verify`` and served by ``openssl s_server``
+(Debian's OpenSSL 3.0, a real independent peer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pki.csr import create_csr
+from pki.keys import KeyAlgorithm, PrivateKey
+from trustmesh.cli import cli
+from trustmesh.errors import run_cli
+
+WEB = "web.default.serviceaccount.identity.trustmesh.cluster.local"
+TRUSTMESH = Path(sys.executable).parent / "trustmesh"
+OPENSSL = shutil.which("openssl") or ""
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def tm(*args: str | Path, env: dict[str, str] | None = None) -> Run:
+    """Run the CLI in-process through the same error boundary as the console script."""
+    runner = CliRunner()
+    with runner.isolation(env=env) as (out, err, _):
+        code = run_cli(cli, [str(a) for a in args])
+    return Run(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A store with an ECDSA anchor and issuer, made by the CLI."""
+    root = tmp_path / "store"
+    assert tm("pki", "--store", root, "anchor", "create").code == 0
+    assert tm("pki", "--store", root, "issuer", "create").code == 0
+    return root
+
+
+def test_default_store_comes_from_trustmesh_home(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    r = tm("pki", "anchor", "create", "-o", "json", env={"TRUSTMESH_HOME": str(home)})
+    assert r.code == 0, r.err
+    assert r.json()["store"] == str(home)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(not OPENSSL, reason="openssl is not installed")
+def test_openssl_verifies_cli_made_ecdsa_chain(store: Path, tmp_path: Path) -> None:
+    leaf = tmp_path / "leaf.pem"
+    r = tm("pki", "leaf", "--store", store, "--identity", WEB, "--generate", "--out", leaf)
+    assert r.code == 0, r.err
+    (tmp_path / "bundle.pem").write_text(tm("pki", "--store", store, "bundle", "show").out)
+    (tmp_path / "issuer.pem").write_text(tm("pki", "--store", store, "issuer", "show").out)
+    # the leaf file is leaf + chain; openssl verifies the first certificate in it
+    out = subprocess.run(
+        [OPENSSL, "verify", "-CAfile", "bundle.pem", "-untrusted", "issuer.pem", "leaf.pem"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "leaf.pem: OK"
+    key = tmp_path / "leaf.pem.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert PrivateKey.load(key.read_bytes()).algorithm is KeyAlgorithm.ECDSA_P256
+    # and it refuses a chain from another anchor
+    other = tmp_path / "other"
+    tm("pki", "--store", other, "anchor", "create")
+    (tmp_path / "other.pem").write_text(tm("pki", "--store", other, "bundle", "show").out)
+    bad = subprocess.run(
+        [OPENSSL, "verify", "-CAfile", "other.pem", "-untrusted", "issuer.pem", "leaf.pem"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert bad.returncode != 0
+
+
+def test_leaf_from_csr(store: Path, tmp_path: Path) -> None:
+    key = PrivateKey.generate()
+    csr = tmp_path / "web.csr"
+    csr.write_bytes(create_csr(WEB, key))
+    out = tmp_path / "web.pem"
+    r = tm(
+        "pki", "leaf", "--store", store, "--identity", WEB, "--csr", csr, "--out", out, "-o", "json"
+    )
+    assert r.code == 0, r.err
+    assert r.json()["key"] is None and not (tmp_path / "web.pem.key").exists()
+    info = tm("pki", "inspect", out, "-o", "json").json()
+    assert info["certificates"][0]["dns_names"] == [WEB]
+    assert len(info["certificates"]) == 2  # leaf + issuer
+
+
+def test_leaf_refuses_a_csr_for_another_identity(store: Path, tmp_path: Path) -> None:
+    csr = tmp_path / "api.csr"
+    csr.write_bytes(create_csr(WEB.replace("web", "api"), PrivateKey.generate()))
+    r = tm(
+        "pki", "leaf", "--store", store, "--identity", WEB, "--csr", csr, "--out", tmp_path / "x"
+    )
+    assert r.code == 1
+    assert r.err.count("\n") == 1 and "requested identity" in r.err
+    assert not (tmp_path / "x").exists()
+
+
+def test_leaf_refuses_a_p384_csr(store: Path, tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, WEB)]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(WEB)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp_path / "p384.csr"
+    path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    r = tm(
+        "pki", "leaf", "--store", store, "--identity", WEB, "--csr", path, "--out", tmp_path / "x"
+    )
+    assert r.code == 1 and "P-256" in r.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--identity", WEB, "--out", "x"], "exactly one of --csr FILE and --generate"),
+        (["--identity", "web", "--generate", "--out", "x"], "not of the form"),
+        (["--identity", WEB, "--generate", "--validity", "soon", "--out", "x"], "invalid duration"),
+        (["--identity", WEB, "--generate", "--algorithm", "rsa", "--out", "x"], "rsa"),
+    ],
+)
+def test_leaf_usage_errors(store: Path, args: list[str], message: str) -> None:
+    r = tm("pki", "leaf", "--store", store, *args)
+    assert r.code == 2
+    assert message in r.err
+
+
+def test_mldsa_store_and_spiffe_leaf(tmp_path: Path) -> None:
+    root = tmp_path / "pq"
+    assert tm("pki", "--store", root, "anchor", "create", "--algorithm", "ml-dsa-65").code == 0
+    r = tm(
+        "pki", "--store", root, "issuer", "create", "--algorithm", "ml-dsa-65", "--validity", "90s"
+    )
+    assert r.code == 0, r.err
+    r = tm(
+        "pki", "--store", root, "leaf", "--identity", "spiffe://cluster.local/ns/default/sa/web",
+        "--generate", "--algorithm", "ml-dsa-65", "--spiffe", "--out", tmp_path / "web.pem",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    info = tm("pki", "inspect", tmp_path / "web.pem", "-o", "json").json()
+    leaf = info["certificates"][0]
+    assert leaf["key_algorithm"] == "ml-dsa-65"
+    assert leaf["dns_names"] == [WEB]
+    assert leaf["uris"] == ["spiffe://cluster.local/ns/default/sa/web"]
+    # the 24h leaf is clamped to the 90s issuer
+    assert leaf["not_after"] == info["certificates"][1]["not_after"]
+
+
+def test_issuer_create_twice_and_rotate(store: Path) -> None:
+    r = tm("pki", "--store", store, "issuer", "create")
+    assert r.code == 1 and "issuer rotate" in r.err
+    before = tm("pki", "inspect", store, "-o", "json").json()["issuer"]
+    r = tm("pki", "--store", store, "issuer", "rotate", "-o", "json")
+    assert r.code == 0, r.err
+    after = tm("pki", "inspect", store, "-o", "json").json()
+    new = after["issuer"]["certificates"][0]
+    assert new["fingerprint_sha256"] == r.json()["issuer"]
+    assert new["fingerprint_sha256"] != before["certificates"][0]["fingerprint_sha256"]
+    assert after["issuer"]["verified"] is True
+    assert after["renewal"]["action"] == "wait"
+
+
+def test_issuer_without_anchor(tmp_path: Path) -> None:
+    r = tm("pki", "--store", tmp_path / "empty", "issuer", "create")
+    assert r.code == 1 and "anchor create" in r.err
+    r = tm("pki", "--store", tmp_path / "empty", "issuer", "show")
+    assert r.code == 1 and r.out == ""
+
+
+def test_anchor_rotation_and_bundle_commands(store: Path, tmp_path: Path) -> None:
+    r = tm("pki", "--store", store, "anchor", "create")
+    assert r.code == 1 and "--rotate" in r.err
+    first = tm("pki", "inspect", store, "-o", "json").json()
+    old_fp = first["anchors"][0]["fingerprint_sha256"]
+    r = tm("pki", "--store", store, "anchor", "create", "--rotate", "-o", "json")
+    assert r.code == 0 and r.json()["bundle_size"] == 2
+    new_fp = r.json()["anchor"]
+    # the signing anchor cannot be removed; the old one can
+    r = tm("pki", "--store", store, "bundle", "remove", new_fp[:12])
+    assert r.code == 1 and "signs the current issuer" in r.err
+    r = tm("pki", "--store", store, "bundle", "remove", old_fp[:12], "-o", "json")
+    assert r.code == 0 and r.json()["anchors"] == [new_fp]
+    # add a foreign anchor from a file (DER this time)
+    other = tmp_path / "other"
+    tm("pki", "--store", other, "anchor", "create")
+    der = tmp_path / "other.der"
+    from pki.certs import Certificate
+
+    der.write_bytes(
+        Certificate.from_pem(tm("pki", "--store", other, "bundle", "show").out.encode()).der
+    )
+    r = tm("pki", "--store", store, "bundle", "add", der, "-o", "json")
+    assert r.code == 0 and len(r.json()["anchors"]) == 2
+    assert tm("pki", "--store", store, "bundle", "show").out.count("BEGIN CERTIFICATE") == 2
+    r = tm("pki", "--store", store, "bundle", "add", der)
+    assert r.code == 1 and "already in the bundle" in r.err
+
+
+def test_inspect_targets_and_errors(store: Path, tmp_path: Path) -> None:
+    r = tm("pki", "inspect", store)
+    assert r.code == 0 and "bundle digest" in r.out and "renewal" in r.out
+    r = tm("pki", "inspect", "no-such-thing")
+    assert r.code == 2 and "neither a file" in r.err
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(os.urandom(300))
+    r = tm("pki", "inspect", garbage)
+    assert r.code == 1 and r.err.startswith("error: ") and r.err.count("\n") == 1
+
+
+@pytest.fixture
+def s_server(store: Path, tmp_path: Path) -> Iterator[int]:
+    """``openssl s_server`` serving a CLI-made ECDSA leaf + issuer on 127.0.0.1 (TLS 1.3)."""
+    if not OPENSSL:
+        pytest.skip("openssl is not installed")
+    leaf = tmp_path / "srv.pem"
+    tm("pki", "--store", store, "leaf", "--identity", WEB, "--generate", "--out", leaf)
+    proc = subprocess.Popen(
+        [
+            OPENSSL,
+            "s_server",
+            "-accept",
+            "127.0.0.1:0",
+            "-cert",
+            leaf,
+            "-key",
+            f"{leaf}.key",
+            "-cert_chain",
+            leaf,
+            "-tls1_3",
+            "-naccept",
+            "1",
+        ],
+        # s_server quits when its stdin reaches EOF, so it gets a pipe that stays open
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        port = None
+        assert proc.stdout is not None
+        while port is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            m = re.match(r"ACCEPT 127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+            if not line and proc.poll() is not None:
+                break
+        assert port is not None, "openssl s_server did not start"
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_inspect_live_endpoint(s_server: int, store: Path, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(tm("pki", "--store", store, "bundle", "show").out)
+    r = tm("pki", "inspect", f"127.0.0.1:{s_server}", "--ca", ca, "-o", "json")
+    assert r.code == 0, r.err
+    info = r.json()
+    assert info["protocol"] == "TLSv1.3"
+    # Debian's OpenSSL 3.0 has no ML-KEM, so the hybrid group cannot be chosen by this peer
+    assert info["group"].lower() == "x25519"
+    assert info["chain"]["certificates"][0]["dns_names"] == [WEB]
+    assert info["chain"]["verified"] is True
+
+
+def test_kem_keygen_seal_unseal(tmp_path: Path) -> None:
+    secret = tmp_path / "issuer.key"
+    secret.write_bytes(PrivateKey.generate().to_pem())
+    r = tm("pki", "kem", "keygen", "--out", tmp_path / "cluster", "-o", "json")
+    assert r.code == 0, r.err
+    assert "PRIVATE" not in r.out
+    assert stat.S_IMODE((tmp_path / "cluster.key").stat().st_mode) == 0o600
+    assert tm("pki", "kem", "keygen", "--out", tmp_path / "cluster").code == 2
+    r = tm("pki", "kem", "seal", "--to", tmp_path / "cluster.pub", secret)
+    assert r.code == 0, r.err
+    sealed = tmp_path / "issuer.key.sealed"
+    assert secret.read_bytes() not in sealed.read_bytes()
+    r = tm("pki", "kem", "unseal", "--key", tmp_path / "cluster.key", sealed)
+    assert r.code == 2 and "exists" in r.err  # would overwrite issuer.key
+    opened = tmp_path / "opened.key"
+    r = tm("pki", "kem", "unseal", "--key", tmp_path / "cluster.key", sealed, "--out", opened)
+    assert r.code == 0, r.err
+    assert opened.read_bytes() == secret.read_bytes()
+    assert stat.S_IMODE(opened.stat().st_mode) == 0o600
+    assert "PRIVATE KEY" not in r.out
+
+
+def test_kem_refusals(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert tm("pki", "kem", "keygen", "--out", tmp_path / name).code == 0
+    payload = tmp_path / "p"
+    payload.write_bytes(b"payload")
+    tm("pki", "kem", "seal", "--to", tmp_path / "a.pub", payload)
+    sealed = tmp_path / "p.sealed"
+    r = tm("pki", "kem", "unseal", "--key", tmp_path / "b.key", sealed, "--out", tmp_path / "o")
+    assert r.code == 1 and "wrong key" in r.err
+    data = bytearray(sealed.read_bytes())
+    data[-3] ^= 1
+    sealed.write_bytes(bytes(data))
+    r = tm("pki", "kem", "unseal", "--key", tmp_path / "a.key", sealed, "--out", tmp_path / "o")
+    assert r.code == 1 and "tampered" in r.err
+    assert not (tmp_path / "o").exists()
+    r = tm("pki", "kem", "unseal", "--key", tmp_path / "a.pub", sealed, "--out", tmp_path / "o")
+    assert r.code == 1 and "public key" in r.err
+    r = tm(
+        "pki", "kem", "seal", "--to", tmp_path / "a.pub", payload, "--backend", "liboqs", "--force"
+    )
+    if not _has_liboqs():
+        assert r.code == 1 and "liboqs shared library is not installed" in r.err
+
+
+def _has_liboqs() -> bool:
+    import ctypes.util
+
+    return ctypes.util.find_library("oqs") is not None
+
+
+def test_real_process_errors_and_success(tmp_path: Path) -> None:
+    """The installed console script: one line on stderr and exit 1; JSON on success."""
+    assert TRUSTMESH.exists(), f"{TRUSTMESH} is missing; run make (pip install -e .)"
+    env = {**os.environ, "TRUSTMESH_HOME": str(tmp_path / "home")}
+    bad = subprocess.run(
+        [TRUSTMESH, "pki", "issuer", "show"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 1
+    assert bad.stdout == ""
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    assert "Traceback" not in bad.stderr
+    ok = subprocess.run(
+        [TRUSTMESH, "pki", "anchor", "create", "--validity", "30d", "-o", "json"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["store"] == str(tmp_path / "home")
+    usage = subprocess.run(
+        [TRUSTMESH, "pki", "anchor", "create", "--validity", "1y"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert usage.returncode == 2 and "invalid duration" in usage.stderr
