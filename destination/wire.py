@@ -67,7 +67,8 @@ def endpoint_to_proto(e: Endpoint) -> dpb.WeightedAddr:
     msg.metric_labels.update(dict(e.metric_labels))
     if e.identity is not None:
         msg.tls_identity.dns_like_identity.name = e.identity
-        msg.tls_identity.server_name.name = e.server_name or e.identity
+        if e.server_name is not None:
+            msg.tls_identity.server_name.name = e.server_name
     if e.protocol_hint == "h2":
         msg.protocol_hint.h2.SetInParent()
     elif e.protocol_hint == "opaque":

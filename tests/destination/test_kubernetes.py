@@ -1,0 +1,176 @@
+"""The Kubernetes source against kmock (a real HTTP server speaking the Kubernetes API) with the
+official client. kmock ignores label selectors and resourceVersion; the source relies on neither."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import kmock
+import pytest
+from destination_testlib import eventually
+from kubernetes import client
+
+from destination.endpoints import resolve_endpoints
+from destination.inbound import resolve_inbound
+from destination.kubernetes import KINDS, KubernetesSource
+from destination.metrics import ServiceMetrics
+from destination.paths import parse_authority
+from destination.resources import ClusterState, MeshSettings
+
+SETTINGS = MeshSettings()
+
+
+@pytest.fixture
+async def k8s() -> AsyncIterator[tuple[Any, client.ApiClient]]:
+    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+        for kind in KINDS:
+            emulator.resources[f"{kind.api_version}/{kind.plural}"] = {}
+        api = client.ApiClient(client.Configuration(host=str(server.url).rstrip("/")))
+        try:
+            yield emulator, api
+        finally:
+            api.close()
+
+
+def pod(name: str, ip: str, sa: str = "web") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"app": "web", "linkerd.io/control-plane-ns": "trustmesh"},
+            "annotations": {"config.linkerd.io/opaque-ports": "5432"},
+        },
+        "spec": {
+            "serviceAccountName": sa,
+            "containers": [
+                {"name": "app", "ports": [{"name": "http", "containerPort": 8080}]},
+                {
+                    "name": "linkerd-proxy",
+                    "ports": [{"name": "linkerd-proxy", "containerPort": 4143}],
+                },
+            ],
+        },
+        "status": {"podIP": ip, "phase": "Running"},
+    }
+
+
+async def test_services_slices_pods_and_policy_are_watched(
+    k8s: tuple[Any, client.ApiClient],
+) -> None:
+    _emulator, api = k8s
+    core, discovery = client.CoreV1Api(api), client.DiscoveryV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    states: list[ClusterState] = []
+    source = KubernetesSource(api, states.append, ServiceMetrics(), resync=timedelta(seconds=1))
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(source.run(stop))
+    try:
+        await asyncio.to_thread(core.create_namespaced_pod, "default", pod("web-0", "10.0.0.5"))
+        await asyncio.to_thread(
+            core.create_namespaced_service,
+            "default",
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+            },
+        )
+        await asyncio.to_thread(
+            discovery.create_namespaced_endpoint_slice,
+            "default",
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "web-abc",
+                    "namespace": "default",
+                    "labels": {"kubernetes.io/service-name": "web"},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [
+                    {
+                        "addresses": ["10.0.0.5"],
+                        "conditions": {"ready": True},
+                        "targetRef": {"kind": "Pod", "name": "web-0"},
+                    }
+                ],
+            },
+        )
+        target = parse_authority("web.default.svc.cluster.local:80")
+
+        def resolved() -> Any:
+            if not states:
+                return None
+            eps = resolve_endpoints(states[-1], SETTINGS, target)
+            return eps if eps.endpoints else None
+
+        eps = await eventually(resolved, timeout=10)
+        (ep,) = eps.endpoints
+        assert ep.key == ("10.0.0.5", 8080)
+        assert ep.identity == "web.default.serviceaccount.identity.trustmesh.cluster.local"
+        assert ep.opaque_inbound_port == 4143 and ep.protocol_hint == "h2"
+
+        # A Server + AuthorizationPolicy CRD arrive through the custom-objects API.
+        await asyncio.to_thread(
+            custom.create_namespaced_custom_object,
+            "policy.trustmesh.io",
+            "v1alpha1",
+            "default",
+            "servers",
+            {
+                "apiVersion": "policy.trustmesh.io/v1alpha1",
+                "kind": "Server",
+                "metadata": {"name": "web-http", "namespace": "default"},
+                "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": "http"},
+            },
+        )
+        policy = await eventually(
+            lambda: (
+                states
+                and resolve_inbound(states[-1], SETTINGS, "default", "web-0", 8080).server.name
+                == "web-http"
+                and resolve_inbound(states[-1], SETTINGS, "default", "web-0", 8080)
+            ),
+            timeout=10,
+        )
+        assert policy.authorizations == ()  # a Server denies what nothing authorizes
+
+        # Deleting the pod's slice endpoint removes it.
+        await asyncio.to_thread(discovery.delete_namespaced_endpoint_slice, "web-abc", "default")
+        await eventually(
+            lambda: not resolve_endpoints(states[-1], SETTINGS, target).endpoints, timeout=10
+        )
+        assert source.skipped == {}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_bad_object_is_skipped_not_fatal(k8s: tuple[Any, client.ApiClient]) -> None:
+    _emulator, api = k8s
+    core = client.CoreV1Api(api)
+    states: list[ClusterState] = []
+    source = KubernetesSource(api, states.append, ServiceMetrics(), resync=timedelta(seconds=1))
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(source.run(stop))
+    try:
+        await asyncio.to_thread(core.create_namespaced_pod, "default", pod("web-0", "10.0.0.5"))
+        bad = pod("web-1", "10.0.0.6")
+        bad["metadata"]["annotations"]["config.linkerd.io/opaque-ports"] = "nonsense-port"
+        await asyncio.to_thread(core.create_namespaced_pod, "default", bad)
+        await eventually(
+            lambda: states and states[-1].workload("default", "web-0") and source.skipped,
+            timeout=10,
+        )
+        assert "Pod default/web-1" in source.skipped
+        assert "nonsense-port" in source.skipped["Pod default/web-1"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
