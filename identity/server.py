@@ -1,0 +1,302 @@
+"""The identity server: gRPC ``Certify`` on grpc.aio, the issuer watcher and the admin port.
+
+Plain gRPC by default (as Linkerd, where the pod's proxy adds TLS). With ``tls=True`` the server
+presents a certificate it issues to itself from the current issuer, for
+``trustmesh-identity.<ns>.serviceaccount.identity.<ns>.<trust-domain>``; clients verify it
+against the trust bundle. The serving certificate is re-issued when the issuer changes or 70 %
+of its life has passed, picked up by grpc's certificate fetcher at the next handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from identity.admin import AdminServer
+from identity.errors import RESULT_INTERNAL, IssuerNotReady, status_of
+from identity.issuer import Issuer
+from identity.metrics import IdentityCollector, IssuanceStats, ReloadStats, new_registry
+from identity.service import Certifier, IssuancePolicy
+from identity.sources import IssuerSource
+from identity.validators import Domain, TokenValidator
+from identity.watcher import EventRecorder, IssuerWatcher
+from identity.workers import ValidatorSpec, WorkerPool, WorkerSpec
+from pki.certs import Credential, issue_identity
+from pki.keys import PrivateKey
+from pki.names import Identity, control_plane_identity
+from pki.renewal import refresh_delay
+from protos import identity_pb2, identity_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVING_CERT_LIFETIME = timedelta(hours=24)
+
+
+def grpc_target(addr: str) -> str:
+    """A grpc bind target for HOST:PORT (IPv6 hosts bracketed)."""
+    host, port = split_hostport(addr)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` → host and port; a clear error otherwise."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address {addr!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything the server needs besides its issuer source and token validator."""
+
+    domain: Domain = field(default_factory=lambda: Domain("trustmesh", "cluster.local"))
+    policy: IssuancePolicy = field(default_factory=IssuancePolicy)
+    listen: str = "127.0.0.1:0"
+    admin_listen: str | None = "127.0.0.1:0"
+    tls: bool = False
+    reload_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        split_hostport(self.listen)
+        if self.admin_listen is not None:
+            split_hostport(self.admin_listen)
+        if self.reload_interval <= 0:
+            raise ValueError("reload_interval must be positive")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            # gRPC refuses bigger messages before they are parsed (RESOURCE_EXHAUSTED).
+            ("grpc.max_receive_message_length", self.policy.max_request_bytes),
+            # Worker processes bind the same port; the kernel spreads connections.
+            ("grpc.so_reuseport", 1),
+        ]
+
+    @property
+    def server_identity(self) -> Identity:
+        """The identity the server presents with ``tls``; clients expect this name."""
+        return control_plane_identity(
+            "identity",
+            control_plane_namespace=self.domain.control_plane_namespace,
+            trust_domain=self.domain.trust_domain,
+        )
+
+
+class IdentityServicer(identity_pb2_grpc.IdentityServicer):
+    """Adapts :class:`Certifier` to gRPC: one status per refusal, metrics per call."""
+
+    def __init__(self, certifier: Certifier, stats: IssuanceStats) -> None:
+        self._certifier = certifier
+        self._stats = stats
+
+    async def Certify(
+        self, request: identity_pb2.CertifyRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.CertifyResponse:
+        start = time.perf_counter()
+        try:
+            issued = await self._certifier.certify(
+                request.identity, request.token, request.certificate_signing_request
+            )
+        except Exception as e:
+            code, message, result = status_of(e)
+            if result == RESULT_INTERNAL:
+                log.exception("Certify for %r failed", request.identity[:253])
+            self._stats.observe(result, time.perf_counter() - start)
+            await context.abort(code, message)
+        until = Timestamp()
+        until.FromDatetime(issued.valid_until)
+        self._stats.observe("ok", time.perf_counter() - start)
+        return identity_pb2.CertifyResponse(
+            leaf_certificate=issued.leaf.der,
+            intermediate_certificates=issued.chain_der,
+            valid_until=until,
+        )
+
+
+class ServingCertificate:
+    """The server's own TLS certificate, kept in step with the issuer (thread-safe)."""
+
+    def __init__(
+        self, identity: Identity, certifier: Certifier, clock: Callable[[], datetime]
+    ) -> None:
+        self._identity = identity
+        self._certifier = certifier
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._credential: Credential | None = None
+        self._issuer_fp: str | None = None
+        self._renew_at: datetime | None = None
+
+    @property
+    def credential(self) -> Credential | None:
+        return self._credential
+
+    def refresh(self) -> bool:
+        """Re-issue if the issuer changed or the renewal point passed; True when re-issued."""
+        issuer = self._certifier.issuer
+        if issuer is None:
+            raise IssuerNotReady("no issuer loaded: cannot issue the server's TLS certificate")
+        now = self._clock()
+        with self._lock:
+            fresh = (
+                self._issuer_fp == issuer.fingerprint
+                and self._renew_at is not None
+                and now < self._renew_at
+            )
+            if fresh:
+                return False
+            cred = issue_identity(
+                self._identity, PrivateKey.generate(), issuer.credential, now=now,
+                lifetime=SERVING_CERT_LIFETIME,
+            )  # fmt: skip
+            self._credential = cred
+            self._issuer_fp = issuer.fingerprint
+            self._renew_at = now + refresh_delay(cred.expires, now)
+            return True
+
+    def grpc_config(self) -> grpc.ServerCertificateConfiguration:
+        cred = self._credential
+        assert cred is not None
+        return grpc.ssl_server_certificate_configuration([(cred.key.to_pem(), cred.chain_pem())])
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc's per-handshake fetcher: a new configuration only when the cert changed."""
+        try:
+            return self.grpc_config() if self.refresh() else None
+        except Exception:  # never fail a handshake path with a Python exception
+            log.exception("could not refresh the identity server's TLS certificate")
+            return None
+
+
+class IdentityServer:
+    """One identity server process: gRPC, admin port and issuer watcher on one event loop."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        source: IssuerSource,
+        validator: TokenValidator,
+        *,
+        clock: Callable[[], datetime],
+        events: EventRecorder | None = None,
+        workers: int = 1,
+        worker_validator: ValidatorSpec | None = None,
+    ) -> None:
+        if workers > 1 and worker_validator is None:
+            raise ValueError("worker processes need a ValidatorSpec to build their validator")
+        self.config = config
+        self._clock = clock
+        self.certifier = Certifier(config.policy, validator, clock=clock)
+        self.stats = IssuanceStats()
+        self.reloads = ReloadStats()
+        self.watcher = IssuerWatcher(
+            source,
+            self._install,
+            lambda: self.certifier.issuer,
+            clock=clock,
+            reloads=self.reloads,
+            events=events,
+            interval=config.reload_interval,
+        )
+        self.collector = IdentityCollector(
+            issuer=lambda: self.certifier.issuer,
+            ready=lambda: self.certifier.is_ready(self._clock()),
+            clock=clock,
+            issuance=self._issuance,
+            reloads=self.reloads,
+        )
+        self.registry = new_registry(self.collector)
+        self.serving = ServingCertificate(config.server_identity, self.certifier, clock)
+        self._grpc: grpc.aio.Server | None = None
+        self._admin: AdminServer | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._workers = workers
+        self._worker_validator = worker_validator
+        self._pool: WorkerPool | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    def _install(self, issuer: Issuer) -> None:
+        self.certifier.set_issuer(issuer)
+        if self._pool is not None:
+            self._pool.publish(issuer)
+
+    def _issuance(self) -> IssuanceStats:
+        if self._pool is None:
+            return self.stats
+        return IssuanceStats.merged([self.stats.snapshot(), *self._pool.snapshots()])
+
+    @property
+    def issuer(self) -> Issuer | None:
+        return self.certifier.issuer
+
+    def readiness(self) -> tuple[bool, str]:
+        issuer = self.certifier.issuer
+        if issuer is None:
+            return False, "not ready: no valid issuer loaded"
+        if not self.certifier.is_ready(self._clock()):
+            return False, f"not ready: issuer {issuer.fingerprint[:16]} is outside its validity"
+        return True, f"ready: issuer {issuer.fingerprint[:16]}"
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.watcher.reload)
+        host, _ = split_hostport(self.config.listen)
+        server = grpc.aio.server(options=self.config.grpc_options())
+        identity_pb2_grpc.add_IdentityServicer_to_server(
+            IdentityServicer(self.certifier, self.stats), server
+        )
+        target = grpc_target(self.config.listen)
+        if self.config.tls:
+            self.serving.refresh()  # raises IssuerNotReady: TLS cannot start without an issuer
+            creds = grpc.dynamic_ssl_server_credentials(
+                self.serving.grpc_config(), self.serving.fetch
+            )
+            self.port = server.add_secure_port(target, creds)
+        else:
+            self.port = server.add_insecure_port(target)
+        await server.start()
+        self._grpc = server
+        if self._workers > 1:
+            assert self._worker_validator is not None
+            spec = WorkerSpec(
+                dataclasses.replace(self.config, listen=f"{host}:{self.port}", admin_listen=None),
+                self._worker_validator,
+            )
+            pool = WorkerPool(self._workers - 1, spec)
+            await asyncio.to_thread(pool.start, self.certifier.issuer)
+            self._pool = pool
+        if self.config.admin_listen is not None:
+            self._admin = AdminServer(self.registry, self.readiness)
+            self.admin_port = await self._admin.start(*split_hostport(self.config.admin_listen))
+        self._watch_task = asyncio.create_task(self.watcher.run())
+        log.info("identity service listening on %s:%d (tls=%s)", host, self.port, self.config.tls)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        if self._admin is not None:
+            await self._admin.stop()
+            self._admin = None
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.stop)
+            self._pool = None
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+
+    async def wait(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()

@@ -1,0 +1,141 @@
+"""Token validators: who does the bearer of a Certify token claim to be, and is it true?
+
+``LocalTokenValidator`` checks the embedded mesh's ES256 workload tokens (pki.tokens) against the
+control plane's key. ``KubernetesTokenValidator`` asks the API server with a TokenReview for the
+identity audience and, like Linkerd, retries without audience when the API says the token's
+audiences do not match (legacy, non-projected tokens). Both return the service account's
+:class:`~pki.names.Identity` in this mesh's control-plane namespace and trust domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from identity.errors import TokenInvalid, TokenNotAuthenticated, TokenReviewFailed
+from pki import tokens
+from pki.keys import PrivateKey
+from pki.names import Identity, is_dns1123_label
+
+# The projected-token audience Linkerd's injector requests (and TrustMesh's, for compatibility).
+DEFAULT_AUDIENCE = "identity.l5d.io"
+
+
+class TokenValidator(Protocol):
+    async def validate(self, token: bytes) -> Identity:
+        """The identity ``token`` proves, or raise an IdentityError / pki TokenError."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """Where identities live: the control-plane namespace and the trust domain."""
+
+    control_plane_namespace: str
+    trust_domain: str
+
+    def __post_init__(self) -> None:
+        Identity("probe", "probe", self.control_plane_namespace, self.trust_domain)
+
+
+def service_account_username(namespace: str, service_account: str) -> str:
+    """The Kubernetes username of a service account, also the ``sub`` of local tokens."""
+    return f"system:serviceaccount:{namespace}:{service_account}"
+
+
+def identity_from_username(username: str, domain: Domain) -> Identity:
+    """Parse ``system:serviceaccount:<ns>:<sa>`` (Linkerd's rules) into an identity."""
+    parts = username.split(":") if isinstance(username, str) else []
+    if len(parts) != 4 or parts[0] != "system":
+        raise TokenInvalid(
+            f"token username {username!r} is not of the form system:<type>:<namespace>:<name>"
+        )
+    _, kind, namespace, name = parts
+    for field, value in (("type", kind), ("namespace", namespace), ("name", name)):
+        if not is_dns1123_label(value):
+            raise TokenInvalid(f"token username {username!r} has an invalid {field} {value!r}")
+    if kind != "serviceaccount":
+        raise TokenInvalid(f"token username {username!r} is a {kind}, not a serviceaccount")
+    return Identity(name, namespace, domain.control_plane_namespace, domain.trust_domain)
+
+
+class LocalTokenValidator:
+    """Verifies locally signed workload tokens (ES256, key held by the control plane)."""
+
+    def __init__(
+        self,
+        key: PrivateKey,
+        domain: Domain,
+        *,
+        clock: Callable[[], datetime],
+        audience: str = DEFAULT_AUDIENCE,
+        issuer: str = tokens.DEFAULT_TOKEN_ISSUER,
+    ) -> None:
+        self._key = key
+        self._domain = domain
+        self._clock = clock
+        self._audience = audience
+        self._issuer = issuer
+
+    def check(self, token: bytes) -> Identity:
+        """Synchronous validation (no I/O): the hot path of the embedded mesh."""
+        claims = tokens.verify_token(
+            token, self._key, audience=self._audience, issuer=self._issuer, now=self._clock()
+        )
+        return identity_from_username(claims.subject, self._domain)
+
+    async def validate(self, token: bytes) -> Identity:
+        return self.check(token)
+
+
+class KubernetesTokenValidator:
+    """TokenReview through the official ``kubernetes`` client (run in a worker thread)."""
+
+    def __init__(
+        self, api_client: Any, domain: Domain, *, audience: str = DEFAULT_AUDIENCE
+    ) -> None:
+        from kubernetes import client as k8s
+
+        self._api = k8s.AuthenticationV1Api(api_client)
+        self._k8s = k8s
+        self._domain = domain
+        self._audience = audience
+
+    def _review(self, token: str, audiences: list[str] | None) -> Any:
+        k8s = self._k8s
+        body = k8s.V1TokenReview(spec=k8s.V1TokenReviewSpec(token=token, audiences=audiences))
+        try:
+            return self._api.create_token_review(body)
+        except Exception as e:  # ApiException, urllib3 errors: the API could not be asked
+            reason = getattr(e, "reason", None) or type(e).__name__
+            raise TokenReviewFailed(
+                f"TokenReview request to the Kubernetes API failed: {reason}"
+            ) from None
+
+    def check(self, token: bytes) -> Identity:
+        try:
+            text = token.decode("ascii")
+        except UnicodeDecodeError:
+            raise TokenInvalid("token is not ASCII; a ServiceAccount token is a JWT") from None
+        review = self._review(text, [self._audience])
+        status = review.status
+        error = getattr(status, "error", None) or ""
+        if "token audiences" in error:
+            # Linkerd's fallback: legacy tokens carry the API server's audience, not ours.
+            review = self._review(text, None)
+            status = review.status
+            error = getattr(status, "error", None) or ""
+        if status is None:
+            raise TokenReviewFailed("TokenReview returned no status")
+        if error:
+            raise TokenInvalid(f"token review failed: {error}")
+        if not status.authenticated:
+            raise TokenNotAuthenticated("authentication token could not be authenticated")
+        username = getattr(status.user, "username", None) or ""
+        return identity_from_username(username, self._domain)
+
+    async def validate(self, token: bytes) -> Identity:
+        return await asyncio.to_thread(self.check, token)

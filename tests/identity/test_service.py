@@ -1,0 +1,167 @@
+"""The Certify decision at explicit times, without gRPC: order of checks and each refusal."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from identity_testkit import Env, csr_for, identity, make_env
+
+from identity import errors
+from identity.errors import status_of
+from identity.issuer import check_issuer
+from identity.service import Certifier, IssuancePolicy
+from pki.errors import (
+    CSRIdentityMismatch,
+    CSRKeyNotAllowed,
+    CSRMalformed,
+    CSRSignatureInvalid,
+    CSRTooLarge,
+)
+from pki.keys import KeyAlgorithm
+from pki.tokens import TokenExpired
+from pki.verify import verify_leaf
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def tenv(tmp_path: Path) -> Env:
+    return make_env(tmp_path / "store", T0)
+
+
+def certifier(env: Env, at: datetime, policy: IssuancePolicy | None = None) -> Certifier:
+    c = Certifier(policy or IssuancePolicy(), env.validator(lambda: at), clock=lambda: at)
+    state = env.store.load()
+    assert state.issuer is not None and state.bundle is not None
+    c.set_issuer(check_issuer(state.issuer, state.bundle, source="test", at=T0))
+    return c
+
+
+async def test_issues_a_leaf_that_verifies(tenv: Env) -> None:
+    at = T0 + timedelta(minutes=1)
+    c = certifier(tenv, at)
+    name = identity()
+    issued = await c.certify(name, tenv.token(issued=at), csr_for(name))
+    bundle = tenv.store.load().require_bundle()
+    verify_leaf(issued.leaf, issued.chain, bundle, at=at, expected_identity=name)
+    assert issued.valid_until == issued.leaf.not_after
+    assert issued.valid_until - at == timedelta(hours=24, seconds=20)  # lifetime + skew
+    assert issued.chain_der == tuple(x.der for x in issued.chain)
+    assert not issued.leaf.is_ca
+
+
+async def test_lifetime_and_skew_are_configurable(tenv: Env) -> None:
+    c = certifier(tenv, T0, IssuancePolicy(lifetime=timedelta(hours=1), clock_skew=timedelta(0)))
+    name = identity()
+    issued = await c.certify(name, tenv.token(), csr_for(name))
+    assert issued.leaf.not_before == T0
+    assert issued.leaf.not_after == T0 + timedelta(hours=1)
+
+
+async def test_not_ready_before_an_issuer(tenv: Env) -> None:
+    c = Certifier(IssuancePolicy(), tenv.validator(), clock=lambda: T0)
+    assert not c.is_ready(T0)
+    with pytest.raises(errors.IssuerNotReady, match="not ready"):
+        await c.certify(identity(), tenv.token(), csr_for(identity()))
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [("identity", "missing identity"), ("token", "missing token"), ("csr", "missing certificate")],
+)
+async def test_missing_fields(tenv: Env, field: str, expected: str) -> None:
+    c = certifier(tenv, T0)
+    args = {"identity": identity(), "token": tenv.token(), "csr": csr_for(identity())}
+    args[field] = "" if field == "identity" else b""
+    with pytest.raises(errors.InvalidRequest, match=expected):
+        await c.certify(args["identity"], args["token"], args["csr"])  # type: ignore[arg-type]
+
+
+async def test_size_limits_before_parsing(tenv: Env) -> None:
+    c = certifier(tenv, T0, IssuancePolicy(max_csr_bytes=100, max_token_bytes=50))
+    with pytest.raises(CSRTooLarge, match="over the limit of 100"):
+        await c.certify(identity(), tenv.token()[:50], b"\x30" * 101)
+    with pytest.raises(errors.RequestTooLarge, match="token is 51 bytes"):
+        await c.certify(identity(), b"x" * 51, b"\x30")
+    with pytest.raises(errors.RequestTooLarge, match="identity is 254"):
+        await c.certify("a" * 254, b"x", b"\x30")
+
+
+async def test_csr_refusals(tenv: Env) -> None:
+    c = certifier(tenv, T0)
+    name, tok = identity(), tenv.token()
+    with pytest.raises(CSRMalformed):
+        await c.certify(name, tok, b"\x30\x03\x02\x01\x00")
+    with pytest.raises(CSRIdentityMismatch, match="requested identity"):
+        await c.certify(name, tok, csr_for(identity("api")))
+    with pytest.raises(CSRKeyNotAllowed, match="ml-dsa-65 is not allowed"):
+        await c.certify(name, tok, csr_for(name, KeyAlgorithm.ML_DSA_65))
+    good = bytearray(csr_for(name))
+    good[-5] ^= 0xFF  # corrupt the signature
+    with pytest.raises((CSRSignatureInvalid, CSRMalformed)):
+        await c.certify(name, tok, bytes(good))
+
+
+async def test_ml_dsa_allowed_when_configured(tenv: Env) -> None:
+    policy = IssuancePolicy(allowed_algorithms=(KeyAlgorithm.ECDSA_P256, KeyAlgorithm.ML_DSA_65))
+    c = certifier(tenv, T0, policy)
+    name = identity()
+    issued = await c.certify(name, tenv.token(), csr_for(name, KeyAlgorithm.ML_DSA_65))
+    assert issued.leaf.key_algorithm is KeyAlgorithm.ML_DSA_65
+
+
+async def test_token_for_another_service_account_is_refused(tenv: Env) -> None:
+    c = certifier(tenv, T0)
+    victim = identity("db", "prod")
+    with pytest.raises(errors.IdentityMismatch, match="did not match"):
+        await c.certify(victim, tenv.token("web", "default"), csr_for(victim))
+
+
+async def test_check_order_csr_before_token(tenv: Env) -> None:
+    # Linkerd's order: a bad CSR is reported even when the token is also bad.
+    c = certifier(tenv, T0)
+    with pytest.raises(CSRIdentityMismatch):
+        await c.certify(identity(), b"garbage", csr_for(identity("api")))
+    expired = tenv.token(issued=T0 - timedelta(hours=2))
+    with pytest.raises(TokenExpired):
+        await c.certify(identity(), expired, csr_for(identity()))
+
+
+async def test_expired_issuer_is_refused_per_request(tenv: Env) -> None:
+    late = T0 + timedelta(hours=49)
+    c = certifier(tenv, late)
+    assert not c.is_ready(late)
+    with pytest.raises(errors.IssuerInvalid, match="load a new issuer"):
+        await c.certify(identity(), tenv.token(issued=late), csr_for(identity()))
+
+
+def test_leaf_is_clamped_to_issuer_expiry(tenv: Env) -> None:
+    import asyncio
+
+    at = T0 + timedelta(hours=40)  # the 48h issuer has 8h left
+    c = certifier(tenv, at)
+    name = identity()
+    issued = asyncio.run(c.certify(name, tenv.token(issued=at), csr_for(name)))
+    assert issued.leaf.not_after == c.issuer.not_after  # type: ignore[union-attr]
+
+
+def test_status_mapping_is_total() -> None:
+    import grpc
+
+    cases = {
+        errors.IssuerNotReady("x"): grpc.StatusCode.UNAVAILABLE,
+        errors.RequestTooLarge("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
+        CSRTooLarge("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
+        CSRMalformed("x"): grpc.StatusCode.INVALID_ARGUMENT,
+        CSRSignatureInvalid("x"): grpc.StatusCode.FAILED_PRECONDITION,
+        TokenExpired("x"): grpc.StatusCode.FAILED_PRECONDITION,
+        errors.TokenInvalid("x"): grpc.StatusCode.INVALID_ARGUMENT,
+        errors.IdentityMismatch("x"): grpc.StatusCode.FAILED_PRECONDITION,
+        errors.TokenReviewFailed("x"): grpc.StatusCode.INTERNAL,
+    }
+    for error, code in cases.items():
+        assert status_of(error)[0] is code, error
+    code, message, result = status_of(KeyError("secret stuff"))
+    assert code is grpc.StatusCode.INTERNAL and "secret" not in message and result == "internal"
