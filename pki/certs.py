@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm as CryptoUnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -51,14 +52,18 @@ class Certificate:
 
     @classmethod
     def from_x509(cls, cert: X509Certificate) -> Certificate:
+        """Wrap a certificate object from elsewhere (a file, a TLS peer), checking it parses."""
+        _check_parses(cert)
         return cls(cert.public_bytes(serialization.Encoding.DER), cert)
 
     @classmethod
     def from_der(cls, der: bytes) -> Certificate:
         try:
-            return cls(bytes(der), x509.load_der_x509_certificate(bytes(der)))
-        except ValueError as e:
+            cert = x509.load_der_x509_certificate(bytes(der))
+        except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is not a ValueError
             raise CertificateParseError(f"not a DER certificate: {e}") from None
+        _check_parses(cert)
+        return cls(bytes(der), cert)
 
     @classmethod
     def from_pem(cls, pem: bytes) -> Certificate:
@@ -178,9 +183,21 @@ def load_pem_chain(data: bytes) -> tuple[Certificate, ...]:
         raise TypeError(f"PEM data must be bytes, not {type(data).__name__}")
     try:
         certs = x509.load_pem_x509_certificates(bytes(data))
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:
         raise CertificateParseError(f"no valid PEM certificate found: {e}") from None
     return tuple(Certificate.from_x509(c) for c in certs)
+
+
+def _check_parses(cert: X509Certificate) -> None:
+    """Parse what cryptography parses lazily, so that a malformed certificate is refused on
+    load with CertificateParseError instead of failing later in an unrelated property."""
+    try:
+        cert.extensions  # noqa: B018
+        cert.subject  # noqa: B018
+        cert.issuer  # noqa: B018
+        cert.public_key()
+    except (ValueError, x509.DuplicateExtension, CryptoUnsupportedAlgorithm) as e:
+        raise CertificateParseError(f"malformed certificate: {e}") from None
 
 
 def chain_pem(certs: Iterable[Certificate]) -> bytes:
@@ -286,7 +303,7 @@ def _ca_extensions(
 
 def _sign(builder: x509.CertificateBuilder, signer: PrivateKey) -> Certificate:
     cert = builder.sign(signer.key, signer.algorithm.signature_hash())
-    return Certificate.from_x509(cert)
+    return Certificate(cert.public_bytes(serialization.Encoding.DER), cert)  # built here: no check
 
 
 def create_anchor(
@@ -399,7 +416,11 @@ def issue_leaf(
         sans.append(x509.UniformResourceIdentifier(spiffe_id))
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .subject_name(
+            x509.Name(
+                [x509.NameAttribute(NameOID.COMMON_NAME, dns_name)] if len(dns_name) <= 64 else []
+            )
+        )
         .issuer_name(issuer.certificate.x509.subject)
         .public_key(public_key)  # type: ignore[arg-type]
         .serial_number(random_serial())

@@ -36,7 +36,11 @@ def create_csr(dns_name: str, key: PrivateKey, *, spiffe_id: str | None = None) 
         sans.append(x509.UniformResourceIdentifier(spiffe_id))
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .subject_name(
+            x509.Name(
+                [x509.NameAttribute(NameOID.COMMON_NAME, dns_name)] if len(dns_name) <= 64 else []
+            )
+        )
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(key.key, key.algorithm.signature_hash())
     )
