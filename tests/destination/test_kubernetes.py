@@ -174,3 +174,18 @@ async def test_bad_object_is_skipped_not_fatal(k8s: tuple[Any, client.ApiClient]
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+def test_shipped_crds_validate_and_match_the_watched_kinds() -> None:
+    from pathlib import Path
+
+    import kubernetes_validate
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "destination" / "crds" / "policy.trustmesh.io.yaml"
+    docs = list(yaml.safe_load_all(path.read_text()))
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    shipped = {(d["spec"]["group"], d["spec"]["names"]["plural"]) for d in docs}
+    watched = {(k.group, k.plural) for k in KINDS if k.group == "policy.trustmesh.io"}
+    assert shipped == watched
