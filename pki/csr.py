@@ -11,6 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm as CryptoUnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -70,7 +71,7 @@ def parse_csr(
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(bytes(data))
         return x509.load_der_x509_csr(bytes(data))
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is not a ValueError
         raise CSRMalformed(f"CSR is not a valid PKCS#10 request: {e}") from None
 
 
@@ -90,7 +91,8 @@ def validate_csr(
     try:
         public_key = csr.public_key()
         algorithm = algorithm_of(public_key)
-    except UnsupportedAlgorithm as e:
+    except (UnsupportedAlgorithm, CryptoUnsupportedAlgorithm) as e:
+        # cryptography raises its own UnsupportedAlgorithm (not a ValueError) for unknown curves
         raise CSRKeyNotAllowed(f"CSR key is not allowed: {e}") from None
     except ValueError as e:
         raise CSRMalformed(f"CSR public key cannot be read: {e}") from None

@@ -85,7 +85,8 @@ def server_context(credential: Credential, client_ca: TrustBundle | None) -> SSL
         for anchor in client_ca.anchors:
             ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(anchor.x509))  # type: ignore[union-attr]
         ctx.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda conn, cert, err, depth, ok: bool(ok)
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            lambda conn, cert, err, depth, ok: bool(ok),
         )
     return ctx
 
