@@ -67,7 +67,9 @@ def client_proc(port: int, count: int, rounds: int, start_workloads: int, conn: 
     from protos import destination_pb2_grpc as dg
 
     async def main() -> None:
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(max(1, count // 100))]
+        channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(max(1, count // 100))
+        ]
         arrivals: list[list[float]] = [[] for _ in range(rounds)]
         ready = 0
         ready_event = asyncio.Event()
@@ -95,7 +97,9 @@ def client_proc(port: int, count: int, rounds: int, start_workloads: int, conn: 
 
         tasks = []
         for batch in range(0, count, 100):  # batches: a burst of 1000 opens gets CANCELLED
-            tasks += [asyncio.ensure_future(subscriber(i)) for i in range(batch, min(count, batch + 100))]
+            tasks += [
+                asyncio.ensure_future(subscriber(i)) for i in range(batch, min(count, batch + 100))
+            ]
             await asyncio.sleep(0.05)
         await asyncio.wait_for(ready_event.wait(), 60)
         conn.send(("ready", None))  # type: ignore[attr-defined]
@@ -134,9 +138,21 @@ def main() -> None:
         write_atomic(mesh, mesh_yaml(args.workloads))
         port, admin = free_port(), free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "trustmesh", "destination", "serve", "--mesh-file", str(mesh),
-             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-             "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "trustmesh",
+                "destination",
+                "serve",
+                "--mesh-file",
+                str(mesh),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin-listen",
+                f"127.0.0.1:{admin}",
+                "--log-level",
+                "warning",
+            ],
             cwd=ROOT,
         )
         try:
@@ -149,7 +165,9 @@ def main() -> None:
             pipes, procs = [], []
             for n in per:
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=client_proc, args=(port, n, args.rounds, args.workloads, child))
+                p = ctx.Process(
+                    target=client_proc, args=(port, n, args.rounds, args.workloads, child)
+                )
                 p.start()
                 pipes.append(parent)
                 procs.append(p)
@@ -178,7 +196,9 @@ def main() -> None:
             server.wait(10)
     latencies = sorted((a - changes[r]) * 1000 for r in range(args.rounds) for a in arrivals[r])
     expected = args.subscribers * args.rounds
-    per_round_max = [max((a - changes[r]) * 1000 for a in arrivals[r]) for r in range(args.rounds) if arrivals[r]]
+    per_round_max = [
+        max((a - changes[r]) * 1000 for a in arrivals[r]) for r in range(args.rounds) if arrivals[r]
+    ]
     p = statistics.quantiles(latencies, n=100)
     rows = [
         ("subscribers", f"{args.subscribers}"),
@@ -190,7 +210,10 @@ def main() -> None:
         ("median of per-change max (all reached)", f"{statistics.median(per_round_max):.1f} ms"),
         ("server RSS idle", f"{rss_idle / 2**20:.1f} MiB"),
         ("server RSS with subscribers", f"{rss_loaded / 2**20:.1f} MiB"),
-        ("server memory per subscriber", f"{(rss_loaded - rss_idle) / args.subscribers / 1024:.1f} KiB"),
+        (
+            "server memory per subscriber",
+            f"{(rss_loaded - rss_idle) / args.subscribers / 1024:.1f} KiB",
+        ),
     ]
     if os.environ.get("FANOUT_DEBUG"):
         print("per-change max ms:", " ".join(f"{m:.0f}" for m in per_round_max))
