@@ -1,0 +1,268 @@
+"""``trustmesh check``: Linkerd-style health checks, as data.
+
+Checks are grouped in categories like ``linkerd check``'s (``trustmesh-identity`` mirrors
+``linkerd-identity`` check for check, with expiry windows taken from the alert thresholds so
+that a 48h issuer is judged by its renewal window, not by a fixed 60 days). Each result is
+``success``, ``warning`` or ``error`` with a hint pointing at the runbook to follow. A failed
+*fatal* check stops the run, as in Linkerd. The JSON form is Linkerd's:
+``{success, categories: [{categoryName, checks: [{description, result, hint?, error?}]}]}``.
+
+The functions here are pure (the facts are gathered by the caller: the store state, the HTTP
+answers of admin endpoints, the current time); :func:`probe_admin` is the one I/O helper.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from alerts.inventory import cert_times
+from alerts.thresholds import ALERTS_BY_ROLE, evaluate
+from pki.certs import Certificate
+from pki.errors import PKIError
+from pki.store import StoreState
+from pki.verify import check_validity, verify_chain
+
+SUCCESS, WARNING, ERROR = "success", "warning", "error"
+RUNBOOKS = "runbooks"
+
+
+def hint(alert: str) -> str:
+    return f"see {RUNBOOKS}/{alert}.md"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    description: str
+    result: str = SUCCESS
+    hint: str = ""
+    error: str = ""
+    fatal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.result not in (SUCCESS, WARNING, ERROR):
+            raise ValueError(f"result must be success, warning or error, not {self.result!r}")
+
+    def as_json(self) -> dict[str, str]:
+        out = {"description": self.description, "result": self.result}
+        if self.result != SUCCESS:
+            out |= {"hint": self.hint, "error": self.error}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    name: str
+    checks: tuple[CheckResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    categories: tuple[Category, ...] = field(default_factory=tuple)
+
+    @property
+    def success(self) -> bool:
+        """True when no check ended in ``error`` (warnings do not fail the run)."""
+        return all(c.result != ERROR for cat in self.categories for c in cat.checks)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "categories": [
+                {"categoryName": cat.name, "checks": [c.as_json() for c in cat.checks]}
+                for cat in self.categories
+            ],
+        }
+
+
+def _ok(description: str) -> CheckResult:
+    return CheckResult(description)
+
+
+def _expiry(
+    description: str, certs: Sequence[Certificate], role: str, now: datetime
+) -> CheckResult:
+    warn_alert, crit_alert = ALERTS_BY_ROLE[role]
+    worst: tuple[str, str, str] | None = None
+    for cert in certs:
+        fired = {f.alertname for f in evaluate(cert_times(cert, role, "store"), now.timestamp())}
+        if not fired:
+            continue
+        level, alert = (ERROR, crit_alert) if crit_alert in fired else (WARNING, warn_alert)
+        message = f"{cert.subject} will expire on {cert.not_after.isoformat()}"
+        if worst is None or level == ERROR:
+            worst = (level, alert, message)
+    if worst is None:
+        return _ok(description)
+    return CheckResult(description, worst[0], hint(worst[1]), worst[2])
+
+
+def _algorithms(description: str, certs: Sequence[Certificate], alert: str) -> CheckResult:
+    for cert in certs:
+        try:
+            cert.key_algorithm  # noqa: B018 - raises for an unsupported algorithm
+        except PKIError as e:
+            return CheckResult(description, ERROR, hint(alert), f"{cert.subject}: {e}", True)
+    return _ok(description)
+
+
+def _validity(
+    description: str, certs: Sequence[Certificate], now: datetime, alert: str
+) -> CheckResult:
+    for cert in certs:
+        try:
+            check_validity(cert, now)
+        except PKIError as e:
+            return CheckResult(description, ERROR, hint(alert), str(e), True)
+    return _ok(description)
+
+
+def identity_category(state: StoreState | Exception, now: datetime) -> Category:
+    """Linkerd's eight ``linkerd-identity`` checks against a TrustMesh store, in order."""
+    name = "trustmesh-identity"
+    config = "certificate config is valid"
+    if isinstance(state, Exception):
+        return Category(
+            name, (CheckResult(config, ERROR, hint("IssuerRefused"), str(state), True),)
+        )
+    if state.bundle is None or state.issuer is None:
+        missing = "trust bundle" if state.bundle is None else "issuer"
+        error = f"the store at {state.path.parent.parent} has no {missing}"
+        return Category(name, (CheckResult(config, ERROR, hint("IssuerRefused"), error, True),))
+    anchors, issuer = state.bundle.anchors, state.issuer.certificate
+    checks = [
+        _ok(config),
+        _algorithms(
+            "trust anchors are using supported crypto algorithm",
+            anchors,
+            "TrustAnchorExpiryCritical",
+        ),
+        _validity(
+            "trust anchors are within their validity period",
+            anchors,
+            now,
+            "TrustAnchorExpiryCritical",
+        ),
+        _expiry("trust anchors are not expiring soon", anchors, "trust_anchor", now),
+        _algorithms("issuer cert is using supported crypto algorithm", [issuer], "IssuerRefused"),
+        _validity(
+            "issuer cert is within its validity period", [issuer], now, "IssuerExpiryCritical"
+        ),
+        _expiry("issuer cert is not expiring soon", [issuer], "issuer", now),
+    ]
+    try:
+        verify_chain(issuer, state.issuer.chain, state.bundle, at=now)
+        checks.append(_ok("issuer cert is issued by the trust anchor"))
+    except PKIError as e:
+        checks.append(
+            CheckResult(
+                "issuer cert is issued by the trust anchor", ERROR, hint("IssuerRefused"), str(e)
+            )
+        )
+    return Category(name, tuple(checks))
+
+
+@dataclass(frozen=True, slots=True)
+class AdminStatus:
+    """What an admin endpoint (``/ready`` and ``/metrics``) answered."""
+
+    address: str
+    ready: bool
+    error: str = ""
+    bundle_digests: tuple[str, ...] = ()
+
+
+def probe_admin(address: str, *, timeout: float = 3.0, metrics: bool = False) -> AdminStatus:
+    """GET ``/ready`` (and ``/metrics`` for the bundle digest) on an admin HOST:PORT."""
+    base = f"http://{address}"
+    try:
+        with urllib.request.urlopen(f"{base}/ready", timeout=timeout) as response:
+            ready, error = response.status == 200, ""
+    except urllib.error.HTTPError as e:
+        ready, error = False, f"{base}/ready answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return AdminStatus(address, False, f"cannot reach {base}: {getattr(e, 'reason', e)}")
+    digests: list[str] = []
+    if metrics:
+        try:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=timeout) as response:
+                text = response.read().decode(errors="replace")
+            for family in text_string_to_metric_families(text):
+                if family.name == "trustmesh_proxy_trust_bundle_info":
+                    digests += [s.labels.get("digest", "") for s in family.samples]
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            error = error or f"cannot read {base}/metrics: {getattr(e, 'reason', e)}"
+    return AdminStatus(address, ready, error, tuple(digests))
+
+
+def control_plane_category(components: Sequence[tuple[str, AdminStatus]]) -> Category:
+    """One readiness check per control-plane component given on the command line."""
+    checks = []
+    for component, status in components:
+        description = f"{component} service is ready"
+        if status.ready:
+            checks.append(_ok(description))
+        else:
+            error = status.error or f"{status.address}/ready is not 200"
+            checks.append(CheckResult(description, ERROR, hint("ControlPlaneNotReady"), error))
+    return Category("trustmesh-control-plane", tuple(checks))
+
+
+def data_plane_category(proxies: Sequence[AdminStatus], bundle_digest: str | None) -> Category:
+    """Proxies ready, and on the store's current trust bundle (Linkerd's "certificate match
+    CA", compared by bundle digest instead of by environment variable)."""
+    not_ready = [f"{p.address} ({p.error or 'not ready'})" for p in proxies if not p.ready]
+    checks = [
+        CheckResult("data plane proxies are ready")
+        if not not_ready
+        else CheckResult(
+            "data plane proxies are ready",
+            ERROR,
+            hint("WorkloadCertRenewalOverdue"),
+            "Some proxies are not ready: " + ", ".join(not_ready),
+        )
+    ]
+    description = "data plane proxies certificate match CA"
+    if bundle_digest is None:
+        checks.append(
+            CheckResult(
+                description,
+                WARNING,
+                hint("ProxyTrustBundleStale"),
+                "no store bundle to compare with",
+            )
+        )
+    else:
+        stale = [p.address for p in proxies if p.ready and bundle_digest not in p.bundle_digests]
+        checks.append(
+            _ok(description)
+            if not stale
+            else CheckResult(
+                description,
+                WARNING,
+                hint("ProxyTrustBundleStale"),
+                "Some proxies do not have the current trust bundle and must be restarted: "
+                + ", ".join(stale),
+            )
+        )
+    return Category("trustmesh-identity-data-plane", tuple(checks))
+
+
+def run(categories: Sequence[Category]) -> Report:
+    """Assemble the report, cutting everything after the first failed fatal check."""
+    kept: list[Category] = []
+    for category in categories:
+        checks: list[CheckResult] = []
+        for check in category.checks:
+            checks.append(check)
+            if check.fatal and check.result == ERROR:
+                kept.append(Category(category.name, tuple(checks)))
+                return Report(tuple(kept))
+        kept.append(category)
+    return Report(tuple(kept))

@@ -1,0 +1,112 @@
+"""``trustmesh check``: health checks of the PKI, the control plane and the proxies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pki.certs import utcnow
+from pki.errors import PKIError
+from pki.store import FileStore, StoreState
+from trustmesh.checks import (
+    ERROR,
+    WARNING,
+    Category,
+    Report,
+    control_plane_category,
+    data_plane_category,
+    identity_category,
+    probe_admin,
+    run,
+)
+from trustmesh.config import default_store_path
+
+EPILOG = """\b
+Exit codes:
+  0  every check passed or only warned
+  1  at least one check failed
+"""
+
+MARKS = {"success": ("√", "green"), WARNING: ("‼", "yellow"), ERROR: ("×", "red")}
+
+
+def _print(report: Report) -> None:
+    for category in report.categories:
+        click.echo(category.name)
+        click.echo("-" * len(category.name))
+        for check in category.checks:
+            mark, colour = MARKS[check.result]
+            click.echo(f"{click.style(mark, fg=colour)} {check.description}")
+            if check.result != "success":
+                click.echo(f"    {check.error}")
+                click.echo(f"    {check.hint}")
+        click.echo()
+    status = "passed" if report.success else "failed"
+    click.echo(f"Status check results are {click.style(mark_of(report), bold=True)} ({status})")
+
+
+def mark_of(report: Report) -> str:
+    return "√" if report.success else "×"
+
+
+@click.command(epilog=EPILOG)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_store_path,
+    show_default="$TRUSTMESH_HOME or ~/.local/share/trustmesh",
+    help="The credential store holding the trust bundle and the issuer.",
+)
+@click.option("--identity", metavar="ADMIN_ADDR", help="Identity service admin HOST:PORT.")
+@click.option("--destination", metavar="ADMIN_ADDR", help="Destination service admin HOST:PORT.")
+@click.option(
+    "--proxy",
+    "proxies",
+    multiple=True,
+    metavar="ADMIN_ADDR",
+    help="A proxy's admin HOST:PORT (repeatable).",
+)
+@click.option("--timeout", default=3.0, show_default=True, help="Seconds per HTTP request.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def check(
+    store: Path,
+    identity: str | None,
+    destination: str | None,
+    proxies: tuple[str, ...],
+    timeout: float,
+    output: str,
+) -> int:
+    """Check the trust anchors and issuer, control-plane readiness and the proxies.
+
+    Results: √ passed, ‼ warning, × failed; each failure names the runbook to follow.
+    """
+    now = utcnow()
+    state: StoreState | Exception
+    try:
+        state = FileStore(store).load()
+    except (PKIError, OSError) as e:
+        state = e
+    categories: list[Category] = [identity_category(state, now)]
+    components = [
+        (name, addr)
+        for name, addr in (("identity", identity), ("destination", destination))
+        if addr
+    ]
+    if components:
+        categories.append(
+            control_plane_category(
+                [(name, probe_admin(addr, timeout=timeout)) for name, addr in components]
+            )
+        )
+    if proxies:
+        digest = state.bundle.digest if isinstance(state, StoreState) and state.bundle else None
+        statuses = [probe_admin(p, timeout=timeout, metrics=True) for p in proxies]
+        categories.append(data_plane_category(statuses, digest))
+    report = run(categories)
+    if output == "json":
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        _print(report)
+    return 0 if report.success else 1
