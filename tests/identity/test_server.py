@@ -1,0 +1,201 @@
+"""The gRPC server, called by a client generated from Linkerd's identity proto."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import grpc
+import pytest
+from identity_testkit import DOMAIN, Env, csr_for, identity
+from prometheus_client.parser import text_string_to_metric_families
+
+from identity.server import IdentityServer, ServerConfig
+from identity.sources import StoreSource
+from pki.certs import Certificate, utcnow
+from pki.keys import PrivateKey
+from pki.verify import verify_leaf
+from protos import identity_pb2, identity_pb2_grpc
+
+
+def request(
+    env: Env, sa: str = "web", ns: str = "default", **kw: object
+) -> identity_pb2.CertifyRequest:
+    name = identity(sa, ns)
+    fields: dict[str, object] = {
+        "identity": name,
+        "token": env.token(sa, ns),
+        "certificate_signing_request": csr_for(name),
+    }
+    fields.update(kw)
+    return identity_pb2.CertifyRequest(**fields)  # type: ignore[arg-type]
+
+
+async def call(port: int, req: identity_pb2.CertifyRequest) -> identity_pb2.CertifyResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return await identity_pb2_grpc.IdentityStub(ch).Certify(req, timeout=10)
+
+
+async def refused(port: int, req: identity_pb2.CertifyRequest) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(port, req)
+    return info.value
+
+
+async def test_linkerd_client_certifies(env: Env, server: IdentityServer) -> None:
+    resp = await call(server.port, request(env))
+    leaf = Certificate.from_der(resp.leaf_certificate)
+    chain = tuple(Certificate.from_der(d) for d in resp.intermediate_certificates)
+    state = env.store.load()
+    assert chain[0] == state.require_issuer().certificate  # issuer first, anchor not included
+    assert all(c not in state.require_bundle() for c in chain)
+    verify_leaf(leaf, chain, state.require_bundle(), at=utcnow(), expected_identity=identity())
+    assert resp.valid_until.ToDatetime().replace(tzinfo=leaf.not_after.tzinfo) == leaf.not_after
+
+
+async def test_refusals_have_specific_codes(env: Env, server: IdentityServer) -> None:
+    port = server.port
+    name = identity()
+    cases = [
+        (request(env, token=env.token("db", "prod")), "FAILED_PRECONDITION", "did not match"),
+        (request(env, token=env.token(issued=utcnow() - timedelta(hours=2))), "FAILED_PRECONDITION", "expired"),
+        (request(env, token=env.token(key=PrivateKey.generate())), "FAILED_PRECONDITION", "key"),
+        (request(env, token=env.token(audience="kubernetes")), "FAILED_PRECONDITION", "audience"),
+        (request(env, token=b"not-a-jwt"), "INVALID_ARGUMENT", "compact JWS"),
+        (request(env, certificate_signing_request=b"\x30\x82garbage"), "INVALID_ARGUMENT", "PKCS#10"),
+        (request(env, certificate_signing_request=b"\x30" * 20_000), "RESOURCE_EXHAUSTED", "over the limit"),
+        (request(env, certificate_signing_request=csr_for(identity("api"))), "FAILED_PRECONDITION", "CSR names"),
+        (request(env, identity=""), "INVALID_ARGUMENT", "missing identity"),
+        (request(env, token=b""), "INVALID_ARGUMENT", "missing token"),
+    ]  # fmt: skip
+    for req, code, text in cases:
+        err = await refused(port, req)
+        assert (err.code().name, text in (err.details() or "")) == (code, True), (
+            req.identity, err.details(),
+        )  # fmt: skip
+    # A whole message over the gRPC limit is refused by gRPC itself, unparsed.
+    big = request(env, token=b"x" * 100_000)
+    assert (await refused(port, big)).code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The server is still fine afterwards, and counted every outcome.
+    await call(port, request(env))
+    results = server.stats.results
+    assert results["ok"] == 1
+    assert results["unauthenticated"] == 3 and results["identity_mismatch"] == 1
+    assert results["too_large"] == 1 and results["csr_refused"] == 1
+    assert name
+
+
+async def test_not_ready_without_issuer(env: Env, tmp_path: object) -> None:
+    from pki.store import FileStore
+
+    empty = FileStore(env.store.root.parent / "empty")
+    srv = IdentityServer(ServerConfig(), StoreSource(empty), env.validator(utcnow), clock=utcnow)
+    await srv.start()
+    try:
+        err = await refused(srv.port, request(env))
+        assert err.code() is grpc.StatusCode.UNAVAILABLE and "not ready" in (err.details() or "")
+        assert srv.readiness()[0] is False
+        assert srv.reloads.counts()["error"] == 1
+    finally:
+        await srv.stop(0)
+
+
+async def test_thousand_concurrent_certify_calls(env: Env, server: IdentityServer) -> None:
+    key = PrivateKey.generate()  # one key keeps setup cheap; each call still has its own CSR check
+    from pki.csr import create_csr
+
+    reqs = []
+    for i in range(1000):
+        name = identity(f"sa-{i}", "load")
+        reqs.append(
+            identity_pb2.CertifyRequest(
+                identity=name,
+                token=env.token(f"sa-{i}", "load"),
+                certificate_signing_request=create_csr(name, key),
+            )
+        )
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(4)]
+    try:
+        stubs = [identity_pb2_grpc.IdentityStub(ch) for ch in channels]
+        results = await asyncio.gather(
+            *(stubs[i % 4].Certify(r, timeout=60) for i, r in enumerate(reqs)),
+            return_exceptions=True,
+        )
+    finally:
+        for ch in channels:
+            await ch.close()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == []
+    names = {Certificate.from_der(r.leaf_certificate).dns_names[0] for r in results}  # type: ignore[union-attr]
+    assert len(names) == 1000
+    assert server.stats.results["ok"] == 1000
+
+
+async def test_tls_mode_serves_its_own_identity(env: Env) -> None:
+    srv = IdentityServer(
+        ServerConfig(tls=True), StoreSource(env.store), env.validator(utcnow), clock=utcnow
+    )
+    await srv.start()
+    try:
+        bundle = env.store.load().require_bundle()
+        server_name = srv.config.server_identity.dns_name
+        assert (
+            server_name
+            == "trustmesh-identity.trustmesh.serviceaccount.identity.trustmesh.cluster.local"
+        )
+        creds = grpc.ssl_channel_credentials(root_certificates=bundle.pem())
+        opts = [("grpc.ssl_target_name_override", server_name)]
+        async with grpc.aio.secure_channel(f"127.0.0.1:{srv.port}", creds, options=opts) as ch:
+            resp = await identity_pb2_grpc.IdentityStub(ch).Certify(request(env), timeout=10)
+        assert Certificate.from_der(resp.leaf_certificate).dns_names == (identity(),)
+        serving = srv.serving.credential
+        assert serving is not None and serving.certificate.dns_names == (server_name,)
+        # A client expecting another name refuses the handshake.
+        opts = [("grpc.ssl_target_name_override", identity("impostor"))]
+        async with grpc.aio.secure_channel(f"127.0.0.1:{srv.port}", creds, options=opts) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await identity_pb2_grpc.IdentityStub(ch).Certify(request(env), timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await srv.stop(0)
+    assert DOMAIN.trust_domain == "cluster.local"
+
+
+async def test_admin_endpoints(env: Env, server: IdentityServer) -> None:
+    await call(server.port, request(env))
+
+    async def get(path: str) -> tuple[int, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.admin_port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = data.decode().partition("\r\n\r\n")
+        return int(head.split()[1]), body
+
+    assert (await get("/live"))[0] == 200
+    status, body = await get("/ready")
+    assert status == 200 and "ready" in body
+    status, metrics = await get("/metrics")
+    assert status == 200
+    state = env.store.load()
+    issuer = state.require_issuer()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    assert samples[("identity_issuance_total", (("result", "ok"),))] == 1
+    assert samples[("identity_issuer_reloads_total", (("result", "updated"),))] == 1
+    assert samples[("identity_issuance_duration_seconds_count", ())] == 1
+    assert (
+        samples[("identity_issuer_not_after_timestamp_seconds", ())] == issuer.expires.timestamp()
+    )
+    anchor = state.require_bundle().anchors[0]
+    key = (("fingerprint", anchor.fingerprint[:16]), ("subject", anchor.subject))
+    assert samples[("identity_trust_anchor_not_after_timestamp_seconds", key)] == (
+        anchor.not_after.timestamp()
+    )
+    ttl = samples[("issuer_cert_ttl_seconds", ())]  # read earlier, so at least as large
+    assert 0 <= ttl - (issuer.expires.timestamp() - utcnow().timestamp()) < 60
+    assert samples[("identity_issuer_ready", ())] == 1
+    assert (await get("/nope"))[0] == 404

@@ -1,0 +1,186 @@
+"""Issuer hot reload from a store and from Secret-volume directories (``..data`` swaps)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from identity_testkit import Env, csr_for, identity
+
+from identity.errors import IssuerSourceError
+from identity.issuer import LINKERD_CRT, LINKERD_KEY, TLS_CA, TLS_CRT, TLS_KEY
+from identity.metrics import ReloadStats
+from identity.server import IdentityServer, ServerConfig
+from identity.sources import DirectorySource, StoreSource
+from identity.watcher import EVENT_SKIPPED, EVENT_UPDATED, IssuerWatcher
+from pki.certs import Certificate, Credential, create_anchor, create_issuer, utcnow
+from pki.keys import PrivateKey
+from pki.rotation import issue_issuer
+from protos import identity_pb2, identity_pb2_grpc
+
+_swap = itertools.count()
+
+
+class RecordedEvents:
+    """Collects events in memory (the Kubernetes sink is tested against kmock)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, bool]] = []
+
+    def record(self, reason: str, message: str, *, warning: bool) -> None:
+        self.events.append((reason, message, warning))
+
+
+def publish(directory: Path, files: dict[str, bytes]) -> None:
+    """Write a Secret volume the way the kubelet does: new hidden dir, then swap ``..data``."""
+    directory.mkdir(exist_ok=True)
+    version = directory / f"..v{next(_swap)}"
+    version.mkdir()
+    for name, data in files.items():
+        (version / name).write_bytes(data)
+    tmp = directory / "..data_tmp"
+    tmp.symlink_to(version.name)
+    os.replace(tmp, directory / "..data")
+    for name in files:
+        link = directory / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")
+
+
+def anchor_credential(env: Env) -> Credential:
+    return env.store.load().anchor_credential()
+
+
+def new_issuer(parent: Credential) -> Credential:
+    return create_issuer(PrivateKey.generate(), parent, now=utcnow() - timedelta(seconds=1))
+
+
+def tls_files(issuer: Credential, anchor: Credential) -> dict[str, bytes]:
+    return {
+        TLS_CRT: issuer.chain_pem(),
+        TLS_KEY: issuer.key.to_pem(),
+        TLS_CA: anchor.certificate.pem,
+    }
+
+
+def watcher_for(source: object, events: RecordedEvents) -> tuple[IssuerWatcher, list, ReloadStats]:
+    installed: list = []
+    stats = ReloadStats()
+    w = IssuerWatcher(
+        source,  # type: ignore[arg-type]
+        installed.append,
+        lambda: installed[-1] if installed else None,
+        clock=utcnow,
+        reloads=stats,
+        events=events,
+    )
+    return w, installed, stats
+
+
+def test_directory_formats_and_refusal(env: Env, tmp_path: Path) -> None:
+    anchor = anchor_credential(env)
+    first = new_issuer(anchor)
+    d = tmp_path / "issuer"
+    publish(d, tls_files(first, anchor))
+    events = RecordedEvents()
+    w, installed, stats = watcher_for(DirectorySource(d), events)
+    assert w.reload() == "updated" and installed[-1].fingerprint == first.certificate.fingerprint
+    assert w.reload() == "same"
+
+    # An issuer from a foreign anchor is refused; the old one stays.
+    foreign_anchor = Credential(create_anchor(k := PrivateKey.generate(), now=utcnow()), k)
+    publish(d, tls_files(new_issuer(foreign_anchor), foreign_anchor))
+    assert w.reload() == "refused"
+    assert installed[-1].fingerprint == first.certificate.fingerprint
+    reason, message, warning = events.events[-1]
+    assert (reason, warning) == (EVENT_SKIPPED, True) and "does not verify" in message
+
+    # A leaf (not a CA) is refused too; garbage is an error; the watch carries on.
+    publish(d, {TLS_CRT: b"garbage", TLS_KEY: b"garbage", TLS_CA: anchor.certificate.pem})
+    assert w.reload() == "refused"
+    publish(d, {TLS_CA: anchor.certificate.pem})
+    assert w.reload() == "error"
+
+    # Linkerd's crt.pem/key.pem format, anchors given explicitly.
+    second = new_issuer(anchor)
+    d2 = tmp_path / "linkerd"
+    publish(d2, {LINKERD_CRT: second.chain_pem(), LINKERD_KEY: second.key.to_pem()})
+    w2, installed2, _ = watcher_for(DirectorySource(d2, env.store.load().require_bundle()), events)
+    assert w2.reload() == "updated" and installed2[-1].fingerprint == second.certificate.fingerprint
+    with pytest.raises(IssuerSourceError, match=r"ca\.crt"):
+        DirectorySource(d2)
+
+    assert stats.counts() == {"updated": 1, "unchanged": 0, "refused": 2, "error": 1}
+    assert events.events[0][0] == EVENT_UPDATED
+
+
+def test_plain_directory_without_data_link(env: Env, tmp_path: Path) -> None:
+    anchor = anchor_credential(env)
+    d = tmp_path / "plain"
+    d.mkdir()
+    issuer = new_issuer(anchor)
+    for name, data in tls_files(issuer, anchor).items():
+        (d / name).write_bytes(data)
+    w, installed, _ = watcher_for(DirectorySource(d), RecordedEvents())
+    assert w.reload() == "updated"
+    newer = new_issuer(anchor)
+    (d / TLS_CRT).write_bytes(newer.chain_pem())  # cert first: key mismatch for a moment
+    assert w.reload() == "refused"
+    (d / TLS_KEY).write_bytes(newer.key.to_pem())
+    assert w.reload() == "updated" and installed[-1].fingerprint == newer.certificate.fingerprint
+
+
+async def certify_issuer(port: int, env: Env) -> str:
+    name = identity()
+    req = identity_pb2.CertifyRequest(
+        identity=name, token=env.token(), certificate_signing_request=csr_for(name)
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = await identity_pb2_grpc.IdentityStub(ch).Certify(req, timeout=10)
+    return Certificate.from_der(resp.intermediate_certificates[0]).fingerprint
+
+
+async def test_hundred_rotations_each_used(env: Env, tmp_path: Path) -> None:
+    anchor = anchor_credential(env)
+    d = tmp_path / "secret"
+    publish(d, tls_files(new_issuer(anchor), anchor))
+    srv = IdentityServer(
+        ServerConfig(reload_interval=0.01), DirectorySource(d), env.validator(utcnow), clock=utcnow
+    )
+    await srv.start()
+    try:
+        for _ in range(100):
+            issuer = new_issuer(anchor)
+            publish(d, tls_files(issuer, anchor))
+            deadline = time.monotonic() + 5
+            while srv.issuer is None or srv.issuer.fingerprint != issuer.certificate.fingerprint:
+                assert time.monotonic() < deadline, "rotation not picked up within 5 s"
+                await asyncio.sleep(0.005)
+            assert await certify_issuer(srv.port, env) == issuer.certificate.fingerprint
+        assert srv.reloads.counts()["updated"] == 101
+    finally:
+        await srv.stop(0)
+
+
+async def test_store_rotation_and_unchanged(env: Env) -> None:
+    events = RecordedEvents()
+    w, installed, stats = watcher_for(StoreSource(env.store), events)
+    assert w.reload() == "updated"
+    from pki import tokens
+
+    # A commit that does not touch the issuer (e.g. the token key) is not a new issuer.
+    with env.store.lock():
+        env.store.commit(
+            {tokens.TOKEN_KEY_FILE: PrivateKey.generate().to_pem()}, reason="t", now=utcnow()
+        )
+    assert w.reload() == "unchanged"
+    issue_issuer(env.store, now=utcnow())
+    assert w.reload() == "updated"
+    assert installed[-1].fingerprint == env.store.load().require_issuer().certificate.fingerprint
+    assert stats.counts()["unchanged"] == 1
