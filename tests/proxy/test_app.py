@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,6 +120,12 @@ def test_curl_through_two_proxy_processes_with_hybrid_mesh_tls(pki, tmp_path, pr
     deadline = time.monotonic() + 30
     while "Capturing on" not in tshark.stderr.readline():
         assert time.monotonic() < deadline and tshark.poll() is None, "tshark did not start"
+    # "Capturing on" can precede the filter being live: probe until a probe shows up on disk.
+    empty = pcap.stat().st_size if pcap.exists() else 0
+    while not pcap.exists() or pcap.stat().st_size <= empty:
+        assert time.monotonic() < deadline, "tshark captured nothing"
+        socket.create_connection(("127.0.0.1", inbound), timeout=2).close()
+        time.sleep(0.2)
 
     out = subprocess.run(
         ["curl", "-sS", "--max-time", "10", "-H", "Host: api",

@@ -1,0 +1,334 @@
+"""HTTP/1.1 through TrustMesh's proxies vs direct vs haproxy, side by side in one run.
+
+Paths (wrk, HTTP/1.1 keep-alive, small GET; backend = single-threaded haproxy `http-request
+return`, so the backend costs the same everywhere):
+
+  direct      wrk -> backend
+  trustmesh   wrk -> outbound proxy -> mesh TLS 1.3 (X25519MLKEM768, mTLS) -> inbound proxy -> backend
+  haproxy     wrk -> haproxy -> TLS 1.3 mTLS (OpenSSL 3.0: X25519) -> haproxy -> backend
+
+Reported per path: max requests/s (wrk -c16), CPU microseconds per request per hop (from
+/proc via psutil), latency at a fixed rate of half the TrustMesh maximum (wrk with a per-request
+delay script; added latency per hop = (path - direct) / 2), and for TrustMesh the proxies'
+RSS idle and while holding 1,000 open client connections. Also the h11 vs httptools codec cost.
+Every process started here is stopped by PID at the end. Run: .venv/bin/python benchmarks/proxy_http1.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pki.bundle import TrustBundle  # noqa: E402
+from pki.certs import Credential, create_anchor, create_issuer, issue_identity  # noqa: E402
+from pki.keys import KeyAlgorithm, PrivateKey  # noqa: E402
+from pki.names import Identity  # noqa: E402
+
+DURATION = int(os.environ.get("BENCH_SECONDS", "5"))
+CONNS = 16
+PROCS: list[subprocess.Popen[str]] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(args: list[str], **kw: object) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    PROCS.append(proc)
+    return proc
+
+
+def stop_all() -> None:
+    for proc in reversed(PROCS):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def make_pki(tmp: Path) -> dict[str, str]:
+    now = datetime.now(UTC)
+    akey = PrivateKey.generate(KeyAlgorithm.ECDSA_P256)
+    anchor = create_anchor(akey, now=now, lifetime=timedelta(days=2))
+    issuer = create_issuer(
+        PrivateKey.generate(KeyAlgorithm.ECDSA_P256), Credential(anchor, akey), now=now
+    )
+    (tmp / "bundle.pem").write_bytes(TrustBundle.of([anchor]).pem())
+    ids = {}
+    for sa in ("web", "api"):
+        key = PrivateKey.generate(KeyAlgorithm.ECDSA_P256)
+        cred = issue_identity(Identity(sa, "bench"), key, issuer, now=now)
+        (tmp / f"{sa}.crt").write_bytes(cred.chain_pem())
+        (tmp / f"{sa}.key").write_bytes(key.to_pem())
+        (tmp / f"{sa}.key").chmod(0o600)
+        # haproxy wants certificate and key in one file
+        (tmp / f"{sa}.haproxy.pem").write_bytes(cred.chain_pem() + key.to_pem())
+        ids[sa] = Identity(sa, "bench").dns_name
+    return ids
+
+
+def haproxy(cfg: str, tmp: Path, name: str) -> subprocess.Popen[str]:
+    path = tmp / f"{name}.cfg"
+    path.write_text(cfg)
+    return start(["haproxy", "-db", "-f", str(path)])
+
+
+GLOBAL = "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n"
+
+
+def run_wrk(port: int, conns: int, duration: int, script: Path | None = None) -> dict[str, float]:
+    args = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-H", "Host: api"]
+    if script is not None:
+        args += ["-s", str(script)]
+    out = subprocess.run(
+        [*args, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=duration + 30
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        assert m is not None, out
+        value = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        lat[pct] = value
+    return {"rps": rps, "total": total, "p50": lat["50"], "p99": lat["99"],
+            "errors": int(errors.group(1)) if errors else 0}  # fmt: skip
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def rss_mib(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+async def hold_connections(port: int, count: int) -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+        writers.append((reader, writer))
+    for reader, _ in writers:
+        await asyncio.wait_for(reader.readuntil(b"ok"), 30)
+    return [w for _, w in writers]
+
+
+def codec_bench() -> dict[str, float]:
+    """Parse one request and one response and rebuild the request head: µs per exchange."""
+    import httptools
+
+    req = b"GET /index.html HTTP/1.1\r\nHost: api\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok"
+
+    class Sink:
+        def __init__(self) -> None:
+            self.headers: list[tuple[bytes, bytes]] = []
+
+        def on_header(self, n: bytes, v: bytes) -> None:
+            self.headers.append((n, v))
+
+    def with_httptools() -> None:
+        s = Sink()
+        p = httptools.HttpRequestParser(s)
+        p.feed_data(req)
+        b"".join(n + b": " + v + b"\r\n" for n, v in s.headers)
+        httptools.HttpResponseParser(Sink()).feed_data(resp)
+
+    results = {}
+    n = 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with_httptools()
+    results["httptools"] = (time.perf_counter() - t0) / n * 1e6
+    try:
+        import h11
+    except ImportError:
+        return results
+
+    def with_h11() -> None:
+        server = h11.Connection(h11.SERVER)
+        server.receive_data(req)
+        event = server.next_event()
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method=event.method, target=event.target, headers=event.headers))
+        client.send(h11.EndOfMessage())
+        client.receive_data(resp)
+        while not isinstance(client.next_event(), h11.EndOfMessage):
+            pass
+
+    n = 3000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with_h11()
+    results["h11"] = (time.perf_counter() - t0) / n * 1e6
+    return results
+
+
+def main() -> int:
+    for tool in ("wrk", "haproxy"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (Debian package {tool}); cannot benchmark")
+            return 1
+    tmp = Path(tempfile.mkdtemp(prefix="tm-bench-"))
+    ids = make_pki(tmp)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        backend = free_port()
+        haproxy(
+            GLOBAL
+            + f"frontend be\n  bind 127.0.0.1:{backend}\n  http-request return status 200 content-type text/plain string ok\n",
+            tmp,
+            "backend",
+        )
+        # TrustMesh: two proxy processes.
+        zero = {"host": "127.0.0.1", "port": 0}
+        api_cfg = {"identity": ids["api"], "credentials": {"chain": "api.crt", "key": "api.key", "bundle": "bundle.pem"},
+                   "outbound": zero, "admin": zero, "inbound": {**zero, "ports": [backend]}}  # fmt: skip
+        (tmp / "api.json").write_text(json.dumps(api_cfg))
+        api = start([sys.executable, "-m", "proxy", "--config", str(tmp / "api.json")], cwd=ROOT)
+        inbound = json.loads(api.stdout.readline())["inbound"]  # type: ignore[union-attr]
+        web_cfg = {"identity": ids["web"], "credentials": {"chain": "web.crt", "key": "web.key", "bundle": "bundle.pem"},
+                   "outbound": zero, "admin": zero, "inbound": zero,
+                   "routes": {"services": [{"name": "api", "endpoints": [
+                       {"host": "127.0.0.1", "port": backend, "identity": ids["api"], "proxy_port": inbound}]}]}}  # fmt: skip
+        (tmp / "web.json").write_text(json.dumps(web_cfg))
+        web = start([sys.executable, "-m", "proxy", "--config", str(tmp / "web.json")], cwd=ROOT)
+        web_ports = json.loads(web.stdout.readline())  # type: ignore[union-attr]
+        outbound = web_ports["outbound"]
+        # haproxy two-hop mTLS.
+        hb_port, ha_port = free_port(), free_port()
+        haproxy(
+            GLOBAL
+            + f"frontend in\n  bind 127.0.0.1:{hb_port} ssl crt {tmp}/api.haproxy.pem ca-file {tmp}/bundle.pem verify required ssl-min-ver TLSv1.3\n  default_backend app\nbackend app\n  server s 127.0.0.1:{backend}\n",
+            tmp,
+            "hap_in",
+        )
+        haproxy(
+            GLOBAL
+            + f"frontend out\n  bind 127.0.0.1:{ha_port}\n  default_backend mesh\nbackend mesh\n  server s 127.0.0.1:{hb_port} ssl crt {tmp}/web.haproxy.pem ca-file {tmp}/bundle.pem verify required sni str({ids['api']}) ssl-min-ver TLSv1.3\n",
+            tmp,
+            "hap_out",
+        )
+        for port in (backend, outbound, ha_port):
+            wait_port(port)
+        hap_pids = [PROCS[-1].pid, PROCS[-2].pid]
+        paths = {
+            "direct": (backend, []),
+            "trustmesh": (outbound, [web.pid, api.pid]),
+            "haproxy": (ha_port, hap_pids),
+        }
+        idle_rss = {"outbound": rss_mib(web.pid), "inbound": rss_mib(api.pid)}
+        for _name, (port, _) in paths.items():  # warm up connections and pools
+            run_wrk(port, CONNS, 1)
+        # Max throughput, interleaved rounds.
+        for rnd in range(2):
+            for name, (port, pids) in paths.items():
+                before = cpu_seconds(pids) if pids else 0.0
+                r = run_wrk(port, CONNS, DURATION)
+                cpu = cpu_seconds(pids) - before if pids else 0.0
+                r["cpu_us_per_req_per_hop"] = cpu / r["total"] * 1e6 / max(1, len(pids))
+                prev = results.get(name)
+                if prev is None or r["rps"] > prev["rps"] or rnd == 0:
+                    results[name] = r if prev is None else max(prev, r, key=lambda x: x["rps"])
+        # Fixed rate: half the TrustMesh maximum, 8 connections each pausing between requests.
+        rate = results["trustmesh"]["rps"] / 2
+        conns = 8
+        delay_ms = conns / rate * 1000.0
+        script = tmp / "rate.lua"
+        script.write_text(f"function delay() return {delay_ms:.3f} end\n")
+        fixed: dict[str, dict[str, float]] = {}
+        for name, (port, _) in paths.items():
+            fixed[name] = run_wrk(port, conns, DURATION, script)
+
+        # RSS with 1,000 open client connections through the mesh.
+        async def hold() -> tuple[float, float]:
+            writers = await hold_connections(outbound, 1000)
+            await asyncio.sleep(0.5)
+            sizes = rss_mib(web.pid), rss_mib(api.pid)
+            for w in writers:
+                w.close()
+            return sizes
+
+        held = asyncio.run(hold())
+        codecs = codec_bench()
+    finally:
+        stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(
+        f"\nHTTP/1.1 small GET, wrk -t1 -c{CONNS} -d{DURATION}s (best of 2 interleaved rounds); 2 cores shared by wrk, backend and proxies\n"
+    )
+    print(
+        f"{'path':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req/hop':>15} {'non-2xx':>8}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us_per_req_per_hop']:>15.1f} {r['errors']:>8.0f}"
+        )
+    tm, hp = results["trustmesh"], results["haproxy"]
+    per_core = 1e6 / tm["cpu_us_per_req_per_hop"]
+    print(f"\ntrustmesh: {per_core:,.0f} req/s per core per hop (target ≥ 15,000); "
+          f"CPU vs haproxy {tm['cpu_us_per_req_per_hop'] / hp['cpu_us_per_req_per_hop']:.2f}x (target ≤ 1.5x)")  # fmt: skip
+    print(
+        f"\nfixed rate ≈ {rate:,.0f} req/s (half the trustmesh max; wrk -c{conns} with {delay_ms:.2f} ms delay)"
+    )
+    print(
+        f"{'path':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12}"
+    )
+    d = fixed["direct"]
+    for name, r in fixed.items():
+        add50 = (r["p50"] - d["p50"]) / 2 if name != "direct" else 0.0
+        add99 = (r["p99"] - d["p99"]) / 2 if name != "direct" else 0.0
+        print(
+            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f}"
+        )
+    print("(targets per hop: p50 ≤ 0.1 ms, p99 ≤ 1 ms)")
+    print(f"\nRSS MiB: outbound idle {idle_rss['outbound']:.1f}, inbound idle {idle_rss['inbound']:.1f} (target ≤ 45); "
+          f"with 1,000 open client connections: outbound {held[0]:.1f}, inbound {held[1]:.1f}")  # fmt: skip
+    if codecs:
+        line = ", ".join(f"{k} {v:.1f} µs" for k, v in codecs.items())
+        print(f"\nHTTP/1 codec, parse request+response and rebuild the head: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
