@@ -54,6 +54,25 @@ def _signed_by(child: Certificate, parent: Certificate) -> bool:
     return True
 
 
+def _key_id(cert: Certificate, cls: type[x509.ExtensionType]) -> bytes | None:
+    try:
+        value = cert.x509.extensions.get_extension_for_class(cls).value
+    except x509.ExtensionNotFound:
+        return None
+    return getattr(value, "key_identifier", None) or getattr(value, "digest", None)
+
+
+def _claims_parent(child: Certificate, parent: Certificate) -> bool:
+    """True when ``child`` names ``parent`` as its issuer: same name and, when both carry key
+    identifiers, the same key. A same-named CA with another key (say, the default anchor name of
+    another installation) is then "untrusted", not "bad signature"."""
+    if child.x509.issuer != parent.x509.subject:
+        return False
+    aki = _key_id(child, x509.AuthorityKeyIdentifier)
+    ski = _key_id(parent, x509.SubjectKeyIdentifier)
+    return aki is None or ski is None or aki == ski
+
+
 def _check_ca(parent: Certificate, cas_below: int) -> None:
     try:
         bc = parent.x509.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -103,7 +122,7 @@ def verify_chain(
             return tuple(path)
         parent = next((c for c in pool if _signed_by(current, c)), None)
         if parent is None:
-            if any(c.x509.subject == current.x509.issuer for c in (*pool, *bundle.anchors)):
+            if any(_claims_parent(current, c) for c in (*pool, *bundle.anchors)):
                 raise InvalidSignature(
                     f"the signature of {current.subject} does not verify with its issuer "
                     f"{current.issuer}"
