@@ -1,0 +1,152 @@
+"""``trustmesh check``: identity checks on real stores, readiness and bundle checks against real
+HTTP admin servers on 127.0.0.1, the Linkerd JSON shape and the exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pki.rotation import init_anchor, issue_issuer
+from pki.store import FileStore
+from trustmesh.checks import ERROR, SUCCESS, WARNING, identity_category, run
+from trustmesh.cli import cli
+from trustmesh.errors import run_cli
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@contextlib.contextmanager
+def admin(ready: bool, digest: str | None = None) -> Iterator[str]:
+    """A real admin endpoint: /ready (200 or 503) and /metrics with a bundle digest."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/ready":
+                body, status = (b"ready\n", 200) if ready else (b"not ready\n", 503)
+            elif self.path == "/metrics":
+                line = (
+                    f'trustmesh_proxy_trust_bundle_info{{digest="{digest}"}} 1.0\n'
+                    if digest
+                    else ""
+                )
+                body, status = line.encode(), 200
+            else:
+                body, status = b"", 404
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _store(tmp_path: Path, at: datetime, issuer_lifetime: timedelta) -> FileStore:
+    store = FileStore(tmp_path / "store")
+    init_anchor(store, now=at, lifetime=timedelta(days=3650))
+    issue_issuer(store, now=at, lifetime=issuer_lifetime)
+    return store
+
+
+def _results(store: FileStore, now: datetime) -> dict[str, str]:
+    category = identity_category(store.load(), now)
+    return {c.description: c.result for c in category.checks}
+
+
+def test_identity_checks_follow_linkerds_list(tmp_path: Path) -> None:
+    store = _store(tmp_path, T0, timedelta(hours=48))
+    results = _results(store, T0 + timedelta(hours=1))
+    assert list(results) == [
+        "certificate config is valid",
+        "trust anchors are using supported crypto algorithm",
+        "trust anchors are within their validity period",
+        "trust anchors are not expiring soon",
+        "issuer cert is using supported crypto algorithm",
+        "issuer cert is within its validity period",
+        "issuer cert is not expiring soon",
+        "issuer cert is issued by the trust anchor",
+    ]
+    assert set(results.values()) == {SUCCESS}
+
+
+def test_a_48h_issuer_warns_only_when_its_renewal_is_overdue(tmp_path: Path) -> None:
+    store = _store(tmp_path, T0, timedelta(hours=48))
+    # Linkerd's fixed 60 days would warn from the first second; the renewal window does not.
+    assert _results(store, T0 + timedelta(hours=30))["issuer cert is not expiring soon"] == SUCCESS
+    assert _results(store, T0 + timedelta(hours=40))["issuer cert is not expiring soon"] == WARNING
+    assert _results(store, T0 + timedelta(hours=45))["issuer cert is not expiring soon"] == ERROR
+
+
+def test_an_expired_issuer_is_fatal_and_stops_the_run(tmp_path: Path) -> None:
+    store = _store(tmp_path, T0, timedelta(hours=48))
+    report = run([identity_category(store.load(), T0 + timedelta(days=3))])
+    (category,) = report.categories
+    assert category.checks[-1].description == "issuer cert is within its validity period"
+    assert category.checks[-1].result == ERROR and category.checks[-1].fatal
+    assert category.checks[-1].hint == "see runbooks/IssuerExpiryCritical.md"
+    assert not report.success
+
+
+def test_cli_everything_healthy_exits_0_with_linkerd_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = _store(tmp_path, datetime.now(UTC), timedelta(days=365))
+    digest = store.trust_bundle().digest
+    with admin(True) as identity, admin(True) as destination, admin(True, digest) as proxy:
+        code = run_cli(
+            cli,
+            ["check", "--store", str(store.root), "--identity", identity, "--destination", destination,
+             "--proxy", proxy, "-o", "json"],
+        )  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["success"] is True
+    assert [c["categoryName"] for c in report["categories"]] == [
+        "trustmesh-identity", "trustmesh-control-plane", "trustmesh-identity-data-plane",
+    ]  # fmt: skip
+    check = report["categories"][1]["checks"][0]
+    assert check == {"description": "identity service is ready", "result": "success"}
+
+
+def test_cli_failures_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = _store(tmp_path, datetime.now(UTC), timedelta(days=365))
+    with admin(False) as identity, admin(True, "old-digest") as proxy:
+        code = run_cli(
+            cli, ["check", "--store", str(store.root), "--identity", identity, "--proxy", proxy]
+        )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "× identity service is ready" in out and "answered HTTP 503" in out
+    assert "see runbooks/ControlPlaneNotReady.md" in out
+    assert "‼ data plane proxies certificate match CA" in out
+    assert f"must be restarted: {proxy}" in out
+
+
+def test_cli_warning_only_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = _store(tmp_path, datetime.now(UTC) - timedelta(days=340), timedelta(days=365))
+    assert run_cli(cli, ["check", "--store", str(store.root)]) == 0
+    assert "‼ issuer cert is not expiring soon" in capsys.readouterr().out
+
+
+def test_cli_missing_store_is_a_fatal_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(cli, ["check", "--store", str(tmp_path / "none"), "-o", "json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    (check,) = report["categories"][0]["checks"]
+    assert check["result"] == "error" and "no TrustMesh store" in check["error"]
