@@ -35,7 +35,7 @@ from pki.certs import Certificate, Credential
 from pki.csr import create_csr
 from pki.errors import PKIError
 from pki.keys import KeyAlgorithm, PrivateKey
-from pki.renewal import PROXY_MIN_REFRESH, refresh_delay
+from pki.renewal import refresh_delay
 from pki.verify import verify_leaf
 from protos import identity_pb2, identity_pb2_grpc
 
@@ -161,12 +161,16 @@ class IdentityClient:
 
     # --- one attempt --------------------------------------------------------------------
 
-    def _channel(self) -> grpc.aio.Channel:
+    def _channel(self, bundle: TrustBundle) -> grpc.aio.Channel:
         cfg = self.config
+        # A channel per attempt with its own subchannel: grpc's shared pool would otherwise
+        # keep a failed address in its reconnect backoff (up to minutes) after the service
+        # came back, and our own schedule decides when to retry.
+        options: list[tuple[str, str | int]] = [("grpc.use_local_subchannel_pool", 1)]
         if cfg.server_name is None:
-            return grpc.aio.insecure_channel(cfg.addr)
-        creds = grpc.ssl_channel_credentials(root_certificates=self._bundle().pem())
-        options = [
+            return grpc.aio.insecure_channel(cfg.addr, options=options)
+        creds = grpc.ssl_channel_credentials(root_certificates=bundle.pem())
+        options += [
             ("grpc.ssl_target_name_override", cfg.server_name),
             ("grpc.default_authority", cfg.server_name),
         ]
@@ -183,7 +187,7 @@ class IdentityClient:
             certificate_signing_request=create_csr(cfg.identity, key),
             trust_bundle_digest=bundle.digest,
         )
-        async with self._channel() as channel:
+        async with self._channel(bundle) as channel:
             stub = identity_pb2_grpc.IdentityStub(channel)
             try:
                 response = await stub.Certify(request, timeout=cfg.timeout)
@@ -279,7 +283,6 @@ class _ClientCollector(Collector):
 
 
 __all__ = [
-    "PROXY_MIN_REFRESH",
     "Backoff",
     "IdentityClient",
     "IdentityClientConfig",

@@ -1,0 +1,169 @@
+"""The proxy-side client: schedule at explicit times, and real Certify round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from identity_testkit import Env, identity
+from prometheus_client import CollectorRegistry, generate_latest
+
+from identity.client import Backoff, IdentityClient, IdentityClientConfig, next_refresh
+from identity.server import IdentityServer, ServerConfig
+from identity.sources import StoreSource
+from pki.bundle import TrustBundle
+from pki.certs import create_anchor, utcnow
+from pki.keys import PrivateKey
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+H = timedelta(hours=1)
+
+
+def test_refresh_after_success_is_70_percent_clamped() -> None:
+    b = Backoff()
+    assert next_refresh(T0 + 24 * H, T0, failures=0, backoff=b, sample=0.5) == 24 * H * 0.7
+    assert next_refresh(T0 + 5 * timedelta(seconds=1), T0, failures=0, backoff=b, sample=0) == (
+        timedelta(seconds=10)
+    )
+    assert next_refresh(T0 + 48 * H, T0, failures=0, backoff=b, sample=0) == 24 * H
+    assert next_refresh(None, T0, failures=0, backoff=b, sample=0) == timedelta(seconds=10)
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    b = Backoff(base=timedelta(milliseconds=100), cap=timedelta(seconds=10), jitter=0.1)
+    assert b.delay(1, 0.0) == timedelta(milliseconds=100)
+    assert b.delay(2, 0.0) == timedelta(milliseconds=200)
+    assert b.delay(3, 0.5) == timedelta(milliseconds=400) * 0.95
+    assert b.delay(30, 0.0) == timedelta(seconds=10)
+    assert b.delay(30, 0.999) > timedelta(seconds=9)
+    with pytest.raises(ValueError):
+        b.delay(0, 0.0)
+
+
+def test_failure_retry_never_passes_the_refresh_point() -> None:
+    b = Backoff(base=timedelta(seconds=5), cap=timedelta(minutes=10))
+    # 20 s left: 70 % is 14 s, the 6th backoff is 160 s, the earlier wins.
+    assert next_refresh(T0 + timedelta(seconds=20), T0, failures=6, backoff=b, sample=0) == (
+        timedelta(seconds=14)
+    )
+    # No certificate (or an expired one): plain backoff.
+    assert next_refresh(None, T0, failures=2, backoff=b, sample=0) == timedelta(seconds=10)
+    assert next_refresh(T0 - H, T0, failures=1, backoff=b, sample=0) == timedelta(seconds=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_certifies_and_schedules(env: Env, server: IdentityServer) -> None:
+    bundle = env.store.load().require_bundle()
+    updates: list = []
+    client = IdentityClient(
+        IdentityClientConfig(f"127.0.0.1:{server.port}", identity()),
+        env.token,
+        lambda: bundle,
+        clock=utcnow,
+        on_update=updates.append,
+    )
+    assert client.current() is None and not client.ready
+    delay = await client.step()
+    cred = client.current()
+    assert cred is not None and updates == [cred]
+    assert cred.certificate.dns_names == (identity(),)
+    remaining = cred.expires - utcnow()
+    assert abs(delay - remaining * 0.7) < timedelta(seconds=2)
+    first_key = cred.key.public_key_der()
+    await client.step()
+    assert client.current().key.public_key_der() != first_key  # type: ignore[union-attr]
+    assert client.refreshes == {"ok": 2, "error": 0}
+
+    registry = CollectorRegistry()
+    registry.register(client.collector())
+    text = generate_latest(registry).decode()
+    assert f"identity_cert_expiration_timestamp_seconds {client.expiration.timestamp():.9e}" in text  # type: ignore[union-attr]
+    assert 'identity_cert_refreshes_total{result="ok"} 2.0' in text
+
+
+async def test_refuses_a_certificate_it_cannot_verify(env: Env, server: IdentityServer) -> None:
+    other = TrustBundle((create_anchor(PrivateKey.generate(), now=utcnow()),))
+    client = IdentityClient(
+        IdentityClientConfig(f"127.0.0.1:{server.port}", identity()),
+        env.token,
+        lambda: other,
+        clock=utcnow,
+        rand=lambda: 0.0,
+    )
+    delay = await client.step()
+    assert client.current() is None and client.failures == 1
+    assert "not acceptable" in (client.last_error or "")
+    assert delay == timedelta(milliseconds=100)
+
+
+async def test_run_backs_off_then_recovers(env: Env) -> None:
+    """The loop with an injected sleep: failures while the server is down, then success."""
+    port = free_port()
+    bundle = env.store.load().require_bundle()
+    sleeps: list[float] = []
+    srv_box: list[IdentityServer] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:  # bring the server up after three failures
+            srv = IdentityServer(
+                ServerConfig(listen=f"127.0.0.1:{port}", admin_listen=None),
+                StoreSource(env.store),
+                env.validator(utcnow),
+                clock=utcnow,
+            )
+            await srv.start()
+            srv_box.append(srv)
+        if len(sleeps) == 4:
+            raise asyncio.CancelledError
+
+    client = IdentityClient(
+        IdentityClientConfig(f"127.0.0.1:{port}", identity(), timeout=2),
+        env.token,
+        lambda: bundle,
+        clock=utcnow,
+        sleep=sleep,
+        rand=lambda: 0.0,
+    )
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await client.run()
+    finally:
+        for srv in srv_box:
+            await srv.stop(0)
+    assert sleeps[:3] == [0.1, 0.2, 0.4]
+    assert client.ready and client.failures == 0
+    assert sleeps[3] > 16 * 3600  # 70 % of a 24 h certificate
+    assert client.refreshes == {"ok": 1, "error": 3}
+
+
+async def test_tls_client_against_tls_server(env: Env) -> None:
+    srv = IdentityServer(
+        ServerConfig(tls=True), StoreSource(env.store), env.validator(utcnow), clock=utcnow
+    )
+    await srv.start()
+    try:
+        bundle = env.store.load().require_bundle()
+        client = IdentityClient(
+            IdentityClientConfig(
+                f"127.0.0.1:{srv.port}", identity(), server_name=srv.config.server_identity.dns_name
+            ),
+            env.token,
+            lambda: bundle,
+            clock=utcnow,
+        )
+        task = asyncio.create_task(client.run())
+        try:
+            cred = await client.wait_ready(timeout=10)
+        finally:
+            task.cancel()
+        assert cred.certificate.dns_names == (identity(),)
+    finally:
+        await srv.stop(0)
