@@ -1,0 +1,160 @@
+"""FileStore: versions, modes, the lock, digests, leftovers of interrupted writes."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import T0
+
+from pki.errors import StoreCorrupt, StoreError, StoreLocked, StoreNotInitialized
+from pki.rotation import init_anchor, issue_issuer
+from pki.store import ANCHOR_KEY, BUNDLE, ISSUER_KEY, FileStore, write_file_atomic
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    fs = FileStore(tmp_path / "store")
+    init_anchor(fs, now=T0)
+    issue_issuer(fs, now=T0)
+    return fs
+
+
+def test_modes_and_layout(store: FileStore) -> None:
+    assert _mode(store.root) == 0o700
+    state = store.load()
+    assert state.version == 2 and store.versions() == [1, 2]
+    for name in state.files:
+        expected = 0o600 if name.endswith(".key") else 0o644
+        assert _mode(state.path / name) == expected, name
+    assert {ANCHOR_KEY, ISSUER_KEY} <= set(state.files)
+    assert os.readlink(store.root / "current") == "versions/000002"
+    assert store.read_file(BUNDLE) == state.require_bundle().pem()
+
+
+def test_empty_store(tmp_path: Path) -> None:
+    fs = FileStore(tmp_path / "none")
+    assert fs.current_version() is None and fs.versions() == [] and fs.read_file(BUNDLE) is None
+    with pytest.raises(StoreNotInitialized, match="anchor create"):
+        fs.load()
+
+
+def test_commit_needs_the_lock(store: FileStore) -> None:
+    with pytest.raises(StoreError, match="lock"):
+        store.commit({"x.pem": b"x"}, reason="test", now=T0)
+    with store.lock(), pytest.raises(ValueError, match="invalid store file name"):
+        store.commit({"../x": b"x"}, reason="test", now=T0)
+
+
+def test_lock_contention_in_process(store: FileStore) -> None:
+    other = FileStore(store.root)
+    with store.lock(), pytest.raises(StoreLocked, match=f"pid {os.getpid()}"), other.lock():
+        pass
+    with other.lock():  # released again
+        pass
+
+
+def test_lock_contention_across_processes(store: FileStore) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys
+                from pki.store import FileStore
+                with FileStore({str(store.root)!r}).lock():
+                    print("locked", flush=True)
+                    sys.stdin.read()
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLocked, match=f"pid {holder.pid}"), store.lock(wait=0.2):
+            pass
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    with store.lock(wait=5):
+        pass
+
+
+def test_digest_mismatch_is_corrupt(store: FileStore) -> None:
+    path = store.load().path / BUNDLE
+    os.chmod(path, 0o644)
+    path.write_bytes(path.read_bytes() + b"\n")
+    with pytest.raises(StoreCorrupt, match="digest"):
+        store.load()
+
+
+def test_missing_file_and_bad_meta_are_corrupt(store: FileStore) -> None:
+    version = store.load().path
+    (version / ISSUER_KEY).unlink()
+    with pytest.raises(StoreCorrupt, match="missing"):
+        store.load()
+    (version / "meta.json").write_text("{not json")
+    with pytest.raises(StoreCorrupt, match="JSON"):
+        store.load()
+    (version / "meta.json").write_text("[]")
+    with pytest.raises(StoreCorrupt, match="files"):
+        store.load()
+
+
+def test_current_pointing_nowhere_is_corrupt(store: FileStore) -> None:
+    link = store.root / "current"
+    link.unlink()
+    link.symlink_to("versions/banana")
+    with pytest.raises(StoreCorrupt):
+        store.load()
+
+
+def test_partial_writes_are_cleaned_by_the_next_writer(store: FileStore) -> None:
+    partial = store.versions_dir / ".tmp-3-99999"
+    partial.mkdir()
+    (partial / BUNDLE).write_bytes(b"half")
+    (store.root / ".current.tmp").symlink_to("versions/.tmp-3-99999")
+    assert store.load().version == 2  # readers ignore leftovers
+    with store.lock():
+        pass
+    assert not partial.exists() and not (store.root / ".current.tmp").is_symlink()
+
+
+def test_commit_deletes_and_prunes(store: FileStore) -> None:
+    with store.lock():
+        state = store.commit({ANCHOR_KEY: None}, reason="anchor key moved offline", now=T0)
+        assert ANCHOR_KEY not in state.files and state.anchor_key is None
+        with pytest.raises(StoreError, match="offline"):
+            state.anchor_credential()
+        assert store.prune(keep=1) == [1, 2]
+    assert store.versions() == [3]
+    with pytest.raises(StoreError, match="lock"):
+        store.prune()
+
+
+def test_commit_refuses_an_unloadable_version(store: FileStore) -> None:
+    with store.lock(), pytest.raises(StoreCorrupt):
+        store.commit({BUNDLE: b"not a bundle"}, reason="broken", now=T0)
+    assert store.load().version == 2  # current never moved
+
+
+def test_write_file_atomic(tmp_path: Path) -> None:
+    target = tmp_path / "k.key"
+    write_file_atomic(target, b"one", mode=0o600)
+    write_file_atomic(target, b"two", mode=0o600)
+    assert target.read_bytes() == b"two" and _mode(target) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["k.key"]
