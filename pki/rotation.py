@@ -270,6 +270,19 @@ def bundle_remove(store: FileStore, fingerprint: str, *, now: datetime) -> Store
                 "refusing to remove the anchor that signs the current issuer; "
                 "rotate the anchor first ('trustmesh pki anchor create --rotate')"
             )
+        # After 'anchor create --rotate' the store's anchor is the new one, but the issuer may
+        # still chain to the old anchor until it is replaced: removing that one would leave the
+        # issuer untrusted, and every workload certificate with it.
+        if state.issuer is not None:
+            try:
+                path = verify_chain(state.issuer.certificate, state.issuer.chain, bundle, at=now)
+            except PKIError:
+                path = ()
+            if path and path[-1] == target:
+                raise BundleError(
+                    "refusing to remove the anchor that the current issuer chains to; "
+                    "replace the issuer first ('trustmesh pki issuer rotate')"
+                )
         return store.commit(
             {BUNDLE: bundle.remove(target.fingerprint).pem()},
             reason=f"anchor {target.fingerprint[:16]} removed from bundle",

@@ -218,6 +218,10 @@ def test_anchor_rotation_and_bundle_commands(store: Path, tmp_path: Path) -> Non
     # the signing anchor cannot be removed; the old one can
     r = tm("pki", "--store", store, "bundle", "remove", new_fp[:12])
     assert r.code == 1 and "signs the current issuer" in r.err
+    # the old anchor still anchors the current issuer: refused until the issuer is replaced
+    r = tm("pki", "--store", store, "bundle", "remove", old_fp[:12])
+    assert r.code == 1 and "issuer rotate" in r.err
+    assert tm("pki", "--store", store, "issuer", "rotate").code == 0
     r = tm("pki", "--store", store, "bundle", "remove", old_fp[:12], "-o", "json")
     assert r.code == 0 and r.json()["anchors"] == [new_fp]
     # add a foreign anchor from a file (DER this time)

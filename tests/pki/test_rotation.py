@@ -1,0 +1,139 @@
+"""Rotation: the state table, the pure plan at explicit times, and the store operations."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pki_testkit import T0, build_chain
+
+from pki.errors import BundleError, CertificateParseError, StoreError
+from pki.keys import KeyAlgorithm
+from pki.renewal import RenewalAction, RenewalPolicy
+from pki.rotation import (
+    TRANSITIONS,
+    AnchorStatus,
+    Event,
+    InvalidTransition,
+    Stage,
+    advance,
+    bundle_add,
+    bundle_remove,
+    init_anchor,
+    issue_issuer,
+    plan,
+    rotate_if_due,
+)
+from pki.store import FileStore
+from pki.verify import verify_chain
+
+
+def test_every_stage_event_pair() -> None:
+    for stage in Stage:
+        for event in Event:
+            if (stage, event) in TRANSITIONS:
+                assert advance(stage, event) is TRANSITIONS[(stage, event)]
+            else:
+                with pytest.raises(InvalidTransition, match=event.value):
+                    advance(stage, event)
+
+
+def test_happy_paths_through_the_table() -> None:
+    stage = advance(Stage.START, Event.PLAN_OK)
+    assert advance(advance(stage, Event.DUE), Event.COMMITTED) is Stage.DONE
+    assert advance(advance(stage, Event.NOT_DUE), Event.HUMAN_ACTION) is Stage.NEEDS_HUMAN
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    fs = FileStore(tmp_path / "s")
+    init_anchor(fs, now=T0, lifetime=timedelta(days=365))
+    issue_issuer(fs, now=T0, lifetime=timedelta(hours=48))
+    return fs
+
+
+def test_plan_at_explicit_times(store: FileStore) -> None:
+    state = store.load()
+    policy = RenewalPolicy()  # renew with a third of the life left: at 32h of 48h
+    early = plan(state, policy, T0 + timedelta(hours=31))
+    assert not early.renew_issuer and early.issuer.action is RenewalAction.WAIT
+    assert early.anchor_status is AnchorStatus.OK and early.human_actions == ()
+    due = plan(state, policy, T0 + timedelta(hours=33))
+    assert due.renew_issuer and due.issuer.action is RenewalAction.RENEW_NOW
+    expired = plan(state, policy, T0 + timedelta(hours=49))
+    assert expired.renew_issuer and expired.issuer.action is RenewalAction.EXPIRED
+
+
+def test_plan_anchor_warning_and_expiry(store: FileStore) -> None:
+    state = store.load()
+    policy = RenewalPolicy()
+    anchor_end = state.anchor.not_after  # type: ignore[union-attr]
+    warn = plan(state, policy, anchor_end - timedelta(days=59))
+    assert warn.anchor_status is AnchorStatus.WARNING
+    assert any("within 60 days" in a for a in warn.human_actions)
+    short = plan(state, policy, anchor_end - timedelta(hours=10))
+    assert short.renewed_issuer_not_after == anchor_end
+    assert any("cut short" in a for a in short.human_actions)
+    gone = plan(state, policy, anchor_end + timedelta(seconds=1))
+    assert gone.anchor_status is AnchorStatus.EXPIRED and not gone.renew_issuer
+
+
+def test_rotate_if_due(store: FileStore) -> None:
+    policy = RenewalPolicy()
+    p, new = rotate_if_due(store, policy, now=T0 + timedelta(hours=1))
+    assert new is None and not p.renew_issuer
+    p, new = rotate_if_due(store, policy, now=T0 + timedelta(hours=40), dry_run=True)
+    assert p.renew_issuer and new is None and store.load().version == 2
+    before = store.load().require_issuer()
+    p, new = rotate_if_due(store, policy, now=T0 + timedelta(hours=40))
+    assert new is not None and new.version == 3
+    after = new.require_issuer()
+    assert after.certificate != before.certificate
+    assert after.certificate.key_algorithm is before.certificate.key_algorithm
+    assert after.certificate.lifetime == before.certificate.lifetime
+    # idempotent: a second run at the same time has nothing to do
+    assert rotate_if_due(store, policy, now=T0 + timedelta(hours=40))[1] is None
+
+
+def test_init_anchor_twice_and_rotate(store: FileStore) -> None:
+    with pytest.raises(StoreError, match="--rotate"):
+        init_anchor(store, now=T0)
+    state = init_anchor(store, now=T0, rotate=True, algorithm=KeyAlgorithm.ML_DSA_65)
+    bundle = state.require_bundle()
+    assert len(bundle.anchors) == 2 and state.anchor == bundle.anchors[1]
+    assert state.anchor.key_algorithm is KeyAlgorithm.ML_DSA_65  # type: ignore[union-attr]
+
+
+def test_bundle_operations_keep_the_issuer_trusted(store: FileStore) -> None:
+    old = store.load().require_bundle().anchors[0]
+    new_anchor = init_anchor(store, now=T0, rotate=True).anchor
+    assert new_anchor is not None
+    with pytest.raises(BundleError, match="signs the current issuer"):
+        bundle_remove(store, new_anchor.fingerprint, now=T0)
+    with pytest.raises(BundleError, match="issuer rotate"):
+        bundle_remove(store, old.fingerprint, now=T0)
+    state = issue_issuer(store, now=T0, reason="issuer under the new anchor")
+    state = bundle_remove(store, old.fingerprint[:12], now=T0)
+    issuer = state.require_issuer()
+    path = verify_chain(issuer.certificate, issuer.chain, state.require_bundle(), at=T0)
+    assert path[-1] == new_anchor
+
+
+def test_bundle_add(store: FileStore) -> None:
+    foreign = build_chain(KeyAlgorithm.ECDSA_P256)
+    state = bundle_add(store, foreign.anchor.certificate.pem, now=T0)
+    assert foreign.anchor.certificate in state.require_bundle()
+    with pytest.raises(BundleError, match="not a CA"):
+        bundle_add(store, foreign.leaf.certificate.pem, now=T0)
+    with pytest.raises(CertificateParseError):
+        bundle_add(store, b"junk", now=T0)
+
+
+def test_issuer_needs_the_anchor_key(store: FileStore) -> None:
+    from pki.store import ANCHOR_KEY
+
+    with store.lock():
+        store.commit({ANCHOR_KEY: None}, reason="anchor key taken offline", now=T0)
+    with pytest.raises(StoreError, match="offline"):
+        issue_issuer(store, now=T0)
