@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,6 +11,10 @@ import pytest
 
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import FileStore
+
+# Tests run with --import-mode=importlib (test files of the same name live in several
+# folders); each folder's shared helpers (e.g. identity_testkit.py) are importable by name.
+sys.path[:0] = sorted(str(d) for d in Path(__file__).parent.iterdir() if d.is_dir())
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Chain, build_chain
+from pki_testkit import Chain, build_chain
 
 from pki.bundle import TrustBundle
 from pki.errors import BundleError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from conftest import T0, WEB, Chain, build_chain
+from pki_testkit import T0, WEB, Chain, build_chain
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given, settings

@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import T0, WEB, Chain, TLSServer
+from pki_testkit import T0, WEB, Chain, TLSServer
 
 from pki.errors import CertificateParseError, EndpointError, StoreNotInitialized
 from pki.inspect import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from conftest import T0, Chain
+from pki_testkit import T0, Chain
 from hypothesis import given
 from hypothesis import strategies as st
 

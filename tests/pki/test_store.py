@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import T0
+from pki_testkit import T0
 
 from pki.errors import StoreCorrupt, StoreError, StoreLocked, StoreNotInitialized
 from pki.rotation import init_anchor, issue_issuer

@@ -1,0 +1,170 @@
+"""Shared pki test material: real chains (ECDSA and ML-DSA) and a real TLS 1.3 server."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from OpenSSL import SSL, crypto
+
+from pki.bundle import TrustBundle
+from pki.certs import Credential, create_anchor, create_issuer, issue_identity, utcnow
+from pki.keys import KeyAlgorithm, PrivateKey
+from pki.names import Identity
+
+# Every test works at explicit times around this instant.
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+WEB = Identity("web", "default")
+
+
+@dataclass(frozen=True)
+class Chain:
+    anchor: Credential
+    issuer: Credential
+    leaf: Credential
+    bundle: TrustBundle
+
+
+def build_chain(algorithm: KeyAlgorithm, now: datetime = T0) -> Chain:
+    anchor_key = PrivateKey.generate(algorithm)
+    anchor = Credential(
+        create_anchor(anchor_key, now=now, lifetime=timedelta(days=365)), anchor_key
+    )
+    issuer = create_issuer(
+        PrivateKey.generate(algorithm), anchor, now=now, lifetime=timedelta(days=2)
+    )
+    leaf = issue_identity(WEB, PrivateKey.generate(algorithm), issuer, now=now)
+    return Chain(anchor, issuer, leaf, TrustBundle((anchor.certificate,)))
+
+
+_CHAINS: dict[KeyAlgorithm, Chain] = {}
+
+
+@pytest.fixture(params=list(KeyAlgorithm), ids=lambda a: a.value)
+def chain(request: pytest.FixtureRequest) -> Chain:
+    """One chain per algorithm, built once per session (ML-DSA keys are slow-ish to make)."""
+    algorithm: KeyAlgorithm = request.param
+    if algorithm not in _CHAINS:
+        _CHAINS[algorithm] = build_chain(algorithm)
+    return _CHAINS[algorithm]
+
+
+@pytest.fixture
+def ecdsa_chain() -> Chain:
+    if KeyAlgorithm.ECDSA_P256 not in _CHAINS:
+        _CHAINS[KeyAlgorithm.ECDSA_P256] = build_chain(KeyAlgorithm.ECDSA_P256)
+    return _CHAINS[KeyAlgorithm.ECDSA_P256]
+
+
+@pytest.fixture
+def mldsa_chain() -> Chain:
+    if KeyAlgorithm.ML_DSA_65 not in _CHAINS:
+        _CHAINS[KeyAlgorithm.ML_DSA_65] = build_chain(KeyAlgorithm.ML_DSA_65)
+    return _CHAINS[KeyAlgorithm.ML_DSA_65]
+
+
+@pytest.fixture(scope="session")
+def live_mldsa_chain() -> Chain:
+    """An ML-DSA chain valid at the real current time, for peers (OpenSSL) that use the clock."""
+    return build_chain(KeyAlgorithm.ML_DSA_65, utcnow())
+
+
+def server_context(credential: Credential, client_ca: TrustBundle | None) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.use_certificate(credential.certificate.x509)
+    ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, credential.key.to_pem()))
+    for cert in credential.chain:
+        ctx.add_extra_chain_cert(cert.x509)
+    if client_ca is not None:
+        for anchor in client_ca.anchors:
+            ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(anchor.x509))  # type: ignore[union-attr]
+        ctx.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            lambda conn, cert, err, depth, ok: bool(ok),
+        )
+    return ctx
+
+
+@dataclass
+class TLSServer:
+    port: int
+    client_certs: list[list[str]] = field(default_factory=list)  # per connection, client chain
+    errors: list[str] = field(default_factory=list)
+    _handled: threading.Condition = field(default_factory=threading.Condition)
+
+    def connection_done(self) -> None:
+        with self._handled:
+            self._handled.notify_all()
+
+    def wait_for(self, connections: int, timeout: float = 5.0) -> None:
+        """Block until the server has finished ``connections`` connections."""
+        with self._handled:
+            ok = self._handled.wait_for(
+                lambda: len(self.client_certs) + len(self.errors) >= connections, timeout
+            )
+        assert ok, f"server handled {len(self.client_certs) + len(self.errors)} connections"
+
+
+@pytest.fixture
+def tls_server() -> Iterator[Callable[..., TLSServer]]:
+    """Start a real pyOpenSSL TLS 1.3 server on 127.0.0.1:0 (stopped at teardown)."""
+    started: list[tuple[socket.socket, threading.Thread]] = []
+    stop = threading.Event()
+
+    def start(credential: Credential, *, client_ca: TrustBundle | None = None) -> TLSServer:
+        ctx = server_context(credential, client_ca)
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        server = TLSServer(listener.getsockname()[1])
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    sock, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                # Blocking socket (pyOpenSSL needs one) with a kernel receive timeout, so a
+                # silent client cannot hang the server thread.
+                sock.setblocking(True)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+                conn = SSL.Connection(ctx, sock)
+                conn.set_accept_state()
+                try:
+                    conn.do_handshake()
+                    # TLS 1.3: the client's Finished (and certificate) arrives after the
+                    # server's flight; a read completes the server side of the handshake.
+                    try:
+                        conn.recv(1)
+                    except (SSL.ZeroReturnError, SSL.SysCallError, SSL.WantReadError):
+                        pass
+                    # server side, OpenSSL's peer chain omits the client's own certificate
+                    leaf = conn.get_peer_certificate(as_cryptography=True)
+                    rest = conn.get_peer_cert_chain(as_cryptography=True) or []
+                    peer = [leaf, *rest] if leaf is not None else []
+                    server.client_certs.append([c.subject.rfc4514_string() for c in peer])
+                except (SSL.Error, OSError) as e:
+                    server.errors.append(repr(e))
+                finally:
+                    sock.close()
+                    server.connection_done()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        started.append((listener, thread))
+        return server
+
+    try:
+        yield start
+    finally:
+        stop.set()
+        for listener, thread in started:
+            thread.join(timeout=5)
+            listener.close()
