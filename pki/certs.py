@@ -12,12 +12,12 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm as CryptoUnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from pki.errors import CertificateBuildError, CertificateParseError, KeyLoadError
 from pki.keys import KeyAlgorithm, PrivateKey, algorithm_of
@@ -390,6 +390,32 @@ _LEAF_EKU = x509.ExtendedKeyUsage(
 )
 _LEAF_BC = x509.BasicConstraints(ca=False, path_length=None)
 
+# Leaf issuance is the identity service's hot path. The extensions that never change are built
+# once, the issuer-derived parts (its name, the AKI) once per issuer certificate, and the builder
+# is constructed in one call instead of a chain of copies: same certificate, about 40 % less
+# Python work per leaf (benchmarks/pki_issue.py).
+_LEAF_STATIC_EXTENSIONS: tuple[x509.Extension[x509.ExtensionType], ...] = (
+    x509.Extension(ExtensionOID.BASIC_CONSTRAINTS, True, _LEAF_BC),
+    x509.Extension(ExtensionOID.KEY_USAGE, True, _LEAF_KEY_USAGE),
+    x509.Extension(ExtensionOID.EXTENDED_KEY_USAGE, False, _LEAF_EKU),
+)
+
+
+@lru_cache(maxsize=16)
+def _issuer_template(
+    issuer: Certificate,
+) -> tuple[x509.Name, x509.Extension[x509.ExtensionType]]:
+    """The issuer's name and the leaves' AKI; refuses a non-CA (errors are not cached)."""
+    if not issuer.is_ca:
+        raise CertificateBuildError(f"{issuer.subject} is not a CA certificate")
+    aki = x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, _issuer_aki(issuer))
+    return issuer.x509.subject, aki
+
+
+def _naive_utc(t: datetime) -> datetime:
+    # what CertificateBuilder.not_valid_before/after do to aware datetimes
+    return t.astimezone(UTC).replace(tzinfo=None)
+
 
 def issue_leaf(
     public_key: object,
@@ -407,34 +433,33 @@ def issue_leaf(
     clamped to the issuer chain. ``spiffe_id`` adds a URI SAN when configured.
     """
     _check_time(now)
-    if not issuer.certificate.is_ca:
-        raise CertificateBuildError(f"{issuer.certificate.subject} is not a CA certificate")
+    issuer_name, aki = _issuer_template(issuer.certificate)
     algorithm_of(public_key)
     not_before, not_after = _window(now, lifetime, skew, issuer.full_chain)
     sans: list[x509.GeneralName] = [x509.DNSName(dns_name)]
     if spiffe_id:
         sans.append(x509.UniformResourceIdentifier(spiffe_id))
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [x509.NameAttribute(NameOID.COMMON_NAME, dns_name)] if len(dns_name) <= 64 else []
-            )
-        )
-        .issuer_name(issuer.certificate.x509.subject)
-        .public_key(public_key)  # type: ignore[arg-type]
-        .serial_number(random_serial())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(_LEAF_BC, critical=True)
-        .add_extension(_LEAF_KEY_USAGE, critical=True)
-        .add_extension(_LEAF_EKU, critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
-            critical=False,
-        )
-        .add_extension(_issuer_aki(issuer.certificate), critical=False)
+    builder = x509.CertificateBuilder(
+        issuer_name=issuer_name,
+        subject_name=x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, dns_name)] if len(dns_name) <= 64 else []
+        ),
+        public_key=public_key,  # type: ignore[arg-type]
+        serial_number=random_serial(),
+        not_valid_before=_naive_utc(not_before),
+        not_valid_after=_naive_utc(not_after),
+        extensions=[
+            *_LEAF_STATIC_EXTENSIONS,
+            x509.Extension(
+                ExtensionOID.SUBJECT_ALTERNATIVE_NAME, False, x509.SubjectAlternativeName(sans)
+            ),
+            x509.Extension(
+                ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+                False,
+                x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+            ),
+            aki,
+        ],
     )
     return _sign(builder, issuer.key)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from pki_testkit import T0, WEB, Chain, build_chain
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pki_testkit import T0, WEB, Chain, build_chain
 
 from pki.certs import (
     DEFAULT_CLOCK_SKEW,
@@ -170,3 +170,47 @@ def test_mutated_certificates_load_fully_or_raise_parse_error(index: int, flip: 
         return
     # whatever loads has every property readable
     assert (cert.subject, cert.issuer, cert.dns_names, cert.is_ca, cert.path_length) is not None
+
+
+def test_fast_leaf_builder_matches_the_fluent_builder(
+    chain: Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue_leaf builds its certificate in one constructor call (see certs.py); the result
+    must be byte-for-byte the certificate the plain fluent builder makes."""
+    import pki.certs as certs
+
+    monkeypatch.setattr(certs, "random_serial", lambda: 0x1234)
+    public_key = PrivateKey.generate(chain.leaf.key.algorithm).public_key()
+    issuer = chain.issuer
+    for spiffe in (None, WEB.spiffe_id):
+        fast = issue_leaf(public_key, WEB.dns_name, issuer, now=T0, spiffe_id=spiffe)
+        sans: list[x509.GeneralName] = [x509.DNSName(WEB.dns_name)]
+        if spiffe:
+            sans.append(x509.UniformResourceIdentifier(spiffe))
+        reference = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name.from_rfc4514_string(f"CN={WEB.dns_name}"))
+            .issuer_name(issuer.certificate.x509.subject)
+            .public_key(public_key)
+            .serial_number(0x1234)
+            .not_valid_before(T0 - DEFAULT_CLOCK_SKEW)
+            .not_valid_after(T0 + timedelta(hours=24) + DEFAULT_CLOCK_SKEW)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_ext(fast, x509.KeyUsage), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    issuer.certificate.x509.public_key()  # type: ignore[arg-type]
+                ),
+                critical=False,
+            )
+            .sign(issuer.key.key, issuer.key.algorithm.signature_hash())
+        )
+        assert fast.x509.tbs_certificate_bytes == reference.tbs_certificate_bytes

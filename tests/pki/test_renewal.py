@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from pki_testkit import T0, Chain
 from hypothesis import given
 from hypothesis import strategies as st
+from pki_testkit import T0, Chain
 
 from pki.renewal import (
     PROXY_MAX_REFRESH,

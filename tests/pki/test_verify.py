@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from pki_testkit import T0, WEB, Chain, build_chain
 from cryptography import x509
+from pki_testkit import T0, WEB, Chain, build_chain
 
 from pki.bundle import TrustBundle
 from pki.certs import (
