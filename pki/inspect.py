@@ -24,6 +24,7 @@ from OpenSSL import SSL, crypto
 from pki.bundle import TrustBundle
 from pki.certs import Certificate, Credential, load_pem_chain
 from pki.errors import CertificateParseError, EndpointError, PKIError, VerificationError
+from pki.keys import KeyAlgorithm
 from pki.renewal import RenewalPolicy, decide
 from pki.store import FileStore
 from pki.verify import verify_chain
@@ -298,8 +299,11 @@ def _client_context(client: Credential | None) -> SSL.Context:
     ctx.set_verify(SSL.VERIFY_NONE, lambda *args: True)
     if client is not None:
         ctx.use_certificate(client.certificate.x509)
-        # pyOpenSSL cannot wrap an ML-DSA key object, but loads any key OpenSSL 4 reads as PEM.
-        ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, client.key.to_pem()))
+        if client.key.algorithm is KeyAlgorithm.ECDSA_P256:
+            ctx.use_privatekey(client.key.key)  # type: ignore[arg-type]
+        else:
+            # pyOpenSSL cannot wrap an ML-DSA key object, but loads any key OpenSSL 4 reads.
+            ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, client.key.to_pem()))
         for cert in client.chain:
             ctx.add_extra_chain_cert(cert.x509)
     return ctx

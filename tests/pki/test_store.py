@@ -87,9 +87,10 @@ def test_lock_contention_across_processes(store: FileStore) -> None:
         with pytest.raises(StoreLocked, match=f"pid {holder.pid}"), store.lock(wait=0.2):
             pass
     finally:
-        assert holder.stdin is not None
+        assert holder.stdin is not None and holder.stdout is not None
         holder.stdin.close()
         holder.wait(timeout=10)
+        holder.stdout.close()
     with store.lock(wait=5):
         pass
 

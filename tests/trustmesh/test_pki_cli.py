@@ -295,6 +295,9 @@ def s_server(store: Path, tmp_path: Path) -> Iterator[int]:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_inspect_live_endpoint(s_server: int, store: Path, tmp_path: Path) -> None:
