@@ -19,7 +19,7 @@ def parse_duration(text: str) -> timedelta:
     if not s:
         raise InvalidDuration("duration is empty; expected e.g. 90s, 24h or 30d")
     if re.fullmatch(r"\d+(?:\.\d+)?", s):
-        return timedelta(seconds=float(s))
+        return _seconds(float(s), text)
     pos, total = 0, 0.0
     for m in _PART.finditer(s):
         if m.start() != pos:
@@ -30,7 +30,14 @@ def parse_duration(text: str) -> timedelta:
         raise InvalidDuration(
             f"invalid duration {text!r}: use a number with a unit s, m, h, d or w (e.g. 90s, 24h, 30d)"
         )
-    return timedelta(seconds=total)
+    return _seconds(total, text)
+
+
+def _seconds(total: float, text: str) -> timedelta:
+    try:
+        return timedelta(seconds=total)
+    except OverflowError:
+        raise InvalidDuration(f"duration {text!r} is too large") from None
 
 
 def format_duration(delta: timedelta) -> str:

@@ -67,3 +67,9 @@ def test_format(delta: timedelta, text: str) -> None:
 def test_type_error() -> None:
     with pytest.raises(TypeError):
         parse_duration(90)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["86400000000000", "99999999999999d", "1" + "0" * 400 + "s"])
+def test_too_large(text: str) -> None:
+    with pytest.raises(InvalidDuration, match="too large"):
+        parse_duration(text)
