@@ -269,7 +269,10 @@ def _window(
     if lifetime <= timedelta(0):
         raise ValueError(f"lifetime must be positive, got {lifetime}")
     not_before = now - skew
-    not_after = now + lifetime + skew
+    try:
+        not_after = now + lifetime + skew
+    except OverflowError:
+        raise ValueError(f"lifetime {lifetime} reaches past the year 9999") from None
     for parent in parents:
         not_after = min(not_after, parent.not_after)
     if not_after <= now:

@@ -216,3 +216,8 @@ def test_fast_leaf_builder_matches_the_fluent_builder(
             .sign(issuer.key.key, issuer.key.algorithm.signature_hash())
         )
         assert fast.x509.tbs_certificate_bytes == reference.tbs_certificate_bytes
+
+
+def test_lifetime_past_year_9999_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="9999"):
+        create_anchor(PrivateKey.generate(), now=T0, lifetime=timedelta(days=999_999_999))

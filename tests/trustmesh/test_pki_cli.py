@@ -157,6 +157,8 @@ def test_leaf_refuses_a_p384_csr(store: Path, tmp_path: Path) -> None:
         (["--identity", "web", "--generate", "--out", "x"], "not of the form"),
         (["--identity", WEB, "--generate", "--validity", "soon", "--out", "x"], "invalid duration"),
         (["--identity", WEB, "--generate", "--algorithm", "rsa", "--out", "x"], "rsa"),
+        (["--identity", WEB, "--generate", "--validity", "0s", "--out", "x"], "must be positive"),
+        (["--identity", WEB, "--generate", "--validity", "99999999d", "--out", "x"], "36500d"),
     ],
 )
 def test_leaf_usage_errors(store: Path, args: list[str], message: str) -> None:

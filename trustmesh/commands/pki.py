@@ -61,6 +61,16 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
         raise click.BadParameter(str(e)) from None
 
 
+MAX_VALIDITY = timedelta(days=36500)
+
+
+def _validity(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    delta = _duration(ctx, param, value)
+    if delta is not None and not timedelta(0) < delta <= MAX_VALIDITY:
+        raise click.BadParameter(f"{value!r} must be positive and at most 36500d (100 years)")
+    return delta
+
+
 def _algorithm(
     _ctx: click.Context, _param: click.Parameter, value: str | None
 ) -> KeyAlgorithm | None:
@@ -237,7 +247,7 @@ def anchor() -> None:
 
 @anchor.command("create")
 @algorithm_option("ecdsa-p256")
-@click.option("--validity", default="365d", show_default=True, callback=_duration)
+@click.option("--validity", default="365d", show_default=True, callback=_validity)
 @click.option("--rotate", is_flag=True, help="Add a new anchor beside the existing one(s).")
 @store_option
 @output_option
@@ -301,7 +311,7 @@ def _report_issuer(fs: FileStore, state: StoreState, what: str, output: str) -> 
 
 @issuer.command("create")
 @algorithm_option("ecdsa-p256")
-@click.option("--validity", default="48h", show_default=True, callback=_duration)
+@click.option("--validity", default="48h", show_default=True, callback=_validity)
 @store_option
 @output_option
 def issuer_create(
@@ -319,7 +329,7 @@ def issuer_create(
 
 @issuer.command("rotate")
 @algorithm_option(None)
-@click.option("--validity", default=None, callback=_duration, help="Default: the current one's.")
+@click.option("--validity", default=None, callback=_validity, help="Default: the current one's.")
 @store_option
 @output_option
 def issuer_rotate(
@@ -417,7 +427,7 @@ def _identity(name: str) -> Identity:
 )
 @click.option("--generate", is_flag=True, help="Generate the key; write it to OUT.key (0600).")
 @algorithm_option("ecdsa-p256")
-@click.option("--validity", default="24h", show_default=True, callback=_duration)
+@click.option("--validity", default="24h", show_default=True, callback=_validity)
 @click.option("--spiffe", is_flag=True, help="Add the SPIFFE ID as a URI SAN.")
 @click.option(
     "--out",
