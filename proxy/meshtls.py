@@ -20,6 +20,7 @@ from typing import Protocol
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _ossl
 
 from proxy.errors import ConfigError, KexRefused, PeerIdentityMismatch, TLSError
@@ -29,6 +30,16 @@ HYBRID_GROUP = "X25519MLKEM768"
 # One hybrid key share in the ClientHello; X25519 stays acceptable to classical peers.
 GROUPS = b"X25519MLKEM768:X25519"
 _READ = 65536
+# The data path calls OpenSSL through pyOpenSSL's cffi binding directly: pyOpenSSL's recv() and
+# bio_read() allocate a fresh 64 KiB buffer per call and signal "no more data" by raising
+# WantReadError, which together cost more than the AES-GCM work on a small request.
+_SSL_read = _ossl.SSL_read
+_SSL_write = _ossl.SSL_write
+_SSL_get_error = _ossl.SSL_get_error
+_BIO_read = _ossl.BIO_read
+_BIO_write = _ossl.BIO_write
+_WANT_READ = _ossl.SSL_ERROR_WANT_READ
+_ZERO_RETURN = _ossl.SSL_ERROR_ZERO_RETURN
 
 
 class KexPolicy(enum.Enum):
@@ -162,6 +173,8 @@ class MeshTls:
         self._built_from: MeshCredentials | None = None
         self._server_ctx: SSL.Context | None = None
         self._client_ctx: SSL.Context | None = None
+        # One scratch buffer for every session of this proxy: they all run on one event loop.
+        self._buffer = _ffi.new("char[]", _READ)
 
     @property
     def credentials(self) -> MeshCredentials:
@@ -184,7 +197,7 @@ class MeshTls:
         assert self._server_ctx is not None
         conn = SSL.Connection(self._server_ctx, None)
         conn.set_accept_state()
-        return TlsSession(conn, expected=None, kex=self.kex)
+        return TlsSession(conn, expected=None, kex=self.kex, buffer=self._buffer)
 
     def client_session(self, peer_identity: str, *, alpn: bytes | None = ALPN) -> TlsSession:
         """A session to a peer that must present ``peer_identity`` (also sent as SNI)."""
@@ -195,7 +208,7 @@ class MeshTls:
         if alpn is not None:
             conn.set_alpn_protos([alpn])
         conn.set_connect_state()
-        return TlsSession(conn, expected=peer_identity, kex=self.kex)
+        return TlsSession(conn, expected=peer_identity, kex=self.kex, buffer=self._buffer)
 
 
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
@@ -205,10 +218,17 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
 class TlsSession:
     """One TLS connection over memory BIOs: bytes in, plaintext and bytes-to-send out."""
 
-    __slots__ = ("_conn", "closed", "expected", "info", "kex")
+    __slots__ = ("_buf", "_conn", "_rbio", "_ssl", "_wbio", "closed", "expected", "info", "kex")
 
-    def __init__(self, conn: SSL.Connection, *, expected: str | None, kex: KexPolicy) -> None:
+    def __init__(
+        self, conn: SSL.Connection, *, expected: str | None, kex: KexPolicy, buffer: object = None
+    ) -> None:
         self._conn = conn
+        # pyOpenSSL's own pointers; ``conn`` stays referenced, so they live as long as we do.
+        self._ssl = conn._ssl
+        self._rbio = conn._into_ssl
+        self._wbio = conn._from_ssl
+        self._buf = buffer if buffer is not None else _ffi.new("char[]", _READ)
         self.expected = expected
         self.kex = kex
         self.info: HandshakeInfo | None = None
@@ -223,33 +243,71 @@ class TlsSession:
 
         Raises :class:`TLSError` (or a subclass) when the handshake or a record fails.
         """
-        conn = self._conn
-        conn.bio_write(data)
+        if data:
+            _BIO_write(self._rbio, data, len(data))  # a memory BIO takes everything
         out = b""
         if self.info is None:
             out = self._handshake()
             if self.info is None:
                 return b"", out
-        chunks = []
-        try:
-            while True:
-                chunks.append(conn.recv(_READ))
-        except SSL.WantReadError:
-            pass
-        except SSL.ZeroReturnError:
-            self.closed = True
-        except SSL.Error as e:
-            raise TLSError(f"TLS record error: {_reason(e)}") from None
+        plaintext = self._read()
         pending = self.drain()
-        return b"".join(chunks), (out + pending) if out else pending
+        return plaintext, (out + pending) if out else pending
+
+    def _read(self) -> bytes:
+        ssl, buf = self._ssl, self._buf
+        n = _SSL_read(ssl, buf, _READ)
+        if n <= 0:
+            self._read_ended(n)
+            return b""
+        first = _ffi.buffer(buf, n)[:]
+        n = _SSL_read(ssl, buf, _READ)
+        if n <= 0:
+            self._read_ended(n)
+            return first
+        chunks = [first]
+        while n > 0:
+            chunks.append(_ffi.buffer(buf, n)[:])
+            n = _SSL_read(ssl, buf, _READ)
+        self._read_ended(n)
+        return b"".join(chunks)
+
+    def _read_ended(self, result: int) -> None:
+        error = _SSL_get_error(self._ssl, result)
+        if error == _WANT_READ:
+            return
+        if error == _ZERO_RETURN:
+            self.closed = True
+            return
+        raise TLSError(f"TLS record error: {self._error_reason(result)}")
+
+    def _error_reason(self, result: int) -> str:
+        # pyOpenSSL turns OpenSSL's error queue into an exception (and clears the queue).
+        try:
+            self._conn._raise_ssl_error(self._ssl, result)
+        except SSL.Error as e:
+            return _reason(e)
+        return "unknown"
 
     def encrypt(self, plaintext: bytes) -> bytes:
         """Encrypt application data; returns the records to write."""
-        try:
-            self._conn.sendall(plaintext)
-        except SSL.Error as e:
-            raise TLSError(f"TLS write failed: {_reason(e)}") from None
+        left = len(plaintext)
+        if left:
+            n = _SSL_write(self._ssl, plaintext, left)
+            if n != left:  # a memory BIO never makes OpenSSL write partially; be safe anyway
+                self._write_rest(plaintext, n)
         return self.drain()
+
+    def _write_rest(self, plaintext: bytes, n: int) -> None:
+        view = memoryview(plaintext)
+        while True:
+            if n <= 0:
+                raise TLSError(f"TLS write failed: {self._error_reason(n)}")
+            view = view[n:]
+            if not view:
+                return
+            with _ffi.from_buffer(view) as data:
+                n = _SSL_write(self._ssl, data, len(view))
 
     def close_notify(self) -> bytes:
         """The close_notify alert, telling the peer no more data follows (a TLS half-close)."""
@@ -260,17 +318,19 @@ class TlsSession:
         return self.drain()
 
     def drain(self) -> bytes:
-        conn = self._conn
-        try:
-            first = conn.bio_read(_READ)
-        except SSL.WantReadError:
+        """Every byte the session has queued for the peer."""
+        wbio, buf = self._wbio, self._buf
+        n = _BIO_read(wbio, buf, _READ)
+        if n <= 0:
             return b""
+        first = _ffi.buffer(buf, n)[:]
+        if n < _READ:
+            return first
         parts = [first]
-        try:
-            while True:
-                parts.append(conn.bio_read(_READ))
-        except SSL.WantReadError:
-            pass
+        while n == _READ:
+            n = _BIO_read(wbio, buf, _READ)
+            if n > 0:
+                parts.append(_ffi.buffer(buf, n)[:])
         return b"".join(parts)
 
     def _handshake(self) -> bytes:
