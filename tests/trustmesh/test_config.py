@@ -21,3 +21,19 @@ def test_home_fallback() -> None:
 
 def test_tilde_is_expanded() -> None:
     assert default_store_path({"TRUSTMESH_HOME": "~/tm", "HOME": "/home/u"}).is_absolute()
+
+
+def test_duration_option() -> None:
+    from datetime import timedelta
+
+    import click
+    import pytest
+
+    from trustmesh.config import duration_option
+
+    ctx = click.Context(click.Command("x"))
+    param = click.Option(["--d"])
+    assert duration_option(ctx, param, "90s") == timedelta(seconds=90)
+    assert duration_option(ctx, param, None) is None
+    with pytest.raises(click.BadParameter, match="invalid duration"):
+        duration_option(ctx, param, "soon")

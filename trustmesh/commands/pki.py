@@ -22,8 +22,8 @@ from rich.table import Table
 from pki import kem
 from pki.certs import Credential, issue_leaf, load_pem_chain, utcnow
 from pki.csr import validate_csr
-from pki.durations import format_duration, parse_duration
-from pki.errors import InvalidDuration, InvalidName, PKIError
+from pki.durations import format_duration
+from pki.errors import InvalidName, PKIError
 from pki.inspect import (
     CertificateInfo,
     ChainInfo,
@@ -42,7 +42,7 @@ from pki.renewal import RenewalPolicy
 from pki.rotation import bundle_add, bundle_remove, init_anchor, issue_issuer
 from pki.store import FileStore, StoreState, write_file_atomic
 from pki.verify import verify_leaf
-from trustmesh.config import default_store_path
+from trustmesh.config import default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,20 +52,11 @@ ALGORITHMS = [a.value for a in KeyAlgorithm]
 # --- shared options --------------------------------------------------------------------------
 
 
-def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> timedelta | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except InvalidDuration as e:
-        raise click.BadParameter(str(e)) from None
-
-
 MAX_VALIDITY = timedelta(days=36500)
 
 
 def _validity(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
-    delta = _duration(ctx, param, value)
+    delta = duration_option(ctx, param, value)
     if delta is not None and not timedelta(0) < delta <= MAX_VALIDITY:
         raise click.BadParameter(f"{value!r} must be positive and at most 36500d (100 years)")
     return delta
@@ -518,9 +509,11 @@ def _load_client(cert_file: Path | None, key_file: Path | None) -> Credential | 
 @click.option("--servername", help="SNI for HOST:PORT (default: the host).")
 @click.option("--client-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--client-key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--timeout", default="10s", show_default=True, callback=_duration)
+@click.option("--timeout", default="10s", show_default=True, callback=duration_option)
 @click.option(
-    "--renew-before", callback=_duration, help="Store targets: renewal policy (default: 1/3 left)."
+    "--renew-before",
+    callback=duration_option,
+    help="Store targets: renewal policy (default: 1/3 left).",
 )
 @output_option
 def inspect(
