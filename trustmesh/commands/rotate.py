@@ -15,10 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pki.certs import utcnow
-from pki.durations import format_duration, parse_duration
-from pki.errors import InvalidDuration
+from pki.durations import format_duration
 from pki.store import FileStore
-from trustmesh.config import default_store_path
+from trustmesh.config import default_store_path, duration_option
 from trustmesh.rotation_job import ExitCode, RunReport, run_once
 
 EXIT_CODES_HELP = """\b
@@ -32,15 +31,6 @@ Exit codes:
 """
 
 
-def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> timedelta | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except InvalidDuration as e:
-        raise click.BadParameter(str(e)) from None
-
-
 @click.command(epilog=EXIT_CODES_HELP)
 @click.option(
     "--store",
@@ -51,7 +41,7 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 )
 @click.option(
     "--renew-before",
-    callback=_duration,
+    callback=duration_option,
     help="Renew when less than this is left (e.g. 16h). Default: one third of the life.",
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be done; write nothing.")
@@ -61,7 +51,7 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 )
 @click.option(
     "--jitter",
-    callback=_duration,
+    callback=duration_option,
     default="0s",
     show_default=True,
     help="With --schedule: start each run up to this much later.",
