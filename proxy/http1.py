@@ -57,14 +57,16 @@ class Exchange:
 
     __slots__ = (
         "authority", "chunked", "client_10", "close_after", "conn_tokens", "extra_headers",
-        "headers", "is_head", "keep_alive", "link", "method", "pending", "pending_size",
-        "req_done", "resp", "started", "target", "tunnel_tail", "upgrade", "url",
+        "head", "is_head", "keep_alive", "link", "method", "pending", "pending_size",
+        "req_done", "resp", "started", "target", "tunnel_tail", "upgrade", "upgrade_to", "url",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        # The end-to-end request headers as they will be written: name, b": ", value, b"\r\n".
+        self.head: list[bytes] = []
         self.conn_tokens: tuple[bytes, ...] = ()
+        self.upgrade_to = b""
         self.method = b""
         self.authority = ""
         self.chunked = False
@@ -142,14 +144,18 @@ class Http1Server:
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         assert ex is not None
-        ex.headers.append((name, value))
         lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"connection":
+                ex.conn_tokens += tuple(t.strip().lower() for t in value.split(b","))
+            elif lname == b"transfer-encoding":
+                ex.chunked = value.lower().rstrip().endswith(b"chunked")
+            elif lname == b"upgrade":
+                ex.upgrade_to = value
+            return
         if lname == b"host":
             ex.authority = value.decode("latin-1")
-        elif lname == b"connection":
-            ex.conn_tokens += tuple(t.strip().lower() for t in value.split(b","))
-        elif lname == b"transfer-encoding":
-            ex.chunked = value.lower().rstrip().endswith(b"chunked")
+        ex.head += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -239,34 +245,40 @@ class Http1Server:
 
     def _attach(self, ex: Exchange, link: Link) -> None:
         ex.link = link
-        ex.resp = resp = _Response(self, ex)
+        # A link that carried a response before keeps its codec: the parser sits at a message
+        # boundary, so it is reused rather than rebuilt for every request.
+        resp = link.codec
+        if resp is None:
+            resp = _Response()
+        else:
+            link.codec = None  # given back by _finish when this exchange ends cleanly
+        resp.begin(self, ex)
+        ex.resp = resp
         link.sink = resp
-        pending = ex.pending or ()
+        head = self._request_head(ex)
+        if ex.pending:
+            head += ex.pending
         ex.pending = None
-        link.write(b"".join((self._request_head(ex), *pending)))
+        link.write(b"".join(head))
         if self.paused:
             self.paused = False
             self.link.resume_reading()
         if link.closed or link.eof:  # the pooled link died while we were choosing it
             resp.eof_received()
 
-    def _request_head(self, ex: Exchange) -> bytes:
-        drop = HOP_BY_HOP.union(ex.conn_tokens) if ex.conn_tokens else HOP_BY_HOP
+    def _request_head(self, ex: Exchange) -> list[bytes]:
         parts = [ex.method, b" ", ex.url, b" HTTP/1.1\r\n"]
-        upgrade_to = b""
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname in drop:
-                if lname == b"upgrade":
-                    upgrade_to = value
-                continue
-            parts += (name, b": ", value, b"\r\n")
+        tokens = ex.conn_tokens
+        if tokens and not HOP_BY_HOP.issuperset(tokens):
+            parts += _without(ex.head, tokens)  # ``Connection`` names more headers to drop
+        else:
+            parts += ex.head
         if ex.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
-        if ex.upgrade and upgrade_to:
-            parts += (b"connection: upgrade\r\nupgrade: ", upgrade_to, b"\r\n")
+        if ex.upgrade and ex.upgrade_to:
+            parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade_to, b"\r\n")
         parts += (ex.extra_headers, b"\r\n")
-        return b"".join(parts)
+        return parts
 
     def _fail(self, ex: Exchange, error: ProxyError, link: Link | None = None) -> None:
         """Answer ``ex`` with the error's status and an ``l5d-proxy-error`` reason."""
@@ -310,25 +322,46 @@ class Http1Server:
         Relay(self.link, upstream, early_a=ex.tunnel_tail, early_b=tail)
 
 
+def _without(head: list[bytes], names: tuple[bytes, ...]) -> list[bytes]:
+    """``head`` (groups of name, ``: ``, value, CRLF) minus the headers called ``names``."""
+    kept: list[bytes] = []
+    for i in range(0, len(head), 4):
+        if head[i].lower() not in names:
+            kept += head[i : i + 4]
+    return kept
+
+
+_STATUS_LINE = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
+
+
 class _Response:
-    """The sink of the upstream link while it carries the response to one exchange."""
+    """The sink of an upstream link while it carries the response to one exchange.
+
+    It stays with its link (``link.codec``) while the link is pooled, so that the next
+    exchange on the link reuses it and its parser.
+    """
 
     __slots__ = (
-        "body_mode", "done", "ex", "head_sent", "headers", "out", "parser", "reason", "reusable",
-        "server", "switching",
+        "body_mode", "chunked", "done", "ex", "has_length", "head", "head_sent", "out", "parser",
+        "reason", "reusable", "server", "stray", "switching", "tokens", "upgrade_to",
     )  # fmt: skip
 
-    def __init__(self, server: Http1Server, ex: Exchange) -> None:
+    server: Http1Server
+    ex: Exchange
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.out: list[bytes] = []  # what one read produced: written to the client in one go
+        self.done = False
+
+    def begin(self, server: Http1Server, ex: Exchange) -> None:
         self.server = server
         self.ex = ex
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
         self.head_sent = False
         self.done = False
         self.switching = False
         self.reusable = False
-        self.out: list[bytes] = []  # what one read produced: written to the client in one go
+        self.stray = False  # bytes followed the response: the parser is mid-message
         self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk
 
     def data_received(self, data: bytes) -> None:
@@ -347,57 +380,64 @@ class _Response:
         if self.done:
             self._finish()
 
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.stray = True
+        # The end-to-end headers as they will be written: name, b": ", value, b"\r\n".
+        self.head: list[bytes] = []
+        self.reason = b""
+        self.chunked = False
+        self.has_length = False
+        self.tokens: tuple[bytes, ...] = ()
+        self.upgrade_to = b""
+
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"transfer-encoding":
+                self.chunked = value.lower().rstrip().endswith(b"chunked")
+            elif lname == b"connection":
+                self.tokens += tuple(t.strip().lower() for t in value.split(b","))
+            elif lname == b"upgrade":
+                self.upgrade_to = value
+            return
+        if lname == b"content-length":
+            self.has_length = True
+        self.head += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         status = parser.get_status_code()
         ex = self.ex
-        chunked = False
-        has_length = False
-        tokens: tuple[bytes, ...] = ()
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"transfer-encoding":
-                chunked = value.lower().rstrip().endswith(b"chunked")
-            elif lname == b"content-length":
-                has_length = True
-            elif lname == b"connection":
-                tokens += tuple(t.strip().lower() for t in value.split(b","))
+        parts = [_STATUS_LINE.get(status) or b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
+        tokens = self.tokens
+        if tokens and not HOP_BY_HOP.issuperset(tokens):
+            parts += _without(self.head, tokens)  # ``Connection`` names more headers to drop
+        else:
+            parts += self.head
         self.switching = status == 101 and ex.upgrade
         # Read here: httptools forgets keep-alive once the message is complete.
         self.reusable = parser.should_keep_alive()
-        drop = HOP_BY_HOP.union(tokens) if tokens else HOP_BY_HOP
-        parts = [b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
-        upgrade_to = b""
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname in drop:
-                if lname == b"upgrade":
-                    upgrade_to = value
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        self.headers = []
-        self.reason = b""
         if 100 <= status < 200 and not self.switching:
-            self.out.append(b"".join((*parts, b"\r\n")))  # interim: the final one follows
+            parts.append(b"\r\n")
+            self.out.append(b"".join(parts))  # interim: the final one follows
             return
         no_body = ex.is_head or status in (204, 304) or self.switching
         if self.switching:
-            parts += (b"connection: upgrade\r\nupgrade: ", upgrade_to, b"\r\n")
-        elif chunked and not ex.client_10:
+            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade_to, b"\r\n")
+        elif self.chunked and not ex.client_10:
             parts.append(b"transfer-encoding: chunked\r\n")
             self.body_mode = 1
-        elif not has_length and not no_body:
+        elif not self.has_length and not no_body:
             ex.close_after = True  # close-delimited (or HTTP/1.0 client): EOF ends the body
         if ex.close_after or not ex.keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        self.server.dispatcher.response_head(ex, status, self.server._loop.time())
+        server = self.server
+        server.dispatcher.response_head(ex, status, server._loop.time())
         self.out.append(b"".join(parts))
         self.head_sent = True
         if no_body and not self.switching:
@@ -424,9 +464,13 @@ class _Response:
             out.clear()
 
     def _finish(self) -> None:
+        ex = self.ex
         link = self._link()
-        reusable = self.reusable and not self.ex.close_after
-        self.server._complete(self.ex, link, reusable)
+        reusable = self.reusable and not ex.close_after
+        if reusable and not (ex.is_head or self.stray):
+            # After a HEAD answer the parser still expects the body the headers announce.
+            link.codec = self
+        self.server._complete(ex, link, reusable)
 
     def _link(self) -> Link:
         link = self.ex.link

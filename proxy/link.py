@@ -48,6 +48,7 @@ class Link(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "closed",
+        "codec",
         "eof",
         "on_handshake",
         "peer",
@@ -68,6 +69,7 @@ class Link(asyncio.Protocol):
         self.bytes_out = 0
         self.closed = False
         self.eof = False
+        self.codec: Any = None  # per-connection protocol state an owner keeps across uses
         self.write_paused = False
         self.tracker: Any = None  # metrics: told once when the connection closes
 

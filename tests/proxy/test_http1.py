@@ -189,3 +189,51 @@ async def test_admin_endpoints(pki) -> None:
             async with http.get(f"http://127.0.0.1:{admin}/metrics") as resp:
                 assert "# TYPE response_latency_ms histogram" in await resp.text()
         await asyncio.sleep(0)
+
+
+_RAW_REPLIES = {
+    b"HEAD /h": b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nx-kind: head\r\n\r\n",
+    b"GET /g": b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-kind: get\r\n\r\nabc",
+    b"GET /c": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConnection: x-hop\r\n"
+    b"x-hop: 1\r\nx-keep: 2\r\ncontent-length: 2\r\n\r\nok",
+}
+
+
+async def test_upstream_connection_reused_after_head_interim_and_connection_tokens(pki) -> None:
+    """One pooled app connection answers HEAD (length announced, no body), an interim 100 and
+    a response whose Connection header names another header: each reply arrives intact."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    accepted = 0
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                writer.write(_RAW_REPLIES[b" ".join(head.split(b" ")[:2])])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with run_mesh(web, api, app_port=port) as mesh:
+            req = b"".join(
+                b"%s HTTP/1.1\r\nHost: api\r\n\r\n" % r for r in (b"HEAD /h", b"GET /g", b"GET /c")
+            )
+            reply = await raw_exchange(
+                mesh.outbound, req + b"GET /g HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+            )
+    finally:
+        server.close()
+    parts = reply.split(b"HTTP/1.1 ")[1:]
+    assert len(parts) == 5, reply
+    assert parts[0].startswith(b"200") and b"x-kind: head" in parts[0]
+    assert parts[0].endswith(b"\r\n\r\n")  # no body after the HEAD answer
+    assert parts[1].startswith(b"200") and parts[1].endswith(b"\r\n\r\nabc")
+    assert parts[2].startswith(b"100 Continue\r\n\r\n")
+    assert b"x-keep: 2" in parts[3] and b"x-hop" not in parts[3] and parts[3].endswith(b"ok")
+    assert parts[4].endswith(b"abc") and b"connection: close" in parts[4]
+    assert accepted == 1
