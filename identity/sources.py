@@ -138,6 +138,7 @@ class KubernetesSecretSource:
         *,
         name: str = ISSUER_SECRET,
         watch_timeout: int = 30,
+        read_timeout: float = 45.0,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         from kubernetes import client as k8s
@@ -147,6 +148,9 @@ class KubernetesSecretSource:
         self.name = name
         self.description = f"Secret {namespace}/{name}"
         self._watch_timeout = watch_timeout
+        # The client-side read timeout ends a watch even when the server ignores
+        # timeout_seconds, so the loop re-lists and notices stop() in bounded time.
+        self._read_timeout = read_timeout
         self._on_error = on_error
         self._cond = threading.Condition()
         self._data: dict[str, bytes] | None = None
@@ -230,6 +234,7 @@ class KubernetesSecretSource:
                     namespace=self.namespace,
                     field_selector=f"metadata.name={self.name}",
                     timeout_seconds=self._watch_timeout,
+                    _request_timeout=(5.0, self._read_timeout),
                 ):
                     if self._stop.is_set():
                         w.stop()
@@ -242,6 +247,9 @@ class KubernetesSecretSource:
                     self._set(None if kind == "DELETED" else _decode(getattr(obj, "data", None)))
                 backoff = 0.1
             except Exception as e:  # the watch must survive anything the API does
+                if _is_read_timeout(e):
+                    continue  # an idle watch ended: re-list and watch again
+
                 log.warning(
                     "issuer Secret watch failed (%s); retrying in %.1fs", _reason(e), backoff
                 )
@@ -249,6 +257,14 @@ class KubernetesSecretSource:
                     self._on_error(_reason(e))
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+def _is_read_timeout(e: BaseException) -> bool:
+    from urllib3.exceptions import ReadTimeoutError
+
+    return isinstance(e, ReadTimeoutError | TimeoutError) or isinstance(
+        getattr(e, "__context__", None), ReadTimeoutError | TimeoutError
+    )
 
 
 def _decode(data: dict[str, str] | None) -> dict[str, bytes]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import kmock
 import pytest
 from identity_testkit import Env, make_env
 
@@ -33,3 +35,33 @@ async def server(env: Env) -> AsyncIterator[IdentityServer]:
         yield srv
     finally:
         await srv.stop(0)
+
+
+class TokenReviewEmulator(kmock.KubernetesEmulator):
+    """kmock stores every created object; TokenReviews are answered, never stored (else the
+    second review of the same object would be a 409 Conflict)."""
+
+    async def _handle(self, request: Any) -> Any:
+        if getattr(request.resource, "plural", None) == "tokenreviews":
+            return await kmock.KubernetesScaffold._handle(self, request)
+        return await super()._handle(request)
+
+
+@pytest.fixture
+async def k8s() -> AsyncIterator[tuple[TokenReviewEmulator, Any]]:
+    """kmock (a real HTTP server speaking the Kubernetes API) and an official-client ApiClient."""
+    from kubernetes import client
+
+    async with TokenReviewEmulator() as emulator, kmock.Server(emulator) as server:
+        for resource in (
+            "v1/secrets",
+            "v1/configmaps",
+            "v1/events",
+            "authentication.k8s.io/v1/tokenreviews",
+        ):
+            emulator.resources[resource] = {}
+        api = client.ApiClient(client.Configuration(host=str(server.url).rstrip("/")))
+        try:
+            yield emulator, api
+        finally:
+            api.close()
