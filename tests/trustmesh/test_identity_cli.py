@@ -1,0 +1,118 @@
+"""``trustmesh identity``: token minting, manifests, and ``serve`` as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import yaml
+
+from identity.client import IdentityClient, IdentityClientConfig
+from pki import tokens
+from pki.certs import utcnow
+from pki.store import FileStore
+from trustmesh.cli import main
+
+WEB = "web.default.serviceaccount.identity.trustmesh.cluster.local"
+
+
+def run(args: list[str], capsys: object) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()  # type: ignore[attr-defined]
+    return code, out, err
+
+
+def test_token_and_manifests(make_store: Callable[..., FileStore], capsys: object) -> None:
+    store = make_store(utcnow())
+    code, out, _ = run(
+        [
+            "identity",
+            "token",
+            "--store",
+            str(store.root),
+            "-s",
+            "web",
+            "-n",
+            "default",
+            "--ttl",
+            "1h",
+        ],
+        capsys,
+    )
+    assert code == 0
+    key = tokens.token_signing_key(store, now=utcnow())
+    claims = tokens.verify_token(
+        out.strip().encode(), key, audience="identity.l5d.io", now=utcnow()
+    )
+    assert claims.subject == "system:serviceaccount:default:web"
+    code, _, err = run(
+        ["identity", "token", "--store", str(store.root), "-s", "Bad", "-n", "x"], capsys
+    )
+    assert code == 1 and "DNS-1123" in err
+    code, out, _ = run(["identity", "cert-manager-manifests", "--namespace", "mesh"], capsys)
+    assert [d["kind"] for d in yaml.safe_load_all(out)] == [
+        "ClusterIssuer",
+        "Certificate",
+        "Bundle",
+    ]
+    code, _, err = run(["identity", "serve", "--store", "a", "--issuer-dir", "b"], capsys)
+    assert code == 2 and "choose one" in err
+
+
+async def test_serve_subprocess_tls_with_workers(
+    make_store: Callable[..., FileStore], tmp_path: Path
+) -> None:
+    store = make_store(utcnow())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trustmesh", "identity", "serve", "--store", str(store.root),
+         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--tls", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)  # type: ignore[union-attr]
+        _, _, grpc_port, _, admin_port, _ = line.split()
+        bundle = store.load().require_bundle()
+        key = tokens.token_signing_key(store, now=utcnow())
+        now = utcnow().replace(microsecond=0)
+        claims = tokens.TokenClaims(
+            "system:serviceaccount:default:web", "identity.l5d.io", now, now + timedelta(hours=1)
+        )
+        token = tokens.sign_token(claims, key)
+        assert len(psutil.Process(proc.pid).children()) >= 1  # the worker process
+        server_name = "trustmesh-identity.trustmesh.serviceaccount.identity.trustmesh.cluster.local"
+        # Eight clients (eight connections): the kernel spreads them over both processes.
+        clients = [
+            IdentityClient(IdentityClientConfig(f"127.0.0.1:{grpc_port}", WEB, server_name=server_name),
+                           lambda: token, lambda: bundle, clock=utcnow)
+            for _ in range(8)
+        ]  # fmt: skip
+        await asyncio.gather(*(c.certify_once() for c in clients))
+        assert all(c.current() is not None for c in clients)
+        deadline = time.monotonic() + 10
+        while True:  # worker counters arrive twice a second
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+            if 'identity_issuance_total{result="ok"} 8.0' in metrics:
+                break
+            assert time.monotonic() < deadline, metrics
+            await asyncio.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
