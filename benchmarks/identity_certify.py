@@ -1,0 +1,369 @@
+"""Identity service throughput: certificates per second over gRPC at 1, 8 and 32 callers, beside
+in-process issuance (the limit) and Debian's cfssl (``cfssl serve``) signing the same CSRs on
+loopback, plus a restart storm of 10,000 distinct identities requesting at once.
+
+Every request is distinct (its own identity, token and P-256 CSR), prepared before timing. The
+identity service runs as ``trustmesh identity serve`` subprocesses (plain gRPC, ``--workers 1``
+and ``--workers 2``); the load generator is this process (grpc.aio, one channel per caller,
+requests pre-serialized). cfssl gets the same CSRs as PEM over HTTP/1.1 keep-alive, one
+connection per caller, from a minimal asyncio client. cfssl checks no token, so it does less work
+per certificate than the identity service. All processes share the machine's cores; server CPU
+per certificate (µs, from /proc, including worker processes) is the portable figure.
+
+Run: ``.venv/bin/python benchmarks/identity_certify.py`` (about 1-2 minutes; QUICK=1 for a smoke run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import psutil  # noqa: E402
+
+from identity.issuer import check_issuer  # noqa: E402
+from identity.service import Certifier, IssuancePolicy  # noqa: E402
+from identity.validators import Domain, LocalTokenValidator  # noqa: E402
+from pki import tokens  # noqa: E402
+from pki.certs import utcnow  # noqa: E402
+from pki.csr import create_csr  # noqa: E402
+from pki.keys import PrivateKey  # noqa: E402
+from pki.names import Identity  # noqa: E402
+from pki.rotation import init_anchor, issue_issuer  # noqa: E402
+from pki.store import FileStore  # noqa: E402
+from protos import identity_pb2  # noqa: E402
+
+QUICK = os.environ.get("QUICK") == "1"
+STORM = 1_000 if QUICK else 10_000
+CALLERS = (1, 8, 32)
+PER_RUN = {1: 300, 8: 1000, 32: 2000} if QUICK else {1: 1000, 8: 3000, 32: 5000}
+METHOD = "/io.linkerd.proxy.identity.Identity/Certify"
+DOMAIN = Domain("trustmesh", "cluster.local")
+
+
+@dataclass
+class Result:
+    name: str
+    callers: int
+    count: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+    server_cpu: float | None  # seconds
+
+    def row(self) -> str:
+        rate = self.count / self.seconds
+        lat = sorted(self.latencies) or [0.0]
+        p50 = lat[len(lat) // 2] * 1000
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+        cpu = f"{self.server_cpu / self.count * 1e6:8.0f}" if self.server_cpu else "       -"
+        return (
+            f"{self.name:<28}{self.callers:>8}{self.count:>8}{self.errors:>7}"
+            f"{rate:>10.0f}{p50:>9.2f}{p99:>9.2f}{cpu}"
+        )
+
+
+def prepare(store: FileStore, n: int, offset: int) -> list[tuple[str, bytes, bytes]]:
+    key = tokens.token_signing_key(store, now=utcnow())
+    now = utcnow().replace(microsecond=0)
+    out = []
+    for i in range(offset, offset + n):
+        name = Identity(f"sa-{i}", "bench").dns_name
+        claims = tokens.TokenClaims(
+            f"system:serviceaccount:bench:sa-{i}", "identity.l5d.io", now, now + timedelta(hours=2)
+        )
+        out.append((name, tokens.sign_token(claims, key), create_csr(name, PrivateKey.generate())))
+    return out
+
+
+def serialize(reqs: list[tuple[str, bytes, bytes]]) -> list[bytes]:
+    return [
+        identity_pb2.CertifyRequest(
+            identity=n, token=t, certificate_signing_request=c
+        ).SerializeToString()
+        for n, t, c in reqs
+    ]
+
+
+def tree_cpu(pid: int) -> float:
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def in_process(store: FileStore, reqs: list[tuple[str, bytes, bytes]]) -> Result:
+    key = tokens.token_signing_key(store, now=utcnow())
+    c = Certifier(IssuancePolicy(), LocalTokenValidator(key, DOMAIN, clock=utcnow), clock=utcnow)
+    state = store.load()
+    c.set_issuer(
+        check_issuer(state.require_issuer(), state.require_bundle(), source="b", at=utcnow())
+    )
+    lat = []
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for r in reqs:
+        s = time.perf_counter()
+        await c.certify(*r)
+        lat.append(time.perf_counter() - s)
+    seconds = time.perf_counter() - t0
+    return Result("in-process Certifier", 1, len(reqs), 0, seconds, lat, time.process_time() - cpu0)
+
+
+def start_server(store: FileStore, workers: int) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trustmesh", "identity", "serve", "--store", str(store.root),
+         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--workers", str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    if len(line) < 3:
+        proc.kill()
+        raise SystemExit("identity serve did not start")
+    return proc, int(line[2])
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def grpc_run(
+    name: str, port: int, pid: int, payloads: list[bytes], callers: int, channels: int
+) -> Result:
+    opts = [("grpc.use_local_subchannel_pool", 1)]
+    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(channels)]
+    calls = [ch.unary_unary(METHOD) for ch in chans]
+    for call in calls:  # connect every channel before timing
+        await call(payloads[0], timeout=10)
+    work = iter(payloads[1:])
+    lat: list[float] = []
+    errors = 0
+
+    async def caller(i: int) -> None:
+        nonlocal errors
+        call = calls[i % len(calls)]
+        for p in work:
+            s = time.perf_counter()
+            try:
+                await call(p, timeout=60)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            lat.append(time.perf_counter() - s)
+
+    cpu0, t0 = tree_cpu(pid), time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    seconds = time.perf_counter() - t0
+    cpu = tree_cpu(pid) - cpu0
+    for ch in chans:
+        await ch.close()
+    return Result(name, callers, len(payloads) - 1, errors, seconds, lat, cpu)
+
+
+# --- cfssl -------------------------------------------------------------------------------------
+
+
+def start_cfssl(work: Path, store: FileStore) -> tuple[subprocess.Popen[bytes], int] | None:
+    if shutil.which("cfssl") is None:
+        return None
+    state = store.load()
+    issuer = state.require_issuer()
+    (work / "ca.pem").write_bytes(issuer.certificate.pem)
+    (work / "ca-key.pem").write_bytes(_sec1(issuer.key))
+    os.chmod(work / "ca-key.pem", 0o600)
+    (work / "config.json").write_text(json.dumps({"signing": {"default": {
+        "expiry": "24h", "usages": ["digital signature", "server auth", "client auth"]}}}))  # fmt: skip
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["cfssl", "serve", "-address", "127.0.0.1", "-port", str(port), "-ca", str(work / "ca.pem"),
+         "-ca-key", str(work / "ca-key.pem"), "-config", str(work / "config.json")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None
+
+
+def _sec1(key: PrivateKey) -> bytes:
+    """cfssl 1.2 reads 'EC PRIVATE KEY' (SEC1); convert from PKCS#8 with the openssl CLI."""
+    out = subprocess.run(["openssl", "ec"], input=key.to_pem(), capture_output=True, check=True)
+    return out.stdout
+
+
+async def cfssl_run(port: int, pid: int, pems: list[bytes], callers: int) -> Result:
+    work = iter(pems)
+    lat: list[float] = []
+    errors = 0
+
+    async def caller() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for pem in work:
+                body = json.dumps({"certificate_request": pem.decode()}).encode()
+                s = time.perf_counter()
+                writer.write(
+                    b"POST /api/v1/cfssl/sign HTTP/1.1\r\nHost: cfssl\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\n\r\n" + body
+                )  # fmt: skip
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )  # fmt: skip
+                payload = json.loads(await reader.readexactly(length))
+                lat.append(time.perf_counter() - s)
+                if not payload.get("success"):
+                    errors += 1
+        finally:
+            writer.close()
+
+    cpu0, t0 = tree_cpu(pid), time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    seconds = time.perf_counter() - t0
+    return Result(
+        "cfssl serve (Go)", callers, len(pems), errors, seconds, lat, tree_cpu(pid) - cpu0
+    )
+
+
+def to_pem(der: bytes) -> bytes:
+    """DER CSR to PEM (64-column base64 between the PKCS#10 armour lines)."""
+    b64 = base64.b64encode(der).decode()
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    body = "\n".join(
+        ["-----BEGIN CERTIFICATE REQUEST-----", *lines, "-----END CERTIFICATE REQUEST-----"]
+    )
+    return (body + "\n").encode()
+
+
+async def storm(port: int, pid: int, payloads: list[bytes]) -> Result:
+    """All requests at once, spread over 64 connections (64 restarting nodes' worth)."""
+    opts = [("grpc.use_local_subchannel_pool", 1)]
+    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(64)]
+    calls = [ch.unary_unary(METHOD) for ch in chans]
+    await asyncio.gather(*(c(payloads[0], timeout=10) for c in calls))
+    lat: list[float] = []
+    errors = 0
+
+    async def one(i: int, p: bytes) -> None:
+        nonlocal errors
+        s = time.perf_counter()
+        try:
+            await calls[i % 64](p, timeout=60)
+        except grpc.aio.AioRpcError:
+            errors += 1
+        lat.append(time.perf_counter() - s)
+
+    cpu0, t0 = tree_cpu(pid), time.perf_counter()
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(payloads[1:])))
+    seconds = time.perf_counter() - t0
+    cpu = tree_cpu(pid) - cpu0
+    for ch in chans:
+        await ch.close()
+    return Result(f"storm {len(payloads) - 1} identities", len(payloads) - 1, len(payloads) - 1,
+                  errors, seconds, lat, cpu)  # fmt: skip
+
+
+async def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="tm-bench-identity-"))
+    store = FileStore(work / "store")
+    init_anchor(store, now=utcnow())
+    issue_issuer(store, now=utcnow())
+    total = STORM + 1 + sum(PER_RUN.values()) * 2 + 1000
+    print(f"preparing {total} distinct identities, tokens and CSRs ...", file=sys.stderr)
+    reqs = prepare(store, total, 0)
+    cursor = 0
+
+    def take(n: int) -> list[tuple[str, bytes, bytes]]:
+        nonlocal cursor
+        cursor += n
+        return reqs[cursor - n : cursor]
+
+    results: list[Result] = [await in_process(store, take(1000))]
+    procs: list[subprocess.Popen] = []  # type: ignore[type-arg]
+    try:
+        for workers in (1, 2):
+            proc, port = start_server(store, workers)
+            procs.append(proc)
+            for callers in CALLERS:
+                payloads = serialize(take(PER_RUN[callers] + 1))
+                name = f"gRPC Certify, {workers} proc"
+                results.append(await grpc_run(name, port, proc.pid, payloads, callers, callers))
+            if workers == 2:
+                results.append(await storm(port, proc.pid, serialize(take(STORM + 1))))
+            stop(proc)
+        cf = start_cfssl(work, store)
+        if cf is not None:
+            cf_proc, cf_port = cf
+            procs.append(cf_proc)  # type: ignore[arg-type]
+            pems = [to_pem(c) for _, _, c in reqs[: max(PER_RUN.values())]]
+            for callers in CALLERS:
+                results.append(
+                    await cfssl_run(cf_port, cf_proc.pid, pems[: PER_RUN[callers]], callers)
+                )
+        else:
+            print("cfssl not installed: skipping the cfssl rows", file=sys.stderr)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                stop(p)  # type: ignore[arg-type]
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nmachine: {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f} "
+          f"(load generator shares the cores)")  # fmt: skip
+    print(f"{'server':<28}{'callers':>8}{'certs':>8}{'errors':>7}{'certs/s':>10}"
+          f"{'p50 ms':>9}{'p99 ms':>9}{'srv µs/cert':>12}")  # fmt: skip
+    for r in results:
+        print(r.row())
+    rate = {(r.name, r.callers): r.count / r.seconds for r in results}
+    best32 = max(v for (n, c), v in rate.items() if c == 32 and n.startswith("gRPC"))
+    cf32 = rate.get(("cfssl serve (Go)", 32))
+    storm_r = next((r for r in results if r.name.startswith("storm")), None)
+    print("\ntargets:")
+    print(
+        f"  >= 2,500 certs/s at 32 callers: {best32:.0f} -> {'met' if best32 >= 2500 else 'NOT met'}"
+    )
+    if cf32:
+        print(f"  not slower than cfssl at 32:   {best32:.0f} vs {cf32:.0f} -> "
+              f"{'met' if best32 >= cf32 else 'NOT met'}")  # fmt: skip
+    if storm_r:
+        ok = storm_r.seconds <= 5 and storm_r.errors == 0
+        print(f"  storm drained <= 5 s, 0 errors: {storm_r.seconds:.2f} s, {storm_r.errors} errors"
+              f" -> {'met' if ok else 'NOT met'}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
