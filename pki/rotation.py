@@ -202,13 +202,21 @@ def issue_issuer(
     algorithm: KeyAlgorithm | None = None,
     lifetime: timedelta | None = None,
     reason: str = "issuer created",
+    replace: bool = True,
 ) -> StoreState:
     """Create (or immediately replace) the issuer, signed by the store's anchor.
 
-    Algorithm and lifetime default to the current issuer's, else ECDSA P-256 and 48 h.
+    Algorithm and lifetime default to the current issuer's, else ECDSA P-256 and 48 h. With
+    ``replace=False`` an existing issuer is an error, decided under the lock so that two
+    concurrent creations cannot both succeed.
     """
     with store.lock():
-        return _issue_locked(store, store.load(), now, algorithm, lifetime, reason)
+        state = store.load()
+        if not replace and state.issuer is not None:
+            raise StoreError(
+                f"{store.root} already has an issuer; replace it with 'trustmesh pki issuer rotate'"
+            )
+        return _issue_locked(store, state, now, algorithm, lifetime, reason)
 
 
 def _issue_locked(

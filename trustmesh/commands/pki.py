@@ -310,11 +310,7 @@ def issuer_create(
 ) -> None:
     """Create the issuer, signed by the store's trust anchor."""
     fs = _store(store)
-    if fs.load().issuer is not None:
-        raise CLIError(
-            f"{fs.root} already has an issuer; replace it with 'trustmesh pki issuer rotate'"
-        )
-    state = issue_issuer(fs, now=utcnow(), algorithm=algorithm, lifetime=validity)
+    state = issue_issuer(fs, now=utcnow(), algorithm=algorithm, lifetime=validity, replace=False)
     _report_issuer(fs, state, "created", output)
 
 
