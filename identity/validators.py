@@ -10,6 +10,9 @@ audiences do not match (legacy, non-projected tokens). Both return the service a
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,6 +65,57 @@ def identity_from_username(username: str, domain: Domain) -> Identity:
     return Identity(name, namespace, domain.control_plane_namespace, domain.trust_domain)
 
 
+# Verified local tokens remembered per process. A proxy presents the same token at every renewal
+# and the pods of one service account often share one, so a hit saves the ES256 verification and
+# the JSON decoding (~100 µs). 16,384 entries of ~1 KiB bound the memory at ~16 MiB.
+DEFAULT_TOKEN_CACHE_SIZE = 16_384
+
+
+class VerifiedTokenCache:
+    """A bounded LRU of tokens whose signature, issuer and audience were verified.
+
+    The key is the SHA-256 of the exact token bytes, so a hit is the same token, byte for byte;
+    the value is the token's claims and the identity they name. Only what does not change with
+    time is cached: the validity window is checked again at every use, so an expired token is
+    refused even when cached. Failures are never cached. Thread-safe.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_TOKEN_CACHE_SIZE) -> None:
+        if capacity < 0:
+            raise ValueError(f"token cache capacity must not be negative, got {capacity}")
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[bytes, tuple[tokens.TokenClaims, Identity]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def digest(token: bytes) -> bytes:
+        return hashlib.sha256(token).digest()
+
+    def get(self, digest: bytes) -> tuple[tokens.TokenClaims, Identity] | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(digest)
+            self.hits += 1
+            return entry
+
+    def put(self, digest: bytes, claims: tokens.TokenClaims, identity: Identity) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._entries[digest] = (claims, identity)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+
 class LocalTokenValidator:
     """Verifies locally signed workload tokens (ES256, key held by the control plane)."""
 
@@ -73,19 +127,34 @@ class LocalTokenValidator:
         clock: Callable[[], datetime],
         audience: str = DEFAULT_AUDIENCE,
         issuer: str = tokens.DEFAULT_TOKEN_ISSUER,
+        cache_size: int = DEFAULT_TOKEN_CACHE_SIZE,
     ) -> None:
-        self._key = key
+        self._verifier = tokens.TokenVerifier(key, audience=audience, issuer=issuer)
         self._domain = domain
         self._clock = clock
-        self._audience = audience
-        self._issuer = issuer
+        self.cache = VerifiedTokenCache(cache_size)
 
     def check(self, token: bytes) -> Identity:
         """Synchronous validation (no I/O): the hot path of the embedded mesh."""
-        claims = tokens.verify_token(
-            token, self._key, audience=self._audience, issuer=self._issuer, now=self._clock()
-        )
-        return identity_from_username(claims.subject, self._domain)
+        if not isinstance(token, bytes | bytearray):
+            raise TypeError(f"token must be bytes, not {type(token).__name__}")
+        now = self._clock()
+        digest = self.cache.digest(token)
+        entry = self.cache.get(digest)
+        if entry is not None:
+            claims, identity = entry
+            # The verifier's audience and issuer are fixed, but a cached entry must still meet
+            # them, whatever put it there; the window is the one part that moves with time.
+            if (
+                claims.audience == self._verifier.audience
+                and claims.issuer == self._verifier.issuer
+            ):
+                claims.check_time(now)
+                return identity
+        claims = self._verifier.verify(token, now=now)
+        identity = identity_from_username(claims.subject, self._domain)
+        self.cache.put(digest, claims, identity)
+        return identity
 
     async def validate(self, token: bytes) -> Identity:
         return self.check(token)

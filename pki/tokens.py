@@ -89,6 +89,17 @@ class TokenClaims:
     def valid_from(self) -> datetime:
         return self.not_before if self.not_before is not None else self.issued_at
 
+    def check_time(self, now: datetime, leeway: timedelta = timedelta(0)) -> None:
+        """Raise unless ``now`` is inside [valid_from, expires_at) give or take ``leeway``.
+
+        Kept apart from the signature check so that a cache of verified tokens applies exactly
+        the same window at every use.
+        """
+        if now + leeway < self.valid_from:
+            raise TokenNotYetValid(f"token is not valid before {self.valid_from.isoformat()}")
+        if now - leeway >= self.expires_at:
+            raise TokenExpired(f"token expired at {self.expires_at.isoformat()}")
+
 
 def _b64(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
@@ -182,45 +193,88 @@ def verify_token(
     Order: size and shape, header (ES256, our key id), signature, then issuer, audience and the
     validity window, so that an unsigned token never reveals which claim would have failed.
     """
-    if not isinstance(token, bytes | bytearray):
-        raise TypeError(f"token must be bytes, not {type(token).__name__}")
-    if len(token) > MAX_TOKEN_BYTES:
-        raise TokenMalformed(f"token is {len(token)} bytes, over the limit of {MAX_TOKEN_BYTES}")
-    token = bytes(token).strip()
-    parts = token.split(b".")
-    if len(parts) != 3 or not all(parts):
-        raise TokenMalformed("token is not a compact JWS (three non-empty base64url parts)")
-    header = _json_object(parts[0], "header")
-    if header.get("alg") != "ES256":
-        raise TokenMalformed(f"token algorithm {header.get('alg')!r} is not allowed; only ES256")
-    if header.get("kid") != key_id(key):
-        raise TokenSignatureInvalid(
-            f"token was signed by key {header.get('kid')!r}, not this control plane's key"
+    verifier = TokenVerifier(key, audience=audience, issuer=issuer, leeway=leeway)
+    return verifier.verify(token, now=now)
+
+
+class TokenVerifier:
+    """:func:`verify_token` for one key, audience and issuer, with the key id and public key
+    derived once (the identity service checks every Certify token with the same key)."""
+
+    __slots__ = ("_kid", "_public", "audience", "issuer", "leeway")
+
+    def __init__(
+        self,
+        key: PrivateKey,
+        *,
+        audience: str,
+        issuer: str = DEFAULT_TOKEN_ISSUER,
+        leeway: timedelta = timedelta(0),
+    ) -> None:
+        public = key.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise TypeError("token verification needs an ECDSA P-256 key")
+        if not isinstance(audience, str) or not audience:
+            raise ValueError("token audience must be a non-empty string")
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway
+        self._kid = key_id(key)
+        self._public = public
+
+    def verify(self, token: bytes, *, now: datetime) -> TokenClaims:
+        """Check ``token`` at ``now``; return its claims or raise a :class:`TokenError`."""
+        claims = self.verify_signed(token)
+        claims.check_time(now, self.leeway)
+        return claims
+
+    def verify_signed(self, token: bytes) -> TokenClaims:
+        """Everything but the validity window: shape, key id, signature, issuer, audience.
+
+        The caller must apply :meth:`TokenClaims.check_time` before trusting the claims.
+        """
+        if not isinstance(token, bytes | bytearray):
+            raise TypeError(f"token must be bytes, not {type(token).__name__}")
+        if len(token) > MAX_TOKEN_BYTES:
+            raise TokenMalformed(
+                f"token is {len(token)} bytes, over the limit of {MAX_TOKEN_BYTES}"
+            )
+        token = bytes(token).strip()
+        parts = token.split(b".")
+        if len(parts) != 3 or not all(parts):
+            raise TokenMalformed("token is not a compact JWS (three non-empty base64url parts)")
+        header = _json_object(parts[0], "header")
+        if header.get("alg") != "ES256":
+            raise TokenMalformed(
+                f"token algorithm {header.get('alg')!r} is not allowed; only ES256"
+            )
+        if header.get("kid") != self._kid:
+            raise TokenSignatureInvalid(
+                f"token was signed by key {header.get('kid')!r}, not this control plane's key"
+            )
+        payload = _json_object(parts[1], "payload")
+        signature = _unb64(parts[2], "signature")
+        if len(signature) != _ES256_SIGNATURE_BYTES:
+            raise TokenMalformed(f"token signature is {len(signature)} bytes, ES256 needs 64")
+        der = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
         )
-    payload = _json_object(parts[1], "payload")
-    signature = _unb64(parts[2], "signature")
-    if len(signature) != _ES256_SIGNATURE_BYTES:
-        raise TokenMalformed(f"token signature is {len(signature)} bytes, ES256 needs 64")
-    der = encode_dss_signature(
-        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    )
-    public = key.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise TypeError("token verification needs an ECDSA P-256 key")
-    try:
-        public.verify(der, parts[0] + b"." + parts[1], ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise TokenSignatureInvalid("token signature does not verify (forged or altered)") from None
-    claims = _claims(payload)
-    if claims.issuer != issuer:
-        raise TokenIssuerMismatch(f"token issuer is {claims.issuer!r}, expected {issuer!r}")
-    if claims.audience != audience:
-        raise TokenAudienceMismatch(f"token audience is {claims.audience!r}, expected {audience!r}")
-    if now + leeway < claims.valid_from:
-        raise TokenNotYetValid(f"token is not valid before {claims.valid_from.isoformat()}")
-    if now - leeway >= claims.expires_at:
-        raise TokenExpired(f"token expired at {claims.expires_at.isoformat()}")
-    return claims
+        try:
+            self._public.verify(der, parts[0] + b"." + parts[1], ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise TokenSignatureInvalid(
+                "token signature does not verify (forged or altered)"
+            ) from None
+        claims = _claims(payload)
+        if claims.issuer != self.issuer:
+            raise TokenIssuerMismatch(
+                f"token issuer is {claims.issuer!r}, expected {self.issuer!r}"
+            )
+        if claims.audience != self.audience:
+            raise TokenAudienceMismatch(
+                f"token audience is {claims.audience!r}, expected {self.audience!r}"
+            )
+        return claims
 
 
 def _claims(payload: Mapping[str, Any]) -> TokenClaims:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -11,11 +12,18 @@ from identity.errors import TokenInvalid, TokenNotAuthenticated, TokenReviewFail
 from identity.validators import (
     DEFAULT_AUDIENCE,
     KubernetesTokenValidator,
+    LocalTokenValidator,
     identity_from_username,
     service_account_username,
 )
+from pki.keys import PrivateKey
 from pki.names import Identity
-from pki.tokens import TokenAudienceMismatch
+from pki.tokens import (
+    TokenAudienceMismatch,
+    TokenExpired,
+    TokenNotYetValid,
+    TokenSignatureInvalid,
+)
 
 
 def test_username_parsing() -> None:
@@ -38,6 +46,67 @@ async def test_local_validator(env: Env) -> None:
     assert await v.validate(env.token("api", "shop")) == Identity("api", "shop")
     with pytest.raises(TokenAudienceMismatch):
         await v.validate(env.token(audience="other"))
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_cached_token_still_honours_its_window(env: Env) -> None:
+    clock = Clock(env.now)
+    v = env.validator(clock)
+    token = env.token("web", "default", issued=env.now, ttl=timedelta(minutes=10))
+    assert v.check(token) == Identity("web", "default")
+    assert v.check(token) == Identity("web", "default")
+    assert (v.cache.hits, v.cache.misses, len(v.cache)) == (1, 1, 1)
+    clock.now = env.now.replace(microsecond=0) + timedelta(minutes=10)  # exp is exclusive
+    with pytest.raises(TokenExpired):
+        v.check(token)
+    clock.now = env.now - timedelta(minutes=1)
+    with pytest.raises(TokenNotYetValid):
+        v.check(token)
+    assert v.cache.hits == 3  # both refusals came from the cached entry's window
+
+
+def test_cache_never_mixes_service_accounts(env: Env) -> None:
+    v = env.validator()
+    web, api = env.token("web", "default"), env.token("api", "shop")
+    for _ in range(3):
+        assert v.check(web) == Identity("web", "default")
+        assert v.check(api) == Identity("api", "shop")
+    # One changed byte is another token: verified afresh, and this one is forged.
+    forged = web[:-2] + (b"A" if web[-2:-1] != b"A" else b"B") + web[-1:]
+    with pytest.raises(TokenSignatureInvalid):
+        v.check(forged)
+    with pytest.raises(TokenSignatureInvalid):  # failures are not cached
+        v.check(forged)
+    foreign = env.token("web", "default", key=PrivateKey.generate())
+    with pytest.raises(TokenSignatureInvalid):
+        v.check(foreign)
+    assert len(v.cache) == 2
+
+
+def test_cache_is_bounded_lru(env: Env) -> None:
+    v = LocalTokenValidator(env.token_key, DOMAIN, clock=lambda: env.now, cache_size=2)
+    a, b, c = (env.token(sa) for sa in ("a", "b", "c"))
+    v.check(a)
+    v.check(b)
+    v.check(a)  # a is now the most recently used
+    v.check(c)  # evicts b
+    assert len(v.cache) == 2
+    hits = v.cache.hits
+    v.check(a)
+    assert v.cache.hits == hits + 1
+    v.check(b)
+    assert v.cache.hits == hits + 1  # b was evicted: verified again
+    off = LocalTokenValidator(env.token_key, DOMAIN, clock=lambda: env.now, cache_size=0)
+    off.check(a)
+    off.check(a)
+    assert (len(off.cache), off.cache.hits) == (0, 0)
 
 
 USERS = {
