@@ -134,12 +134,13 @@ class Http1Server:
         except httptools.HttpParserError:
             self._bad_request()
 
-    def on_message_begin(self) -> None:
-        self.parsing = Exchange()
-
     def on_url(self, url: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.url += url
+        # The first callback of every request (a request line always has a target): no
+        # on_message_begin, which would cost one more call per request.
+        ex = self.parsing
+        if ex is None:
+            ex = self.parsing = Exchange()
+        ex.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
@@ -181,6 +182,7 @@ class Http1Server:
     def on_message_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
+        self.parsing = None
         ex.req_done = True
         if ex.chunked:
             self._send_body(ex, b"0\r\n\r\n")
@@ -465,7 +467,8 @@ class _Response:
 
     def _finish(self) -> None:
         ex = self.ex
-        link = self._link()
+        link = ex.link
+        assert link is not None
         reusable = self.reusable and not ex.close_after
         if reusable and not (ex.is_head or self.stray):
             # After a HEAD answer the parser still expects the body the headers announce.

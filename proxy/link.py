@@ -51,6 +51,7 @@ class Link(asyncio.Protocol):
         "codec",
         "eof",
         "on_handshake",
+        "parked",
         "peer",
         "sink",
         "tls",
@@ -70,6 +71,7 @@ class Link(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self.codec: Any = None  # per-connection protocol state an owner keeps across uses
+        self.parked: Any = None  # the pool's entry for this link, kept for its next visit
         self.write_paused = False
         self.tracker: Any = None  # metrics: told once when the connection closes
 

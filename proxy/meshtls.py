@@ -250,27 +250,31 @@ class TlsSession:
             out = self._handshake()
             if self.info is None:
                 return b"", out
-        plaintext = self._read()
-        pending = self.drain()
-        return plaintext, (out + pending) if out else pending
-
-    def _read(self) -> bytes:
+        # Inlined: this runs for every record received.
         ssl, buf = self._ssl, self._buf
         n = _SSL_read(ssl, buf, _READ)
-        if n <= 0:
+        if n > 0:
+            plaintext = _ffi.buffer(buf, n)[:]
+            n = _SSL_read(ssl, buf, _READ)
+            if n > 0:
+                plaintext, n = self._read_rest(plaintext, n)
+        else:
+            plaintext = b""
+        if _SSL_get_error(ssl, n) != _WANT_READ:
             self._read_ended(n)
-            return b""
-        first = _ffi.buffer(buf, n)[:]
-        n = _SSL_read(ssl, buf, _READ)
+        n = _BIO_read(self._wbio, buf, _READ)  # e.g. an answer to a KeyUpdate
         if n <= 0:
-            self._read_ended(n)
-            return first
+            return plaintext, out
+        pending = _ffi.buffer(buf, n)[:] if n < _READ else self._drain_rest()
+        return plaintext, out + pending
+
+    def _read_rest(self, first: bytes, n: int) -> tuple[bytes, int]:
+        ssl, buf = self._ssl, self._buf
         chunks = [first]
         while n > 0:
             chunks.append(_ffi.buffer(buf, n)[:])
             n = _SSL_read(ssl, buf, _READ)
-        self._read_ended(n)
-        return b"".join(chunks)
+        return b"".join(chunks), n
 
     def _read_ended(self, result: int) -> None:
         error = _SSL_get_error(self._ssl, result)
@@ -296,7 +300,11 @@ class TlsSession:
             n = _SSL_write(self._ssl, plaintext, left)
             if n != left:  # a memory BIO never makes OpenSSL write partially; be safe anyway
                 self._write_rest(plaintext, n)
-        return self.drain()
+        buf = self._buf
+        n = _BIO_read(self._wbio, buf, _READ)
+        if n <= 0:
+            return b""
+        return _ffi.buffer(buf, n)[:] if n < _READ else self._drain_rest()
 
     def _write_rest(self, plaintext: bytes, n: int) -> None:
         view = memoryview(plaintext)
@@ -319,14 +327,17 @@ class TlsSession:
 
     def drain(self) -> bytes:
         """Every byte the session has queued for the peer."""
-        wbio, buf = self._wbio, self._buf
-        n = _BIO_read(wbio, buf, _READ)
+        buf = self._buf
+        n = _BIO_read(self._wbio, buf, _READ)
         if n <= 0:
             return b""
-        first = _ffi.buffer(buf, n)[:]
-        if n < _READ:
-            return first
-        parts = [first]
+        return _ffi.buffer(buf, n)[:] if n < _READ else self._drain_rest()
+
+    def _drain_rest(self) -> bytes:
+        """The scratch buffer holds a full first chunk: collect it and whatever follows."""
+        wbio, buf = self._wbio, self._buf
+        parts = [_ffi.buffer(buf, _READ)[:]]
+        n = _READ
         while n == _READ:
             n = _BIO_read(wbio, buf, _READ)
             if n > 0:

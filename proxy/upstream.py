@@ -147,11 +147,19 @@ class Pool:
         if link.closed or link.eof:
             self._close(link)
             return
-        stack = self._idle.setdefault(key, [])
-        if len(stack) >= self.max_idle_per_key:
+        stack = self._idle.get(key)
+        if stack is None:
+            stack = self._idle[key] = []
+        elif len(stack) >= self.max_idle_per_key:
             self._close(link)
             return
-        entry = _IdleSink(self, key, link, self._clock())
+        # A link goes in and out of the pool once per request: its entry is made once.
+        entry = link.parked
+        if entry is None or entry.pool is not self:
+            entry = link.parked = _IdleSink(self, key, link, self._clock())
+        else:
+            entry.key = key
+            entry.since = self._clock()
         link.sink = entry
         stack.append(entry)
         if self._sweeper is None:
