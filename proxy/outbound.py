@@ -170,7 +170,11 @@ class UpstreamListener:
         out.metrics.opened(link, ("outbound", "src", "no_identity", "", ""))
         svc = out.routes.by_name(self.service)
         if svc is not None and svc.protocol is ServiceProtocol.OPAQUE:
-            out.loop.create_task(self._relay(link, svc, b""))
+            # uvloop reads once right after connection_made even when paused there: keep
+            # those bytes (EOF is remembered by the link) until the relay takes over.
+            link.sink = hold = _Hold()
+            link.pause_reading()
+            out.loop.create_task(self._relay(link, svc, b"", hold))
         else:
             Detector(link, self._detected, out.detect_timeout)
 
@@ -185,7 +189,9 @@ class UpstreamListener:
         link.pause_reading()
         self.outbound.loop.create_task(self._relay(link, svc, buffered))
 
-    async def _relay(self, link: Link, svc: Service, early: bytes) -> None:
+    async def _relay(
+        self, link: Link, svc: Service, early: bytes, hold: _Hold | None = None
+    ) -> None:
         out = self.outbound
         link.pause_reading()
         now = out.clock()
@@ -205,5 +211,29 @@ class UpstreamListener:
         if link.closed:
             upstream.close()
             return
-        Relay(link, upstream, early_a=early)
+        Relay(link, upstream, early_a=early + hold.data if hold is not None else early)
         link.resume_reading()
+
+
+class _Hold:
+    """Buffers what a link reads before its relay exists."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass

@@ -1,0 +1,434 @@
+"""The proxy fed by the control plane: adapters from the identity and destination clients to
+the proxy's three source interfaces, and the metrics they add to the admin endpoint.
+
+- :class:`TrustAnchors` holds the trust bundle: read from the anchors file at start (the
+  proxy needs it to trust the control plane at all), then replaced by the destination's
+  trust-bundle stream or by changes of the file, whichever the operator chose.
+- :class:`IdentityCredentials` is a :class:`~proxy.meshtls.CredentialSource` over an
+  :class:`~identity.client.IdentityClient`: None until the first certificate, then one
+  :class:`~proxy.meshtls.MeshCredentials` value per (certificate, bundle) pair, so that the
+  mesh TLS contexts are rebuilt only when either changes.
+- :class:`DestinationRoutes` is a :class:`~proxy.routes.RouteSource`: each service authority
+  gets one ``Get`` watch, started on first use (or ahead of time with :meth:`prefetch`), and
+  its last-known endpoints keep serving while the destination service is away.
+- :class:`DestinationPolicy` is a :class:`~proxy.policy.PolicySource` built from one inbound
+  policy watch per application port.
+
+Conversions between the destination's values and the proxy's are pure functions here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from destination import policy as dpolicy
+from destination.client import DestinationClient, Watch
+from destination.errors import DestinationError
+from destination.model import EndpointSet, TrustBundleSnapshot
+from identity.client import IdentityClient
+from pki.bundle import TrustBundle
+from pki.errors import PKIError
+from proxy.meshtls import MeshCredentials
+from proxy.metrics import ProxyMetrics
+from proxy.policy import (
+    ALL_NETWORKS,
+    Authorization,
+    DefaultPolicy,
+    InboundPolicy,
+    Network,
+    Server,
+)
+from proxy.routes import Endpoint, Service, ServiceProtocol
+
+log = logging.getLogger(__name__)
+
+# Host headers come from the local application; these bound what a misbehaving one can make
+# the proxy remember or subscribe to.
+MAX_AUTHORITY_CACHE = 4096
+MAX_WATCHED_SERVICES = 512
+
+
+# --- trust anchors ---------------------------------------------------------------------------
+
+
+class TrustAnchors:
+    """The trust bundle in use: from ``path`` at start, then from the stream or the file.
+
+    ``current()`` re-checks the file's mtime at most every ``interval`` seconds of ``clock``
+    when ``watch_file`` is set; a file that stops parsing keeps the last good bundle.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float],
+        watch_file: bool = True,
+        interval: float = 1.0,
+    ) -> None:
+        self.path = path
+        self.clock = clock
+        self.watch_file = watch_file
+        self.interval = interval
+        self._stamp = os.stat(path).st_mtime_ns
+        self._bundle = TrustBundle.from_pem(path.read_bytes())
+        self._checked = clock()
+        self.source = "file"
+
+    def current(self) -> TrustBundle:
+        if self.watch_file:
+            now = self.clock()
+            if now - self._checked >= self.interval:
+                self._checked = now
+                self._reload()
+        return self._bundle
+
+    def _reload(self) -> None:
+        try:
+            stamp = os.stat(self.path).st_mtime_ns
+            if stamp == self._stamp:
+                return
+            bundle = TrustBundle.from_pem(self.path.read_bytes())
+        except (OSError, PKIError) as e:
+            log.warning("keeping the trust bundle in use: %s cannot be read: %s", self.path, e)
+            return
+        self._stamp = stamp
+        self.replace(bundle, "file")
+
+    def replace(self, bundle: TrustBundle, source: str) -> None:
+        if bundle.digest != self._bundle.digest:
+            log.info("trust bundle %s… from %s now in use", bundle.digest[:16], source)
+        self._bundle = bundle
+        self.source = source
+
+    async def follow(self, watch: Watch[TrustBundleSnapshot]) -> None:
+        """Apply every bundle the destination streams (run as a task until cancelled)."""
+        async for snapshot in watch.updates():
+            try:
+                bundle = TrustBundle.from_pem(snapshot.pem)
+            except PKIError as e:
+                log.error("ignoring a trust bundle from destination that does not parse: %s", e)
+                continue
+            self.replace(bundle, "destination")
+
+
+# --- credentials -----------------------------------------------------------------------------
+
+
+class IdentityCredentials:
+    """The proxy's credentials: the identity client's certificate plus the trust bundle."""
+
+    def __init__(self, client: IdentityClient, anchors: TrustAnchors) -> None:
+        self.client = client
+        self.anchors = anchors
+        self._built: tuple[object, str] | None = None
+        self._value: MeshCredentials | None = None
+
+    def current(self) -> MeshCredentials | None:
+        credential = self.client.current()
+        if credential is None:
+            return None
+        bundle = self.anchors.current()
+        key = (credential, bundle.digest)
+        if self._built is None or self._built[0] is not credential or self._built[1] != key[1]:
+            self._value = MeshCredentials(
+                self.client.config.identity,
+                credential.chain_pem(),
+                credential.key.to_pem(),
+                bundle.pem(),
+            )
+            self._built = key
+        return self._value
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+def canonical_authority(
+    authority: str, namespace: str, cluster_domain: str = "cluster.local"
+) -> str | None:
+    """The destination lookup name of an HTTP authority, Kubernetes DNS style, or None.
+
+    ``api`` and ``api:8080`` are in ``namespace``; ``api.shop`` and ``api.shop.svc`` name the
+    namespace; fully qualified names stay. Port 80 when absent. IP addresses and names outside
+    the cluster domain have no service to resolve (None).
+    """
+    text = authority.strip().lower().rstrip(".")
+    host, sep, port = text.rpartition(":")
+    if not sep or "]" in port:
+        host, port = text, "80"
+    host = host.rstrip(".")
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        return None
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None
+    except ValueError:
+        pass
+    suffix = f".svc.{cluster_domain}"
+    labels = host.split(".")
+    if host.endswith(suffix):
+        fqdn = host
+    elif len(labels) == 1:
+        fqdn = f"{host}.{namespace}{suffix}"
+    elif len(labels) == 2:
+        fqdn = f"{host}{suffix}"
+    elif len(labels) == 3 and labels[2] == "svc":
+        fqdn = f"{host}.{cluster_domain}"
+    else:
+        return None
+    return f"{fqdn}:{int(port)}"
+
+
+def service_of(endpoints: EndpointSet) -> Service:
+    """The proxy's view of a resolved service (opaque when every endpoint is opaque)."""
+    eps = []
+    for e in endpoints.endpoints:
+        if e.identity is None:
+            eps.append(Endpoint(e.address, e.port))
+        else:
+            # Without an opaque-transport port the peer proxy listens on the target itself.
+            eps.append(Endpoint(e.address, e.port, e.identity, e.opaque_inbound_port or e.port))
+    opaque = bool(endpoints.endpoints) and all(
+        e.protocol_hint == "opaque" for e in endpoints.endpoints
+    )
+    return Service(
+        endpoints.authority,
+        tuple(eps),
+        ServiceProtocol.OPAQUE if opaque else ServiceProtocol.HTTP1,
+        (endpoints.authority,),
+    )
+
+
+class DestinationRoutes:
+    """Services by authority, each kept current by its own destination watch."""
+
+    def __init__(
+        self, client: DestinationClient, namespace: str, cluster_domain: str = "cluster.local"
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.cluster_domain = cluster_domain
+        self._names: dict[str, str | None] = {}
+        self._watches: dict[str, Watch[EndpointSet]] = {}
+        self._services: dict[str, tuple[EndpointSet, Service]] = {}
+
+    def _canonical(self, authority: str) -> str | None:
+        known = self._names.get(authority, "")
+        if known != "":
+            return known
+        if len(self._names) >= MAX_AUTHORITY_CACHE:
+            self._names.clear()
+        name = self._names[authority] = canonical_authority(
+            authority, self.namespace, self.cluster_domain
+        )
+        return name
+
+    def watch(self, authority: str) -> Watch[EndpointSet] | None:
+        """The watch of ``authority``, started on first use (None when it names no service)."""
+        name = self._canonical(authority)
+        if name is None:
+            return None
+        watch = self._watches.get(name)
+        if watch is None:
+            if len(self._watches) >= MAX_WATCHED_SERVICES:
+                log.warning(
+                    "not resolving %s: %d services watched already", name, len(self._watches)
+                )
+                return None
+            watch = self._watches[name] = self.client.resolve(name)
+        return watch
+
+    async def prefetch(self, authorities: Iterable[str], timeout: float) -> list[str]:
+        """Start watches and wait up to ``timeout`` for their first answers; returns the
+        authorities still unresolved (they keep resolving in the background)."""
+        watches = {a: self.watch(a) for a in authorities}
+        pending = [a for a, w in watches.items() if w is None]
+
+        async def first(authority: str, watch: Watch[EndpointSet]) -> None:
+            try:
+                await watch.wait_ready(timeout)
+            except (TimeoutError, DestinationError) as e:
+                log.warning("service %s not resolved yet: %s", authority, e)
+                pending.append(authority)
+
+        await asyncio.gather(*(first(a, w) for a, w in watches.items() if w is not None))
+        return pending
+
+    def by_authority(self, authority: str) -> Service | None:
+        watch = self.watch(authority)
+        if watch is None:
+            return None
+        current = watch.current
+        if current is None or not current.exists:
+            return None
+        cached = self._services.get(current.authority)
+        if cached is not None and cached[0] is current:
+            return cached[1]
+        svc = service_of(current)
+        self._services[current.authority] = (current, svc)
+        return svc
+
+    def by_name(self, name: str) -> Service | None:
+        return self.by_authority(name)
+
+
+# --- inbound policy --------------------------------------------------------------------------
+
+
+def networks_of(networks: Iterable[dpolicy.Network]) -> tuple[Network, ...]:
+    """CIDRs minus their exceptions, as a plain tuple of networks."""
+    out: list[Network] = []
+    for net in networks:
+        parts: list[Network] = [net.cidr]
+        for excluded in net.exceptions:
+            kept: list[Network] = []
+            for part in parts:
+                if excluded.version != part.version or not excluded.overlaps(part):
+                    kept.append(part)
+                elif not part.subnet_of(excluded):  # type: ignore[arg-type]
+                    kept.extend(part.address_exclude(excluded))  # type: ignore[arg-type]
+            parts = kept
+        out.extend(parts)
+    return tuple(out)
+
+
+def authorization_of(a: dpolicy.Authorization) -> Authorization:
+    name = a.ref.name if a.ref.kind != "default" else f"default:{a.ref.name}"
+    networks = networks_of(a.networks)
+    kind = a.authentication.kind
+    if kind is dpolicy.AuthKind.UNAUTHENTICATED:
+        return Authorization(name, (), networks, unauthenticated=True)
+    if kind is dpolicy.AuthKind.TLS:
+        # Mesh clients always present a certificate: "any identity" is the same set here.
+        return Authorization(name, ("*",), networks)
+    return Authorization(name, a.authentication.patterns, networks)
+
+
+def server_of(p: dpolicy.InboundPolicy) -> Server:
+    """The proxy's policy for one port from the destination's answer (server-level
+    authorizations; per-route ones are not enforced by this proxy)."""
+    name = p.server.name if p.server.kind != "default" else f"default:{p.server.name}"
+    if p.audit:
+        authz: tuple[Authorization, ...] = (
+            Authorization(f"{name}:audit", (), ALL_NETWORKS, unauthenticated=True),
+        )
+    else:
+        authz = tuple(authorization_of(a) for a in p.authorizations)
+    return Server(name, p.port, authz)
+
+
+class DestinationPolicy:
+    """The inbound policy of the application's ports, from one watch per port.
+
+    Ports without an answer yet, and ports not listed, get ``default``.
+    """
+
+    def __init__(
+        self,
+        client: DestinationClient,
+        ports: Iterable[int],
+        default: DefaultPolicy = DefaultPolicy.ALL_UNAUTHENTICATED,
+        cluster_networks: tuple[Network, ...] = (),
+    ) -> None:
+        self.default = default
+        self.cluster_networks = cluster_networks
+        self._watches = {port: client.inbound_policy(port) for port in sorted(set(ports))}
+        self._seen: tuple[object, ...] = ()
+        self._policy = InboundPolicy(default, (), cluster_networks)
+
+    def current(self) -> InboundPolicy:
+        seen = tuple(w.current for w in self._watches.values())
+        # Identity, not equality: a watch replaces its value only when a message arrives, and
+        # this runs once per inbound request.
+        if len(seen) != len(self._seen) or any(
+            a is not b for a, b in zip(seen, self._seen, strict=True)
+        ):
+            servers = tuple(server_of(p) for p in seen if p is not None)
+            self._policy = InboundPolicy(self.default, servers, self.cluster_networks)
+            self._seen = seen
+        return self._policy
+
+    async def wait_ready(self, timeout: float) -> list[int]:
+        """Wait up to ``timeout`` for every port's first answer; returns the ports without one."""
+        missing: list[int] = []
+
+        async def first(port: int, watch: Watch[dpolicy.InboundPolicy]) -> None:
+            try:
+                await watch.wait_ready(timeout)
+            except (TimeoutError, DestinationError) as e:  # the default policy applies meanwhile
+                log.warning("inbound policy of port %d not known yet: %s", port, e)
+                missing.append(port)
+
+        await asyncio.gather(*(first(p, w) for p, w in self._watches.items()))
+        return sorted(missing)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class _ControlCollector(Collector):
+    def __init__(self, credentials: IdentityCredentials) -> None:
+        self._credentials = credentials
+
+    def collect(self) -> Iterator[Metric]:
+        creds = self._credentials
+        bundle = GaugeMetricFamily(
+            "trustmesh_proxy_trust_bundle_info",
+            "The trust bundle in use by this proxy (value always 1).",
+            labels=["digest", "source"],
+        )
+        anchors = creds.anchors
+        bundle.add_metric([anchors.current().digest, anchors.source], 1.0)
+        yield bundle
+        ident = GaugeMetricFamily(
+            "trustmesh_proxy_identity_info",
+            "The identity this proxy certifies as; ready is 1 once it holds a certificate.",
+            labels=["identity", "ready"],
+        )
+        ready = "1" if creds.client.ready else "0"
+        ident.add_metric([creds.client.config.identity, ready], 1.0)
+        yield ident
+
+
+class ControlMetrics(ProxyMetrics):
+    """The proxy's metrics plus identity (Linkerd names), trust-bundle and destination-client
+    families, rendered together on the admin ``/metrics``."""
+
+    def __init__(self, credentials: IdentityCredentials, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+        registry.register(credentials.client.collector())
+        registry.register(_ControlCollector(credentials))
+
+    def render(self) -> str:
+        return super().render() + generate_latest(self.registry).decode()
+
+
+def metric_registry() -> CollectorRegistry:
+    """A registry for one proxy's control-plane families (pass it to ``ClientMetrics``)."""
+    return CollectorRegistry(auto_describe=False)
+
+
+__all__ = [
+    "ControlMetrics",
+    "DestinationPolicy",
+    "DestinationRoutes",
+    "IdentityCredentials",
+    "TrustAnchors",
+    "authorization_of",
+    "canonical_authority",
+    "metric_registry",
+    "networks_of",
+    "server_of",
+    "service_of",
+]

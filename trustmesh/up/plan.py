@@ -1,0 +1,169 @@
+"""What ``trustmesh up`` runs for a mesh file: one proxy (and optionally one application) per
+meshed Workload, described by the Workload itself and a few ``up.trustmesh.io/*`` annotations.
+
+=================================  ==============================================================
+``spec.serviceAccount``            the identity the proxy certifies as
+``spec.inboundProxyPort``          the proxy's inbound port (a Workload without it is not meshed:
+                                   only its application runs)
+``spec.ports``                     the application's ports (policy is watched for each one)
+``up.trustmesh.io/command``        the application's command line (shell syntax; ``{python}`` is
+                                   this interpreter); absent: the application runs elsewhere
+``up.trustmesh.io/upstreams``      ``LOCAL_ADDR=SERVICE_AUTHORITY`` pairs, comma-separated: local
+                                   ports through which the application reaches mesh services
+``up.trustmesh.io/admin-port``     the proxy's admin port (default: a free port)
+``up.trustmesh.io/outbound-port``  the proxy's outbound port (default: a free port)
+=================================  ==============================================================
+
+Planning is pure: the caller passes the free ports to use.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from destination.resources import ClusterState, Workload
+
+ANNOTATION = "up.trustmesh.io/"
+HOST = "127.0.0.1"
+
+
+class PlanError(ValueError):
+    """A Workload's ``up`` annotations are invalid (the message names the workload and field)."""
+
+
+def parse_listen(text: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); raises ValueError naming ``what``."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{what} {text!r} is not HOST:PORT with a port in 0..65535")
+    return host.strip("[]") or HOST, int(port)
+
+
+def parse_upstream(text: str) -> tuple[tuple[str, int], str]:
+    """``LOCAL_ADDR=SERVICE_AUTHORITY`` -> ((host, port), authority)."""
+    local, sep, authority = text.partition("=")
+    if not sep or not authority.strip():
+        raise ValueError(f"upstream {text!r} is not LOCAL_ADDR=SERVICE_AUTHORITY")
+    return parse_listen(local, "upstream listen address"), authority.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadPlan:
+    """One workload as ``up`` runs it."""
+
+    namespace: str
+    name: str
+    service_account: str
+    inbound_port: int | None  # None: not meshed (application only)
+    app_ports: tuple[int, ...]
+    command: tuple[str, ...]  # empty: no application process
+    upstreams: tuple[tuple[str, int, str], ...]  # (host, port, service authority)
+    admin_port: int | None = None
+    outbound_port: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def meshed(self) -> bool:
+        return self.inbound_port is not None
+
+
+def _port(workload: Workload, key: str, free: Iterator[int]) -> int:
+    raw = workload.meta.annotation(ANNOTATION + key)
+    if raw is None:
+        return next(free)
+    if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
+        raise PlanError(
+            f"workload {workload.meta.namespace}/{workload.meta.name}: annotation "
+            f"{ANNOTATION}{key} {raw!r} is not a port number"
+        )
+    return int(raw)
+
+
+def plan_workload(workload: Workload, free: Iterator[int]) -> WorkloadPlan:
+    meta = workload.meta
+    where = f"workload {meta.namespace}/{meta.name}"
+    command_text = meta.annotation(ANNOTATION + "command")
+    try:
+        command = tuple(
+            arg.replace("{python}", sys.executable) for arg in shlex.split(command_text or "")
+        )
+    except ValueError as e:
+        raise PlanError(f"{where}: annotation {ANNOTATION}command does not parse: {e}") from None
+    upstreams = []
+    for item in (meta.annotation(ANNOTATION + "upstreams") or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            (host, port), authority = parse_upstream(item)
+        except ValueError as e:
+            raise PlanError(f"{where}: annotation {ANNOTATION}upstreams: {e}") from None
+        upstreams.append((host, port, authority))
+    meshed = workload.inbound_proxy_port is not None
+    if upstreams and not meshed:
+        raise PlanError(f"{where}: upstreams need a proxy; set spec.inboundProxyPort")
+    return WorkloadPlan(
+        namespace=meta.namespace,
+        name=meta.name,
+        service_account=workload.service_account,
+        inbound_port=workload.inbound_proxy_port,
+        app_ports=tuple(p.port for p in workload.ports),
+        command=command,
+        upstreams=tuple(upstreams),
+        admin_port=_port(workload, "admin-port", free) if meshed else None,
+        outbound_port=_port(workload, "outbound-port", free) if meshed else None,
+    )
+
+
+def plan_mesh(state: ClusterState, free: Iterator[int]) -> tuple[WorkloadPlan, ...]:
+    """Every workload of the mesh file, in file order (``free`` supplies unset ports)."""
+    return tuple(plan_workload(w, free) for w in state.workloads)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlane:
+    """Where the control plane listens, and what its proxies must trust."""
+
+    identity_addr: str
+    destination_addr: str
+    trust_domain: str = "cluster.local"
+    control_plane_namespace: str = "trustmesh"
+
+
+def proxy_args(
+    plan: WorkloadPlan,
+    control: ControlPlane,
+    *,
+    token_file: str,
+    anchors: str,
+    kex: str,
+) -> tuple[str, ...]:
+    """``trustmesh proxy run`` arguments for ``plan`` (a meshed workload)."""
+    if plan.inbound_port is None:
+        raise PlanError(f"workload {plan.key} is not meshed")
+    args = [
+        "proxy", "run",
+        "--workload", plan.name,
+        "--namespace", plan.namespace,
+        "--service-account", plan.service_account,
+        "--token-file", token_file,
+        "--trust-anchors", anchors,
+        "--identity-addr", control.identity_addr,
+        "--destination-addr", control.destination_addr,
+        "--trust-domain", control.trust_domain,
+        "--control-plane-namespace", control.control_plane_namespace,
+        "--inbound-listen", f"{HOST}:{plan.inbound_port}",
+        "--outbound-listen", f"{HOST}:{plan.outbound_port}",
+        "--admin-listen", f"{HOST}:{plan.admin_port}",
+        "--kex", kex,
+    ]  # fmt: skip
+    for port in plan.app_ports:
+        args += ["--app-port", str(port)]
+    for host, port, authority in plan.upstreams:
+        args += ["--upstream", f"{host}:{port}={authority}"]
+    return tuple(args)

@@ -1,0 +1,192 @@
+"""``trustmesh up``: the local PKI, the control plane with TLS, and the workloads of a mesh file
+as supervised child processes.
+
+Start order: PKI (first run only), identity and destination side by side (each until its admin
+``/ready``), then every application and proxy side by side (applications until they accept,
+proxies until ``/ready``, which a proxy reaches only with a certificate). Stop is the
+supervisor's: SIGTERM in reverse start order, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from destination.meshfile import load_mesh_text
+from trustmesh.supervisor import (
+    ChildSpec,
+    ReadyCheck,
+    Supervisor,
+    SupervisorError,
+    free_ports,
+    trustmesh_argv,
+)
+from trustmesh.up.home import TOKEN_REFRESH, Home, ensure_pki, write_token
+from trustmesh.up.plan import HOST, ControlPlane, WorkloadPlan, plan_mesh, proxy_args
+
+CHILD_ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+@dataclass(frozen=True, slots=True)
+class UpOptions:
+    mesh_file: Path
+    home: Path
+    kex: str = "hybrid-required"
+    issuance_lifetime: str | None = None  # identity --issuance-lifetime (default 24h)
+    ready_timeout: float = 60.0
+    trust_domain: str = "cluster.local"
+    control_plane_namespace: str = "trustmesh"
+
+    def __post_init__(self) -> None:
+        if self.kex not in ("hybrid-required", "hybrid-preferred"):
+            raise ValueError(f"kex {self.kex!r} is not hybrid-required or hybrid-preferred")
+        if self.ready_timeout <= 0:
+            raise ValueError("ready_timeout must be positive")
+
+
+def start_all(supervisor: Supervisor, specs: Sequence[ChildSpec], timeout: float) -> None:
+    """Start ``specs`` at once and wait until each is ready (their ``ready`` checks), failing
+    fast, with the child's log file named, when one exits or the deadline passes."""
+    first = len(supervisor.children)
+    for spec in specs:
+        supervisor.start(dataclasses.replace(spec, ready=None))
+    children = supervisor.children[first:]
+    waiting = {c.spec.name: spec for c, spec in zip(children, specs, strict=True)}
+    deadline = time.monotonic() + timeout
+    while waiting:
+        for child in children:
+            name = child.spec.name
+            if name not in waiting:
+                continue
+            if child.proc.poll() is not None:
+                raise SupervisorError(
+                    f"{name} exited with status {child.proc.returncode} while starting; "
+                    f"see {supervisor.log_dir / (name + '.log')}"
+                )
+            check = waiting[name].ready
+            if check is None or check():
+                del waiting[name]
+        if waiting and time.monotonic() > deadline:
+            names = ", ".join(sorted(waiting))
+            raise SupervisorError(
+                f"not ready within {timeout:.0f}s: {names}; see the logs in {supervisor.log_dir}"
+            )
+        if waiting:
+            time.sleep(0.05)
+
+
+class Mesh:
+    """The running embedded mesh (owned by a :class:`Supervisor`)."""
+
+    def __init__(self, options: UpOptions, supervisor: Supervisor) -> None:
+        self.options = options
+        self.supervisor = supervisor
+        self.home = Home(options.home)
+        self.plans: tuple[WorkloadPlan, ...] = ()
+        self.control: ControlPlane | None = None
+        self.admin: dict[str, str] = {}  # component or workload key -> admin HOST:PORT
+        self.pki_action = ""
+        self._tokens_at: datetime | None = None
+
+    def start(self, now: datetime, progress: Callable[[str], None] = lambda _: None) -> None:
+        o = self.options
+        state = load_mesh_text(o.mesh_file.read_text(encoding="utf-8"), str(o.mesh_file))
+        self.pki_action = ensure_pki(self.home, now=now)
+        progress(f"local PKI in {self.home.root}: {self.pki_action}")
+        meshed = sum(1 for w in state.workloads if w.inbound_proxy_port is not None)
+        ports = free_ports(4 + 2 * meshed)
+        id_port, id_admin, dst_port, dst_admin = ports[:4]
+        self.plans = plan_mesh(state, iter(ports[4:]))
+        self.control = ControlPlane(
+            f"{HOST}:{id_port}", f"{HOST}:{dst_port}", o.trust_domain, o.control_plane_namespace
+        )
+        self.refresh_tokens(now)
+        identity = [
+            "identity", "serve", "--tls", "--store", str(self.home.root),
+            "--listen", self.control.identity_addr, "--admin-listen", f"{HOST}:{id_admin}",
+            "--trust-domain", o.trust_domain,
+            "--control-plane-namespace", o.control_plane_namespace,
+        ]  # fmt: skip
+        if o.issuance_lifetime is not None:
+            identity += ["--issuance-lifetime", o.issuance_lifetime]
+        destination = [
+            "destination", "serve", "--tls", "--store", str(self.home.root),
+            "--mesh-file", str(o.mesh_file),
+            "--listen", self.control.destination_addr, "--admin-listen", f"{HOST}:{dst_admin}",
+            "--trust-domain", o.trust_domain,
+            "--control-plane-namespace", o.control_plane_namespace,
+        ]  # fmt: skip
+        self.admin = {"identity": f"{HOST}:{id_admin}", "destination": f"{HOST}:{dst_admin}"}
+        progress("starting identity and destination (TLS)")
+        start_all(
+            self.supervisor,
+            [
+                ChildSpec(
+                    "identity",
+                    trustmesh_argv(*identity),
+                    ReadyCheck((HOST, id_admin)),
+                    CHILD_ENV,
+                ),
+                ChildSpec(
+                    "destination",
+                    trustmesh_argv(*destination),
+                    ReadyCheck((HOST, dst_admin)),
+                    CHILD_ENV,
+                ),
+            ],
+            o.ready_timeout,
+        )
+        progress(f"starting {len(self.plans)} workloads")
+        start_all(self.supervisor, self._workload_specs(), o.ready_timeout)
+
+    def _workload_specs(self) -> list[ChildSpec]:
+        assert self.control is not None
+        specs = []
+        for plan in self.plans:
+            slug = f"{plan.namespace}-{plan.name}"
+            if plan.command:
+                ready = ReadyCheck((HOST, plan.app_ports[0]), None) if plan.app_ports else None
+                specs.append(ChildSpec(f"app-{slug}", plan.command, ready, CHILD_ENV))
+            if plan.meshed:
+                args = proxy_args(
+                    plan,
+                    self.control,
+                    token_file=str(self.home.token(plan.namespace, plan.service_account)),
+                    anchors=str(self.home.anchors),
+                    kex=self.options.kex,
+                )
+                assert plan.admin_port is not None
+                self.admin[plan.key] = f"{HOST}:{plan.admin_port}"
+                specs.append(
+                    ChildSpec(
+                        f"proxy-{slug}",
+                        trustmesh_argv(*args),
+                        ReadyCheck((HOST, plan.admin_port)),
+                        CHILD_ENV,
+                    )
+                )
+        return specs
+
+    def refresh_tokens(self, now: datetime) -> bool:
+        """Re-sign every workload token when due (the first call always signs); True if done."""
+        if self._tokens_at is not None and now - self._tokens_at < TOKEN_REFRESH:
+            return False
+        accounts = {(p.namespace, p.service_account) for p in self.plans if p.meshed}
+        for namespace, service_account in sorted(accounts):
+            write_token(self.home, namespace, service_account, now=now)
+        self._tokens_at = now
+        return True
+
+    def upstream(self, key: str, authority_prefix: str) -> tuple[str, int]:
+        """The local address of workload ``key``'s upstream listener for a service whose
+        authority starts with ``authority_prefix``."""
+        for plan in self.plans:
+            if plan.key == key:
+                for host, port, authority in plan.upstreams:
+                    if authority.startswith(authority_prefix):
+                        return host, port
+        raise KeyError(f"workload {key} has no upstream for {authority_prefix}")
