@@ -30,6 +30,9 @@ def make_http_handler(name: str, next_url: str | None) -> type[BaseHTTPRequestHa
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = f"trustmesh-demo-{name}"
+        # Head and body are separate writes: without TCP_NODELAY the body waits ~40 ms for
+        # the proxy's delayed ACK.
+        disable_nagle_algorithm = True
 
         def do_GET(self) -> None:
             if self.path == "/health" or next_url is None:
