@@ -20,10 +20,11 @@ Conversions between the destination's values and the proxy's are pure functions 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -213,9 +214,14 @@ class DestinationRoutes:
     """Services by authority, each kept current by its own destination watch."""
 
     def __init__(
-        self, client: DestinationClient, namespace: str, cluster_domain: str = "cluster.local"
+        self,
+        client: DestinationClient,
+        namespace: str,
+        cluster_domain: str = "cluster.local",
+        first_answer_timeout: float = 3.0,
     ) -> None:
         self.client = client
+        self.first_answer_timeout = first_answer_timeout
         self.namespace = namespace
         self.cluster_domain = cluster_domain
         self._names: dict[str, str | None] = {}
@@ -263,6 +269,19 @@ class DestinationRoutes:
 
         await asyncio.gather(*(first(a, w) for a, w in watches.items() if w is not None))
         return pending
+
+    def resolving(self, authority: str) -> Awaitable[None] | None:
+        """For an authority without an answer yet: a wait (at most ``first_answer_timeout``)
+        for destination's first answer, so the first request is not refused while the watch
+        starts. None when there is nothing to wait for."""
+        watch = self.watch(authority)
+        if watch is None or watch.current is not None or watch.done:
+            return None
+        return self._first_answer(watch)
+
+    async def _first_answer(self, watch: Watch[EndpointSet]) -> None:
+        with contextlib.suppress(TimeoutError, DestinationError):
+            await watch.wait_ready(self.first_answer_timeout)
 
     def by_authority(self, authority: str) -> Service | None:
         watch = self.watch(authority)

@@ -48,14 +48,27 @@ class OutboundHttp:
         self.outbound = outbound
         self.fixed_service = service  # upstream listener: every request goes to this service
 
-    def begin(self, ex: Exchange, now: float) -> None:
-        out = self.outbound
+    def _service(self, ex: Exchange) -> Service | None:
+        routes = self.outbound.routes
         if self.fixed_service is not None:
-            svc = out.routes.by_name(self.fixed_service)
-        else:
-            svc = out.routes.by_authority(ex.authority)
+            return routes.by_name(self.fixed_service)
+        return routes.by_authority(ex.authority)
+
+    def begin(self, ex: Exchange, now: float) -> None:
+        svc = self._service(ex)
         if svc is None:
-            raise UnknownRoute(f"no service is known for authority {ex.authority!r}")
+            # A route source that is still discovering the authority (the destination client)
+            # may offer a bounded wait; the endpoint is then chosen in connect().
+            resolving = getattr(self.outbound.routes, "resolving", None)
+            pending = resolving(ex.authority) if resolving is not None else None
+            if pending is None:
+                raise UnknownRoute(f"no service is known for authority {ex.authority!r}")
+            ex.target = pending
+            return
+        self._choose(ex, svc, now)
+
+    def _choose(self, ex: Exchange, svc: Service, now: float) -> None:
+        out = self.outbound
         balancer = out.balancer(svc, now)
         ep = balancer.pick(now)
         labels: tuple[str, ...] = (
@@ -69,9 +82,18 @@ class OutboundHttp:
         out.metrics.request_total.inc(labels)
 
     def take(self, ex: Exchange) -> Link | None:
+        if not isinstance(ex.target, _Choice):
+            return None  # still resolving
         return self.outbound.pool.take(ex.target.endpoint)
 
     async def connect(self, ex: Exchange) -> Link:
+        if not isinstance(ex.target, _Choice):
+            await ex.target
+            ex.target = None
+            svc = self._service(ex)
+            if svc is None:
+                raise UnknownRoute(f"no service is known for authority {ex.authority!r}")
+            self._choose(ex, svc, self.outbound.clock())
         return await self.outbound.connector.connect(ex.target.endpoint, SessionProtocol.HTTP1)
 
     def response_head(self, ex: Exchange, status: int, now: float) -> None:

@@ -1,0 +1,261 @@
+"""The mesh end to end with the real control plane: identity and destination (both ``--tls``),
+five ``trustmesh proxy run`` sidecars and stdlib apps, all real processes.
+
+curl -> client proxy (outbound, Host routing) -> mesh TLS -> server proxy (inbound) -> app;
+opaque TCP through an upstream listener; HTTP and TCP denials from the destination's Server /
+AuthorizationPolicy; a peer answering with another identity than destination promised; the
+destination service stopped (traffic keeps flowing) and restarted (updates flow again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mesh_testkit import (
+    HOST,
+    MeshKit,
+    ProxyPorts,
+    curl,
+    echo_session,
+    eventually,
+    http_status,
+    identity_of,
+    metric,
+)
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+NS = "e2e"
+WEB = f"web.{NS}.svc.cluster.local:8080"
+ECHO = f"echo.{NS}.svc.cluster.local:7000"
+GUARDED = f"guarded.{NS}.svc.cluster.local:8080"
+GUARDED_TCP = f"guarded-tcp.{NS}.svc.cluster.local:7000"
+IMPOSTOR = f"impostor.{NS}.svc.cluster.local:8080"
+
+
+def _workload(name: str, sa: str, inbound: int, ports: dict[str, int], opaque: int | None = None):
+    meta: dict = {"name": name, "namespace": NS, "labels": {"app": name.rsplit("-", 1)[0]}}
+    if opaque is not None:
+        meta["annotations"] = {"config.trustmesh.io/opaque-ports": str(opaque)}
+    spec: dict = {"serviceAccount": sa, "address": HOST, "inboundProxyPort": inbound}
+    if ports:
+        spec["ports"] = [{"name": n, "port": p} for n, p in ports.items()]
+    return {
+        "apiVersion": "trustmesh.io/v1alpha1",
+        "kind": "Workload",
+        "metadata": meta,
+        "spec": spec,
+    }
+
+
+def _service(name: str, app: str, port: int, target: str):
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"selector": {"app": app}, "ports": [{"port": port, "targetPort": target}]},
+    }
+
+
+def _policy(kind: str, name: str, spec: dict):
+    return {
+        "apiVersion": "policy.trustmesh.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
+
+
+class Mesh:
+    def __init__(self, kit: MeshKit, mesh_file: Path, docs: list, proxies: dict[str, ProxyPorts]):
+        self.kit, self.mesh_file, self.docs, self.proxies = kit, mesh_file, docs, proxies
+
+    def write(self, docs: list) -> None:
+        tmp = self.mesh_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump_all(docs))
+        os.replace(tmp, self.mesh_file)
+
+    @property
+    def client(self) -> ProxyPorts:
+        return self.proxies["client-0"]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    root = tmp_path_factory.mktemp("mesh")
+    kit = MeshKit(root / "home")
+    try:
+        web_app, echo_app, g_http, g_tcp, rogue_app, impostor_app = kit.ports(6)
+        proxies = {
+            "client-0": kit.proxy_ports(ECHO, GUARDED_TCP),
+            "web-0": kit.proxy_ports(),
+            "echo-0": kit.proxy_ports(),
+            "guarded-0": kit.proxy_ports(),
+            "rogue-0": kit.proxy_ports(),
+        }
+        rogue_inbound = proxies["rogue-0"].inbound
+        docs = [
+            _workload("client-0", "client", proxies["client-0"].inbound, {}),
+            _workload("web-0", "web", proxies["web-0"].inbound, {"http": web_app}),
+            _service("web", "web", 8080, "http"),
+            _workload("echo-0", "echo", proxies["echo-0"].inbound, {"echo": echo_app}, echo_app),
+            _service("echo", "echo", 7000, "echo"),
+            _workload(
+                "guarded-0", "guarded", proxies["guarded-0"].inbound,
+                {"http": g_http, "echo": g_tcp}, g_tcp,
+            ),  # fmt: skip
+            _service("guarded", "guarded", 8080, "http"),
+            _service("guarded-tcp", "guarded", 7000, "echo"),
+            _policy("Server", "guarded-http", {
+                "podSelector": {"matchLabels": {"app": "guarded"}},
+                "port": "http", "proxyProtocol": "HTTP/1",
+            }),
+            _policy("Server", "guarded-tcp", {
+                "podSelector": {"matchLabels": {"app": "guarded"}},
+                "port": "echo", "proxyProtocol": "opaque",
+            }),
+            _policy("MeshTLSAuthentication", "only-admin", {
+                "identityRefs": [{"kind": "ServiceAccount", "name": "admin"}],
+            }),
+            *(
+                _policy("AuthorizationPolicy", f"{server}-admin", {
+                    "targetRef": {"group": "policy.trustmesh.io", "kind": "Server", "name": server},
+                    "requiredAuthenticationRefs": [
+                        {"group": "policy.trustmesh.io", "kind": "MeshTLSAuthentication",
+                         "name": "only-admin"},
+                    ],
+                })
+                for server in ("guarded-http", "guarded-tcp")
+            ),
+            # The rogue proxy (identity "rogue") answers at the address destination gives for
+            # the impostor workload, which destination says is service account "api".
+            _workload("rogue-0", "rogue", rogue_inbound, {"http": rogue_app}),
+            _workload("impostor-0", "api", rogue_inbound, {"http": impostor_app}),
+            _service("impostor", "impostor", 8080, "http"),
+        ]  # fmt: skip
+        mesh_file = root / "mesh.yaml"
+        m = Mesh(kit, mesh_file, docs, proxies)
+        m.write(docs)
+        with kit.together():
+            kit.start_identity()
+            kit.start_destination(mesh_file)
+        with kit.together():
+            kit.start_app("web", "http", "--name", "web", "--listen", f"{HOST}:{web_app}")
+            kit.start_app("echo", "tcp-echo", "--listen", f"{HOST}:{echo_app}")
+            kit.start_app("guarded", "http", "--name", "guarded", "--listen", f"{HOST}:{g_http}")
+            kit.start_app("guarded-tcp", "tcp-echo", "--listen", f"{HOST}:{g_tcp}")
+            kit.start_app("rogue", "http", "--name", "rogue", "--listen", f"{HOST}:{rogue_app}")
+            kit.start_proxy("client-0", NS, "client", proxies["client-0"])
+            kit.start_proxy("web-0", NS, "web", proxies["web-0"], (web_app,))
+            kit.start_proxy("echo-0", NS, "echo", proxies["echo-0"], (echo_app,))
+            kit.start_proxy("guarded-0", NS, "guarded", proxies["guarded-0"], (g_http, g_tcp))
+            kit.start_proxy("rogue-0", NS, "rogue", proxies["rogue-0"], (rogue_app,))
+        yield m
+    finally:
+        kit.close()
+
+
+def test_curl_through_outbound_proxy_mesh_tls_and_inbound_proxy(mesh: Mesh) -> None:
+    status, headers, body = curl(mesh.client.outbound, WEB)
+    assert status == 200, (headers, body)
+    answer = json.loads(body)
+    assert answer == {"service": "web", "client": identity_of("client", NS)}
+    # Short names resolve in the proxy's own namespace, Kubernetes-style.
+    assert curl(mesh.client.outbound, "web.e2e:8080")[0] == 200
+    admin = mesh.client.admin_addr
+    assert metric(admin, "tls_handshakes_total", direction="outbound",
+                  group="X25519MLKEM768", result="ok") >= 1  # fmt: skip
+    web_admin = mesh.proxies["web-0"].admin_addr
+    assert metric(web_admin, "request_total", direction="inbound",
+                  client_id=identity_of("client", NS)) >= 2  # fmt: skip
+    assert metric(admin, "identity_cert_expiration_timestamp_seconds") > 0
+    assert metric(admin, "trustmesh_proxy_trust_bundle_info", source="destination") == 1
+
+
+def test_opaque_tcp_through_an_upstream_listener(mesh: Mesh) -> None:
+    payload = os.urandom(200_000)
+    assert echo_session(mesh.client.upstreams[ECHO], payload) == payload
+    echo_admin = mesh.proxies["echo-0"].admin_addr
+    assert metric(echo_admin, "inbound_authz_allow_total", protocol="tcp") >= 1
+
+
+def test_policy_denies_http_with_403_and_reason_and_closes_tcp(mesh: Mesh) -> None:
+    status, headers, _ = curl(mesh.client.outbound, GUARDED)
+    assert status == 403
+    reason = headers["l5d-proxy-error"]
+    assert identity_of("client", NS) in reason and "guarded-http" in reason
+    try:
+        answer = echo_session(mesh.client.upstreams[GUARDED_TCP], b"let me in")
+    except ConnectionResetError:
+        answer = b""
+    assert answer == b""
+    admin = mesh.proxies["guarded-0"].admin_addr
+    assert metric(admin, "inbound_authz_deny_total", protocol="http", srv_name="guarded-http") >= 1
+    assert metric(admin, "inbound_authz_deny_total", protocol="tcp", srv_name="guarded-tcp") >= 1
+
+
+def test_peer_presenting_another_identity_is_refused(mesh: Mesh) -> None:
+    status, headers, _ = curl(mesh.client.outbound, IMPOSTOR)
+    assert status == 502
+    assert identity_of("api", NS) in headers["l5d-proxy-error"]
+    rogue = mesh.proxies["rogue-0"].admin_addr
+    assert metric(rogue, "request_total") == 0  # nothing reached the rogue's application
+    assert metric(rogue, "tls_handshakes_total", direction="inbound", result="ok") == 0
+
+
+def test_proxy_serves_nothing_before_its_first_certificate(mesh: Mesh) -> None:
+    kit = mesh.kit
+    ports = kit.proxy_ports()
+    nowhere = kit.ports(1)[0]  # no identity service listens here
+    kit.start_proxy(
+        "orphan-0", NS, "orphan", ports,
+        extra=("--identity-addr", f"{HOST}:{nowhere}"), ready_path="/live",
+    )  # fmt: skip
+    try:
+        assert http_status(ports.admin_addr, "/ready") == 503
+        for port in (ports.outbound, ports.inbound):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((HOST, port), timeout=2).close()
+        assert metric(ports.admin_addr, "trustmesh_proxy_identity_info", ready="0") == 1
+        assert metric(ports.admin_addr, "identity_cert_refreshes_total", result="error") >= 1
+    finally:
+        kit.stop("proxy-orphan-0")
+
+
+def test_traffic_continues_while_destination_is_down_and_recovers(mesh: Mesh) -> None:
+    kit, client = mesh.kit, mesh.client
+    kit.stop("destination")
+    eventually(
+        lambda: metric(client.admin_addr, "trustmesh_destination_client_control_plane_up") == 0,
+        20,
+        "the client proxy noticing destination is gone",
+    )
+    # Last-known endpoints and policy: HTTP and new mesh connections keep working.
+    for _ in range(3):
+        assert curl(client.outbound, WEB)[0] == 200
+        payload = os.urandom(10_000)
+        assert echo_session(client.upstreams[ECHO], payload) == payload
+    assert curl(client.outbound, GUARDED)[0] == 403  # denials too
+
+    kit.start_destination(mesh.mesh_file, name="destination-2")
+    eventually(
+        lambda: metric(client.admin_addr, "trustmesh_destination_client_control_plane_up") == 1,
+        30,
+        "the client proxy reconnecting to destination",
+    )
+    # Updates flow again: a deny-all Server on web's port is enforced, then removed.
+    deny = _policy("Server", "web-closed", {
+        "podSelector": {"matchLabels": {"app": "web"}}, "port": "http", "proxyProtocol": "HTTP/1",
+    })  # fmt: skip
+    mesh.write([*mesh.docs, deny])
+    try:
+        eventually(lambda: curl(client.outbound, WEB)[0] == 403, 20, "web denied by the new Server")
+    finally:
+        mesh.write(mesh.docs)
+    eventually(lambda: curl(client.outbound, WEB)[0] == 200, 20, "web allowed again")
