@@ -107,30 +107,58 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             _workload("echo-0", "echo", proxies["echo-0"].inbound, {"echo": echo_app}, echo_app),
             _service("echo", "echo", 7000, "echo"),
             _workload(
-                "guarded-0", "guarded", proxies["guarded-0"].inbound,
-                {"http": g_http, "echo": g_tcp}, g_tcp,
-            ),  # fmt: skip
+                "guarded-0",
+                "guarded",
+                proxies["guarded-0"].inbound,
+                {"http": g_http, "echo": g_tcp},
+                g_tcp,
+            ),
             _service("guarded", "guarded", 8080, "http"),
             _service("guarded-tcp", "guarded", 7000, "echo"),
-            _policy("Server", "guarded-http", {
-                "podSelector": {"matchLabels": {"app": "guarded"}},
-                "port": "http", "proxyProtocol": "HTTP/1",
-            }),
-            _policy("Server", "guarded-tcp", {
-                "podSelector": {"matchLabels": {"app": "guarded"}},
-                "port": "echo", "proxyProtocol": "opaque",
-            }),
-            _policy("MeshTLSAuthentication", "only-admin", {
-                "identityRefs": [{"kind": "ServiceAccount", "name": "admin"}],
-            }),
+            _policy(
+                "Server",
+                "guarded-http",
+                {
+                    "podSelector": {"matchLabels": {"app": "guarded"}},
+                    "port": "http",
+                    "proxyProtocol": "HTTP/1",
+                },
+            ),
+            _policy(
+                "Server",
+                "guarded-tcp",
+                {
+                    "podSelector": {"matchLabels": {"app": "guarded"}},
+                    "port": "echo",
+                    "proxyProtocol": "opaque",
+                },
+            ),
+            _policy(
+                "MeshTLSAuthentication",
+                "only-admin",
+                {
+                    "identityRefs": [{"kind": "ServiceAccount", "name": "admin"}],
+                },
+            ),
             *(
-                _policy("AuthorizationPolicy", f"{server}-admin", {
-                    "targetRef": {"group": "policy.trustmesh.io", "kind": "Server", "name": server},
-                    "requiredAuthenticationRefs": [
-                        {"group": "policy.trustmesh.io", "kind": "MeshTLSAuthentication",
-                         "name": "only-admin"},
-                    ],
-                })
+                _policy(
+                    "AuthorizationPolicy",
+                    f"{server}-admin",
+                    {
+                        "targetRef": {
+                            "group": "policy.trustmesh.io",
+                            "kind": "Server",
+                            "name": server,
+                        },
+                        "requiredAuthenticationRefs": [
+                            {
+                                "group": "policy.trustmesh.io",
+                                "kind": "MeshTLSAuthentication",
+                                "name": "only-admin",
+                            },
+                        ],
+                    },
+                )
                 for server in ("guarded-http", "guarded-tcp")
             ),
             # The rogue proxy (identity "rogue") answers at the address destination gives for
@@ -138,7 +166,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             _workload("rogue-0", "rogue", rogue_inbound, {"http": rogue_app}),
             _workload("impostor-0", "api", rogue_inbound, {"http": impostor_app}),
             _service("impostor", "impostor", 8080, "http"),
-        ]  # fmt: skip
+        ]
         mesh_file = root / "mesh.yaml"
         m = Mesh(kit, mesh_file, docs, proxies)
         m.write(docs)
