@@ -1,0 +1,94 @@
+"""``trustmesh up --mesh-file FILE`` as a process: starts the control plane and the workloads of
+the file (apps from their ``up.trustmesh.io/command``), serves traffic, and stops every child
+cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from trustmesh.supervisor import free_ports
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _mesh(web_app: int, web_in: int, client_in: int, upstream: int) -> list[dict]:
+    py = "{python} -m trustmesh.demo.apps"
+    return [
+        {"apiVersion": "trustmesh.io/v1alpha1", "kind": "Workload",
+         "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"},
+                      "annotations": {"up.trustmesh.io/command":
+                                      f"{py} http --name web --listen 127.0.0.1:{web_app}"}},
+         "spec": {"serviceAccount": "web", "address": "127.0.0.1", "inboundProxyPort": web_in,
+                  "ports": [{"name": "http", "port": web_app}]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+         "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}},
+        {"apiVersion": "trustmesh.io/v1alpha1", "kind": "Workload",
+         "metadata": {"name": "shell-0", "namespace": "shop", "annotations": {
+             "up.trustmesh.io/upstreams": f"127.0.0.1:{upstream}=web.shop.svc.cluster.local:80"}},
+         "spec": {"serviceAccount": "shell", "address": "127.0.0.1", "inboundProxyPort": client_in}},
+    ]  # fmt: skip
+
+
+def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sel.select(timeout=0.5):
+            return proc.stdout.readline()
+        assert proc.poll() is None, f"trustmesh up exited with {proc.returncode}"
+    raise AssertionError(f"trustmesh up printed nothing within {timeout}s")
+
+
+def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    web_app, web_in, client_in, upstream = free_ports(4)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(yaml.safe_dump_all(_mesh(web_app, web_in, client_in, upstream)))
+    home = tmp_path / "home"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trustmesh", "up", "--mesh-file", str(mesh_file), "-o", "json"],
+        cwd=ROOT, env={**os.environ, "TRUSTMESH_HOME": str(home)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        info = json.loads(_read_line(proc, 60))
+        assert info["ready"] is True
+        workloads = {w["workload"]: w for w in info["workloads"]}
+        assert workloads["shop/shell-0"]["upstreams"] == {
+            "web.shop.svc.cluster.local:80": f"127.0.0.1:{upstream}"
+        }
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) == 5  # identity, destination, web app, two proxies
+        with urllib.request.urlopen(f"http://127.0.0.1:{upstream}/", timeout=10) as r:
+            answer = json.loads(r.read())
+        assert answer == {
+            "service": "web",
+            "client": "shell.shop.serviceaccount.identity.trustmesh.cluster.local",
+        }
+        token = home / "up" / "tokens" / "shop.web.jwt"
+        assert oct(token.stat().st_mode & 0o777) == "0o600"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["tls_groups"] == {"X25519MLKEM768": 1}
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
