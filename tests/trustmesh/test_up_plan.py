@@ -1,0 +1,140 @@
+"""Planning ``up`` from a mesh file, the demo mesh, the demo's answer check, the local home."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from destination.inbound import resolve_inbound
+from destination.meshfile import load_mesh_text
+from destination.resources import MeshSettings
+from identity.validators import service_account_username
+from pki import tokens
+from trustmesh.up.demo import check_chain, demo_mesh
+from trustmesh.up.home import Home, ensure_pki, write_token
+from trustmesh.up.plan import ControlPlane, PlanError, parse_upstream, plan_mesh, proxy_args
+
+WORKLOAD = """\
+apiVersion: trustmesh.io/v1alpha1
+kind: Workload
+metadata:
+  name: web-0
+  namespace: shop
+  annotations: %s
+spec: {serviceAccount: web, address: 127.0.0.1, %s ports: [{name: http, port: 18080}]}
+"""
+
+
+def _plan(annotations: str, inbound: str = "inboundProxyPort: 14143,"):
+    state = load_mesh_text(WORKLOAD % (annotations, inbound))
+    return plan_mesh(state, itertools.count(30000))
+
+
+def test_plan_reads_the_workload_and_its_up_annotations() -> None:
+    (plan,) = _plan(
+        "{up.trustmesh.io/command: '{python} -m app --port 18080', "
+        "up.trustmesh.io/upstreams: '127.0.0.1:24001=api.shop.svc.cluster.local:8080', "
+        "up.trustmesh.io/admin-port: '24191'}"
+    )
+    assert plan.key == "shop/web-0" and plan.meshed and plan.service_account == "web"
+    assert plan.command == (sys.executable, "-m", "app", "--port", "18080")
+    assert plan.upstreams == (("127.0.0.1", 24001, "api.shop.svc.cluster.local:8080"),)
+    assert (plan.admin_port, plan.outbound_port) == (24191, 30000)
+    args = proxy_args(
+        plan,
+        ControlPlane("127.0.0.1:1", "127.0.0.1:2"),
+        token_file="t",
+        anchors="a",
+        kex="hybrid-required",
+    )
+    joined = " ".join(args)
+    assert "--inbound-listen 127.0.0.1:14143" in joined and "--app-port 18080" in joined
+    assert "--upstream 127.0.0.1:24001=api.shop.svc.cluster.local:8080" in joined
+
+
+@pytest.mark.parametrize(
+    ("annotations", "inbound", "message"),
+    [
+        (
+            "{up.trustmesh.io/upstreams: 'nonsense'}",
+            "inboundProxyPort: 14143,",
+            "LOCAL_ADDR=SERVICE",
+        ),
+        ("{up.trustmesh.io/upstreams: '127.0.0.1:1=a'}", "", "need a proxy"),
+        ("{up.trustmesh.io/admin-port: 'x'}", "inboundProxyPort: 14143,", "not a port number"),
+        ("{up.trustmesh.io/command: 'a \"b'}", "inboundProxyPort: 14143,", "does not parse"),
+    ],
+)
+def test_bad_annotations_name_the_workload(annotations: str, inbound: str, message: str) -> None:
+    with pytest.raises(PlanError, match=message) as e:
+        _plan(annotations, inbound)
+    assert "shop/web-0" in str(e.value)
+
+
+def test_parse_upstream() -> None:
+    assert parse_upstream("[::1]:80=web") == (("::1", 80), "web")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_upstream("localhost=web")
+
+
+def test_demo_mesh_is_a_valid_mesh_with_caller_only_policy() -> None:
+    state = load_mesh_text(demo_mesh(itertools.count(20000)))
+    plans = {p.key: p for p in plan_mesh(state, itertools.count(40000))}
+    assert set(plans) == {
+        f"demo/{n}" for n in ("web-0", "api-0", "api-1", "quote-0", "echo-0", "traffic-0")
+    }
+    assert not plans["demo/traffic-0"].command and len(plans["demo/traffic-0"].upstreams) == 2
+    settings = MeshSettings()
+
+    def permits(workload: str, caller: str) -> bool:
+        port = plans[f"demo/{workload}"].app_ports[0]
+        policy = resolve_inbound(state, settings, "demo", workload, port)
+        ident = f"{caller}.demo.serviceaccount.identity.trustmesh.cluster.local"
+        return policy.permits("127.0.0.1", True, ident)
+
+    assert permits("web-0", "traffic") and not permits("web-0", "api")
+    assert permits("api-1", "web") and not permits("api-1", "traffic")
+    assert permits("quote-0", "api") and not permits("quote-0", "web")
+    assert permits("echo-0", "traffic") and not permits("echo-0", "web")
+
+
+def _id(sa: str) -> str:
+    return f"{sa}.demo.serviceaccount.identity.trustmesh.cluster.local"
+
+
+def test_check_chain() -> None:
+    chain = {
+        "service": "web",
+        "client": _id("traffic"),
+        "next": {
+            "service": "api-1",
+            "client": _id("web"),
+            "next": {"service": "quote", "client": _id("api")},
+        },
+    }
+    good = json.dumps(chain)
+    assert check_chain(good.encode()) == "api-1"
+    with pytest.raises(ValueError, match="quote hop is missing"):
+        check_chain(
+            good.replace(', "next": {"service": "quote"', ', "x": {"service": "quote"').encode()
+        )
+    with pytest.raises(ValueError, match="saw client"):
+        check_chain(good.replace(_id("web"), _id("rogue")).encode())
+
+
+def test_home_creates_the_pki_once_and_signs_private_tokens(tmp_path: Path, t0) -> None:
+    home = Home(tmp_path / "home")
+    assert ensure_pki(home, now=t0) == "created"
+    assert ensure_pki(home, now=t0 + timedelta(hours=1)) == "existing"
+    assert ensure_pki(home, now=t0 + timedelta(days=3)) == "issuer replaced"  # 48 h issuer
+    assert home.anchors.read_bytes() == home.store.trust_bundle().pem()
+    path = write_token(home, "shop", "web", now=t0)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    key = tokens.token_signing_key(home.store, now=t0)
+    claims = tokens.verify_token(path.read_bytes().strip(), key, audience="identity.l5d.io", now=t0)
+    assert claims.subject == service_account_username("shop", "web")
