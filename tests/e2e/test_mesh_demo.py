@@ -19,7 +19,12 @@ def test_demo_runs_every_request_over_hybrid_mesh_tls(tmp_path: Path) -> None:
     env = {**os.environ, "TRUSTMESH_HOME": str(tmp_path / "home")}
     proc = subprocess.run(
         [sys.executable, "-m", "trustmesh", "demo", "--duration", "8", "-o", "json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     summary = json.loads(proc.stdout)
