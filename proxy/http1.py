@@ -344,8 +344,9 @@ class _Response:
     """
 
     __slots__ = (
-        "body_mode", "chunked", "done", "ex", "has_length", "head", "head_sent", "out", "parser",
-        "reason", "reusable", "server", "stray", "switching", "tokens", "upgrade_to",
+        "body_mode", "chunked", "done", "ex", "has_length", "head", "head_at", "head_sent", "out",
+        "parser", "reason", "reusable", "server", "stray", "switching", "tokens", "unaccounted",
+        "upgrade_to",
     )  # fmt: skip
 
     server: Http1Server
@@ -365,6 +366,8 @@ class _Response:
         self.reusable = False
         self.stray = False  # bytes followed the response: the parser is mid-message
         self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk
+        self.unaccounted = 0  # status of a head written but not yet reported to the dispatcher
+        self.head_at = 0.0
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -372,15 +375,27 @@ class _Response:
         except httptools.HttpParserUpgrade as e:
             if self.switching:
                 self._flush()
+                if self.unaccounted:
+                    self._account()
                 self.server._switch(self.ex, self._link(), data[e.args[0] :])
                 return
         except httptools.HttpParserError:
             self._flush()
+            if self.unaccounted:
+                self._account()
             self._broken("the upstream sent a malformed HTTP response")
             return
         self._flush()
+        if self.unaccounted:
+            self._account()
         if self.done:
             self._finish()
+
+    def _account(self) -> None:
+        # Metrics and balancer feedback run after the head is on its way to the client: they
+        # are not on the latency path.
+        status, self.unaccounted = self.unaccounted, 0
+        self.server.dispatcher.response_head(self.ex, status, self.head_at)
 
     def on_message_begin(self) -> None:
         if self.done:
@@ -438,8 +453,10 @@ class _Response:
         if ex.close_after or not ex.keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        server = self.server
-        server.dispatcher.response_head(ex, status, server._loop.time())
+        if self.unaccounted:
+            self._account()  # a second head in one read (stray bytes): keep the order
+        self.unaccounted = status
+        self.head_at = self.server._loop.time()
         self.out.append(b"".join(parts))
         self.head_sent = True
         if no_body and not self.switching:
