@@ -17,6 +17,7 @@ import yaml
 
 from proxy.app import proxy_from_config
 from proxy.errors import ProxyError
+from proxy.listener import tune_gc
 
 
 async def _run(config_path: Path) -> None:
@@ -24,6 +25,7 @@ async def _run(config_path: Path) -> None:
     loop = asyncio.get_running_loop()
     proxy = proxy_from_config(config, config_path.parent, loop.time)
     await proxy.start()
+    tune_gc()
     print(json.dumps({name: proxy.port(name) for name in proxy.servers}), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
