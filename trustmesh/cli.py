@@ -37,11 +37,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "trustmesh.commands.up:demo",
         "Run the embedded mesh on a demo app and drive traffic.",
     ),
-    "inject": ("trustmesh.commands.injector:inject", "Add the proxy to Kubernetes manifests."),
-    "injector": ("trustmesh.commands.injector:injector", "Run the admission webhook."),
-    "install": ("trustmesh.commands.injector:install", "Render the control-plane manifests."),
-    "upgrade": ("trustmesh.commands.injector:upgrade", "Render manifests for an upgrade."),
-    "tap": ("trustmesh.commands.proxy:tap", "Stream live requests from a proxy."),
 }
 
 

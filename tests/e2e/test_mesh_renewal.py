@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 import yaml
-from mesh_testkit import HOST, MeshKit, ProxyPorts, echo_session, eventually, metric
+from mesh_testkit import HOST, MeshKit, ProxyPorts, echo_session, eventually, http_status, metric
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -119,3 +120,32 @@ def test_renewal_during_a_long_lived_connection(
     handshakes = metric(client, "tls_handshakes_total", direction="outbound", result="ok")
     assert echo_session(proxies["client-0"].upstreams[ECHO], b"after") == b"after"
     assert metric(client, "tls_handshakes_total", direction="outbound", result="ok") > handshakes
+
+
+def test_identity_away_current_certificate_used_while_renewal_retries(
+    mesh: tuple[MeshKit, dict[str, ProxyPorts]],
+) -> None:
+    kit, proxies = mesh
+    client = proxies["client-0"].admin_addr
+    upstream = proxies["client-0"].upstreams[ECHO]
+    expiry = metric(client, "identity_cert_expiration_timestamp_seconds")
+    errors = metric(client, "identity_cert_refreshes_total", result="error")
+    kit.stop("identity")
+    eventually(
+        lambda: metric(client, "identity_cert_refreshes_total", result="error") > errors,
+        30,
+        "renewal attempts failing while identity is down",
+    )
+    # The certificate in use is unchanged and, until it expires, new mesh connections work.
+    assert metric(client, "identity_cert_expiration_timestamp_seconds") == expiry
+    assert time.time() < expiry - 0.5, "the retry came too late to test the remaining validity"
+    assert echo_session(upstream, b"identity is away") == b"identity is away"
+    assert http_status(client, "/ready") == 200
+
+    kit.start_identity("--issuance-lifetime", "14s", "--clock-skew", "1s")
+    eventually(
+        lambda: metric(client, "identity_cert_expiration_timestamp_seconds") > expiry,
+        40,
+        "renewal succeeding once identity is back",
+    )
+    assert echo_session(upstream, b"identity is back") == b"identity is back"
