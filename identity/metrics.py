@@ -13,13 +13,17 @@ Names (listed in README):
 - ``identity_trust_anchor_not_after_timestamp_seconds{fingerprint,subject}``: each anchor's;
 - ``identity_issuer_reloads_total{result}``: issuer reloads, ``updated``/``unchanged``/
   ``refused`` (a new issuer failed validation and the old one was kept)/``error`` (unreadable);
-- ``identity_issuer_ready``: 1 when a valid issuer is loaded.
+- ``identity_issuer_ready``: 1 when a valid issuer is loaded;
+- ``trustmesh_cert_{not_before,not_after,renewal_due}_timestamp_seconds{role,subject,
+  fingerprint,source}`` for the issuer and each anchor, and ``trustmesh_trust_bundle_info{digest,
+  source}``: the same families the expiry exporter publishes, so the alert rules apply to a
+  scrape of the identity service directly (:func:`certificate_families` is shared with proxies).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -34,6 +38,8 @@ from prometheus_client.registry import Collector
 
 from identity.errors import RESULTS
 from identity.issuer import Issuer
+from pki.certs import Certificate
+from pki.renewal import PROXY_REFRESH_FRACTION, RenewalPolicy, renewal_point
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -168,6 +174,50 @@ class IdentityCollector(Collector):
                 [anchor.fingerprint[:16], anchor.subject], anchor.not_after.timestamp()
             )
         yield anchors
+        yield from certificate_families(
+            [
+                ("issuer", issuer.credential.certificate),
+                *(("trust_anchor", a) for a in issuer.bundle.anchors),
+            ],
+            "identity",
+        )
+        yield bundle_family(issuer.bundle.digest, "identity", "trustmesh_trust_bundle_info")
+
+
+CERT_LABELS = ("role", "subject", "fingerprint", "source")
+# Workload certificates are renewed by their proxy at 70% of their life (Linkerd's schedule);
+# CAs by the rotation job's default, two thirds of their life (as alerts.inventory publishes).
+_RENEWAL = {"workload": RenewalPolicy(fraction=PROXY_REFRESH_FRACTION)}
+_CA_RENEWAL = RenewalPolicy()
+
+
+def certificate_families(
+    certificates: Iterable[tuple[str, Certificate]], source: str
+) -> tuple[GaugeMetricFamily, ...]:
+    """``trustmesh_cert_*_timestamp_seconds`` for ``(role, certificate)`` pairs seen by ``source``."""
+    families = tuple(
+        GaugeMetricFamily(f"trustmesh_cert_{what}_timestamp_seconds", help_text, labels=CERT_LABELS)
+        for what, help_text in (
+            ("not_before", "NotBefore of a certificate, in seconds since the epoch."),
+            ("not_after", "NotAfter of a certificate, in seconds since the epoch."),
+            ("renewal_due", "When the certificate's renewal policy makes it due (epoch)."),
+        )
+    )
+    for role, cert in certificates:
+        due = renewal_point(cert.not_before, cert.not_after, _RENEWAL.get(role, _CA_RENEWAL))
+        labels = [role, cert.subject, cert.fingerprint, source]
+        for family, value in zip(families, (cert.not_before, cert.not_after, due), strict=True):
+            family.add_metric(labels, value.timestamp())
+    return families
+
+
+def bundle_family(digest: str, source: str, name: str) -> GaugeMetricFamily:
+    """``<name>{digest,source} 1``: which trust bundle a component holds."""
+    family = GaugeMetricFamily(
+        name, "The trust bundle in use (value always 1).", labels=["digest", "source"]
+    )
+    family.add_metric([digest, source], 1.0)
+    return family
 
 
 def _le(bound: float) -> str:

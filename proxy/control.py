@@ -36,6 +36,7 @@ from destination.client import DestinationClient, Watch
 from destination.errors import DestinationError
 from destination.model import EndpointSet, TrustBundleSnapshot
 from identity.client import IdentityClient
+from identity.metrics import bundle_family, certificate_families
 from pki.bundle import TrustBundle
 from pki.errors import PKIError
 from proxy.meshtls import MeshCredentials
@@ -401,14 +402,13 @@ class _ControlCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         creds = self._credentials
-        bundle = GaugeMetricFamily(
-            "trustmesh_proxy_trust_bundle_info",
-            "The trust bundle in use by this proxy (value always 1).",
-            labels=["digest", "source"],
-        )
         anchors = creds.anchors
-        bundle.add_metric([anchors.current().digest, anchors.source], 1.0)
-        yield bundle
+        yield bundle_family(
+            anchors.current().digest, anchors.source, "trustmesh_proxy_trust_bundle_info"
+        )
+        credential = creds.client.current()
+        if credential is not None:
+            yield from certificate_families([("workload", credential.certificate)], "proxy")
         ident = GaugeMetricFamily(
             "trustmesh_proxy_identity_info",
             "The identity this proxy certifies as; ready is 1 once it holds a certificate.",

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from mesh_testkit import (
     identity_of,
     metric,
 )
+
+from trustmesh.supervisor import trustmesh_argv
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -204,6 +208,41 @@ def test_curl_through_outbound_proxy_mesh_tls_and_inbound_proxy(mesh: Mesh) -> N
                   client_id=identity_of("client", NS)) >= 2  # fmt: skip
     assert metric(admin, "identity_cert_expiration_timestamp_seconds") > 0
     assert metric(admin, "trustmesh_proxy_trust_bundle_info", source="destination") == 1
+
+
+def test_components_publish_expiry_metrics_and_trustmesh_check_passes(mesh: Mesh) -> None:
+    kit, client = mesh.kit, mesh.client
+    id_admin, dst_admin = f"{HOST}:{kit.id_admin}", f"{HOST}:{kit.dst_admin}"
+    # The alert rules' families, straight from the components (not only from the exporter).
+    now = time.time()
+    workload_expiry = metric(
+        client.admin_addr, "trustmesh_cert_not_after_timestamp_seconds", role="workload"
+    )
+    assert now < workload_expiry <= now + 24 * 3600 + 60
+    assert metric(client.admin_addr, "trustmesh_cert_renewal_due_timestamp_seconds") < (
+        workload_expiry
+    )
+    assert metric(id_admin, "trustmesh_cert_not_after_timestamp_seconds", role="issuer") > now
+    assert metric(id_admin, "trustmesh_cert_not_after_timestamp_seconds", role="trust_anchor") > now
+    digest = kit.home.store.trust_bundle().digest
+    assert metric(client.admin_addr, "trustmesh_proxy_trust_bundle_info", digest=digest) == 1
+    assert metric(id_admin, "trustmesh_trust_bundle_info", digest=digest) == 1
+
+    proc = subprocess.run(
+        [
+            *trustmesh_argv("check"),
+            *("--store", str(kit.home.root), "--identity", id_admin),
+            *("--destination", dst_admin, "--proxy", client.admin_addr, "-o", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    report = json.loads(proc.stdout)
+    failed = [c for cat in report["categories"] for c in cat["checks"] if c["result"] == "error"]
+    assert proc.returncode == 0 and report["success"], failed
+    names = {cat["categoryName"] for cat in report["categories"]}
+    assert any("identity" in n for n in names) and any("data-plane" in n for n in names), names
 
 
 def test_opaque_tcp_through_an_upstream_listener(mesh: Mesh) -> None:
