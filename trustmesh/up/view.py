@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from trustmesh.up.stats import ProxyStats
@@ -57,38 +58,64 @@ def workload_rows(stats: Mapping[str, ProxyStats | None], now: float) -> list[di
     return rows
 
 
+_IDENTITY_MARK = ".serviceaccount.identity."
+
+
+def _latency(p50: float | None, p99: float | None) -> str:
+    return "-" if p50 is None or p99 is None else f"{p50:.1f}/{p99:.1f}"
+
+
+def short_identity(identity: str | None) -> tuple[str, str]:
+    """``web.demo.serviceaccount.identity.trustmesh.cluster.local`` -> (``web.demo``, suffix)."""
+    if not identity:
+        return "-", ""
+    head, mark, tail = identity.partition(_IDENTITY_MARK)
+    return (head, mark[1:] + tail) if mark else (identity, "")
+
+
 def render_table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    """The table for people; compact enough for 80 columns (full identities are in -o json)."""
+    suffixes = {short_identity(r.get("identity"))[1] for r in rows if r["up"]} - {""}
+    caption = f"identities: <sa>.<ns>.{suffixes.pop()}" if len(suffixes) == 1 else None
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for name, justify in (
         ("WORKLOAD", "left"),
         ("IDENTITY", "left"),
-        ("CERT EXPIRES", "right"),
+        ("CERT", "right"),
         ("TLS GROUP", "left"),
-        ("REQUESTS", "right"),
-        ("SUCCESS", "right"),
-        ("P50", "right"),
-        ("P99", "right"),
-        ("TCP CONNS", "right"),
+        ("REQS", "right"),
+        ("OK", "right"),
+        ("P50/P99 ms", "right"),
+        ("TCP", "right"),
     ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
+        workload = row["workload"].rpartition("/")[2]
         if not row["up"]:
-            table.add_row(row["workload"], "[red]proxy not answering[/red]", *[""] * 7)
+            table.add_row(workload, "-", "-", "[red]proxy down[/red]", *[""] * 4)
             continue
         groups = ", ".join(sorted(row["tls_groups"])) or "-"
         if row["tls_refused"]:
             groups += f" [red]({row['tls_refused']} refused)[/red]"
         rate = row["success_rate"]
         expiry = row["cert_expires_in_seconds"]
+        identity = short_identity(row["identity"])[0] if caption else row["identity"] or "-"
         table.add_row(
-            row["workload"],
-            row["identity"] or "-",
+            workload,
+            identity,
             expires_in(expiry) if expiry is not None else "-",
             groups,
-            f"{row['requests']}" + (" out" if row["direction"] == "outbound" else ""),
-            f"{rate:.1%}" if rate is not None else "-",
-            f"{row['p50_ms']:.1f} ms" if row["p50_ms"] is not None else "-",
-            f"{row['p99_ms']:.1f} ms" if row["p99_ms"] is not None else "-",
+            f"{row['requests']}" + ("→" if row["direction"] == "outbound" else ""),
+            ("100%" if rate == 1 else f"{rate:.1%}") if rate is not None else "-",
+            _latency(row["p50_ms"], row["p99_ms"]),
             str(row["tcp_connections"]),
         )
     return table
