@@ -7,10 +7,18 @@ return`, so the backend costs the same everywhere):
   trustmesh   wrk -> outbound proxy -> mesh TLS 1.3 (X25519MLKEM768, mTLS) -> inbound proxy -> backend
   haproxy     wrk -> haproxy -> TLS 1.3 mTLS (OpenSSL 3.0: X25519) -> haproxy -> backend
 
-Reported per path: max requests/s (wrk -c16), CPU microseconds per request per hop (from
-/proc via psutil), latency at a fixed rate of half the TrustMesh maximum (wrk with a per-request
-delay script; added latency per hop = (path - direct) / 2), and for TrustMesh the proxies'
-RSS idle and while holding 1,000 open client connections. Also the h11 vs httptools codec cost.
+Reported per path: max requests/s (wrk -c16, best of interleaved rounds), CPU microseconds
+per request per hop (user + system, from /proc via psutil; median of the rounds), unloaded
+latency (wrk -c1), and latency at a fixed rate of half the TrustMesh maximum. The fixed rate is
+open-loop (``paced_load``, run in its own process): requests are scheduled at evenly spaced
+times (1/rate apart, microsecond timers) over 16 keep-alive connections, and each latency is
+measured from the request's *scheduled* time, so a slow path cannot lower the rate it is
+tested at and queueing behind a busy connection counts. wrk cannot do this: its ``delay()``
+hook waits per connection after each response (closed loop) in whole milliseconds, which
+sends bursts of ~rate/1000 requests at once. The achieved rate is printed for every path;
+direct, TrustMesh and
+haproxy. Added latency per hop = (path - direct) / 2. For TrustMesh also the proxies' RSS
+idle and while holding 1,000 open client connections, and the h11 vs httptools codec cost.
 Every process started here is stopped by PID at the end. Run: .venv/bin/python benchmarks/proxy_http1.py
 """
 
@@ -20,6 +28,7 @@ import asyncio
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -27,8 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -41,7 +52,11 @@ from pki.keys import KeyAlgorithm, PrivateKey  # noqa: E402
 from pki.names import Identity  # noqa: E402
 
 DURATION = int(os.environ.get("BENCH_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNS = 16
+RATE_CONNS = 16  # fixed-rate run: enough connections that one is always free at a send slot
+REQUEST = b"GET / HTTP/1.1\r\nHost: api\r\n\r\n"  # what wrk sends with -H "Host: api"
+
 PROCS: list[subprocess.Popen[str]] = []
 
 
@@ -51,7 +66,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(args: list[str], **kw: object) -> subprocess.Popen[str]:
+def start(args: list[str], **kw: Any) -> subprocess.Popen[str]:
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     PROCS.append(proc)
     return proc
@@ -109,10 +124,8 @@ def haproxy(cfg: str, tmp: Path, name: str) -> subprocess.Popen[str]:
 GLOBAL = "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n"
 
 
-def run_wrk(port: int, conns: int, duration: int, script: Path | None = None) -> dict[str, float]:
+def run_wrk(port: int, conns: int, duration: int) -> dict[str, float]:
     args = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-H", "Host: api"]
-    if script is not None:
-        args += ["-s", str(script)]
     out = subprocess.run(
         [*args, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=duration + 30
     ).stdout
@@ -129,12 +142,131 @@ def run_wrk(port: int, conns: int, duration: int, script: Path | None = None) ->
             "errors": int(errors.group(1)) if errors else 0}  # fmt: skip
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
+def paced_load(port: int, rate: float, duration: float, conns: int) -> dict[str, float]:
+    """Open-loop HTTP/1.1 load at ``rate`` requests/s; latency from each scheduled send time."""
+    socks = []
+    for _ in range(conns):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        socks.append(sock)
+    # Warm up: one request on every connection at once, so the proxies' pooled mesh connections
+    # (and their handshakes) exist before the schedule starts.
+    for sock in socks:
+        sock.send(REQUEST)
+    for sock in socks:
+        sock.settimeout(10)
+        got = b""
+        while not got.endswith(b"ok"):  # the backend's whole, fixed response ends with its body
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("the server closed a benchmark connection")
+            got += chunk
+        sock.setblocking(False)
+    idle = list(socks)
+    due: dict[socket.socket, int] = {}  # busy connection -> scheduled time of its request
+    partial = {sock: b"" for sock in socks}
+    clock = time.perf_counter_ns
+    interval = int(1e9 / rate)
+    slot = start = clock() + 50_000_000
+    end = start + int(duration * 1e9)
+    backlog: deque[int] = deque()  # scheduled while every connection was busy
+    latencies: list[int] = []
+    errors = 0
+    while slot < end or due or backlog:
+        now = clock()
+        while slot <= now and slot < end:
+            backlog.append(slot)
+            slot += interval
+        while backlog and idle:
+            sock = idle.pop()
+            due[sock] = backlog.popleft()
+            sock.send(REQUEST)
+        timeout = max(0.0, (slot - clock()) / 1e9) if slot < end else 1.0
+        # select() takes a microsecond timeout (epoll's is whole milliseconds)
+        ready, _, _ = select.select(list(due), [], [], timeout)
+        for sock in ready:
+            data = sock.recv(65536)
+            if not data:
+                raise RuntimeError("the server closed a benchmark connection")
+            got = partial[sock] + data
+            head_end = got.find(b"\r\n\r\n")
+            length = 0
+            if head_end >= 0:
+                m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", got[:head_end])
+                length = int(m.group(1)) if m else 0
+            if head_end < 0 or len(got) < head_end + 4 + length:
+                partial[sock] = got
+                continue
+            partial[sock] = b""
+            errors += not got.startswith(b"HTTP/1.1 2")
+            latencies.append(clock() - due.pop(sock))
+            idle.append(sock)
+    for sock in socks:
+        sock.close()
+    latencies.sort()
+    n = len(latencies)
+    return {"rps": n / duration, "total": n, "p50": latencies[n // 2] / 1e6,
+            "p99": latencies[int(n * 0.99)] / 1e6, "errors": errors}  # fmt: skip
+
+
+def run_paced(port: int, pids: list[int], rate: float, duration: int) -> dict[str, float]:
+    """``paced_load`` in a child process (not sharing a GIL with anything), with proxy CPU."""
+    before = cpu_seconds(pids)
+    out = subprocess.run(
+        [sys.executable, __file__, "--paced", str(port), str(rate), str(duration), str(RATE_CONNS)],
+        capture_output=True, text=True, timeout=duration + 60, check=True,
+    ).stdout  # fmt: skip
+    after = cpu_seconds(pids)
+    r: dict[str, float] = json.loads(out)
+    r["cpu_pct"] = (sum(after) - sum(before)) / max(1, len(pids)) / duration * 100.0
+    return r
+
+
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pids`` together."""
+    user = system = 0.0
     for pid in pids:
         t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
-    return total
+        user += t.user
+        system += t.system
+    return user, system
+
+
+def measured_run(port: int, pids: list[int], conns: int, duration: int) -> dict[str, float]:
+    """One wrk run, with the CPU the path's proxies used per request per hop."""
+    before = cpu_seconds(pids)
+    r = run_wrk(port, conns, duration)
+    after = cpu_seconds(pids)
+    hops = max(1, len(pids))
+    r["user_us"] = (after[0] - before[0]) / r["total"] * 1e6 / hops
+    r["sys_us"] = (after[1] - before[1]) / r["total"] * 1e6 / hops
+    r["cpu_us_per_req_per_hop"] = r["user_us"] + r["sys_us"]
+    # busiest-case share of one core per proxy during the run
+    r["cpu_pct"] = (sum(after) - sum(before)) / hops / duration * 100.0
+    return r
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over ``runs`` (the achieved rate: the lowest)."""
+    out = {key: median([r[key] for r in runs]) for key in runs[0]}
+    out["rps"] = min(r["rps"] for r in runs)
+    return out
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def cpu_pressure() -> str:
+    """Linux PSI ``some avg60`` for the CPU, e.g. "12.5%" ("n/a" without /proc/pressure)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "n/a"
+    m = re.search(r"avg60=([\d.]+)", line)
+    return f"{m.group(1)}%" if m else "n/a"
 
 
 def rss_mib(pid: int) -> float:
@@ -188,6 +320,7 @@ def codec_bench() -> dict[str, float]:
         server = h11.Connection(h11.SERVER)
         server.receive_data(req)
         event = server.next_event()
+        assert isinstance(event, h11.Request)
         client = h11.Connection(h11.CLIENT)
         client.send(h11.Request(method=event.method, target=event.target, headers=event.headers))
         client.send(h11.EndOfMessage())
@@ -208,6 +341,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (Debian package {tool}); cannot benchmark")
             return 1
+    load_before = os.getloadavg()[0], cpu_pressure()
     tmp = Path(tempfile.mkdtemp(prefix="tm-bench-"))
     ids = make_pki(tmp)
     results: dict[str, dict[str, float]] = {}
@@ -259,25 +393,31 @@ def main() -> int:
         idle_rss = {"outbound": rss_mib(web.pid), "inbound": rss_mib(api.pid)}
         for _name, (port, _) in paths.items():  # warm up connections and pools
             run_wrk(port, CONNS, 1)
-        # Max throughput, interleaved rounds.
-        for rnd in range(2):
+        # Max throughput, interleaved rounds: best req/s, median CPU per request.
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+        for _ in range(ROUNDS):
             for name, (port, pids) in paths.items():
-                before = cpu_seconds(pids) if pids else 0.0
-                r = run_wrk(port, CONNS, DURATION)
-                cpu = cpu_seconds(pids) - before if pids else 0.0
-                r["cpu_us_per_req_per_hop"] = cpu / r["total"] * 1e6 / max(1, len(pids))
-                prev = results.get(name)
-                if prev is None or r["rps"] > prev["rps"] or rnd == 0:
-                    results[name] = r if prev is None else max(prev, r, key=lambda x: x["rps"])
-        # Fixed rate: half the TrustMesh maximum, 8 connections each pausing between requests.
+                rounds[name].append(measured_run(port, pids, CONNS, DURATION))
+        for name, runs in rounds.items():
+            best = max(runs, key=lambda x: x["rps"])
+            results[name] = {
+                **best,
+                **{k: median([r[k] for r in runs]) for k in ("cpu_us_per_req_per_hop", "user_us", "sys_us")},
+            }  # fmt: skip
+        # Unloaded: one connection, one request at a time.
+        # The VM is shared: every latency figure is the median of interleaved rounds.
+        c1: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+        for _ in range(ROUNDS):
+            for name, (port, _) in paths.items():
+                c1[name].append(run_wrk(port, 1, max(2, DURATION // 2)))
+        unloaded = {name: medians(runs) for name, runs in c1.items()}
+        # Fixed rate: half the TrustMesh maximum, the same open-loop schedule on every path.
         rate = results["trustmesh"]["rps"] / 2
-        conns = 8
-        delay_ms = conns / rate * 1000.0
-        script = tmp / "rate.lua"
-        script.write_text(f"function delay() return {delay_ms:.3f} end\n")
-        fixed: dict[str, dict[str, float]] = {}
-        for name, (port, _) in paths.items():
-            fixed[name] = run_wrk(port, conns, DURATION, script)
+        paced: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+        for _ in range(ROUNDS):
+            for name, (port, pids) in paths.items():
+                paced[name].append(run_paced(port, pids, rate, DURATION))
+        fixed = {name: medians(runs) for name, runs in paced.items()}
 
         # RSS with 1,000 open client connections through the mesh.
         async def hold() -> tuple[float, float]:
@@ -295,35 +435,51 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(
-        f"\nHTTP/1.1 small GET, wrk -t1 -c{CONNS} -d{DURATION}s (best of 2 interleaved rounds); 2 cores shared by wrk, backend and proxies\n"
+        f"\nHTTP/1.1 small GET, wrk -t1 -c{CONNS} -d{DURATION}s, {ROUNDS} interleaved rounds (best req/s, "
+        "median CPU); 2 cores shared by wrk, backend and proxies\n"
     )
     print(
-        f"{'path':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req/hop':>15} {'non-2xx':>8}"
+        f"{'path':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req/hop':>15} {'(user':>7} {'sys)':>6} {'non-2xx':>8}"
     )
     for name, r in results.items():
         print(
-            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us_per_req_per_hop']:>15.1f} {r['errors']:>8.0f}"
+            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['cpu_us_per_req_per_hop']:>15.1f} {r['user_us']:>7.1f} {r['sys_us']:>6.1f} {r['errors']:>8.0f}"
         )
     tm, hp = results["trustmesh"], results["haproxy"]
     per_core = 1e6 / tm["cpu_us_per_req_per_hop"]
     print(f"\ntrustmesh: {per_core:,.0f} req/s per core per hop (target ≥ 15,000); "
           f"CPU vs haproxy {tm['cpu_us_per_req_per_hop'] / hp['cpu_us_per_req_per_hop']:.2f}x (target ≤ 1.5x)")  # fmt: skip
+    d1 = unloaded["direct"]
+    print(f"\nunloaded (wrk -c1, medians of {ROUNDS} rounds): " + ", ".join(
+        f"{n} p50 {r['p50']:.3f} ms (+{(r['p50'] - d1['p50']) / 2:.3f}/hop), p99 {r['p99']:.3f} ms"
+        for n, r in unloaded.items()))  # fmt: skip
     print(
-        f"\nfixed rate ≈ {rate:,.0f} req/s (half the trustmesh max; wrk -c{conns} with {delay_ms:.2f} ms delay)"
+        f"\nfixed rate: target {rate:,.0f} req/s (half the trustmesh max), open-loop schedule over "
+        f"{RATE_CONNS} connections, {DURATION}s per path, medians of {ROUNDS} interleaved rounds "
+        "(achieved: the lowest)"
     )
     print(
-        f"{'path':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12}"
+        f"{'path':<11} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12} {'proxy CPU %':>12}"
     )
     d = fixed["direct"]
     for name, r in fixed.items():
         add50 = (r["p50"] - d["p50"]) / 2 if name != "direct" else 0.0
         add99 = (r["p99"] - d["p99"]) / 2 if name != "direct" else 0.0
+        cpu = f"{r['cpu_pct']:.0f}" if name != "direct" else "-"
         print(
-            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f}"
+            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f} {cpu:>12}"
         )
+    short = [n for n, r in fixed.items() if r["rps"] < 0.95 * rate]
+    if short:
+        print(f"!! below 95% of the target rate: {', '.join(short)}")
     print("(targets per hop: p50 ≤ 0.1 ms, p99 ≤ 1 ms)")
     print(f"\nRSS MiB: outbound idle {idle_rss['outbound']:.1f}, inbound idle {idle_rss['inbound']:.1f} (target ≤ 45); "
           f"with 1,000 open client connections: outbound {held[0]:.1f}, inbound {held[1]:.1f}")  # fmt: skip
+    print(
+        f"\nload average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; "
+        f"CPU pressure (share of the last 60 s some task waited for a CPU) before / after: "
+        f"{load_before[1]} / {cpu_pressure()}. Before ≫ 0 means other work shared the 2 cores."
+    )
     if codecs:
         line = ", ".join(f"{k} {v:.1f} µs" for k, v in codecs.items())
         print(f"\nHTTP/1 codec, parse request+response and rebuild the head: {line}")
@@ -331,4 +487,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--paced"]:  # the load generator's own process (see run_paced)
+        port, rate, duration, conns = sys.argv[2:6]
+        print(json.dumps(paced_load(int(port), float(rate), float(duration), int(conns))))
+        sys.exit(0)
     sys.exit(main())
