@@ -75,7 +75,7 @@ def test_rows_and_table() -> None:
     console.print(render_table(rows, "t"))
     text = console.export_text()
     assert "X25519MLKEM768 (1 refused)" in text and "66.7%" in text and "10m00s" in text
-    assert "proxy not answering" in text
+    assert "proxy down" in text
 
 
 @pytest.mark.parametrize(
