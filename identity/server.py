@@ -75,7 +75,7 @@ class ServerConfig:
         if self.reload_interval <= 0:
             raise ValueError("reload_interval must be positive")
 
-    def grpc_options(self) -> list[tuple[str, int]]:
+    def grpc_options(self) -> list[tuple[str, int | str]]:
         return [
             # gRPC refuses bigger messages before they are parsed (RESOURCE_EXHAUSTED).
             ("grpc.max_receive_message_length", self.policy.max_request_bytes),
@@ -87,6 +87,9 @@ class ServerConfig:
             # above bounds what each waiting call holds.
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            # Certify is many small unary calls at once in a storm; measured at 32 callers with
+            # --workers 2 (interleaved, 4 rounds): median 1,966 -> 2,148 certs/s.
+            ("grpc.optimization_target", "throughput"),
         ]
 
     @property
