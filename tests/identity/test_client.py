@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from identity_testkit import Env, identity
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from identity.client import Backoff, IdentityClient, IdentityClientConfig, next_refresh
 from identity.server import IdentityServer, ServerConfig
@@ -83,9 +84,17 @@ async def test_certifies_and_schedules(env: Env, server: IdentityServer) -> None
 
     registry = CollectorRegistry()
     registry.register(client.collector())
-    text = generate_latest(registry).decode()
-    assert f"identity_cert_expiration_timestamp_seconds {client.expiration.timestamp():.9e}" in text  # type: ignore[union-attr]
-    assert 'identity_cert_refreshes_total{result="ok"} 2.0' in text
+    # Compared as numbers: prometheus_client drops trailing zeros ("1.79534936e+09"), so a
+    # formatted string matched only 9 times in 10.
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    assert client.expiration is not None
+    expiry = samples[("identity_cert_expiration_timestamp_seconds", ())]
+    assert expiry == client.expiration.timestamp()
+    assert samples[("identity_cert_refreshes_total", (("result", "ok"),))] == 2.0
 
 
 async def test_refuses_a_certificate_it_cannot_verify(env: Env, server: IdentityServer) -> None:
