@@ -136,12 +136,13 @@ def test_plain_directory_without_data_link(env: Env, tmp_path: Path) -> None:
     assert w.reload() == "updated" and installed[-1].fingerprint == newer.certificate.fingerprint
 
 
-async def certify_issuer(port: int, env: Env) -> str:
+async def certify_issuer(port: int, env: Env, *, own_connection: bool = False) -> str:
     name = identity()
     req = identity_pb2.CertifyRequest(
         identity=name, token=env.token(), certificate_signing_request=csr_for(name)
     )
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
         resp = await identity_pb2_grpc.IdentityStub(ch).Certify(req, timeout=10)
     return Certificate.from_der(resp.intermediate_certificates[0]).fingerprint
 
@@ -184,3 +185,44 @@ async def test_store_rotation_and_unchanged(env: Env) -> None:
     assert w.reload() == "updated"
     assert installed[-1].fingerprint == env.store.load().require_issuer().certificate.fingerprint
     assert stats.counts()["unchanged"] == 1
+
+
+async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
+    # --workers 2: the main process and one worker serve the same port (SO_REUSEPORT); after
+    # the issuer rotates, both issue from the new one only.
+    from identity.validators import DEFAULT_AUDIENCE
+    from identity.workers import ValidatorSpec
+
+    spec = ValidatorSpec("local", DEFAULT_AUDIENCE, local_key_pem=env.token_key.to_pem())
+    srv = IdentityServer(
+        ServerConfig(reload_interval=0.05, admin_listen=None),
+        StoreSource(env.store),
+        env.validator(utcnow),
+        clock=utcnow,
+        workers=2,
+        worker_validator=spec,
+    )
+    await srv.start()
+    try:
+        issue_issuer(env.store, now=utcnow())
+        new = env.store.load().require_issuer().certificate.fingerprint
+        deadline = time.monotonic() + 10
+        while srv.issuer is None or srv.issuer.fingerprint != new:
+            assert time.monotonic() < deadline, "rotation not picked up within 10 s"
+            await asyncio.sleep(0.02)
+        # Each call on its own connection (a local subchannel pool, else grpc reuses one); 24
+        # connections all hashed to one of the two processes would happen once in ~8 million.
+        seen = [await certify_issuer(srv.port, env, own_connection=True) for _ in range(24)]
+        assert set(seen) == {new}
+
+        def issued() -> float:
+            ok = srv.registry.get_sample_value("identity_issuance_total", {"result": "ok"})
+            return ok or 0.0
+
+        deadline = time.monotonic() + 5
+        while issued() < 24:  # worker counters reach the main process every 0.5 s
+            assert time.monotonic() < deadline, "worker counters did not arrive"
+            await asyncio.sleep(0.05)
+        assert 0 < srv.stats.results["ok"] < 24  # the main process served some, the worker the rest
+    finally:
+        await srv.stop(0)
