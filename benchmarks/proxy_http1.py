@@ -210,16 +210,31 @@ def paced_load(port: int, rate: float, duration: float, conns: int) -> dict[str,
 
 
 def run_paced(port: int, pids: list[int], rate: float, duration: int) -> dict[str, float]:
-    """``paced_load`` in a child process (not sharing a GIL with anything), with proxy CPU."""
-    before = cpu_seconds(pids)
+    """``paced_load`` in a child process (not sharing a GIL with anything), with the proxies'
+    CPU use, CPU per request, and run-queue wait (runnable but no CPU free) per request."""
+    before, waited = cpu_seconds(pids), run_queue_seconds(pids)
     out = subprocess.run(
         [sys.executable, __file__, "--paced", str(port), str(rate), str(duration), str(RATE_CONNS)],
         capture_output=True, text=True, timeout=duration + 60, check=True,
     ).stdout  # fmt: skip
-    after = cpu_seconds(pids)
+    after, waited = cpu_seconds(pids), run_queue_seconds(pids) - waited
     r: dict[str, float] = json.loads(out)
-    r["cpu_pct"] = (sum(after) - sum(before)) / max(1, len(pids)) / duration * 100.0
+    hops = max(1, len(pids))
+    r["cpu_pct"] = (sum(after) - sum(before)) / hops / duration * 100.0
+    r["cpu_us"] = (sum(after) - sum(before)) / r["total"] * 1e6 / hops
+    r["wait_us"] = waited / r["total"] * 1e6 / hops
     return r
+
+
+def run_queue_seconds(pids: list[int]) -> float:
+    """Seconds ``pids`` spent runnable but waiting for a CPU (/proc/PID/schedstat), 0 if unknown."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def cpu_seconds(pids: list[int]) -> tuple[float, float]:
@@ -459,15 +474,18 @@ def main() -> int:
         "(achieved: the lowest)"
     )
     print(
-        f"{'path':<11} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12} {'proxy CPU %':>12}"
+        f"{'path':<11} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12} {'proxy CPU %':>12} {'CPU µs/req/hop':>15} {'run-queue wait µs/req/hop':>26}"
     )
     d = fixed["direct"]
     for name, r in fixed.items():
         add50 = (r["p50"] - d["p50"]) / 2 if name != "direct" else 0.0
         add99 = (r["p99"] - d["p99"]) / 2 if name != "direct" else 0.0
-        cpu = f"{r['cpu_pct']:.0f}" if name != "direct" else "-"
+        proxied = name != "direct"
+        cpu = f"{r['cpu_pct']:.0f}" if proxied else "-"
+        per_req = f"{r['cpu_us']:.1f}" if proxied else "-"
+        wait = f"{r['wait_us']:.1f}" if proxied else "-"
         print(
-            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f} {cpu:>12}"
+            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f} {cpu:>12} {per_req:>15} {wait:>26}"
         )
     short = [n for n, r in fixed.items() if r["rps"] < 0.95 * rate]
     if short:
