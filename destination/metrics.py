@@ -50,6 +50,13 @@ class ServiceMetrics:
             ["result"],
             registry=r,
         )
+        self.watch_restarts = Counter(
+            "trustmesh_destination_kubernetes_watch_restarts",
+            "Kubernetes list/watch restarts by resource and reason: resync, closed, expired, "
+            "error, missing.",
+            ["resource", "reason"],
+            registry=r,
+        )
         for s in STREAMS:
             self.subscribers.labels(s)
             self.updates.labels(s)

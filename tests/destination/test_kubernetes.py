@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-import kmock
 import pytest
 from destination_testlib import eventually
+from kmock_testlib import emulated_api
 from kubernetes import client
 
 from destination.endpoints import resolve_endpoints
@@ -25,14 +25,8 @@ SETTINGS = MeshSettings()
 
 @pytest.fixture
 async def k8s() -> AsyncIterator[tuple[Any, client.ApiClient]]:
-    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-        for kind in KINDS:
-            emulator.resources[f"{kind.api_version}/{kind.plural}"] = {}
-        api = client.ApiClient(client.Configuration(host=str(server.url).rstrip("/")))
-        try:
-            yield emulator, api
-        finally:
-            api.close()
+    async with emulated_api() as (emulator, _server, api):
+        yield emulator, api
 
 
 def pod(name: str, ip: str, sa: str = "web") -> dict[str, Any]:
