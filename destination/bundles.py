@@ -1,8 +1,15 @@
-"""Where the trust bundle comes from: a PEM file, or the credential store (``pki.store``).
+"""Where the trust bundle comes from: a PEM file, the credential store (``pki.store``), or, with
+``--kubernetes``, the trust-roots ConfigMap.
 
 A provider is any callable returning a :class:`TrustBundleSnapshot`; :func:`refresh_bundle`
 calls it whenever its file changes (and every ``interval`` anyway) and publishes new digests, so
 proxies learn new anchors without restarting. A failed read keeps the last good bundle.
+
+:class:`TrustRootsWatch` watches ConfigMap ``trustmesh-identity-trust-roots``, key
+``ca-bundle.crt``, in the control-plane namespace (Linkerd's layout, TrustMesh's names) and
+publishes each valid change. A missing, empty, unparseable or non-CA bundle is refused: the
+reason is logged, ``trustmesh_destination_trust_bundle_refreshes_total{result="refused"}``
+counts it, and the last good bundle stays served.
 """
 
 from __future__ import annotations
@@ -10,16 +17,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from destination.filewatch import watch_file
 from destination.hub import Hub
+from destination.kubewatch import Object, Reflector, run_reflectors
 from destination.metrics import ServiceMetrics
 from destination.model import TrustBundleSnapshot
 from pki.bundle import TrustBundle
 from pki.errors import PKIError
 
 log = logging.getLogger(__name__)
+
+# The same names the identity service and trust-manager use (identity.sources, certmanager).
+TRUST_ROOTS_CONFIGMAP = "trustmesh-identity-trust-roots"
+TRUST_ROOTS_KEY = "ca-bundle.crt"
 
 BundleProvider = Callable[[], TrustBundleSnapshot]
 
@@ -80,3 +94,84 @@ async def refresh_bundle(
         return
     async for _ in watch_file(watched, stop, poll_interval=interval):
         publish_bundle(provider, hub, metrics)
+
+
+class BundleRefused(ValueError):
+    """A trust-roots ConfigMap whose bundle cannot be served; the message says why."""
+
+
+def bundle_from_configmap(obj: Object | None, where: str) -> TrustBundleSnapshot:
+    """The anchors of a trust-roots ConfigMap, or :class:`BundleRefused` naming the problem."""
+    if obj is None:
+        raise BundleRefused(f"{where} does not exist")
+    data = obj.get("data")
+    pem = data.get(TRUST_ROOTS_KEY) if isinstance(data, dict) else None
+    if pem is None:
+        raise BundleRefused(f"{where} has no key {TRUST_ROOTS_KEY}")
+    if not isinstance(pem, str) or not pem.strip():
+        raise BundleRefused(f"{where} key {TRUST_ROOTS_KEY} is empty")
+    try:
+        return snapshot_of(TrustBundle.from_pem(pem.encode()))
+    except (PKIError, ValueError) as e:
+        raise BundleRefused(f"{where} key {TRUST_ROOTS_KEY}: {e}") from None
+
+
+class TrustRootsWatch:
+    """Streams the trust-roots ConfigMap of ``namespace`` to the hub's trust-bundle topic."""
+
+    def __init__(
+        self,
+        api: Any,
+        namespace: str,
+        hub: Hub,
+        metrics: ServiceMetrics,
+        *,
+        resync: timedelta = timedelta(minutes=5),
+        max_backoff: float = 10.0,
+    ) -> None:
+        from kubernetes import client
+
+        self.namespace = namespace
+        self.where = f"ConfigMap {namespace}/{TRUST_ROOTS_CONFIGMAP}"
+        self._hub = hub
+        self._metrics = metrics
+        self._seen: object = ()  # the last data handled, so a resync does not re-log a refusal
+        self.refused: str | None = None  # why the current ConfigMap is not served, if it is not
+        self.reflector = Reflector(
+            "configmaps",
+            client.CoreV1Api(api).list_namespaced_config_map,
+            {"namespace": namespace, "field_selector": f"metadata.name={TRUST_ROOTS_CONFIGMAP}"},
+            metrics,
+            resync=resync.total_seconds(),
+            max_backoff=max_backoff,
+        )
+
+    def apply(self) -> str:
+        """Publish the ConfigMap's bundle if it changed; returns the outcome (also counted)."""
+        if not self.reflector.synced:
+            return "pending"
+        # The field selector is a hint: test doubles (and proxies) may ignore it.
+        found = [
+            o for (_, name), o in self.reflector.objects().items() if name == TRUST_ROOTS_CONFIGMAP
+        ]
+        obj = found[0] if found else None
+        data = obj.get("data") if obj is not None else None
+        if data == self._seen:
+            return "unchanged"
+        self._seen = data
+        try:
+            snapshot = bundle_from_configmap(obj, self.where)
+        except BundleRefused as e:
+            self.refused = str(e)
+            self._metrics.bundle_refreshes.labels("refused").inc()
+            log.error("trust bundle refused, keeping the last good one: %s", e)
+            return "refused"
+        self.refused = None
+        result = "applied" if self._hub.set_bundle(snapshot) else "unchanged"
+        self._metrics.bundle_refreshes.labels(result).inc()
+        if result == "applied":
+            log.info("trust bundle from %s applied (digest %s)", self.where, snapshot.digest)
+        return result
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await run_reflectors([self.reflector], self.apply, stop)

@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -162,7 +163,7 @@ def _is_read_timeout(e: Exception) -> bool:
 
 async def run_reflectors(
     reflectors: list[Reflector],
-    apply: Callable[[], None],
+    apply: Callable[[], object],
     stop: asyncio.Event,
     *,
     debounce: float = 0.02,
@@ -198,5 +199,13 @@ async def run_reflectors(
         for r in reflectors:
             r.halt.set()
             r.notify = lambda: None
-        for t in threads:
-            await asyncio.to_thread(t.join, 2.0)
+        await asyncio.to_thread(_join_all, threads, 2.0)
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> None:
+    # One deadline for all: a thread blocked in a quiet watch read only notices ``halt`` at the
+    # next event or read timeout, and shutdown must not wait that out once per resource. The
+    # threads are daemons, so one still reading when the deadline passes does not hold the exit.
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))

@@ -77,6 +77,7 @@ class DestinationServer:
         self._admin = AdminServer(self.metrics.registry, self.readiness)
         self.mesh_source: MeshFileSource | None = None
         self.kube_source: Any = None
+        self.trust_roots: Any = None
 
     def readiness(self) -> tuple[bool, str]:
         if self._grpc is None:
@@ -121,6 +122,17 @@ class DestinationServer:
         if provider is not None:
             publish_bundle(provider, self.hub, self.metrics)
             self._spawn(refresh_bundle(provider, watched, self.hub, self.metrics, self._stop))
+        elif o.kubernetes:  # no --trust-bundle/--store: the trust-roots ConfigMap, watched
+            from destination.bundles import TrustRootsWatch
+
+            self.trust_roots = TrustRootsWatch(
+                self._kube_api,
+                o.settings.control_plane_namespace,
+                self.hub,
+                self.metrics,
+                resync=o.resync,
+            )
+            self._spawn(self.trust_roots.run(self._stop))
         server = grpc.aio.server(
             options=[
                 ("grpc.max_concurrent_streams", 10_000),
