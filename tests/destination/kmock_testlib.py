@@ -74,3 +74,41 @@ async def emulated_api() -> AsyncIterator[tuple[Any, kmock.Server, client.ApiCli
                     yield emulator, server, api
                 finally:
                     api.close()
+
+
+def pod(name: str, ip: str, sa: str = "web", namespace: str = "default") -> dict[str, Any]:
+    """A running meshed Pod labelled app=web, with an HTTP port 8080 and opaque port 5432."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app": "web", "linkerd.io/control-plane-ns": "trustmesh"},
+            "annotations": {"config.linkerd.io/opaque-ports": "5432"},
+        },
+        "spec": {
+            "serviceAccountName": sa,
+            "containers": [
+                {"name": "app", "ports": [{"name": "http", "containerPort": 8080}]},
+                {
+                    "name": "linkerd-proxy",
+                    "ports": [{"name": "linkerd-proxy", "containerPort": 4143}],
+                },
+            ],
+        },
+        "status": {"podIP": ip, "phase": "Running"},
+    }
+
+
+def selector_service(name: str = "web", namespace: str = "default") -> dict[str, Any]:
+    """A Service selecting app=web, port 80 to the pods' named port ``http``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": {"app": "web"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
+    }

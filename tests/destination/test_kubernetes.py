@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from destination_testlib import eventually
-from kmock_testlib import emulated_api
+from kmock_testlib import emulated_api, pod
 from kubernetes import client
 
 from destination.endpoints import resolve_endpoints
@@ -27,30 +27,6 @@ SETTINGS = MeshSettings()
 async def k8s() -> AsyncIterator[tuple[Any, client.ApiClient]]:
     async with emulated_api() as (emulator, _server, api):
         yield emulator, api
-
-
-def pod(name: str, ip: str, sa: str = "web") -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": {"app": "web", "linkerd.io/control-plane-ns": "trustmesh"},
-            "annotations": {"config.linkerd.io/opaque-ports": "5432"},
-        },
-        "spec": {
-            "serviceAccountName": sa,
-            "containers": [
-                {"name": "app", "ports": [{"name": "http", "containerPort": 8080}]},
-                {
-                    "name": "linkerd-proxy",
-                    "ports": [{"name": "linkerd-proxy", "containerPort": 4143}],
-                },
-            ],
-        },
-        "status": {"podIP": ip, "phase": "Running"},
-    }
 
 
 async def test_services_slices_pods_and_policy_are_watched(
