@@ -159,3 +159,83 @@ def test_shipped_crds_validate_and_match_the_watched_kinds() -> None:
     shipped = {(d["spec"]["group"], d["spec"]["names"]["plural"]) for d in docs}
     watched = {(k.group, k.plural) for k in KINDS if k.group == "policy.trustmesh.io"}
     assert shipped == watched
+
+
+def bare_pod(name: str, ip: str, namespace: str, **annotations: str) -> dict[str, Any]:
+    p = pod(name, ip, namespace=namespace)
+    p["metadata"]["annotations"] = annotations
+    return p
+
+
+async def test_namespace_annotations_apply_unless_the_pod_has_its_own(
+    k8s: tuple[Any, client.ApiClient],
+) -> None:
+    _emulator, api = k8s
+    core = client.CoreV1Api(api)
+    await asyncio.to_thread(
+        core.create_namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": "shop",
+                "annotations": {
+                    "config.linkerd.io/opaque-ports": "9000-9001",
+                    "config.trustmesh.io/default-inbound-policy": "deny",
+                },
+            },
+        },
+    )
+    plain = bare_pod("plain", "10.0.1.1", "shop")
+    # Its own opaque ports (under the other prefix) win; the policy still comes from the namespace.
+    own = bare_pod("own", "10.0.1.2", "shop", **{"config.trustmesh.io/opaque-ports": "5432"})
+    elsewhere = bare_pod("elsewhere", "10.0.2.1", "default")
+    for p in (plain, own, elsewhere):
+        await asyncio.to_thread(core.create_namespaced_pod, p["metadata"]["namespace"], p)
+    states: list[ClusterState] = []
+    source = KubernetesSource(api, states.append, ServiceMetrics(), resync=timedelta(seconds=5))
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(source.run(stop))
+    try:
+        await eventually(lambda: states and len(states[-1].workloads) == 3, timeout=10)
+        state = states[-1]
+        a, b, c = (
+            state.workload(ns, n)
+            for ns, n in (("shop", "plain"), ("shop", "own"), ("default", "elsewhere"))
+        )
+        assert a.opaque_ports == {9000, 9001} and a.default_inbound_policy == "deny"
+        assert b.opaque_ports == {5432} and b.default_inbound_policy == "deny"
+        assert c.opaque_ports is None and c.default_inbound_policy is None
+        assert resolve_inbound(state, SETTINGS, "shop", "plain", 8080).authorizations == ()
+        assert resolve_inbound(state, SETTINGS, "default", "elsewhere", 8080).authorizations
+
+        # A changed Namespace annotation is watched like everything else.
+        await asyncio.to_thread(
+            core.patch_namespace,
+            "shop",
+            {
+                "metadata": {
+                    "annotations": {
+                        "config.trustmesh.io/default-inbound-policy": "all-authenticated"
+                    }
+                }
+            },
+        )
+        await eventually(
+            lambda: (
+                states[-1].workload("shop", "plain").default_inbound_policy == "all-authenticated"
+            ),
+            timeout=10,
+        )
+        # A bad inherited value skips the pods that inherit it and says where it came from.
+        await asyncio.to_thread(
+            core.patch_namespace,
+            "shop",
+            {"metadata": {"annotations": {"config.linkerd.io/opaque-ports": "not-a-port"}}},
+        )
+        await eventually(lambda: "Pod shop/plain" in source.skipped, timeout=10)
+        assert "inherited from Namespace shop" in source.skipped["Pod shop/plain"]
+        assert "Pod shop/own" not in source.skipped  # its own annotation wins
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
