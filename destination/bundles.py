@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from destination.errors import Unavailable
 from destination.filewatch import watch_file
 from destination.hub import Hub
 from destination.kubewatch import Object, Reflector, run_reflectors
@@ -137,6 +138,7 @@ class TrustRootsWatch:
         self._metrics = metrics
         self._seen: object = ()  # the last data handled, so a resync does not re-log a refusal
         self.refused: str | None = None  # why the current ConfigMap is not served, if it is not
+        self._served = False  # whether a good bundle has been published yet
         self.reflector = Reflector(
             "configmaps",
             client.CoreV1Api(api).list_namespaced_config_map,
@@ -164,9 +166,14 @@ class TrustRootsWatch:
         except BundleRefused as e:
             self.refused = str(e)
             self._metrics.bundle_refreshes.labels("refused").inc()
-            log.error("trust bundle refused, keeping the last good one: %s", e)
+            if self._served:
+                log.error("trust bundle refused, keeping the last good one: %s", e)
+            else:  # nothing good to keep: subscribers learn why there is no bundle
+                log.error("trust bundle refused: %s", e)
+                self._hub.set_bundle(Unavailable(f"no trust bundle: {e}"))
             return "refused"
         self.refused = None
+        self._served = True
         result = "applied" if self._hub.set_bundle(snapshot) else "unchanged"
         self._metrics.bundle_refreshes.labels(result).inc()
         if result == "applied":

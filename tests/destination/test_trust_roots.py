@@ -17,7 +17,7 @@ from destination.bundles import (
     BundleRefused,
     bundle_from_configmap,
 )
-from destination.client import DestinationClient
+from destination.client import Backoff, DestinationClient
 from destination.service import DestinationServer, ServeOptions
 from pki.bundle import TrustBundle
 from pki.certs import Credential, create_anchor, issue_leaf
@@ -149,3 +149,22 @@ async def _call(fn: Any, *args: Any) -> Any:
     import asyncio
 
     return await asyncio.to_thread(fn, *args)
+
+
+async def test_a_configmap_created_after_start_is_picked_up(certs: dict[str, bytes]) -> None:
+    async with emulated_api() as (_emulator, _server, api):
+        core = client.CoreV1Api(api)
+        options = ServeOptions(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", kubernetes=True)
+        async with (
+            DestinationServer(options, kube_api=api) as server,
+            DestinationClient(
+                f"127.0.0.1:{server.port}", backoff=Backoff(base=0.05, maximum=0.2)
+            ) as c,
+        ):
+            watch = c.trust_bundle()
+            # Until the first list, no source has answered; then the refusal says why.
+            await eventually(lambda: "does not exist" in str(watch.error))
+            assert "UNAVAILABLE" in str(watch.error) and watch.current is None
+            await _call(core.create_namespaced_config_map, NS, configmap(certs["one"].decode()))
+            got = await eventually(lambda: watch.current)
+            assert got.digest == TrustBundle.from_pem(certs["one"]).digest

@@ -56,7 +56,8 @@ def destination() -> None:
 @click.option(
     "--trust-bundle",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="PEM anchors to stream (default: the store's).",
+    help="PEM anchors to stream (default: the store's; with --kubernetes and no --store, the "
+    "watched ConfigMap trustmesh-identity-trust-roots in the control-plane namespace).",
 )
 @click.option("--log-level", default="info", show_default=True)
 def serve(
