@@ -1,7 +1,8 @@
-"""Where certificates are found: a TrustMesh store, files on disk, live TLS endpoints.
+"""Where certificates are found: a TrustMesh store, files on disk, live TLS endpoints, and the
+workload certificates proxies report on their admin port.
 
 Every source has a ``name`` (the ``source`` label of the exported series: ``store:DIR``,
-``file:PATH``, ``probe:HOST:PORT``) and a blocking ``read()`` that returns a
+``file:PATH``, ``probe:HOST:PORT``, ``proxy:HOST:PORT``) and a blocking ``read()`` that returns a
 :class:`~alerts.inventory.Reading` or raises :class:`~alerts.errors.SourceError` with a sentence
 saying what went wrong. Probes talk TLS through pyOpenSSL and never verify the peer: they report
 what the endpoint presents, trusted or not, which is exactly what expiry alerting needs.
@@ -9,6 +10,7 @@ what the endpoint presents, trusted or not, which is exactly what expiry alertin
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import select
 import socket
@@ -214,15 +216,60 @@ class ProbeSource:
         return [Certificate.from_x509(c) for c in peer]
 
 
+@dataclass(frozen=True, slots=True)
+class ProxySource:
+    """The workload certificate (and chain) a TrustMesh proxy reports on its admin port's
+    ``/certificate``: the certificate it presents on mesh connections, read without one."""
+
+    address: str
+    timeout: float = DEFAULT_PROBE_TIMEOUT
+    max_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        parse_address(self.address)
+        if self.timeout <= 0:
+            raise ValueError(f"proxy timeout must be positive, got {self.timeout}")
+
+    @property
+    def name(self) -> str:
+        return f"proxy:{self.address}"
+
+    def read(self) -> Reading:
+        host, port = parse_address(self.address)
+        conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            conn.request("GET", "/certificate")
+            response = conn.getresponse()
+            body = response.read(self.max_bytes + 1)
+        except (OSError, http.client.HTTPException) as e:
+            raise SourceError(f"cannot read {self.address}/certificate: {e}") from None
+        finally:
+            conn.close()
+        if response.status != 200:
+            what = body[:200].decode("utf-8", "replace").strip()
+            raise SourceError(
+                f"proxy {self.address} answered {response.status} for /certificate: {what}"
+            )
+        if len(body) > self.max_bytes:
+            raise SourceError(f"proxy {self.address} sent over {self.max_bytes} bytes")
+        try:
+            chain = load_pem_chain(body)
+        except PKIError as e:
+            raise SourceError(f"proxy {self.address} sent no valid certificate: {e}") from None
+        return Reading(((chain[0], "workload"), *((c, classify(c)) for c in chain[1:])))
+
+
 def sources_from(
     store: Path | None,
     scans: Sequence[str] = (),
     probes: Sequence[str] = (),
     *,
+    proxies: Sequence[str] = (),
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
 ) -> list[Source]:
-    """Sources for the command-line arguments: ``--store DIR``, ``--scan [ROLE=]PATH`` and
-    ``--probe [ROLE=]HOST:PORT``. Raises ValueError for a malformed argument."""
+    """Sources for the command-line arguments: ``--store DIR``, ``--scan [ROLE=]PATH``,
+    ``--probe [ROLE=]HOST:PORT`` and ``--proxy ADMIN_HOST:PORT``. Raises ValueError for a
+    malformed argument."""
     sources: list[Source] = []
     if store is not None:
         sources.append(StoreSource(Path(store)))
@@ -232,4 +279,6 @@ def sources_from(
     for spec in probes:
         role, address = split_role(spec)
         sources.append(ProbeSource(address, role, probe_timeout))
+    for address in proxies:
+        sources.append(ProxySource(address, probe_timeout))
     return sources

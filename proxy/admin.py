@@ -1,4 +1,6 @@
-"""The admin server (Linkerd's port 4191): ``/metrics``, ``/ready``, ``/live``.
+"""The admin server (Linkerd's port 4191): ``/metrics``, ``/ready``, ``/live``, and
+``/certificate``: the workload certificate in use with its chain (PEM; public material only), so
+that expiry exporters and ``trustmesh check`` can read what a proxy presents without a handshake.
 
 Not on the data path, so it uses asyncio streams and reads one small request per connection.
 """
@@ -16,9 +18,15 @@ _MAX_HEAD = 8192
 class AdminServer:
     """Serves Prometheus metrics and the readiness/liveness probes."""
 
-    def __init__(self, metrics: ProxyMetrics, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: ProxyMetrics,
+        ready: Callable[[], bool],
+        certificate: Callable[[], bytes | None] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.ready = ready
+        self.certificate = certificate
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._handle, host, port, reuse_address=True)
@@ -37,6 +45,11 @@ class AdminServer:
         if path == "/metrics":
             body = self.metrics.render().encode()
             return 200, "OK", body, "text/plain; version=0.0.4"
+        if path == "/certificate" and self.certificate is not None:
+            pem = self.certificate()
+            if pem is None:
+                return 503, "Service Unavailable", b"no certificate yet\n", "text/plain"
+            return 200, "OK", pem, "application/x-pem-file"
         return 404, "Not Found", b"not found\n", "text/plain"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

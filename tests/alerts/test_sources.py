@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from alerts.errors import SourceError
 from alerts.sources import (
     FileSource,
     ProbeSource,
+    ProxySource,
     StoreSource,
     parse_address,
     sources_from,
@@ -100,3 +105,57 @@ def test_parse_address_and_roles() -> None:
         split_role("issuer=")
     names = [s.name for s in sources_from(Path("/s"), ["other=/f.pem"], ["h:1"])]
     assert names == ["store:/s", "file:/f.pem", "probe:h:1"]
+
+
+@contextlib.contextmanager
+def _admin(status: int, body: bytes) -> Iterator[str]:
+    """A real HTTP server answering every GET with ``status`` and ``body``; yields HOST:PORT."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_proxy_source_reads_the_reported_workload_certificate(chain: Chain) -> None:
+    with _admin(200, chain.workload.chain_pem()) as addr:
+        reading = ProxySource(addr).read()
+    roles = [(cert.fingerprint, role) for cert, role in reading.certificates]
+    assert roles == [
+        (chain.workload.certificate.fingerprint, "workload"),
+        (chain.issuer.certificate.fingerprint, "issuer"),
+    ]
+    assert ProxySource(addr).name == f"proxy:{addr}"
+    assert [s.name for s in sources_from(None, proxies=[addr])] == [f"proxy:{addr}"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (503, b"no certificate yet\n", "answered 503"),
+        (200, b"not a certificate", "no valid certificate"),
+        (200, b"x" * (300 * 1024), "over"),
+    ],
+)
+def test_proxy_source_refusals_are_named(status: int, body: bytes, message: str) -> None:
+    with _admin(status, body) as addr, pytest.raises(SourceError, match=message):
+        ProxySource(addr).read()
+
+
+def test_proxy_source_unreachable_is_a_source_error() -> None:
+    with silent_server() as addr, pytest.raises(SourceError, match="cannot read"):
+        ProxySource(addr, timeout=0.3).read()

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from mesh_testkit import (
     metric,
 )
 
+from pki.certs import load_pem_chain
 from trustmesh.supervisor import trustmesh_argv
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -243,6 +245,22 @@ def test_components_publish_expiry_metrics_and_trustmesh_check_passes(mesh: Mesh
     assert proc.returncode == 0 and report["success"], failed
     names = {cat["categoryName"] for cat in report["categories"]}
     assert any("identity" in n for n in names) and any("data-plane" in n for n in names), names
+
+    # The proxy reports the certificate it presents; the cron checker reads it from there.
+    with urllib.request.urlopen(f"http://{client.admin_addr}/certificate", timeout=5) as r:
+        leaf = load_pem_chain(r.read())[0]
+    assert leaf.dns_names == (identity_of("client", NS),)
+    proc = subprocess.run(
+        [
+            *trustmesh_argv("alerts", "check", "--store", str(kit.home.root)),
+            *("--proxy", client.admin_addr, "-o", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert leaf.fingerprint in proc.stdout
 
 
 def test_opaque_tcp_through_an_upstream_listener(mesh: Mesh) -> None:

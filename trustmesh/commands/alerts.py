@@ -67,6 +67,13 @@ def _source_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="A TLS endpoint whose presented certificates are watched.",
         ),
         click.option(
+            "--proxy",
+            "proxies",
+            multiple=True,
+            metavar="ADMIN_HOST:PORT",
+            help="A TrustMesh proxy's admin address: its workload certificate is watched.",
+        ),
+        click.option(
             "--probe-timeout",
             default=f"{int(DEFAULT_PROBE_TIMEOUT)}s",
             show_default=True,
@@ -80,12 +87,16 @@ def _source_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _sources(
-    store: Path | None, scans: tuple[str, ...], probes: tuple[str, ...], probe_timeout: float
+    store: Path | None,
+    scans: tuple[str, ...],
+    probes: tuple[str, ...],
+    proxies: tuple[str, ...],
+    probe_timeout: float,
 ) -> list[Source]:
-    if store is None and not scans and not probes:
+    if store is None and not scans and not probes and not proxies:
         store = default_store_path()
     try:
-        return sources_from(store, scans, probes, probe_timeout=probe_timeout)
+        return sources_from(store, scans, probes, proxies=proxies, probe_timeout=probe_timeout)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
 
@@ -114,6 +125,7 @@ def exporter(
     store: Path | None,
     scans: tuple[str, ...],
     probes: tuple[str, ...],
+    proxies: tuple[str, ...],
     probe_timeout: float,
     listen: str,
     interval: float,
@@ -127,7 +139,7 @@ def exporter(
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--listen") from None
     server = Exporter(
-        _sources(store, scans, probes, probe_timeout), clock=time.time, interval=interval
+        _sources(store, scans, probes, proxies, probe_timeout), clock=time.time, interval=interval
     )
     stop = threading.Event()
 
@@ -216,6 +228,7 @@ def check_command(
     store: Path | None,
     scans: tuple[str, ...],
     probes: tuple[str, ...],
+    proxies: tuple[str, ...],
     probe_timeout: float,
     alertmanager: str | None,
     webhook: str | None,
@@ -228,7 +241,7 @@ def check_command(
         raise click.UsageError("give --alertmanager or --webhook, not both")
     rules = load_rules(rules_dir)
     now = time.time()
-    report = check(scan(_sources(store, scans, probes, probe_timeout), now), now, rules)
+    report = check(scan(_sources(store, scans, probes, proxies, probe_timeout), now), now, rules)
     if output == "json":
         click.echo(_report_json(report, now))
     else:

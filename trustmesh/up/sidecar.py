@@ -159,10 +159,14 @@ class Sidecar:
         self._admin: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _certificate_pem(self) -> bytes | None:
+        credential = self.identity.current()
+        return credential.chain_pem() if credential is not None else None
+
     async def start(self, stop: asyncio.Event) -> bool:
         """Start; returns False when ``stop`` was set before the proxy could serve."""
         c = self.config
-        admin = AdminServer(self.metrics, lambda: self.serving)
+        admin = AdminServer(self.metrics, lambda: self.serving, self._certificate_pem)
         self._admin = await admin.start(c.admin.host, c.admin.port)
         self.ports["admin"] = int(self._admin.sockets[0].getsockname()[1])
         self._tasks.append(asyncio.create_task(self.identity.run()))
