@@ -22,6 +22,8 @@ from proxy.meshtls import HandshakeInfo, TlsSession
 class NullSink:
     """Ignores everything; used while a link has no owner (e.g. closing)."""
 
+    __slots__ = ()
+
     def data_received(self, data: bytes) -> None:
         pass
 

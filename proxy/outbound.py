@@ -18,7 +18,7 @@ from proxy.balancer import PeakEwmaBalancer
 from proxy.detect import Detected, Proto
 from proxy.errors import ProxyError, UnknownRoute
 from proxy.http1 import Exchange, Http1Server
-from proxy.link import Link
+from proxy.link import Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
 from proxy.metrics import ProxyMetrics
 from proxy.routes import Endpoint, RouteSource, Service, ServiceProtocol
@@ -237,8 +237,8 @@ class UpstreamListener:
         link.resume_reading()
 
 
-class _Hold:
-    """Buffers what a link reads before its relay exists."""
+class _Hold(NullSink):
+    """Buffers what a link reads before its relay exists (other events are ignored)."""
 
     __slots__ = ("data",)
 
@@ -247,15 +247,3 @@ class _Hold:
 
     def data_received(self, data: bytes) -> None:
         self.data += data
-
-    def eof_received(self) -> None:
-        pass
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        pass
-
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pass
