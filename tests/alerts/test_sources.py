@@ -1,15 +1,11 @@
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from alerts_testkit import NOW, Chain, silent_server, tls_server
+from alerts_testkit import NOW, Chain, http_server, silent_server, tls_server
 
 from alerts.errors import SourceError
 from alerts.sources import (
@@ -107,32 +103,8 @@ def test_parse_address_and_roles() -> None:
     assert names == ["store:/s", "file:/f.pem", "probe:h:1"]
 
 
-@contextlib.contextmanager
-def _admin(status: int, body: bytes) -> Iterator[str]:
-    """A real HTTP server answering every GET with ``status`` and ``body``; yields HOST:PORT."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_proxy_source_reads_the_reported_workload_certificate(chain: Chain) -> None:
-    with _admin(200, chain.workload.chain_pem()) as addr:
+    with http_server(lambda _path: (200, chain.workload.chain_pem())) as addr:
         reading = ProxySource(addr).read()
     roles = [(cert.fingerprint, role) for cert, role in reading.certificates]
     assert roles == [
@@ -152,7 +124,10 @@ def test_proxy_source_reads_the_reported_workload_certificate(chain: Chain) -> N
     ],
 )
 def test_proxy_source_refusals_are_named(status: int, body: bytes, message: str) -> None:
-    with _admin(status, body) as addr, pytest.raises(SourceError, match=message):
+    with (
+        http_server(lambda _path: (status, body)) as addr,
+        pytest.raises(SourceError, match=message),
+    ):
         ProxySource(addr).read()
 
 

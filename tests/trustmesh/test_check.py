@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from alerts_testkit import http_server
 
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import FileStore
@@ -22,39 +20,18 @@ from trustmesh.errors import run_cli
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
 
-@contextlib.contextmanager
-def admin(ready: bool, digest: str | None = None) -> Iterator[str]:
+def admin(ready: bool, digest: str | None = None) -> contextlib.AbstractContextManager[str]:
     """A real admin endpoint: /ready (200 or 503) and /metrics with a bundle digest."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/ready":
-                body, status = (b"ready\n", 200) if ready else (b"not ready\n", 503)
-            elif self.path == "/metrics":
-                line = (
-                    f'trustmesh_proxy_trust_bundle_info{{digest="{digest}"}} 1.0\n'
-                    if digest
-                    else ""
-                )
-                body, status = line.encode(), 200
-            else:
-                body, status = b"", 404
-            self.send_response(status)
-            self.end_headers()
-            self.wfile.write(body)
+    def respond(path: str) -> tuple[int, bytes]:
+        if path == "/ready":
+            return (200, b"ready\n") if ready else (503, b"not ready\n")
+        if path == "/metrics":
+            line = f'trustmesh_proxy_trust_bundle_info{{digest="{digest}"}} 1.0\n'
+            return 200, line.encode() if digest else b""
+        return 404, b""
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    return http_server(respond)
 
 
 def _store(tmp_path: Path, at: datetime, issuer_lifetime: timedelta) -> FileStore:
