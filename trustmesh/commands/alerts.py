@@ -23,9 +23,7 @@ from alerts.notifier import notify_alertmanager, notify_webhook
 from alerts.rulebook import RULES_DIR, load_rules
 from alerts.sources import DEFAULT_PROBE_TIMEOUT, Source, parse_address, sources_from
 from alerts.templating import humanize_duration
-from pki.durations import parse_duration
-from pki.errors import InvalidDuration
-from trustmesh.config import default_store_path
+from trustmesh.config import default_store_path, duration_option
 from trustmesh.errors import CLIError
 
 CHECK_EXIT_CODES = """\b
@@ -36,11 +34,11 @@ Exit codes:
 """
 
 
-def _seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
-    try:
-        return parse_duration(value).total_seconds()
-    except InvalidDuration as e:
-        raise click.BadParameter(str(e)) from None
+def _seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    delta = duration_option(ctx, param, value)
+    if delta is None:
+        raise click.BadParameter("a duration such as 30s is required")
+    return delta.total_seconds()
 
 
 def _source_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,18 +18,10 @@ from typing import Any
 import click
 
 from pki.certs import utcnow
-from pki.durations import parse_duration
-from pki.errors import InvalidDuration, PKIError
+from pki.errors import PKIError
 from pki.keys import KeyAlgorithm
-from trustmesh.config import default_store_path
+from trustmesh.config import default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
-
-
-def _duration(_ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
-    try:
-        return parse_duration(value)
-    except InvalidDuration as e:
-        raise click.BadParameter(str(e), param=param) from None
 
 
 @click.group()
@@ -66,8 +58,8 @@ def identity() -> None:
     show_default=True,
     help="Admin HOST:PORT (/ready, /live, /metrics).",
 )
-@click.option("--issuance-lifetime", default="24h", show_default=True, callback=_duration)
-@click.option("--clock-skew", default="20s", show_default=True, callback=_duration)
+@click.option("--issuance-lifetime", default="24h", show_default=True, callback=duration_option)
+@click.option("--clock-skew", default="20s", show_default=True, callback=duration_option)
 @click.option("--trust-domain", default="cluster.local", show_default=True)
 @click.option("--control-plane-namespace", default="trustmesh", show_default=True)
 @click.option(
@@ -171,7 +163,7 @@ def serve(**opts: Any) -> None:
 )
 @click.option("--service-account", "-s", required=True)
 @click.option("--namespace", "-n", required=True)
-@click.option("--ttl", default="24h", show_default=True, callback=_duration)
+@click.option("--ttl", default="24h", show_default=True, callback=duration_option)
 @click.option("--audience", default="identity.l5d.io", show_default=True)
 def token(
     store: Path | None, service_account: str, namespace: str, ttl: timedelta, audience: str
