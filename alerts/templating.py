@@ -45,13 +45,19 @@ def humanize_duration(value: float) -> str:
         if minutes:
             return f"{sign}{minutes}m {seconds}s"
         return f"{sign}{_go_g4(abs(value))}s"
+    value, prefix = _small_prefix(value)
+    return f"{_go_g4(value)}{prefix}s"
+
+
+def _small_prefix(value: float) -> tuple[float, str]:
+    """Scale ``0 < |value| < 1`` up by thousands: ``0.0025 -> (2.5, "m")``."""
     prefix = ""
     for unit in ("m", "u", "n", "p", "f", "a", "z", "y"):
         if abs(value) >= 1:
             break
         prefix = unit
         value *= 1000
-    return f"{_go_g4(value)}{prefix}s"
+    return value, prefix
 
 
 def humanize_percentage(value: float) -> str:
@@ -71,12 +77,7 @@ def humanize(value: float) -> str:
             prefix = unit
             value /= 1000
         return f"{_go_g4(value)}{prefix}"
-    prefix = ""
-    for unit in ("m", "u", "n", "p", "f", "a", "z", "y"):
-        if abs(value) >= 1:
-            break
-        prefix = unit
-        value *= 1000
+    value, prefix = _small_prefix(value)
     return f"{_go_g4(value)}{prefix}"
 
 
