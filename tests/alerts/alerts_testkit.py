@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from OpenSSL import SSL, crypto
+from pki_testkit import serve_tls
 
 from pki.certs import Certificate, Credential, create_anchor, create_issuer, issue_leaf
 from pki.keys import PrivateKey
@@ -58,41 +58,8 @@ def make_chain() -> Chain:
 @contextlib.contextmanager
 def tls_server(credential: Credential) -> Iterator[str]:
     """Serve TLS handshakes presenting ``credential`` (leaf + chain); yields HOST:PORT."""
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.use_certificate(crypto.X509.from_cryptography(credential.certificate.x509))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(credential.key.key))
-    for cert in credential.chain:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert.x509))
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                sock, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            # pyOpenSSL needs a blocking socket (a timeout makes it non-blocking underneath);
-            # the clients in these tests always finish or close, so this cannot hang.
-            sock.settimeout(None)
-            conn = SSL.Connection(ctx, sock)
-            conn.set_accept_state()
-            with contextlib.suppress(SSL.Error, OSError):
-                conn.do_handshake()
-                conn.shutdown()
-            sock.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+    with serve_tls(credential) as server:
+        yield f"127.0.0.1:{server.port}"
 
 
 @contextlib.contextmanager

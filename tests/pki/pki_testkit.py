@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -111,60 +112,66 @@ class TLSServer:
         assert ok, f"server handled {len(self.client_certs) + len(self.errors)} connections"
 
 
-@pytest.fixture
-def tls_server() -> Iterator[Callable[..., TLSServer]]:
-    """Start a real pyOpenSSL TLS 1.3 server on 127.0.0.1:0 (stopped at teardown)."""
-    started: list[tuple[socket.socket, threading.Thread]] = []
+@contextlib.contextmanager
+def serve_tls(
+    credential: Credential, *, client_ca: TrustBundle | None = None
+) -> Iterator[TLSServer]:
+    """A real pyOpenSSL TLS 1.3 server on 127.0.0.1:0 presenting ``credential``; stopped on exit."""
+    ctx = server_context(credential, client_ca)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    server = TLSServer(listener.getsockname()[1])
     stop = threading.Event()
 
-    def start(credential: Credential, *, client_ca: TrustBundle | None = None) -> TLSServer:
-        ctx = server_context(credential, client_ca)
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.settimeout(0.2)
-        server = TLSServer(listener.getsockname()[1])
-
-        def serve() -> None:
-            while not stop.is_set():
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            # Blocking socket (pyOpenSSL needs one) with a kernel receive timeout, so a
+            # silent client cannot hang the server thread.
+            sock.setblocking(True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+            conn = SSL.Connection(ctx, sock)
+            conn.set_accept_state()
+            try:
+                conn.do_handshake()
+                # TLS 1.3: the client's Finished (and certificate) arrives after the
+                # server's flight; a read completes the server side of the handshake.
                 try:
-                    sock, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                # Blocking socket (pyOpenSSL needs one) with a kernel receive timeout, so a
-                # silent client cannot hang the server thread.
-                sock.setblocking(True)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
-                conn = SSL.Connection(ctx, sock)
-                conn.set_accept_state()
-                try:
-                    conn.do_handshake()
-                    # TLS 1.3: the client's Finished (and certificate) arrives after the
-                    # server's flight; a read completes the server side of the handshake.
-                    try:
-                        conn.recv(1)
-                    except (SSL.ZeroReturnError, SSL.SysCallError, SSL.WantReadError):
-                        pass
-                    # server side, OpenSSL's peer chain omits the client's own certificate
-                    leaf = conn.get_peer_certificate(as_cryptography=True)
-                    rest = conn.get_peer_cert_chain(as_cryptography=True) or []
-                    peer = [leaf, *rest] if leaf is not None else []
-                    server.client_certs.append([c.subject.rfc4514_string() for c in peer])
-                except (SSL.Error, OSError) as e:
-                    server.errors.append(repr(e))
-                finally:
-                    sock.close()
-                    server.connection_done()
+                    conn.recv(1)
+                except (SSL.ZeroReturnError, SSL.SysCallError, SSL.WantReadError):
+                    pass
+                # server side, OpenSSL's peer chain omits the client's own certificate
+                leaf = conn.get_peer_certificate(as_cryptography=True)
+                rest = conn.get_peer_cert_chain(as_cryptography=True) or []
+                peer = [leaf, *rest] if leaf is not None else []
+                server.client_certs.append([c.subject.rfc4514_string() for c in peer])
+            except (SSL.Error, OSError) as e:
+                server.errors.append(repr(e))
+            finally:
+                sock.close()
+                server.connection_done()
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        started.append((listener, thread))
-        return server
-
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     try:
-        yield start
+        yield server
     finally:
         stop.set()
-        for listener, thread in started:
-            thread.join(timeout=5)
-            listener.close()
+        thread.join(timeout=5)
+        listener.close()
+
+
+@pytest.fixture
+def tls_server() -> Iterator[Callable[..., TLSServer]]:
+    """Start real TLS servers (see :func:`serve_tls`) that are stopped at teardown."""
+    with contextlib.ExitStack() as stack:
+
+        def start(credential: Credential, *, client_ca: TrustBundle | None = None) -> TLSServer:
+            return stack.enter_context(serve_tls(credential, client_ca=client_ca))
+
+        yield start
