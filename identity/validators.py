@@ -15,13 +15,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from identity.errors import TokenInvalid, TokenNotAuthenticated, TokenReviewFailed
 from pki import tokens
 from pki.keys import PrivateKey
 from pki.names import Identity, is_dns1123_label
+from pki.store import FileStore
 
 # The projected-token audience Linkerd's injector requests (and TrustMesh's, for compatibility).
 DEFAULT_AUDIENCE = "identity.l5d.io"
@@ -47,6 +48,27 @@ class Domain:
 def service_account_username(namespace: str, service_account: str) -> str:
     """The Kubernetes username of a service account, also the ``sub`` of local tokens."""
     return f"system:serviceaccount:{namespace}:{service_account}"
+
+
+def sign_workload_token(
+    store: FileStore,
+    namespace: str,
+    service_account: str,
+    *,
+    now: datetime,
+    ttl: timedelta,
+    audience: str = DEFAULT_AUDIENCE,
+) -> bytes:
+    """A local workload token for ``service_account`` in ``namespace``, signed with the store's
+    token key (created on first use): what ``LocalTokenValidator`` accepts."""
+    now = now.replace(microsecond=0)
+    claims = tokens.TokenClaims(
+        subject=service_account_username(namespace, service_account),
+        audience=audience,
+        issued_at=now,
+        expires_at=now + ttl,
+    )
+    return tokens.sign_token(claims, tokens.token_signing_key(store, now=now))
 
 
 def identity_from_username(username: str, domain: Domain) -> Identity:

@@ -169,8 +169,7 @@ def token(
     store: Path | None, service_account: str, namespace: str, ttl: timedelta, audience: str
 ) -> None:
     """Print a signed workload token for SERVICE_ACCOUNT in NAMESPACE (local validator)."""
-    from identity.validators import service_account_username
-    from pki import tokens
+    from identity.validators import sign_workload_token
     from pki.names import check_label
     from pki.store import FileStore
 
@@ -178,15 +177,15 @@ def token(
     check_label("namespace", namespace)
     if ttl <= timedelta(0):
         raise CLIError("--ttl must be positive", EXIT_USAGE)
-    now = utcnow().replace(microsecond=0)
-    key = tokens.token_signing_key(FileStore(store or default_store_path()), now=now)
-    claims = tokens.TokenClaims(
-        subject=service_account_username(namespace, service_account),
+    token = sign_workload_token(
+        FileStore(store or default_store_path()),
+        namespace,
+        service_account,
+        now=utcnow(),
+        ttl=ttl,
         audience=audience,
-        issued_at=now,
-        expires_at=now + ttl,
     )
-    click.echo(tokens.sign_token(claims, key).decode())
+    click.echo(token.decode())
 
 
 @identity.command("cert-manager-manifests")

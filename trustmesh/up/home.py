@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from identity.validators import DEFAULT_AUDIENCE, service_account_username
-from pki import tokens
+from identity.validators import DEFAULT_AUDIENCE, sign_workload_token
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import FileStore, write_file_atomic
 
@@ -82,15 +81,10 @@ def write_token(
     audience: str = DEFAULT_AUDIENCE,
 ) -> Path:
     """Sign a workload token for ``service_account`` and write it (0600) where its proxy reads it."""
-    key = tokens.token_signing_key(home.store, now=now)
-    now = now.replace(microsecond=0)
-    claims = tokens.TokenClaims(
-        subject=service_account_username(namespace, service_account),
-        audience=audience,
-        issued_at=now,
-        expires_at=now + ttl,
+    token = sign_workload_token(
+        home.store, namespace, service_account, now=now, ttl=ttl, audience=audience
     )
     path = home.token(namespace, service_account)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_file_atomic(path, tokens.sign_token(claims, key) + b"\n", mode=0o600)
+    write_file_atomic(path, token + b"\n", mode=0o600)
     return path
