@@ -19,7 +19,7 @@ import logging
 from proxy.detect import Detected, Proto
 from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError
 from proxy.http1 import Exchange, Http1Server
-from proxy.link import NULL_SINK, Link
+from proxy.link import NULL_SINK, Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
 from proxy.meshtls import HandshakeInfo, MeshTls
 from proxy.metrics import ProxyMetrics
@@ -107,7 +107,7 @@ class _Conn:
         self.port = 0
 
 
-class _HeaderReader:
+class _HeaderReader(NullSink):
     """Reads the transport header that follows the handshake, then dispatches."""
 
     __slots__ = ("buffer", "conn", "inbound")
@@ -134,15 +134,6 @@ class _HeaderReader:
 
     def eof_received(self) -> None:
         self.conn.link.close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        pass
-
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
 
 class Inbound:
