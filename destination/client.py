@@ -8,6 +8,14 @@ drops to 0), and reconnects with jittered exponential backoff; the first message
 stream replaces the old state. ``INVALID_ARGUMENT`` is terminal (asking again cannot help);
 ``NOT_FOUND`` is an answer (the service may appear later) and is retried.
 
+Given a ``trust_bundle`` provider instead of fixed credentials, the channel verifies the
+service against the proxy's current bundle: when the bundle's digest changes (an anchor
+rotation), the client builds a new channel for new streams and, once that channel connects (or
+after ``handover_grace`` seconds at most), closes the old one; the watches still on it
+resubscribe on the new channel through their ordinary reconnect path, keeping their last-known
+snapshots meanwhile. A channel built on an outdated bundle is thus never kept for long, and a
+working one is not dropped before its successor can connect.
+
     async with DestinationClient("127.0.0.1:8086", workload=WorkloadRef("default", "web-0")) as c:
         watch = c.resolve("web.default.svc.cluster.local:8080")
         endpoints = await watch.wait_ready(timeout=5)
@@ -38,6 +46,7 @@ from destination.wire import (
     outbound_from_proto,
     update_from_proto,
 )
+from pki.bundle import TrustBundle
 from protos import destination_pb2 as dpb
 from protos import destination_pb2_grpc as dgrpc
 from protos import policy_pb2 as ppb
@@ -92,6 +101,11 @@ class ClientMetrics:
             "trustmesh_destination_client_updates",
             "Messages received, by stream kind.",
             ["stream"],
+            registry=r,
+        )
+        self.channel_rebuilds = Counter(
+            "trustmesh_destination_client_channel_rebuilds",
+            "Channels to the destination service rebuilt because the trust bundle changed.",
             registry=r,
         )
         self.up.set(1)
@@ -165,8 +179,12 @@ class Watch(Generic[V]):
                 else:
                     self.error = Unavailable(f"{code.name}: {e.details()}")
             except asyncio.CancelledError:
-                call.cancel()
-                raise
+                if self.done or self._task.cancelling():
+                    call.cancel()
+                    raise
+                # Not us being cancelled: the client closed the channel under this stream
+                # (its trust bundle changed), so resubscribe on the current channel.
+                self.error = Unavailable("the channel was replaced after a trust-bundle change")
             if not isinstance(self.error, NotFound) or self._on_not_found is None:
                 self._set(self.current, stale=True)  # keep the last-known value, flag it
             self._client.metrics.reconnects.labels(self.kind).inc()
@@ -201,8 +219,26 @@ class Watch(Generic[V]):
         event.set()
 
 
+class _Stubs:
+    """One channel and the stubs over it; replaced whole when the trust bundle changes."""
+
+    __slots__ = ("bundles", "channel", "destination", "inbound", "outbound")
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.destination = dgrpc.DestinationStub(channel)
+        self.inbound = pgrpc.InboundPoliciesStub(channel)
+        self.outbound = pgrpc.OutboundPoliciesStub(channel)
+        self.bundles = pgrpc.TrustBundlesStub(channel)
+
+
 class DestinationClient:
-    """A connection to the destination service shared by every watch of one proxy."""
+    """A connection to the destination service shared by every watch of one proxy.
+
+    ``credentials`` fixes the channel's TLS for the client's life; ``trust_bundle`` (a
+    provider, re-read every ``bundle_check_interval`` seconds and before every stream opens)
+    makes the channel follow the bundle in use. Neither: plaintext.
+    """
 
     def __init__(
         self,
@@ -210,35 +246,133 @@ class DestinationClient:
         *,
         workload: WorkloadRef | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        trust_bundle: Callable[[], TrustBundle] | None = None,
         server_name: str | None = None,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         metrics: ClientMetrics | None = None,
+        bundle_check_interval: float = 1.0,
+        handover_grace: float = 30.0,
     ) -> None:
-        options: list[tuple[str, Any]] = [
+        if credentials is not None and trust_bundle is not None:
+            raise ValueError(
+                "give the destination client fixed credentials or a trust-bundle provider, not both"
+            )
+        if bundle_check_interval <= 0 or handover_grace <= 0:
+            raise ValueError("bundle_check_interval and handover_grace must be positive")
+        self._options: list[tuple[str, Any]] = [
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 3_000),
             ("grpc.keepalive_permit_without_calls", 1),
             # Reconnect timing is ours (jittered backoff per watch), not the channel's.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1_000),
+            # Each channel its own connections: one built for a new bundle must handshake
+            # afresh, not reuse (or wait out the backoff of) a subchannel of the old one.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if server_name is not None:
-            options.append(("grpc.ssl_target_name_override", server_name))
+            self._options.append(("grpc.ssl_target_name_override", server_name))
+        self.target = target
         self.workload = workload or WorkloadRef()
         self.backoff = backoff or Backoff()
         self.rng = rng or random.Random()
         self.metrics = metrics or ClientMetrics()
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=options)
-        )
-        self._dst = dgrpc.DestinationStub(self._channel)
-        self._inbound = pgrpc.InboundPoliciesStub(self._channel)
-        self._outbound = pgrpc.OutboundPoliciesStub(self._channel)
-        self._bundles = pgrpc.TrustBundlesStub(self._channel)
+        self.bundle_check_interval = bundle_check_interval
+        self.handover_grace = handover_grace
+        self._credentials = credentials
+        self._trust_bundle = trust_bundle
+        # The digest the current channel verifies the service against (None: fixed or plain).
+        self.trust_bundle_digest: str | None = None
+        self._retired: list[grpc.aio.Channel] = []
+        self._handover: asyncio.Task[None] | None = None
+        self._handover_deadline: float | None = None
+        self._closing: set[asyncio.Future[None]] = set()
+        self._follower: asyncio.Task[None] | None = None
+        self._closed = False
+        bundle = trust_bundle() if trust_bundle is not None else None
+        self._current = self._connect(bundle)
         self._watches: list[Watch[Any]] = []
+
+    # --- the channel and the trust bundle --------------------------------------------------
+
+    def _connect(self, bundle: TrustBundle | None) -> _Stubs:
+        if bundle is not None:
+            credentials: grpc.ChannelCredentials | None = grpc.ssl_channel_credentials(
+                root_certificates=bundle.pem()
+            )
+            self.trust_bundle_digest = bundle.digest
+        else:
+            credentials = self._credentials
+        channel = (
+            grpc.aio.secure_channel(self.target, credentials, options=self._options)
+            if credentials is not None
+            else grpc.aio.insecure_channel(self.target, options=self._options)
+        )
+        return _Stubs(channel)
+
+    def _stubs(self) -> _Stubs:
+        """The stubs a stream opens on: the current channel, rebuilt first if the bundle moved."""
+        self.check_trust_bundle()
+        return self._current
+
+    def check_trust_bundle(self) -> bool:
+        """Re-read the trust-bundle provider; True when it changed and a new channel was built.
+
+        The old channel keeps serving its streams until the new one connects (at most
+        ``handover_grace`` seconds), then it is closed and its watches resubscribe.
+        """
+        if self._trust_bundle is None or self._closed:
+            return False
+        try:
+            bundle = self._trust_bundle()
+        except Exception:  # a provider bug must not stop the watches; keep the channel in use
+            log.exception("cannot read the trust bundle for the destination channel")
+            return False
+        if bundle.digest == self.trust_bundle_digest:
+            return False
+        log.info(
+            "trust bundle %s… in use: new destination channel, the old one goes once it connects",
+            bundle.digest[:16],
+        )
+        self._retired.append(self._current.channel)
+        self._current = self._connect(bundle)
+        self.metrics.channel_rebuilds.inc()
+        loop = asyncio.get_running_loop()
+        if self._handover_deadline is None:
+            # Measured from the first retirement: bundles changing again and again cannot
+            # keep an outdated channel alive past one grace period.
+            self._handover_deadline = loop.time() + self.handover_grace
+        if self._handover is not None:
+            self._handover.cancel()  # superseded: the new handover waits for the newest channel
+        self._handover = asyncio.ensure_future(
+            self._hand_over(self._current.channel, self._handover_deadline)
+        )
+        return True
+
+    async def _hand_over(self, channel: grpc.aio.Channel, deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await channel.channel_ready()
+        except TimeoutError:
+            log.warning(
+                "the destination service did not accept a connection verified with trust "
+                "bundle %s… within %.0fs; closing the channel built on the previous bundle",
+                (self.trust_bundle_digest or "")[:16],
+                self.handover_grace,
+            )
+        retired, self._retired = self._retired, []
+        self._handover_deadline = None
+        # Shielded: a newer handover cancelling this task must not leave a channel half-closed.
+        closing = asyncio.ensure_future(_close_channels(retired))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        await asyncio.shield(closing)
+
+    async def _follow_trust_bundle(self) -> None:
+        while True:
+            await asyncio.sleep(self.bundle_check_interval)
+            self.check_trust_bundle()
 
     @property
     def control_plane_up(self) -> bool:
@@ -251,6 +385,9 @@ class DestinationClient:
         self.metrics.up.set(0 if stale else 1)
 
     def _add(self, watch: Watch[Any]) -> Any:
+        if self._trust_bundle is not None and self._follower is None:
+            # Started with the first watch: streams that never break must move channels too.
+            self._follower = asyncio.ensure_future(self._follow_trust_bundle())
         self._watches.append(watch)
         self._stale_changed()
         return watch
@@ -272,7 +409,7 @@ class DestinationClient:
             Watch(
                 self,
                 "destination",
-                lambda: self._dst.Get(request),
+                lambda: self._stubs().destination.Get(request),
                 fold,
                 lambda: None,
                 on_not_found=lambda: EndpointSet(authority, (), exists=False),
@@ -291,7 +428,7 @@ class DestinationClient:
             Watch(
                 self,
                 "inbound",
-                lambda: self._inbound.Watch(request),
+                lambda: self._stubs().inbound.Watch(request),
                 lambda _old, msg: inbound_from_proto(msg),
                 lambda: None,
             )
@@ -303,7 +440,7 @@ class DestinationClient:
             Watch(
                 self,
                 "outbound",
-                lambda: self._outbound.Watch(request),
+                lambda: self._stubs().outbound.Watch(request),
                 lambda _old, msg: outbound_from_proto(msg),
                 lambda: None,
             )
@@ -316,20 +453,35 @@ class DestinationClient:
             Watch(
                 self,
                 "trust_bundle",
-                lambda: self._bundles.Watch(request),
+                lambda: self._stubs().bundles.Watch(request),
                 lambda _old, msg: bundle_from_proto(msg),
                 lambda: None,
             )
         )
 
     async def close(self) -> None:
+        self._closed = True
+        for task in (self._follower, self._handover):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for w in self._watches:
             await w.close()
         self._watches.clear()
-        await self._channel.close()
+        retired, self._retired = self._retired, []
+        await _close_channels([*retired, self._current.channel])
+        if self._closing:
+            await asyncio.gather(*self._closing)
 
     async def __aenter__(self) -> DestinationClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _close_channels(channels: list[grpc.aio.Channel]) -> None:
+    # Closing cancels the streams still open on a channel; their watches reconnect.
+    for channel in channels:
+        await channel.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,13 @@ kind: Workload
 metadata: {name: web-1, namespace: default, labels: {app: web}}
 spec: {serviceAccount: web, address: 127.0.0.2, inboundProxyPort: 14144}
 """
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a server that must restart on the same address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -17,8 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from destination.client import ClientMetrics, DestinationClient
 from destination.paths import WorkloadRef
 from identity.client import IdentityClient, IdentityClientConfig, IdentityClientError
@@ -120,15 +118,12 @@ class Sidecar:
             c.trust_anchors, clock=loop.time, watch_file=c.bundle_from == "file"
         )
         registry = metric_registry()
-        channel_creds = None
-        if c.destination_name is not None:
-            channel_creds = grpc.ssl_channel_credentials(
-                root_certificates=self.anchors.current().pem()
-            )
         self.destination = DestinationClient(
             c.destination_addr,
             workload=WorkloadRef(c.namespace, c.workload),
-            credentials=channel_creds,
+            # The channel follows the bundle in use, so an anchor rotation that re-issues the
+            # control plane's certificates under a new anchor does not lock the proxy out.
+            trust_bundle=self.anchors.current if c.destination_name is not None else None,
             server_name=c.destination_name,
             metrics=ClientMetrics(registry),
         )
