@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+
+from destination.service import DestinationServer, ServeOptions
+from pki.names import control_plane_identity
+from pki.store import FileStore
+
+# The TLS name of the destination service's certificate (default namespace and trust domain).
+DESTINATION_NAME = control_plane_identity("destination").dns_name
 
 WEB = """\
 apiVersion: trustmesh.io/v1alpha1
@@ -54,3 +62,25 @@ async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def tls_server(
+    store: FileStore, mesh_file: Path, listen: str = "127.0.0.1:0"
+) -> AsyncIterator[DestinationServer]:
+    """A destination server over TLS, its certificate issued by ``store``'s current issuer at
+    start (a restart on the same ``listen`` address picks up a new issuer)."""
+    server = DestinationServer(
+        ServeOptions(
+            listen=listen,
+            admin_listen="127.0.0.1:0",
+            mesh_file=mesh_file,
+            store=store.root,
+            tls=True,
+        )
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

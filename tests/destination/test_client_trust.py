@@ -4,24 +4,27 @@ server cannot be verified with leaves the old channel in use for the grace perio
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from destination_testlib import WEB, WEB_1, eventually, write_atomic
+from destination_testlib import (
+    DESTINATION_NAME,
+    WEB,
+    WEB_1,
+    eventually,
+    tls_server,
+    write_atomic,
+)
 
 from destination.client import Backoff, DestinationClient
 from destination.errors import Unavailable
-from destination.service import DestinationServer, ServeOptions
 from pki.bundle import TrustBundle
 from pki.certs import utcnow
-from pki.names import control_plane_identity
 from pki.rotation import init_anchor
 from pki.store import FileStore
 
-NAME = control_plane_identity("destination").dns_name
 AUTHORITY = "web.default.svc.cluster.local:8080"
 
 
@@ -31,30 +34,12 @@ def store(make_store: Callable[..., FileStore]) -> FileStore:
     return make_store(at=utcnow())
 
 
-@contextlib.asynccontextmanager
-async def tls_server(store: FileStore, mesh_file: Path) -> AsyncIterator[DestinationServer]:
-    server = DestinationServer(
-        ServeOptions(
-            listen="127.0.0.1:0",
-            admin_listen="127.0.0.1:0",
-            mesh_file=mesh_file,
-            store=store.root,
-            tls=True,
-        )
-    )
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 def following(port: int, bundle: list[TrustBundle], **kwargs: float) -> DestinationClient:
     """A client whose channel follows ``bundle[0]``, checked every 50 ms."""
     return DestinationClient(
         f"127.0.0.1:{port}",
         trust_bundle=lambda: bundle[0],
-        server_name=NAME,
+        server_name=DESTINATION_NAME,
         bundle_check_interval=0.05,
         backoff=Backoff(0.05, 0.2),
         **kwargs,  # type: ignore[arg-type]
