@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm as CryptoUnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from pki.errors import (
     CSRIdentityMismatch,
@@ -25,6 +26,13 @@ from pki.errors import (
     UnsupportedAlgorithm,
 )
 from pki.keys import KeyAlgorithm, PrivateKey, PublicKeyTypes, algorithm_of
+
+# The ECDSA signature algorithms a CSR may declare, with the hash each one names.
+_ECDSA_SIGNATURES: dict[x509.ObjectIdentifier, hashes.HashAlgorithm] = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256(),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: hashes.SHA384(),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512: hashes.SHA512(),
+}
 
 # An ML-DSA-65 CSR is ~5.5 KB; anything near this limit is not a CSR we would sign.
 DEFAULT_MAX_CSR_BYTES = 16 * 1024
@@ -101,12 +109,7 @@ def validate_csr(
         raise CSRKeyNotAllowed(
             f"CSR key algorithm {algorithm.value} is not allowed (allowed: {allowed})"
         )
-    try:
-        signature_ok = csr.is_signature_valid
-    except Exception:  # malformed signature encodings raise instead of returning False
-        signature_ok = False
-    if not signature_ok:
-        raise CSRSignatureInvalid("CSR signature does not verify with the CSR's own public key")
+    _check_signature(csr, public_key)
     dns_name = _single_dns_san(csr)
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns and cns[0].value != dns_name:
@@ -118,6 +121,30 @@ def validate_csr(
             f"CSR names {dns_name!r}, but the requested identity is {expected_name!r}"
         )
     return ValidatedCSR(dns_name, public_key, algorithm)  # type: ignore[arg-type]
+
+
+def _check_signature(csr: x509.CertificateSigningRequest, public_key: object) -> None:
+    """The CSR's self-signature. ECDSA is checked with the key already loaded (a second load
+    inside ``is_signature_valid`` costs ~15 µs per request on the identity hot path)."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        digest = _ECDSA_SIGNATURES.get(csr.signature_algorithm_oid)
+        if digest is None:
+            raise CSRSignatureInvalid(
+                f"CSR is signed with {csr.signature_algorithm_oid.dotted_string}; "
+                "an ECDSA key must sign with SHA-256, SHA-384 or SHA-512"
+            )
+        try:
+            public_key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(digest))
+            return
+        except Exception:  # InvalidSignature, and malformed encodings raise too
+            pass
+    else:
+        try:
+            if csr.is_signature_valid:
+                return
+        except Exception:  # malformed signature encodings raise instead of returning False
+            pass
+    raise CSRSignatureInvalid("CSR signature does not verify with the CSR's own public key")
 
 
 def _single_dns_san(csr: x509.CertificateSigningRequest) -> str:

@@ -177,8 +177,8 @@ def test_mutated_certificates_load_fully_or_raise_parse_error(index: int, flip: 
 def test_fast_leaf_builder_matches_the_fluent_builder(
     chain: Chain, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """issue_leaf builds its certificate in one constructor call (see certs.py); the result
-    must be byte-for-byte the certificate the plain fluent builder makes."""
+    """issue_leaf assembles its DER itself (pki/leafder.py); the result must be byte for byte
+    the certificate the plain fluent builder makes."""
     import pki.certs as certs
 
     monkeypatch.setattr(certs, "random_serial", lambda: 0x1234)

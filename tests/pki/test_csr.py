@@ -94,6 +94,29 @@ def test_signature_by_another_key() -> None:
         validate_csr(swapped)
 
 
+@pytest.mark.parametrize("digest", [hashes.SHA384(), hashes.SHA512()])
+def test_ecdsa_with_longer_hashes_accepted(digest: hashes.HashAlgorithm) -> None:
+    der = raw_csr(ECDSA.key, [x509.DNSName(WEB)], algorithm=digest)
+    assert validate_csr(der, expected_name=WEB).dns_name == WEB
+
+
+def test_ecdsa_with_sha224_refused_by_name() -> None:
+    der = raw_csr(ECDSA.key, [x509.DNSName(WEB)], algorithm=hashes.SHA224())
+    with pytest.raises(CSRSignatureInvalid, match=r"1\.2\.840\.10045\.4\.3\.1.*SHA-256"):
+        validate_csr(der)
+
+
+def test_ecdsa_signature_swapped_for_another_hash_refused() -> None:
+    # signed with SHA-384 but labelled SHA-256: the declared hash is the one checked
+    der = raw_csr(ECDSA.key, [x509.DNSName(WEB)], algorithm=hashes.SHA384())
+    sha384 = bytes.fromhex("06082a8648ce3d040303")
+    sha256 = bytes.fromhex("06082a8648ce3d040302")
+    relabelled = der.replace(sha384, sha256)
+    assert relabelled != der
+    with pytest.raises(CSRSignatureInvalid, match="does not verify"):
+        validate_csr(relabelled)
+
+
 def test_no_san() -> None:
     with pytest.raises(CSRSubjectAltNameError, match="no subjectAltName"):
         validate_csr(raw_csr(ECDSA.key, None, algorithm=hashes.SHA256()))
