@@ -55,8 +55,8 @@ def csr_for(name: str, algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256) -> byt
     return create_csr(name, PrivateKey.generate(algorithm))
 
 
-def make_env(root: Path, now: datetime) -> Env:
+def make_env(root: Path, now: datetime, algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256) -> Env:
     store = FileStore(root)
-    init_anchor(store, now=now)
-    issue_issuer(store, now=now)
+    init_anchor(store, now=now, algorithm=algorithm)
+    issue_issuer(store, now=now, algorithm=algorithm)
     return Env(store, tokens.token_signing_key(store, now=now), now)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-from identity_testkit import Env, identity
+from identity_testkit import Env, identity, make_env
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,7 +17,7 @@ from identity.server import IdentityServer, ServerConfig
 from identity.sources import StoreSource
 from pki.bundle import TrustBundle
 from pki.certs import create_anchor, utcnow
-from pki.keys import PrivateKey
+from pki.keys import KeyAlgorithm, PrivateKey
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 H = timedelta(hours=1)
@@ -153,7 +154,11 @@ async def test_run_backs_off_then_recovers(env: Env) -> None:
     assert client.refreshes == {"ok": 1, "error": 3}
 
 
-async def test_tls_client_against_tls_server(env: Env) -> None:
+@pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
+async def test_tls_client_against_tls_server(tmp_path: Path, algorithm: KeyAlgorithm) -> None:
+    """grpc's TLS (BoringSSL) verifies the server's chain whichever key the issuer and anchor
+    use: an ML-DSA-65 chain works end to end too."""
+    env = make_env(tmp_path / "store", utcnow(), algorithm)
     srv = IdentityServer(
         ServerConfig(tls=True), StoreSource(env.store), env.validator(utcnow), clock=utcnow
     )
@@ -174,5 +179,6 @@ async def test_tls_client_against_tls_server(env: Env) -> None:
         finally:
             task.cancel()
         assert cred.certificate.dns_names == (identity(),)
+        assert cred.chain[0].key_algorithm is algorithm  # the issuer that signed the leaf
     finally:
         await srv.stop(0)
