@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import random
-import socket
 from pathlib import Path
 
-from destination_testlib import WEB, WEB_1, eventually, write_atomic
+from destination_testlib import WEB, WEB_1, eventually, free_port, write_atomic
 
 from destination.client import Backoff, DestinationClient
 from destination.paths import WorkloadRef
@@ -14,12 +13,6 @@ from destination.policy import Protocol
 from destination.service import DestinationServer, ServeOptions
 
 AUTHORITY = "web.default.svc.cluster.local:8080"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_backoff_is_jittered_and_capped() -> None:
@@ -33,7 +26,7 @@ def test_backoff_is_jittered_and_capped() -> None:
 async def test_last_known_state_while_server_is_away(tmp_path: Path) -> None:
     mesh = tmp_path / "mesh.yaml"
     write_atomic(mesh, WEB)
-    port = _free_port()
+    port = free_port()
     options = ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
     server = DestinationServer(options)
     await server.start()
