@@ -17,7 +17,9 @@ Names (listed in README):
 - ``trustmesh_cert_{not_before,not_after,renewal_due}_timestamp_seconds{role,subject,
   fingerprint,source}`` for the issuer and each anchor, and ``trustmesh_trust_bundle_info{digest,
   source}``: the same families the expiry exporter publishes, so the alert rules apply to a
-  scrape of the identity service directly (:func:`certificate_families` is shared with proxies).
+  scrape of the identity service directly (:func:`certificate_families` is shared with proxies);
+- ``identity_caller_trust_bundles{digest,current}``: identities holding a valid certificate, by
+  the trust bundle digest their proxy reported when it was issued (:mod:`identity.bundlereports`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from identity.bundlereports import BundleReports, reports_family
 from identity.errors import RESULTS
 from identity.issuer import Issuer
 from pki.certs import Certificate
@@ -116,12 +119,14 @@ class IdentityCollector(Collector):
         clock: Callable[[], datetime],
         issuance: Callable[[], IssuanceStats],
         reloads: ReloadStats,
+        reports: BundleReports | None = None,
     ) -> None:
         self._issuer = issuer
         self._ready = ready
         self._clock = clock
         self._issuance = issuance
         self._reloads = reloads
+        self._reports = reports
 
     def collect(self) -> Iterator[Metric]:
         stats = self._issuance()
@@ -182,6 +187,8 @@ class IdentityCollector(Collector):
             "identity",
         )
         yield bundle_family(issuer.bundle.digest, "identity", "trustmesh_trust_bundle_info")
+        if self._reports is not None:
+            yield reports_family(self._reports.counts(now.timestamp()), issuer.bundle.digest)
 
 
 CERT_LABELS = ("role", "subject", "fingerprint", "source")

@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from identity.admin import AdminServer
+from identity.bundlereports import BundleReports
 from identity.errors import RESULT_INTERNAL, IssuerNotReady, status_of
 from identity.issuer import Issuer
 from identity.metrics import IdentityCollector, IssuanceStats, ReloadStats, new_registry
@@ -105,9 +106,10 @@ class ServerConfig:
 class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     """Adapts :class:`Certifier` to gRPC: one status per refusal, metrics per call."""
 
-    def __init__(self, certifier: Certifier, stats: IssuanceStats) -> None:
+    def __init__(self, certifier: Certifier, stats: IssuanceStats, reports: BundleReports) -> None:
         self._certifier = certifier
         self._stats = stats
+        self._reports = reports
 
     async def Certify(
         self, request: identity_pb2.CertifyRequest, context: grpc.aio.ServicerContext
@@ -126,6 +128,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         until = Timestamp()
         until.FromDatetime(issued.valid_until)
         self._stats.observe("ok", time.perf_counter() - start)
+        self._reports.record(
+            request.identity, request.trust_bundle_digest, issued.valid_until.timestamp()
+        )
         return identity_pb2.CertifyResponse(
             leaf_certificate=issued.leaf.der,
             intermediate_certificates=issued.chain_der,
@@ -208,6 +213,7 @@ class IdentityServer:
         self._clock = clock
         self.certifier = Certifier(config.policy, validator, clock=clock)
         self.stats = IssuanceStats()
+        self.reports = BundleReports()
         self.reloads = ReloadStats()
         self.watcher = IssuerWatcher(
             source,
@@ -224,6 +230,7 @@ class IdentityServer:
             clock=clock,
             issuance=self._issuance,
             reloads=self.reloads,
+            reports=self.reports,
         )
         self.registry = new_registry(self.collector)
         self.serving = ServingCertificate(config.server_identity, self.certifier, clock)
@@ -263,7 +270,7 @@ class IdentityServer:
         host, _ = split_hostport(self.config.listen)
         server = grpc.aio.server(options=self.config.grpc_options())
         identity_pb2_grpc.add_IdentityServicer_to_server(
-            IdentityServicer(self.certifier, self.stats), server
+            IdentityServicer(self.certifier, self.stats, self.reports), server
         )
         target = grpc_target(self.config.listen)
         if self.config.tls:
@@ -282,7 +289,7 @@ class IdentityServer:
                 dataclasses.replace(self.config, listen=f"{host}:{self.port}", admin_listen=None),
                 self._worker_validator,
             )
-            pool = WorkerPool(self._workers - 1, spec)
+            pool = WorkerPool(self._workers - 1, spec, self.reports)
             await asyncio.to_thread(pool.start, self.certifier.issuer)
             self._pool = pool
         if self.config.admin_listen is not None:

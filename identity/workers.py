@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from identity.bundlereports import BundleReports
+
 STATS_INTERVAL = 0.5
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,10 @@ def build_validator(spec: ValidatorSpec, domain: Any, clock: Callable[[], Any]) 
 class WorkerPool:
     """Starts, feeds and stops the worker processes; collects their counters."""
 
-    def __init__(self, count: int, spec: WorkerSpec) -> None:
+    def __init__(self, count: int, spec: WorkerSpec, reports: BundleReports) -> None:
         self._count = count
         self._spec = spec
+        self._reports = reports
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._stats: dict[int, Mapping[str, object]] = {}
@@ -117,6 +120,7 @@ class WorkerPool:
             elif message[0] == "stats":
                 with self._lock:
                     self._stats[index] = message[1]
+                self._reports.merge(message[2])
 
     def publish(self, issuer: Any) -> None:
         message = _issuer_message(issuer)
@@ -166,6 +170,7 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
         config.policy, build_validator(spec.validator, config.domain, utcnow), clock=utcnow
     )
     stats = IssuanceStats()
+    reports = BundleReports()
     stop = asyncio.Event()
     first_issuer = threading.Event()
 
@@ -187,7 +192,9 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
 
     threading.Thread(target=receive, daemon=True).start()
     server = grpc.aio.server(options=config.grpc_options())
-    identity_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(certifier, stats), server)
+    identity_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityServicer(certifier, stats, reports), server
+    )
     if config.tls:
         await asyncio.to_thread(first_issuer.wait, 30.0)
         serving = ServingCertificate(config.server_identity, certifier, utcnow)
@@ -203,6 +210,6 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
             with contextlib.suppress(OSError):
-                conn.send(("stats", stats.snapshot()))
+                conn.send(("stats", stats.snapshot(), reports.drain()))
     finally:
         await server.stop(1.0)

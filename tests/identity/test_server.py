@@ -204,3 +204,25 @@ async def test_admin_endpoints(env: Env, server: IdentityServer) -> None:
     assert 0 <= ttl - (issuer.expires.timestamp() - utcnow().timestamp()) < 60
     assert samples[("identity_issuer_ready", ())] == 1
     assert (await get("/nope"))[0] == 404
+
+
+async def test_callers_trust_bundles_are_observed(env: Env, server: IdentityServer) -> None:
+    """Field 1000: the CA counts identities by the bundle digest their proxy reported with its
+    latest successful Certify; refused calls never count."""
+    current = env.store.load().require_bundle().digest
+    stale = "0" * 64
+    await call(server.port, request(env, "web", trust_bundle_digest=current))
+    await call(server.port, request(env, "api", trust_bundle_digest=stale))
+    await call(server.port, request(env, "db"))  # a Linkerd proxy: no digest
+    await call(server.port, request(env, "api", trust_bundle_digest=current))  # api renewed
+    forged = request(env, "cache", token=env.token("web"), trust_bundle_digest=stale)
+    assert (await refused(server.port, forged)).code() is grpc.StatusCode.FAILED_PRECONDITION
+
+    def value(digest: str, is_current: str) -> float | None:
+        return server.registry.get_sample_value(
+            "identity_caller_trust_bundles", {"digest": digest, "current": is_current}
+        )
+
+    assert value(current, "true") == 2
+    assert value("", "false") == 1
+    assert value(stale, "false") is None

@@ -136,10 +136,12 @@ def test_plain_directory_without_data_link(env: Env, tmp_path: Path) -> None:
     assert w.reload() == "updated" and installed[-1].fingerprint == newer.certificate.fingerprint
 
 
-async def certify_issuer(port: int, env: Env, *, own_connection: bool = False) -> str:
-    name = identity()
+async def certify_issuer(
+    port: int, env: Env, *, own_connection: bool = False, sa: str = "web"
+) -> str:
+    name = identity(sa)
     req = identity_pb2.CertifyRequest(
-        identity=name, token=env.token(), certificate_signing_request=csr_for(name)
+        identity=name, token=env.token(sa), certificate_signing_request=csr_for(name)
     )
     options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
@@ -212,7 +214,9 @@ async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
             await asyncio.sleep(0.02)
         # Each call on its own connection (a local subchannel pool, else grpc reuses one); 24
         # connections all hashed to one of the two processes would happen once in ~8 million.
-        seen = [await certify_issuer(srv.port, env, own_connection=True) for _ in range(24)]
+        seen = [
+            await certify_issuer(srv.port, env, own_connection=True, sa=f"sa{i}") for i in range(24)
+        ]
         assert set(seen) == {new}
 
         def issued() -> float:
@@ -224,5 +228,10 @@ async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
             assert time.monotonic() < deadline, "worker counters did not arrive"
             await asyncio.sleep(0.05)
         assert 0 < srv.stats.results["ok"] < 24  # the main process served some, the worker the rest
+        # the worker's trust-bundle reports reach the main process too: 24 identities
+        reported = srv.registry.get_sample_value(
+            "identity_caller_trust_bundles", {"digest": "", "current": "false"}
+        )
+        assert reported == 24
     finally:
         await srv.stop(0)
