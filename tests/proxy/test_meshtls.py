@@ -47,6 +47,25 @@ def test_mutual_hybrid_handshake_and_data(pki) -> None:
     assert plain == b"" and server.closed
 
 
+def test_records_split_joined_and_followed_by_close_notify(pki) -> None:
+    """feed() skips its second read only when no input is left: records that arrive together,
+    a record split across feeds, and a close_notify behind data must all come through."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    client = MeshTls(StaticCredentials(web)).client_session(api.identity)
+    server = MeshTls(StaticCredentials(api)).server_session()
+    pump(client, server)
+    two = client.encrypt(b"one") + client.encrypt(b"two")
+    assert server.feed(two)[0] == b"onetwo"
+    record = client.encrypt(b"split")
+    assert server.feed(record[:7]) == (b"", b"")
+    assert server.feed(record[7:])[0] == b"split"
+    big = bytes(range(256)) * 300  # several records
+    assert server.feed(client.encrypt(big))[0] == big
+    last = client.encrypt(b"last") + client.close_notify()
+    plain, _ = server.feed(last)
+    assert plain == b"last" and server.closed
+
+
 def test_wrong_identity_is_refused(pki) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
     client = MeshTls(StaticCredentials(web)).client_session(
