@@ -35,6 +35,9 @@ class Endpoint:
     port: int
     identity: str | None = None
     proxy_port: int | None = None
+    # An endpoint keys the connection pool and the balancer's load table on every request:
+    # the hash is computed once (the generated __hash__ builds a tuple per call).
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -46,6 +49,11 @@ class Endpoint:
             )
         if self.proxy_port is not None:
             _check_port("endpoint proxy_port", self.proxy_port)
+        key = (self.host, self.port, self.identity, self.proxy_port)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def meshed(self) -> bool:
