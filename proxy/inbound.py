@@ -22,7 +22,7 @@ from proxy.http1 import Exchange, Http1Server
 from proxy.link import NULL_SINK, Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
 from proxy.meshtls import HandshakeInfo, MeshTls
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import Count, HttpSeries, ProxyMetrics
 from proxy.policy import Decision, PolicySource, authorize
 from proxy.routes import Endpoint
 from proxy.tcp import Relay
@@ -35,33 +35,48 @@ log = logging.getLogger(__name__)
 class InboundHttp:
     """The HTTP dispatcher for one inbound connection: policy per request, local target."""
 
-    __slots__ = ("conn", "decision", "inbound", "policy_seen")
+    __slots__ = ("allowed", "conn", "decision", "inbound", "policy_seen", "series")
 
     def __init__(self, inbound: Inbound, conn: _Conn) -> None:
         self.inbound = inbound
         self.conn = conn
         self.policy_seen: object = None
         self.decision: Decision | None = None
+        self.allowed: Count | None = None  # the decision's allow counter, when it allows
+        self.series: HttpSeries | None = None  # this connection's latest label set
 
     def begin(self, ex: Exchange, now: float) -> None:
         inbound, conn = self.inbound, self.conn
         policy = inbound.policy.current()
         if policy is not self.policy_seen:  # re-decide only when the policy changed
             self.policy_seen = policy
-            self.decision = authorize(policy, conn.port, conn.client_id, conn.ip)
-        decision = self.decision
-        assert decision is not None
-        labels = ("inbound", ex.authority, conn.tls, conn.client_id or "", "")
-        inbound.metrics.request_total.inc(labels)
-        if not decision.allowed:
-            inbound.metrics.inbound_authz_deny_total.inc(("http", decision.server, "unauthorized"))
-            raise Forbidden(decision.reason)
-        inbound.metrics.inbound_authz_allow_total.inc(
-            ("http", decision.server, decision.authorization or "")
-        )
-        ex.target = labels
+            decision = self.decision = authorize(policy, conn.port, conn.client_id, conn.ip)
+            self.allowed = (
+                inbound.metrics.inbound_authz_allow_total.count(
+                    ("http", decision.server, decision.authorization or "")
+                )
+                if decision.allowed
+                else None
+            )
+        series = self.series
+        if series is None or series.labels[1] != ex.authority:
+            series = self.series = self._series(ex)
+        series.requests.n += 1
+        allowed = self.allowed
+        if allowed is None:
+            denied = self.decision
+            assert denied is not None
+            inbound.metrics.inbound_authz_deny_total.inc(("http", denied.server, "unauthorized"))
+            raise Forbidden(denied.reason)
+        allowed.n += 1
+        ex.target = series
         if conn.client_id:
             ex.extra_headers = conn.client_header
+
+    def _series(self, ex: Exchange) -> HttpSeries:
+        conn = self.conn
+        labels = ("inbound", ex.authority, conn.tls, conn.client_id or "", "")
+        return self.inbound.metrics.http_series(labels)
 
     def take(self, ex: Exchange) -> Link | None:
         return self.inbound.pool.take(self.conn.port)
@@ -70,19 +85,8 @@ class InboundHttp:
         return await self.inbound.connector.connect(self.inbound.app(self.conn.port), None)
 
     def response_head(self, ex: Exchange, status: int, now: float) -> None:
-        labels = ex.target or (
-            "inbound",
-            ex.authority,
-            self.conn.tls,
-            self.conn.client_id or "",
-            "",
-        )
-        code = str(status)
-        metrics = self.inbound.metrics
-        metrics.response_total.inc((*labels, code, "failure" if status >= 500 else "success"))
-        metrics.response_latency_ms.observe(
-            ("inbound", ex.authority, code), (now - ex.started) * 1000.0
-        )
+        series: HttpSeries = ex.target or self._series(ex)  # none when refused by policy
+        series.respond(status, (now - ex.started) * 1000.0)
 
     def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         if link is not None:

@@ -1,8 +1,10 @@
-"""Proxy metrics with Linkerd's names, counted in plain dicts and rendered only at scrape time.
+"""Proxy metrics with Linkerd's names, counted in plain ints and rendered only at scrape time.
 
-The hot path does a dict increment per event; Prometheus text is built by :meth:`render`.
-Byte counters of live connections are read from the links at scrape time, so a long-lived
-connection shows its traffic before it closes.
+Per-request counting is attribute arithmetic on objects the dispatchers keep across requests
+(:class:`Count` for one counter, :class:`HttpSeries` for one HTTP label set); rarer events do a
+dict increment. Prometheus text is built by :meth:`ProxyMetrics.render`, which folds the kept
+objects into their families. Byte counters of live connections are read from the links at
+scrape time, so a long-lived connection shows its traffic before it closes.
 """
 
 from __future__ import annotations
@@ -18,28 +20,49 @@ LATENCY_BUCKETS_MS = (
 )  # fmt: skip
 
 
+class Count:
+    """One counter of a family, kept by a hot caller and incremented in place (``n += 1``)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class Family:
     """A counter or gauge family: label values tuple -> number."""
 
-    __slots__ = ("help", "kind", "labels", "name", "values")
+    __slots__ = ("counts", "help", "kind", "labels", "name", "values")
 
     def __init__(self, name: str, kind: str, help: str, labels: tuple[str, ...]) -> None:
         self.name, self.kind, self.help, self.labels = name, kind, help, labels
         self.values: dict[tuple[str, ...], float] = {}
+        self.counts: dict[tuple[str, ...], Count] = {}
 
     def inc(self, key: tuple[str, ...], amount: float = 1) -> None:
         self.values[key] = self.values.get(key, 0) + amount
+
+    def count(self, key: tuple[str, ...]) -> Count:
+        """The in-place counter of ``key`` (shown once it is above zero)."""
+        kept = self.counts.get(key)
+        if kept is None:
+            kept = self.counts[key] = Count()
+        return kept
 
     def set(self, key: tuple[str, ...], value: float) -> None:
         self.values[key] = value
 
     def get(self, key: tuple[str, ...]) -> float:
-        return self.values.get(key, 0)
+        kept = self.counts.get(key)
+        return self.values.get(key, 0) + (kept.n if kept is not None else 0)
 
     def lines(self, extra: dict[tuple[str, ...], float] | None = None) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} {self.kind}"
         values = dict(self.values)
+        for key, kept in self.counts.items():
+            if kept.n:
+                values[key] = values.get(key, 0) + kept.n
         for key, amount in (extra or {}).items():
             values[key] = values.get(key, 0) + amount
         for key, value in sorted(values.items()):
@@ -97,6 +120,46 @@ def _number(value: float) -> str:
 
 
 TCP_LABELS = ("direction", "peer", "tls", "client_id", "server_id")
+_BUCKETS = tuple(float(b) for b in LATENCY_BUCKETS_MS)
+
+
+class HttpSeries:
+    """The counters of one HTTP label set, kept by a dispatcher and updated in place per request.
+
+    ``labels`` are request_total's (direction, authority, tls, client_id, server_id);
+    ``requests`` is request_total's counter for them. :meth:`respond` counts a response in
+    response_total and response_latency_ms, updating the histogram's own bucket list, so the
+    exposition is exactly what ``inc``/``observe`` would have produced.
+    """
+
+    __slots__ = ("labels", "metrics", "requests", "statuses")
+
+    def __init__(self, metrics: ProxyMetrics, labels: tuple[str, ...]) -> None:
+        self.metrics = metrics
+        self.labels = labels
+        self.requests = metrics.request_total.count(labels)
+        # status -> (response_total counter, latency histogram buckets + sum)
+        self.statuses: dict[int, tuple[Count, list[float]]] = {}
+
+    def respond(self, status: int, latency_ms: float) -> None:
+        kept = self.statuses.get(status) or self._status(status)
+        kept[0].n += 1
+        cells = kept[1]
+        cells[bisect_left(_BUCKETS, latency_ms)] += 1
+        cells[-1] += latency_ms
+
+    def _status(self, status: int) -> tuple[Count, list[float]]:
+        labels, code = self.labels, str(status)
+        responses = self.metrics.response_total.count(
+            (*labels, code, "failure" if status >= 500 else "success")
+        )
+        histogram = self.metrics.response_latency_ms
+        key = (labels[0], labels[1], code)
+        cells = histogram.values.get(key)
+        if cells is None:
+            cells = histogram.values[key] = [0] * (len(_BUCKETS) + 2)
+        kept = self.statuses[status] = (responses, cells)
+        return kept
 
 
 class ProxyMetrics:
@@ -115,7 +178,7 @@ class ProxyMetrics:
             "response_latency_ms",
             "Time to the response head, in milliseconds.",
             ("direction", "authority", "status_code"),
-            tuple(float(b) for b in LATENCY_BUCKETS_MS),
+            _BUCKETS,
         )
         self.tcp_open_total = Family("tcp_open_total", "counter", "Opened connections.", TCP_LABELS)
         self.tcp_close_total = Family(
@@ -149,6 +212,14 @@ class ProxyMetrics:
             ("protocol", "srv_name", "authz_name"),
         )
         self._live: dict[Any, tuple[str, ...]] = {}
+        self._series: dict[tuple[str, ...], HttpSeries] = {}
+
+    def http_series(self, labels: tuple[str, ...]) -> HttpSeries:
+        """The counters of HTTP label set ``labels``; dispatchers keep them across requests."""
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = HttpSeries(self, labels)
+        return series
 
     # -- connections ------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from proxy.errors import ProxyError, UnknownRoute
 from proxy.http1 import Exchange, Http1Server
 from proxy.link import Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import HttpSeries, ProxyMetrics
 from proxy.routes import Endpoint, RouteSource, Service, ServiceProtocol
 from proxy.tcp import Relay
 from proxy.transport_header import SessionProtocol
@@ -33,7 +33,7 @@ class _Choice:
 
     balancer: PeakEwmaBalancer[Endpoint]
     endpoint: Endpoint
-    labels: tuple[str, ...]
+    series: HttpSeries
     completed: bool = False
 
 
@@ -71,15 +71,13 @@ class OutboundHttp:
         out = self.outbound
         balancer = out.balancer(svc, now)
         ep = balancer.pick(now)
-        labels: tuple[str, ...] = (
-            "outbound",
-            ex.authority,
-            "true" if ep.meshed else "no_identity",
-            "",
-            ep.identity or "",
-        )
-        ex.target = _Choice(balancer, ep, labels)
-        out.metrics.request_total.inc(labels)
+        key = (ex.authority, ep)
+        series = out.series.get(key)
+        if series is None:
+            labels = ("outbound", ex.authority, "true" if ep.meshed else "no_identity", "", ep.identity or "")  # fmt: skip
+            series = out.series[key] = out.metrics.http_series(labels)
+        series.requests.n += 1
+        ex.target = _Choice(balancer, ep, series)
 
     def take(self, ex: Exchange) -> Link | None:
         if not isinstance(ex.target, _Choice):
@@ -98,20 +96,15 @@ class OutboundHttp:
 
     def response_head(self, ex: Exchange, status: int, now: float) -> None:
         choice: _Choice | None = ex.target
-        metrics = self.outbound.metrics
         if choice is None:  # refused before routing
-            labels: tuple[str, ...] = ("outbound", ex.authority, "", "", "")
-            metrics.request_total.inc(labels)
+            series = self.outbound.metrics.http_series(("outbound", ex.authority, "", "", ""))
+            series.requests.n += 1
         else:
-            labels = choice.labels
+            series = choice.series
             if not choice.completed:
                 choice.completed = True
                 choice.balancer.complete(choice.endpoint, ex.started, now)
-        code = str(status)
-        metrics.response_total.inc((*labels, code, "failure" if status >= 500 else "success"))
-        metrics.response_latency_ms.observe(
-            ("outbound", ex.authority, code), (now - ex.started) * 1000.0
-        )
+        series.respond(status, (now - ex.started) * 1000.0)
 
     def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         choice: _Choice | None = ex.target
@@ -147,6 +140,8 @@ class Outbound:
         self.http = OutboundHttp(self)
         self._rng = rng or random.Random()
         self._balancers: dict[str, tuple[Service, PeakEwmaBalancer[Endpoint]]] = {}
+        # (authority, endpoint) -> the metrics series its requests count in
+        self.series: dict[tuple[str, Endpoint], HttpSeries] = {}
 
     def balancer(self, svc: Service, now: float) -> PeakEwmaBalancer[Endpoint]:
         """The balancer of ``svc``, following endpoint changes (a new Service value)."""
