@@ -21,6 +21,7 @@ from proxy.errors import ConfigError, NoEndpoints
 # Linkerd's defaults (linkerd/app/outbound, BalanceP2c.peak_ewma).
 DEFAULT_RTT = 0.030
 DEFAULT_DECAY = 10.0
+_exp = math.exp
 
 E = TypeVar("E", bound=Hashable)
 
@@ -120,5 +121,14 @@ class PeakEwmaBalancer(Generic[E]):
         state = self._loads.get(endpoint)
         if state is None:  # removed from the set while the request was in flight
             return
-        state.pending = max(0, state.pending - 1)
-        state.observe(max(0.0, now - started_at), now, self._decay)
+        if state.pending > 0:
+            state.pending -= 1
+        # EndpointLoad.observe, inlined: this runs once per request.
+        rtt = now - started_at
+        if rtt > state.rtt:
+            state.rtt = rtt
+        else:
+            elapsed = now - state.updated_at
+            weight = _exp(-elapsed / self._decay) if elapsed > 0.0 else 1.0
+            state.rtt = state.rtt * weight + (rtt if rtt > 0.0 else 0.0) * (1.0 - weight)
+        state.updated_at = now

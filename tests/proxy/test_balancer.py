@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from proxy.balancer import DEFAULT_DECAY, DEFAULT_RTT, PeakEwmaBalancer
+from proxy.balancer import DEFAULT_DECAY, DEFAULT_RTT, EndpointLoad, PeakEwmaBalancer
 from proxy.errors import ConfigError, NoEndpoints
 
 
@@ -94,3 +94,19 @@ def test_errors() -> None:
         PeakEwmaBalancer(["a"], now=0.0, decay=0)
     with pytest.raises(ConfigError, match="default_rtt"):
         PeakEwmaBalancer(["a"], now=0.0, default_rtt=-1)
+
+
+def test_complete_matches_endpoint_load_observe() -> None:
+    """complete() inlines EndpointLoad.observe: the same outcomes give the same estimates."""
+    rng = random.Random(3)
+    bal = PeakEwmaBalancer(["a", "b"], now=0.0, rng=random.Random(1))
+    ref = {"a": EndpointLoad(DEFAULT_RTT, 0.0), "b": EndpointLoad(DEFAULT_RTT, 0.0)}
+    now = 0.0
+    for _ in range(2000):
+        ep = bal.pick(now)
+        started = now
+        now += rng.choice((0.0, 0.0005, 0.01, 0.2, 3.0))
+        bal.complete(ep, started, now)
+        ref[ep].observe(max(0.0, now - started), now, DEFAULT_DECAY)
+        assert bal.state(ep).rtt == ref[ep].rtt and bal.state(ep).updated_at == now
+        assert bal.state(ep).pending == 0
