@@ -103,13 +103,55 @@ class ServerConfig:
         )
 
 
-class IdentityServicer(identity_pb2_grpc.IdentityServicer):
-    """Adapts :class:`Certifier` to gRPC: one status per refusal, metrics per call."""
+class RefusalLog:
+    """Logs refused Certify calls, at most ``burst`` per ``period`` seconds; the rest are
+    counted and summarised in the next line that gets through (a client retrying a bad request
+    in a loop must not flood the log, nor hide that it happened)."""
 
-    def __init__(self, certifier: Certifier, stats: IssuanceStats, reports: BundleReports) -> None:
+    def __init__(
+        self,
+        burst: int = 20,
+        period: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if burst <= 0 or period <= 0:
+            raise ValueError("refusal log burst and period must be positive")
+        self._burst, self._period, self._monotonic = burst, period, monotonic
+        self._window_start = -period
+        self._logged = 0
+        self.suppressed = 0
+
+    def refused(self, identity: str, peer: str, result: str, message: str) -> None:
+        now = self._monotonic()
+        if now - self._window_start >= self._period:
+            self._window_start, self._logged = now, 0
+        if self._logged >= self._burst:
+            self.suppressed += 1
+            return
+        self._logged += 1
+        more = f" ({self.suppressed} more refusals not logged)" if self.suppressed else ""
+        self.suppressed = 0
+        log.warning(
+            "refused Certify for %r from %s: %s: %s%s", identity, peer, result, message, more
+        )
+
+
+class IdentityServicer(identity_pb2_grpc.IdentityServicer):
+    """Adapts :class:`Certifier` to gRPC: one status per refusal, metrics per call, and an
+    audit line per certificate issued (identity, serial, NotAfter, issuer, peer). Tokens and
+    CSRs are never logged."""
+
+    def __init__(
+        self,
+        certifier: Certifier,
+        stats: IssuanceStats,
+        reports: BundleReports,
+        refusals: RefusalLog | None = None,
+    ) -> None:
         self._certifier = certifier
         self._stats = stats
         self._reports = reports
+        self._refusals = refusals or RefusalLog()
 
     async def Certify(
         self, request: identity_pb2.CertifyRequest, context: grpc.aio.ServicerContext
@@ -123,6 +165,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             code, message, result = status_of(e)
             if result == RESULT_INTERNAL:
                 log.exception("Certify for %r failed", request.identity[:253])
+            else:
+                self._refusals.refused(request.identity[:253], context.peer(), result, message)
             self._stats.observe(result, time.perf_counter() - start)
             await context.abort(code, message)
         until = Timestamp()
@@ -130,6 +174,14 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         self._stats.observe("ok", time.perf_counter() - start)
         self._reports.record(
             request.identity, request.trust_bundle_digest, issued.valid_until.timestamp()
+        )
+        log.info(
+            "issued certificate for %s serial=%x until %s issuer=%s peer=%s",
+            request.identity,
+            issued.leaf.serial,
+            issued.valid_until.isoformat(),
+            issued.chain[0].fingerprint[:16],
+            context.peer(),
         )
         return identity_pb2.CertifyResponse(
             leaf_certificate=issued.leaf.der,

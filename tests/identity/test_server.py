@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 
 import grpc
@@ -10,7 +11,7 @@ import pytest
 from identity_testkit import DOMAIN, Env, csr_for, identity
 from prometheus_client.parser import text_string_to_metric_families
 
-from identity.server import IdentityServer, ServerConfig
+from identity.server import IdentityServer, RefusalLog, ServerConfig
 from identity.sources import StoreSource
 from pki.certs import Certificate, utcnow
 from pki.keys import PrivateKey
@@ -226,3 +227,46 @@ async def test_callers_trust_bundles_are_observed(env: Env, server: IdentityServ
     assert value(current, "true") == 2
     assert value("", "false") == 1
     assert value(stale, "false") is None
+
+
+async def test_audit_log_of_issuance_and_refusals(
+    env: Env, server: IdentityServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="identity.server")
+    req = request(env)
+    resp = await call(server.port, req)
+    leaf = Certificate.from_der(resp.leaf_certificate)
+    forged = request(env, token=env.token("db", "prod"))
+    await refused(server.port, forged)
+    issued = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        f"issued certificate for {identity()} serial={leaf.serial:x} until "
+        f"{leaf.not_after.isoformat()}"
+        in m
+        and "peer=ipv4:127.0.0.1:" in m
+        for m in issued
+    )
+    assert len(refusals) == 1
+    assert "identity_mismatch: requested identity" in refusals[0]
+    assert f"refused Certify for {identity()!r} from ipv4:127.0.0.1:" in refusals[0]
+    for secret in (req.token, forged.token):  # bearer tokens never reach the log
+        assert secret.decode() not in caplog.text
+        assert secret.decode().split(".")[2] not in caplog.text
+
+
+def test_refusal_log_is_rate_limited_and_counts_what_it_drops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    refusals = RefusalLog(burst=2, period=1.0, monotonic=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="identity.server")
+    for _ in range(5):
+        refusals.refused("web", "ipv4:127.0.0.1:1", "token_invalid", "bad token")
+    assert len(caplog.records) == 2 and refusals.suppressed == 3
+    now[0] = 1.0  # next window
+    refusals.refused("web", "ipv4:127.0.0.1:1", "token_invalid", "bad token")
+    assert "(3 more refusals not logged)" in caplog.records[-1].getMessage()
+    assert refusals.suppressed == 0
+    with pytest.raises(ValueError, match="positive"):
+        RefusalLog(burst=0)
