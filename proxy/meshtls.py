@@ -41,6 +41,12 @@ _BIO_write = _ossl.BIO_write
 _BIO_get_mem_data = _ossl.BIO_get_mem_data  # bytes still queued in a memory BIO
 _unpack = _ffi.unpack
 _WANT_READ = _ossl.SSL_ERROR_WANT_READ
+# A TLS 1.3 record of these suites is its plaintext plus 22 bytes (5 header, 1 inner content
+# type, 16 tag) unless the sender pads it; OpenSSL does not pad by default.
+_AEAD16_SUITES = frozenset(
+    ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
+)
+_RECORD_OVERHEAD = 22
 _ZERO_RETURN = _ossl.SSL_ERROR_ZERO_RETURN
 
 
@@ -224,7 +230,8 @@ class TlsSession:
     """One TLS connection over memory BIOs: bytes in, plaintext and bytes-to-send out."""
 
     __slots__ = (
-        "_buf", "_conn", "_mem", "_rbio", "_ssl", "_wbio", "closed", "expected", "info", "kex",
+        "_buf", "_clean", "_conn", "_mem", "_overhead", "_rbio", "_ssl", "_wbio", "closed",
+        "expected", "info", "kex",
     )  # fmt: skip
 
     def __init__(
@@ -247,6 +254,11 @@ class TlsSession:
         self.kex = kex
         self.info: HandshakeInfo | None = None
         self.closed = False  # the peer sent close_notify
+        # Once the handshake is done: the size of an unpadded record beyond its plaintext (0:
+        # unknown), and whether every byte fed so far has been read out as whole records
+        # (with read-ahead off, OpenSSL's default, a read takes exactly one record's bytes).
+        self._overhead = 0
+        self._clean = False
 
     def start(self) -> bytes:
         """Begin the handshake; for a client this returns the ClientHello."""
@@ -269,16 +281,25 @@ class TlsSession:
         n = _SSL_read(ssl, buf, _READ)
         if n > 0:
             plaintext = _unpack(buf, n)
+            # The usual read: ``data`` was exactly one unpadded application-data record and
+            # nothing was pending before it, so nothing is left to read, and reading one
+            # application record sends nothing back.
+            if self._clean and len(data) == n + self._overhead:
+                return plaintext, out
             # One read returns a whole record (the buffer outsizes any record): with no input
             # left in the BIO, a second read could only say "want more" (measured ~0.5 µs).
             if _BIO_get_mem_data(self._rbio, self._mem) > 0:
+                self._clean = False  # a partial record may stay behind
                 n = _SSL_read(ssl, buf, _READ)
                 if n > 0:
                     plaintext, n = self._read_rest(plaintext, n)
                 if _SSL_get_error(ssl, n) != _WANT_READ:
                     self._read_ended(n)
+            else:
+                self._clean = self._overhead > 0
         else:
             plaintext = b""
+            self._clean = False
             if _SSL_get_error(ssl, n) != _WANT_READ:
                 self._read_ended(n)
         n = _BIO_read(self._wbio, buf, _READ)  # e.g. an answer to a KeyUpdate
@@ -374,6 +395,8 @@ class TlsSession:
             raise TLSError(f"TLS handshake failed: {_reason(e)}") from None
         out = self.drain()
         self.info = self._check()
+        if conn.get_cipher_name() in _AEAD16_SUITES:
+            self._overhead = _RECORD_OVERHEAD
         return out
 
     def _check(self) -> HandshakeInfo:

@@ -61,6 +61,12 @@ def test_records_split_joined_and_followed_by_close_notify(pki) -> None:
     assert server.feed(record[7:])[0] == b"split"
     big = bytes(range(256)) * 300  # several records
     assert server.feed(client.encrypt(big))[0] == big
+    # A whole record and the start of the next, then the rest, then single records again.
+    first, second = client.encrypt(b"first"), client.encrypt(b"second")
+    assert server.feed(first + second[:6])[0] == b"first"
+    assert server.feed(second[6:])[0] == b"second"
+    for i in range(3):
+        assert server.feed(client.encrypt(b"n%d" % i)) == (b"n%d" % i, b"")
     last = client.encrypt(b"last") + client.close_notify()
     plain, _ = server.feed(last)
     assert plain == b"last" and server.closed
