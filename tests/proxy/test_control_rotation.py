@@ -105,7 +105,9 @@ async def test_destination_channel_follows_an_anchor_rotation(
 
         write_atomic(mesh, WEB + WEB_1)
         await eventually(lambda: endpoint_count(routes) == 2, timeout=15)
-        assert follower.control_plane_up
+        # Every watch is back on the restarted server (the endpoints watch may be first; the
+        # others reconnect on their own backoff).
+        await eventually(lambda: follower.control_plane_up, timeout=10)
         # Without the new anchor the handshake is refused: last-known endpoints, flagged stale.
         await eventually(lambda: "CERTIFICATE_VERIFY_FAILED" in str(pinned_watch.error), 15)
         assert isinstance(pinned_watch.error, Unavailable)
