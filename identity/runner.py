@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from identity.issuer import bundle_from_pem
-from identity.server import IdentityServer, ServerConfig
+from identity.server import IdentityServer, ServerConfig, tune_gc
 from identity.service import IssuancePolicy
 from identity.sources import DirectorySource, IssuerSource, KubernetesSecretSource, StoreSource
 from identity.validators import (
@@ -137,6 +137,7 @@ async def run(options: ServeOptions, stop: asyncio.Event) -> None:
     """Start the service, print where it listens, and serve until ``stop`` is set."""
     server = build(options)
     await server.start()
+    tune_gc()
     print(
         f"identity: grpc {server.port} admin {server.admin_port} tls={options.tls}",
         flush=True,

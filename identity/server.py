@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -101,6 +102,20 @@ class ServerConfig:
             control_plane_namespace=self.domain.control_plane_namespace,
             trust_domain=self.domain.trust_domain,
         )
+
+
+def tune_gc() -> None:
+    """Set the garbage collector up for a long-running server process; call once, after start.
+
+    What startup imported and built (grpc, protobuf, the issuer) lives as long as the process:
+    frozen, it is no longer walked by every full collection, and a larger young generation
+    (10,000 allocations instead of 700) scans the per-call objects, which reference counting
+    frees anyway, far less often. Measured under h2load at 32 callers, one process,
+    interleaved: ~745 -> ~645 µs of server CPU per certificate, p99 ~41 -> ~24 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
 
 
 class RefusalLog:

@@ -159,7 +159,7 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
 
     from identity.issuer import Issuer, bundle_from_pem, credential_from_pems
     from identity.metrics import IssuanceStats
-    from identity.server import IdentityServicer, ServingCertificate, grpc_target
+    from identity.server import IdentityServicer, ServingCertificate, grpc_target, tune_gc
     from identity.service import Certifier
     from pki.certs import utcnow
     from protos import identity_pb2_grpc
@@ -204,6 +204,7 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
     else:
         server.add_insecure_port(grpc_target(config.listen))
     await server.start()
+    tune_gc()
     conn.send(("ready",))
     try:
         while not stop.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from datetime import timedelta
 
@@ -11,7 +12,7 @@ import pytest
 from identity_testkit import DOMAIN, Env, csr_for, identity
 from prometheus_client.parser import text_string_to_metric_families
 
-from identity.server import IdentityServer, RefusalLog, ServerConfig
+from identity.server import IdentityServer, RefusalLog, ServerConfig, tune_gc
 from identity.sources import StoreSource
 from pki.certs import Certificate, utcnow
 from pki.keys import PrivateKey
@@ -270,3 +271,14 @@ def test_refusal_log_is_rate_limited_and_counts_what_it_drops(
     assert refusals.suppressed == 0
     with pytest.raises(ValueError, match="positive"):
         RefusalLog(burst=0)
+
+
+def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (10_000, 50, 100)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
