@@ -433,7 +433,9 @@ def issue_leaf(
     _check_time(now)
     template = _leaf_template(issuer.certificate, issuer.key)
     algorithm_of(public_key)
-    if not isinstance(dns_name, str) or not dns_name.isascii() or not dns_name:
+    if not isinstance(dns_name, str):
+        raise TypeError(f"leaf DNS name must be a str, not {type(dns_name).__name__}")
+    if not dns_name or not dns_name.isascii():
         raise ValueError(f"leaf DNS name must be a non-empty ASCII string, got {dns_name!r}")
     if spiffe_id is not None and not spiffe_id.isascii():
         raise ValueError(f"SPIFFE ID must be ASCII, got {spiffe_id!r}")

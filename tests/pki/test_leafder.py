@@ -146,3 +146,11 @@ def test_non_ascii_names_are_refused(chain: Chain) -> None:
         issue_leaf(key, "wéb.example", chain.issuer, now=T0)
     with pytest.raises(ValueError, match="ASCII"):
         issue_leaf(key, "web.example", chain.issuer, now=T0, spiffe_id="spiffe://ü/x")
+
+
+def test_wrong_name_types_and_empty_names_are_refused(chain: Chain) -> None:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with pytest.raises(TypeError, match="str"):
+        issue_leaf(key, b"web.example", chain.issuer, now=T0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-empty"):
+        issue_leaf(key, "", chain.issuer, now=T0)
