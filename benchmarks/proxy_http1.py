@@ -10,8 +10,10 @@ return`, so the backend costs the same everywhere):
 Reported per path: max requests/s (wrk -c16, best of interleaved rounds), CPU microseconds
 per request per hop (user + system, from /proc via psutil; median of the rounds), unloaded
 latency (wrk -c1), and latency at a fixed rate of half the TrustMesh maximum. The fixed rate is
-open-loop (``paced_load``, run in its own process): requests are scheduled at evenly spaced
-times (1/rate apart, microsecond timers) over 16 keep-alive connections, and each latency is
+open-loop (``paced_load.c``, compiled into the run's temporary directory, or the Python
+``paced_load`` below when no C compiler works; either runs in its own process, and its own CPU
+per request is printed): requests are scheduled at evenly spaced
+times (1/rate apart, nanosecond timers) over 16 keep-alive connections, and each latency is
 measured from the request's *scheduled* time, so a slow path cannot lower the rate it is
 tested at and queueing behind a busy connection counts. wrk cannot do this: its ``delay()``
 hook waits per connection after each response (closed loop) in whole milliseconds, which
@@ -28,6 +30,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -209,16 +212,46 @@ def paced_load(port: int, rate: float, duration: float, conns: int) -> dict[str,
             "p99": latencies[int(n * 0.99)] / 1e6, "errors": errors}  # fmt: skip
 
 
-def run_paced(port: int, pids: list[int], rate: float, duration: int) -> dict[str, float]:
-    """``paced_load`` in a child process (not sharing a GIL with anything), with the proxies'
-    CPU use, CPU per request, and run-queue wait (runnable but no CPU free) per request."""
+def build_generator(tmp: Path) -> Path | None:
+    """Compile ``paced_load.c`` into ``tmp``; None (and why, printed) if that is not possible."""
+    cc = shutil.which("cc")
+    if cc is None:
+        print("no C compiler (cc) found")
+        return None
+    exe = tmp / "paced_load"
+    src = Path(__file__).with_name("paced_load.c")
+    built = subprocess.run(
+        [cc, "-O2", "-Wall", "-Wextra", "-o", str(exe), str(src)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if built.returncode != 0:
+        print(f"compiling {src.name} failed:\n{built.stderr}")
+        return None
+    return exe
+
+
+def run_paced(
+    port: int, pids: list[int], rate: float, duration: int, generator: Path | None
+) -> dict[str, float]:
+    """The open-loop load in a child process (``generator``, or ``paced_load`` in Python when
+    None), with the proxies' CPU use, CPU per request, and run-queue wait (runnable but no CPU
+    free) per request, and the generator's own CPU per request."""
+    if generator is not None:
+        args: list[str | bytes] = [str(generator), str(port), str(rate), str(duration),
+                                   str(RATE_CONNS), REQUEST]  # fmt: skip
+    else:
+        args = [sys.executable, __file__, "--paced", str(port), str(rate), str(duration),
+                str(RATE_CONNS)]  # fmt: skip
     before, waited = cpu_seconds(pids), run_queue_seconds(pids)
-    out = subprocess.run(
-        [sys.executable, __file__, "--paced", str(port), str(rate), str(duration), str(RATE_CONNS)],
-        capture_output=True, text=True, timeout=duration + 60, check=True,
-    ).stdout  # fmt: skip
+    gen_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
+    gen_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     after, waited = cpu_seconds(pids), run_queue_seconds(pids) - waited
-    r: dict[str, float] = json.loads(out)
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed ({done.returncode}): {done.stderr.strip()}")
+    r: dict[str, float] = json.loads(done.stdout)
+    gen_user = gen_after.ru_utime - gen_before.ru_utime
+    r["gen_us"] = (gen_user + gen_after.ru_stime - gen_before.ru_stime) / r["total"] * 1e6
     hops = max(1, len(pids))
     r["cpu_pct"] = (sum(after) - sum(before)) / hops / duration * 100.0
     r["cpu_us"] = (sum(after) - sum(before)) / r["total"] * 1e6 / hops
@@ -360,6 +393,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tm-bench-"))
     ids = make_pki(tmp)
     results: dict[str, dict[str, float]] = {}
+    generator = build_generator(tmp)
     try:
         backend = free_port()
         haproxy(
@@ -431,7 +465,7 @@ def main() -> int:
         paced: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
         for _ in range(ROUNDS):
             for name, (port, pids) in paths.items():
-                paced[name].append(run_paced(port, pids, rate, DURATION))
+                paced[name].append(run_paced(port, pids, rate, DURATION, generator))
         fixed = {name: medians(runs) for name, runs in paced.items()}
 
         # RSS with 1,000 open client connections through the mesh.
@@ -468,13 +502,14 @@ def main() -> int:
     print(f"\nunloaded (wrk -c1, medians of {ROUNDS} rounds): " + ", ".join(
         f"{n} p50 {r['p50']:.3f} ms (+{(r['p50'] - d1['p50']) / 2:.3f}/hop), p99 {r['p99']:.3f} ms"
         for n, r in unloaded.items()))  # fmt: skip
+    gen_name = "paced_load.c (compiled)" if generator is not None else "paced_load (Python)"
     print(
         f"\nfixed rate: target {rate:,.0f} req/s (half the trustmesh max), open-loop schedule over "
         f"{RATE_CONNS} connections, {DURATION}s per path, medians of {ROUNDS} interleaved rounds "
-        "(achieved: the lowest)"
+        f"(achieved: the lowest); load generator: {gen_name}"
     )
     print(
-        f"{'path':<11} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12} {'proxy CPU %':>12} {'CPU µs/req/hop':>15} {'run-queue wait µs/req/hop':>26}"
+        f"{'path':<11} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12} {'proxy CPU %':>12} {'CPU µs/req/hop':>15} {'run-queue wait µs/req/hop':>26} {'generator CPU µs/req':>21}"
     )
     d = fixed["direct"]
     for name, r in fixed.items():
@@ -485,7 +520,7 @@ def main() -> int:
         per_req = f"{r['cpu_us']:.1f}" if proxied else "-"
         wait = f"{r['wait_us']:.1f}" if proxied else "-"
         print(
-            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f} {cpu:>12} {per_req:>15} {wait:>26}"
+            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f} {cpu:>12} {per_req:>15} {wait:>26} {r['gen_us']:>21.1f}"
         )
     short = [n for n, r in fixed.items() if r["rps"] < 0.95 * rate]
     if short:
