@@ -45,6 +45,7 @@ from proxy.policy import (
     ALL_NETWORKS,
     Authorization,
     DefaultPolicy,
+    HttpRoute,
     InboundPolicy,
     Network,
     Server,
@@ -335,16 +336,23 @@ def authorization_of(a: dpolicy.Authorization) -> Authorization:
 
 
 def server_of(p: dpolicy.InboundPolicy) -> Server:
-    """The proxy's policy for one port from the destination's answer (server-level
-    authorizations; per-route ones are not enforced by this proxy)."""
+    """The proxy's policy for one port from the destination's answer: the server's
+    authorizations and its HTTPRoutes with theirs. In audit mode everything is admitted
+    (and flagged), routes included."""
     name = p.server.name if p.server.kind != "default" else f"default:{p.server.name}"
     if p.audit:
-        authz: tuple[Authorization, ...] = (
-            Authorization(f"{name}:audit", (), ALL_NETWORKS, unauthenticated=True),
+        audit = Authorization(f"{name}:audit", (), ALL_NETWORKS, unauthenticated=True)
+        return Server(name, p.port, (audit,))
+    authz = tuple(authorization_of(a) for a in p.authorizations)
+    routes = tuple(
+        HttpRoute(
+            r.ref.name,
+            r.matches,
+            tuple(authorization_of(a) for a in r.authorizations),
         )
-    else:
-        authz = tuple(authorization_of(a) for a in p.authorizations)
-    return Server(name, p.port, authz)
+        for r in p.routes
+    )
+    return Server(name, p.port, authz, routes)
 
 
 class DestinationPolicy:

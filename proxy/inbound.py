@@ -17,13 +17,20 @@ import ipaddress
 import logging
 
 from proxy.detect import Detected, Proto
-from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError
+from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError, UnknownRoute
 from proxy.http1 import Exchange, Http1Server
 from proxy.link import NULL_SINK, Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
 from proxy.meshtls import HandshakeInfo, MeshTls
 from proxy.metrics import Count, HttpSeries, ProxyMetrics
-from proxy.policy import Decision, PolicySource, authorize
+from proxy.policy import (
+    Decision,
+    PolicySource,
+    Server,
+    authorize,
+    authorize_request,
+    server_for,
+)
 from proxy.routes import Endpoint
 from proxy.tcp import Relay
 from proxy.transport_header import ALPN, SessionProtocol, decode
@@ -35,7 +42,7 @@ log = logging.getLogger(__name__)
 class InboundHttp:
     """The HTTP dispatcher for one inbound connection: policy per request, local target."""
 
-    __slots__ = ("allowed", "conn", "decision", "inbound", "policy_seen", "series")
+    __slots__ = ("allowed", "conn", "decision", "inbound", "policy_seen", "routed", "series")
 
     def __init__(self, inbound: Inbound, conn: _Conn) -> None:
         self.inbound = inbound
@@ -43,6 +50,7 @@ class InboundHttp:
         self.policy_seen: object = None
         self.decision: Decision | None = None
         self.allowed: Count | None = None  # the decision's allow counter, when it allows
+        self.routed: Server | None = None  # the port's server, when its routes decide
         self.series: HttpSeries | None = None  # this connection's latest label set
 
     def begin(self, ex: Exchange, now: float) -> None:
@@ -50,6 +58,9 @@ class InboundHttp:
         policy = inbound.policy.current()
         if policy is not self.policy_seen:  # re-decide only when the policy changed
             self.policy_seen = policy
+            server = server_for(policy, conn.port)
+            # Without routes the decision is the connection's, kept for every request.
+            self.routed = server if server.routes else None
             decision = self.decision = authorize(policy, conn.port, conn.client_id, conn.ip)
             self.allowed = (
                 inbound.metrics.inbound_authz_allow_total.count(
@@ -62,16 +73,52 @@ class InboundHttp:
         if series is None or series.labels[1] != ex.authority:
             series = self.series = self._series(ex)
         series.requests.n += 1
-        allowed = self.allowed
-        if allowed is None:
-            denied = self.decision
-            assert denied is not None
-            inbound.metrics.inbound_authz_deny_total.inc(("http", denied.server, "unauthorized"))
-            raise Forbidden(denied.reason)
-        allowed.n += 1
+        if self.routed is not None:
+            self._authorize_route(self.routed, ex)
+        else:
+            allowed = self.allowed
+            if allowed is None:
+                denied = self.decision
+                assert denied is not None
+                inbound.metrics.inbound_authz_deny_total.inc(
+                    ("http", denied.server, "unauthorized")
+                )
+                raise Forbidden(denied.reason)
+            allowed.n += 1
         ex.target = series
         if conn.client_id:
             ex.extra_headers = conn.client_header
+
+    def _authorize_route(self, server: Server, ex: Exchange) -> None:
+        """The per-request decision of a server with HTTPRoutes."""
+        conn, metrics = self.conn, self.inbound.metrics
+        head = ex.head
+        headers = (
+            {
+                head[i].decode("latin-1"): head[i + 2].decode("latin-1")
+                for i in range(0, len(head), 4)
+            }
+            if server.needs_headers
+            else {}
+        )
+        decision = authorize_request(
+            server,
+            conn.client_id,
+            conn.ip,
+            ex.method.decode("latin-1"),
+            request_path(ex.url),
+            headers,
+        )
+        if decision.allowed:
+            metrics.inbound_authz_allow_total.count(
+                ("http", decision.server, decision.authorization or "")
+            ).n += 1
+            return
+        if decision.no_route:
+            metrics.inbound_authz_deny_total.inc(("http", decision.server, "no_route"))
+            raise UnknownRoute(decision.reason)
+        metrics.inbound_authz_deny_total.inc(("http", decision.server, "unauthorized"))
+        raise Forbidden(decision.reason)
 
     def _series(self, ex: Exchange) -> HttpSeries:
         conn = self.conn
@@ -94,6 +141,17 @@ class InboundHttp:
                 self.inbound.pool.put(self.conn.port, link)
             else:
                 link.close()
+
+
+def request_path(url: bytes) -> str:
+    """The path and query of a request target: origin form as is, absolute form without its
+    scheme and authority (``*`` and authority form stay, and match no path)."""
+    text = url.decode("latin-1")
+    scheme_end = text.find("://")
+    if scheme_end > 0 and "/" not in text[:scheme_end]:
+        slash = text.find("/", scheme_end + 3)
+        return text[slash:] if slash >= 0 else "/"
+    return text
 
 
 class _Conn:

@@ -1,19 +1,28 @@
-"""Inbound authorization, pure: (policy, port, client) -> decision.
+"""Inbound authorization, pure: (policy, port, client[, request]) -> decision.
 
 A port covered by a :class:`Server` admits a client when one of the server's authorizations
 matches it (client network within one of its CIDRs, and an identity matching one of its
 patterns, or unauthenticated clients allowed). Any other port falls back to the default
 policy, named as Linkerd names them. The identity patterns are exact names, ``*`` or
 ``*.suffix`` (``pki.names.identity_matches``).
+
+A Server with HTTPRoutes attached decides per HTTP request (:func:`authorize_request`): the
+request goes to the most specific matching route, and that route's authorizations are added to
+the server's (Linkerd's semantics); a request no route matches is refused as not found.
+Specificity follows the Gateway API (exact path, then the longer path, then a method, then
+more header and query matches); a regular-expression path ranks between exact and prefix
+paths, as in Linkerd.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from destination.policy import HttpMatch
 from pki.names import identity_matches
 from proxy.errors import ConfigError
 
@@ -70,19 +79,76 @@ class Authorization:
         return identity is not None and any(identity_matches(p, identity) for p in self.identities)
 
 
+_EVERY_REQUEST = (HttpMatch(),)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    """An HTTPRoute attached to a Server: the requests it matches (none listed: every
+    request) and the authorizations it adds to the server's for them."""
+
+    name: str
+    matches: tuple[HttpMatch, ...] = ()
+    authorizations: tuple[Authorization, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("route name must not be empty")
+        if not isinstance(self.matches, tuple) or not isinstance(self.authorizations, tuple):
+            raise TypeError(f"route {self.name}: matches and authorizations must be tuples")
+
+
+def match_rank(match: HttpMatch) -> tuple[int, int, bool, int, int]:
+    """Sort key of a match's specificity; the greater key wins."""
+    path = match.path
+    if path is None:  # as PathPrefix "/"
+        kind, length = 0, 1
+    elif path.type == "Exact":
+        kind, length = 2, len(path.value)
+    elif path.type == "RegularExpression":
+        kind, length = 1, len(path.value)
+    else:
+        kind, length = 0, len(path.value)
+    return kind, length, match.method is not None, len(match.headers), len(match.query_params)
+
+
 @dataclass(frozen=True, slots=True)
 class Server:
-    """A port of the local workload with its own authorizations (Linkerd's Server resource)."""
+    """A port of the local workload with its own authorizations (Linkerd's Server resource)
+    and the HTTPRoutes attached to it."""
 
     name: str
     port: int
     authorizations: tuple[Authorization, ...] = ()
+    routes: tuple[HttpRoute, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("server name must not be empty")
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise ConfigError(f"server {self.name}: port must be between 1 and 65535")
+        if not isinstance(self.routes, tuple):
+            raise TypeError(f"server {self.name}: routes must be a tuple")
+
+    @property
+    def needs_headers(self) -> bool:
+        """True when a route matches on request headers (the caller must collect them)."""
+        return any(m.headers for r in self.routes for m in r.matches)
+
+    def route_for(
+        self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]
+    ) -> HttpRoute | None:
+        """The most specific route matching the request, or None (first listed on a tie)."""
+        best: HttpRoute | None = None
+        best_rank: tuple[int, int, bool, int, int] | None = None
+        for route in self.routes:
+            for match in route.matches or _EVERY_REQUEST:
+                if not match.matches(method, path, dict(headers), dict(query)):
+                    continue
+                rank = match_rank(match)
+                if best_rank is None or rank > best_rank:
+                    best, best_rank = route, rank
+        return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +175,18 @@ class InboundPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome; ``reason`` names why a denial happened (sent in ``l5d-proxy-error``)."""
+    """The outcome; ``reason`` names why a denial happened (sent in ``l5d-proxy-error``).
+
+    ``route`` is the HTTPRoute a request matched; ``no_route`` marks a request refused
+    because no route of its server matches it (HTTP 404 rather than 403).
+    """
 
     allowed: bool
     server: str
     authorization: str | None
     reason: str
+    route: str | None = None
+    no_route: bool = False
 
 
 def _default_server(policy: InboundPolicy, port: int) -> Server:
@@ -128,26 +200,77 @@ def _default_server(policy: InboundPolicy, port: int) -> Server:
     return Server(f"default:{d.value}", port, authz)
 
 
+def server_for(policy: InboundPolicy, port: int) -> Server:
+    """The Server covering ``port``, or the default policy's."""
+    return next((s for s in policy.servers if s.port == port), None) or _default_server(
+        policy, port
+    )
+
+
 def authorize(
     policy: InboundPolicy,
     port: int,
     identity: str | None,
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
 ) -> Decision:
-    """Decide whether a client (``identity`` None when it is not mesh-authenticated) may connect."""
-    server = next((s for s in policy.servers if s.port == port), None) or _default_server(
-        policy, port
-    )
-    for authz in server.authorizations:
+    """Decide whether a client (``identity`` None when it is not mesh-authenticated) may
+    connect: the server's own authorizations, whatever its routes."""
+    server = server_for(policy, port)
+    return _decide(server, server.authorizations, identity, ip, None)
+
+
+def authorize_request(
+    server: Server,
+    identity: str | None,
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+) -> Decision:
+    """Decide one HTTP request to ``server`` (request ``target`` = path and query). Without
+    routes this is :func:`authorize`; with routes, the matched route's authorizations are
+    added to the server's, and a request no route matches is refused."""
+    if not server.routes:
+        return _decide(server, server.authorizations, identity, ip, None)
+    path, _, query_text = target.partition("?")
+    route = server.route_for(method, path, headers, _query(query_text))
+    if route is None:
+        return Decision(
+            False,
+            server.name,
+            None,
+            f"no HTTPRoute of server {server.name} matches {method} {path}",
+            no_route=True,
+        )
+    return _decide(server, server.authorizations + route.authorizations, identity, ip, route.name)
+
+
+def _query(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in text.split("&") if text else ():
+        name, _, value = part.partition("=")
+        out.setdefault(name, value)  # the first value of a repeated parameter, as Linkerd
+    return out
+
+
+def _decide(
+    server: Server,
+    authorizations: tuple[Authorization, ...],
+    identity: str | None,
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    route: str | None,
+) -> Decision:
+    for authz in authorizations:
         if authz.admits(identity, ip):
-            return Decision(True, server.name, authz.name, "authorized")
-    if not server.authorizations:
-        reason = f"server {server.name} denies every client"
+            return Decision(True, server.name, authz.name, "authorized", route)
+    where = f"server {server.name}" + (f" route {route}" if route else "")
+    if not authorizations:
+        reason = f"{where} denies every client"
     elif identity is None:
-        reason = f"unauthenticated client {ip} is not authorized on server {server.name}"
+        reason = f"unauthenticated client {ip} is not authorized on {where}"
     else:
-        reason = f"client {identity} from {ip} is not authorized on server {server.name}"
-    return Decision(False, server.name, None, reason)
+        reason = f"client {identity} from {ip} is not authorized on {where}"
+    return Decision(False, server.name, None, reason, route)
 
 
 class PolicySource(Protocol):

@@ -3,6 +3,7 @@ trust-anchor source; the adapters against live services are covered in tests/e2e
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from proxy.control import (
     server_of,
     service_of,
 )
-from proxy.policy import InboundPolicy, authorize
+from proxy.policy import InboundPolicy, authorize, authorize_request
 from proxy.routes import ServiceProtocol
 
 ID = "web.shop.serviceaccount.identity.trustmesh.cluster.local"
@@ -135,3 +136,26 @@ def test_trust_anchors_follow_the_file_and_keep_the_last_good_bundle(
     assert anchors.current().digest == second.digest
     anchors.replace(TrustBundle.from_pem(first.pem()), "destination")
     assert anchors.current().digest == first.digest and anchors.source == "destination"
+
+
+def test_httproutes_from_destination_decide_per_request() -> None:
+    route = dp.InboundRoute(
+        dp.Ref("HTTPRoute", "admin", "shop", "gateway.networking.k8s.io"),
+        (dp.HttpMatch(dp.PathMatch("PathPrefix", "/admin")),),
+        (_authz("ops-only", dp.Authentication(dp.AuthKind.IDENTITIES, (OTHER,))),),
+    )
+    policy = dataclasses.replace(
+        _policy(_authz("web", dp.Authentication(dp.AuthKind.IDENTITIES, (ID,)))), routes=(route,)
+    )
+    server = server_of(policy)
+    assert [r.name for r in server.routes] == ["admin"]
+    assert server.routes[0].authorizations[0].identities == (OTHER,)
+    ip = ipaddress.ip_address("127.0.0.1")
+    on_route = authorize_request(server, OTHER, ip, "GET", "/admin/users", {})
+    assert on_route.allowed and on_route.route == "admin"
+    assert authorize_request(server, ID, ip, "GET", "/admin", {}).allowed  # server-level
+    assert authorize_request(server, ID, ip, "GET", "/other", {}).no_route
+    # audit mode admits every request, routes or not
+    audit = server_of(dataclasses.replace(policy, audit=True))
+    assert not audit.routes
+    assert authorize_request(audit, None, ip, "GET", "/other", {}).allowed

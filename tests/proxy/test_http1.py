@@ -9,9 +9,10 @@ import aiohttp
 import pytest
 from proxy_mesh import raw_exchange, run_app, run_mesh
 
+from destination.policy import HttpMatch, PathMatch, ValueMatch
 from proxy.listener import serve
 from proxy.meshtls import MeshTls, StaticCredentials
-from proxy.policy import Authorization, DefaultPolicy, InboundPolicy, Server
+from proxy.policy import Authorization, DefaultPolicy, HttpRoute, InboundPolicy, Server
 from proxy.routes import Endpoint, Service
 
 pytestmark = pytest.mark.timeout(60)
@@ -127,6 +128,62 @@ async def test_policy_denial_gets_403_with_reason(pki) -> None:
         )
         assert reply.startswith(b"HTTP/1.1 403") and web.identity.encode() in reply
         assert 'inbound_authz_deny_total{protocol="http"' in mesh.server.metrics.render()
+
+
+async def test_httproute_authorizations_and_unmatched_requests(pki) -> None:
+    """A Server with HTTPRoutes decides per request: the matched route's authorizations are
+    added to the server's; a request no route matches gets 404."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port:
+        server = Server(
+            "app",
+            app_port,
+            (),  # nobody at server level
+            (
+                HttpRoute(
+                    "echo",
+                    (HttpMatch(PathMatch("PathPrefix", "/echo"), method="GET"),),
+                    (Authorization("web-only", (web.identity,)),),
+                ),
+                HttpRoute(
+                    "canary",
+                    (
+                        HttpMatch(
+                            PathMatch("Exact", "/echo"), headers=(ValueMatch("x-canary", "1"),)
+                        ),
+                    ),
+                ),
+            ),
+        )
+        policy = InboundPolicy(DefaultPolicy.DENY, servers=(server,))
+        async with run_mesh(web, api, app_port=app_port, policy=policy) as mesh:
+
+            async def get(request: bytes) -> bytes:
+                return await raw_exchange(mesh.outbound, request)
+
+            ok = await get(b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.1 200")
+            assert f"x-client-id: {web.identity}".encode() in ok  # the app saw l5d-client-id
+            # The more specific canary route matches and authorizes nobody: 403, named.
+            canary = await get(
+                b"GET /echo HTTP/1.1\r\nHost: api\r\nX-Canary: 1\r\nConnection: close\r\n\r\n"
+            )
+            assert canary.startswith(b"HTTP/1.1 403")
+            assert b"route canary" in canary
+            missing = await get(
+                b"POST /echo HTTP/1.1\r\nHost: api\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            assert missing.startswith(b"HTTP/1.1 404")
+            assert b"no HTTPRoute of server app matches POST /echo" in missing
+            metrics = mesh.server.metrics.render()
+            assert (
+                'inbound_authz_deny_total{protocol="http",srv_name="app",reason="no_route"} 1'
+                in metrics
+            )
+            assert (
+                'inbound_authz_allow_total{protocol="http",srv_name="app",authz_name="web-only"} 1'
+                in metrics
+            )
 
 
 async def test_unknown_authority_wrong_identity_and_dead_endpoint(pki) -> None:
