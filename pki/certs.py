@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from pki.errors import CertificateBuildError, CertificateParseError, KeyLoadError
-from pki.keys import KeyAlgorithm, PrivateKey, algorithm_of
-from pki.leafder import LeafTemplate, spki_of
+from pki.keys import KeyAlgorithm, PrivateKey, algorithm_of, spki_der
+from pki.leafder import LeafTemplate
 from pki.names import Identity
 
 X509Certificate = x509.Certificate
@@ -173,9 +173,7 @@ class Certificate:
         return self.not_before <= at <= self.not_after
 
     def public_key_der(self) -> bytes:
-        return self.x509.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return spki_der(self.x509.public_key())
 
 
 def load_pem_chain(data: bytes) -> tuple[Certificate, ...]:
@@ -445,7 +443,7 @@ def issue_leaf(
         not_before=not_before,
         not_after=not_after,
         dns_name=dns_name,
-        spki_der=spki_of(public_key),
+        spki_der=spki_der(public_key),
         spiffe_id=spiffe_id,
     )
     der = template.sign(tbs)

@@ -49,6 +49,13 @@ def algorithm_of(key: Any) -> KeyAlgorithm:
     )
 
 
+def spki_der(public_key: Any) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key object."""
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class PrivateKey:
     """A private signing key. Its repr never shows key material."""
@@ -98,9 +105,7 @@ class PrivateKey:
         )
 
     def public_key_der(self) -> bytes:
-        return self.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return spki_der(self.public_key())
 
     @classmethod
     def load(cls, data: bytes) -> PrivateKey:
@@ -121,9 +126,7 @@ class PrivateKey:
     def matches(self, public_key: Any) -> bool:
         """True when ``public_key`` is this key's public half."""
         try:
-            other = public_key.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
+            other = spki_der(public_key)
         except AttributeError:
             return False
         return other == self.public_key_der()

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from pki.keys import KeyAlgorithm, PrivateKey
 
@@ -190,10 +189,3 @@ class LeafTemplate:
         """The Certificate: ``tbs``, the algorithm and the issuer's signature over ``tbs``."""
         signature = tlv(_BIT_STRING, b"\x00" + self.signer.sign(tbs))
         return tlv(_SEQUENCE, tbs + self.signature_algorithm + signature)
-
-
-def spki_of(public_key: object) -> bytes:
-    """The DER SubjectPublicKeyInfo of a public key object."""
-    return public_key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )

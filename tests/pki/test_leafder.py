@@ -13,8 +13,8 @@ from pki_testkit import T0, Chain, build_chain
 
 import pki.certs as certs
 from pki.certs import DEFAULT_CLOCK_SKEW, issue_leaf
-from pki.keys import KeyAlgorithm, PrivateKey
-from pki.leafder import _oid_body, integer, key_identifier, spki_of, time_value, tlv
+from pki.keys import KeyAlgorithm, PrivateKey, spki_der
+from pki.leafder import _oid_body, integer, key_identifier, time_value, tlv
 
 
 def _reference_tbs(
@@ -85,7 +85,7 @@ def test_signature_verifies_with_the_issuer_key(chain: Chain) -> None:
 def test_key_identifier_is_rfc5280_method_1(algorithm: KeyAlgorithm) -> None:
     public_key = PrivateKey.generate(algorithm).public_key()
     expected = x509.SubjectKeyIdentifier.from_public_key(public_key).digest  # type: ignore[arg-type]
-    assert key_identifier(spki_of(public_key)) == expected
+    assert key_identifier(spki_der(public_key)) == expected
 
 
 def test_key_identifier_refuses_spki_without_a_bit_string() -> None:
