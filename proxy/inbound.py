@@ -59,16 +59,16 @@ class InboundHttp:
         if policy is not self.policy_seen:  # re-decide only when the policy changed
             self.policy_seen = policy
             server = server_for(policy, conn.port)
-            # Without routes the decision is the connection's, kept for every request.
+            # With routes every request is decided on its own; without, the decision is the
+            # connection's, kept for every request.
             self.routed = server if server.routes else None
-            decision = self.decision = authorize(policy, conn.port, conn.client_id, conn.ip)
-            self.allowed = (
-                inbound.metrics.inbound_authz_allow_total.count(
-                    ("http", decision.server, decision.authorization or "")
-                )
-                if decision.allowed
-                else None
-            )
+            self.decision = self.allowed = None
+            if self.routed is None:
+                decision = self.decision = authorize(policy, conn.port, conn.client_id, conn.ip)
+                if decision.allowed:
+                    self.allowed = inbound.metrics.inbound_authz_allow_total.count(
+                        ("http", decision.server, decision.authorization or "")
+                    )
         series = self.series
         if series is None or series.labels[1] != ex.authority:
             series = self.series = self._series(ex)

@@ -121,6 +121,9 @@ class Server:
     port: int
     authorizations: tuple[Authorization, ...] = ()
     routes: tuple[HttpRoute, ...] = ()
+    # True when a route matches on request headers (the caller must collect them); derived
+    # once here because it is read for every request.
+    needs_headers: bool = field(default=False, init=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -129,11 +132,8 @@ class Server:
             raise ConfigError(f"server {self.name}: port must be between 1 and 65535")
         if not isinstance(self.routes, tuple):
             raise TypeError(f"server {self.name}: routes must be a tuple")
-
-    @property
-    def needs_headers(self) -> bool:
-        """True when a route matches on request headers (the caller must collect them)."""
-        return any(m.headers for r in self.routes for m in r.matches)
+        needs = any(m.headers for r in self.routes for m in r.matches)
+        object.__setattr__(self, "needs_headers", needs)
 
     def route_for(
         self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]
@@ -141,9 +141,10 @@ class Server:
         """The most specific route matching the request, or None (first listed on a tie)."""
         best: HttpRoute | None = None
         best_rank: tuple[int, int, bool, int, int] | None = None
+        header_map, query_map = dict(headers), dict(query)  # HttpMatch takes dicts
         for route in self.routes:
             for match in route.matches or _EVERY_REQUEST:
-                if not match.matches(method, path, dict(headers), dict(query)):
+                if not match.matches(method, path, header_map, query_map):
                     continue
                 rank = match_rank(match)
                 if best_rank is None or rank > best_rank:
