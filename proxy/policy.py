@@ -21,6 +21,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import parse_qsl
 
 from destination.policy import HttpMatch
 from pki.names import identity_matches
@@ -247,10 +248,12 @@ def authorize_request(
 
 
 def _query(text: str) -> dict[str, str]:
+    """Query parameters, form-decoded (``%2F`` and ``+`` compare as ``/`` and space); the
+    first value of a repeated parameter counts, as in Linkerd."""
     out: dict[str, str] = {}
-    for part in text.split("&") if text else ():
-        name, _, value = part.partition("=")
-        out.setdefault(name, value)  # the first value of a repeated parameter, as Linkerd
+    if text:
+        for name, value in parse_qsl(text, keep_blank_values=True):
+            out.setdefault(name, value)
     return out
 
 

@@ -185,6 +185,10 @@ def test_the_most_specific_match_wins() -> None:
     assert route("GET", "/a") == "method"
     assert route("PUT", "/a") == "short"
     assert route("PUT", "/b") == "everything"
+    # query values are compared form-decoded; the first of a repeated parameter counts
+    assert route("GET", "/a?v=%32", **{"X-Canary": "1"}) == "query"
+    assert route("GET", "/a?w=1&v=2&v=3", **{"X-Canary": "1"}) == "query"
+    assert route("GET", "/a?v=3&v=2", **{"X-Canary": "1"}) == "header"
     # a tie goes to the first route listed (destination lists them by name)
     tie = Server("app", 8080, (), (_route("first", short_prefix), _route("second", short_prefix)))
     assert _decide(tie, WEB, "GET", "/a").route == "first"
