@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 
 # Debian packages the test suite and benchmarks drive as real components.
 DEB_PACKAGES := iptables iproute2 prometheus prometheus-alertmanager tshark golang-cfssl \
-                haproxy wrk nghttp2-client curl openssl
+                haproxy wrk nghttp2-client curl openssl gcc libc6-dev
 
 .PHONY: demo test lint bench protos deb clean help
 
