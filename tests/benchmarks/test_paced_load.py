@@ -43,6 +43,7 @@ class Backend(socketserver.ThreadingTCPServer):
     def __init__(self, status: str = "200 OK", delay: float = 0.0, close: bool = False) -> None:
         self.response = f"HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok".encode()
         self.delay, self.close, self.served = delay, close, 0
+        self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
 
     @property
@@ -67,8 +68,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             if self.server.delay:
                 time.sleep(self.server.delay)
+            with self.server.lock:  # counted before the answer leaves, so never read short
+                self.server.served += 1
             sock.sendall(self.server.response)
-            self.server.served += 1
 
 
 def _serve(backend: Backend) -> Iterator[Backend]:
