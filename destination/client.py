@@ -12,8 +12,9 @@ Given a ``trust_bundle`` provider instead of fixed credentials, the channel veri
 service against the proxy's current bundle: when the bundle's digest changes (an anchor
 rotation), the client builds a new channel for new streams and, once that channel connects (or
 after ``handover_grace`` seconds at most), closes the old one; the watches still on it
-resubscribe on the new channel through their ordinary reconnect path, keeping their last-known
-snapshots meanwhile. A channel built on an outdated bundle is thus never kept for long, and a
+resubscribe on the new channel at once, keeping their last-known snapshots and without being
+flagged stale (a planned handover is not the control plane going away; a failure of the new
+stream is). A channel built on an outdated bundle is thus never kept for long, and a
 working one is not dropped before its successor can connect.
 
     async with DestinationClient("127.0.0.1:8086", workload=WorkloadRef("default", "web-0")) as c:
@@ -154,6 +155,7 @@ class Watch(Generic[V]):
     async def _run(self) -> None:
         attempt = 0
         rng = self._client.rng
+        handed_over = False  # the last stream ended because the client retired its channel
         while not self.done:
             call = self._open()
             try:
@@ -161,6 +163,7 @@ class Watch(Generic[V]):
                 async for msg in call:
                     self._client.metrics.updates.labels(self.kind).inc()
                     attempt = 0
+                    handed_over = False
                     self.error = None
                     value = self._fold(value, msg)
                     self._set(value, stale=False)
@@ -185,6 +188,15 @@ class Watch(Generic[V]):
                 # Not us being cancelled: the client closed the channel under this stream
                 # (its trust bundle changed), so resubscribe on the current channel.
                 self.error = Unavailable("the channel was replaced after a trust-bundle change")
+                if not handed_over:
+                    # A planned handover, not the control plane going away: the successor
+                    # channel has connected (or the grace ran out), so resubscribe at once and
+                    # keep serving the last-known state without flagging it stale. If the new
+                    # stream fails, that failure flags it; a second handover in a row before
+                    # any message takes the ordinary path below.
+                    handed_over = True
+                    self._client.metrics.reconnects.labels(self.kind).inc()
+                    continue
             if not isinstance(self.error, NotFound) or self._on_not_found is None:
                 self._set(self.current, stale=True)  # keep the last-known value, flag it
             self._client.metrics.reconnects.labels(self.kind).inc()

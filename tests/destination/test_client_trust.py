@@ -51,6 +51,19 @@ def counter(client: DestinationClient, name: str, **labels: str) -> float:
     return value or 0.0
 
 
+def record_control_plane_up(client: DestinationClient) -> list[bool]:
+    """Every value ``control_plane_up`` takes from now on (recorded at each stale change)."""
+    history: list[bool] = []
+    changed = client._stale_changed
+
+    def recording() -> None:
+        changed()
+        history.append(client.control_plane_up)
+
+    client._stale_changed = recording  # type: ignore[method-assign]
+    return history
+
+
 async def test_a_new_bundle_moves_working_watches_to_a_new_channel(
     store: FileStore, mesh_file: Path
 ) -> None:
@@ -62,6 +75,7 @@ async def test_a_new_bundle_moves_working_watches_to_a_new_channel(
         watch = client.resolve(AUTHORITY)
         first = await watch.wait_ready(5)
         assert client.trust_bundle_digest == bundle[0].digest
+        up_history = record_control_plane_up(client)
 
         init_anchor(store, now=utcnow(), rotate=True)  # anchor rotation: old + new anchors
         bundle[0] = store.trust_bundle()
@@ -78,6 +92,9 @@ async def test_a_new_bundle_moves_working_watches_to_a_new_channel(
         )
         assert watch.current == first
         assert counter(client, "trustmesh_destination_client_channel_rebuilds") == 1
+        # A planned handover never reads as the control plane going away.
+        assert up_history == [] or all(up_history), up_history
+        assert client.control_plane_up
 
         write_atomic(mesh_file, WEB + WEB_1)
         await eventually(lambda: watch.current is not None and len(watch.current.endpoints) == 2)
