@@ -4,10 +4,16 @@ Prometheus evaluates the expressions; TrustMesh itself reads the rules for their
 annotations (so ``trustmesh alerts check`` notifies with exactly what Prometheus would send) and
 to verify the contract every alert must meet: a ``severity`` label, ``summary``,
 ``description`` and a ``runbook_url`` ending in ``runbooks/<AlertName>.md``.
+
+The shipped files link runbooks by their path in the repository (``runbooks/<AlertName>.md``);
+:func:`link_runbooks` and :func:`write_rules` turn those into absolute URLs under a base the
+operator gives (where the runbooks are published), so that a page links somewhere clickable.
 """
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +24,7 @@ import yaml
 
 from alerts.errors import RuleFileError, TemplateError
 from alerts.templating import check_template, render
+from pki.store import write_file_atomic
 
 RULES_DIR = Path(__file__).resolve().parent / "rules"
 SEVERITIES = ("warning", "critical")
@@ -93,17 +100,118 @@ def _rules_of(document: Any, file: str) -> Iterable[AlertRule]:
             )
 
 
-def load_rules(directory: Path = RULES_DIR) -> dict[str, tuple[AlertRule, ...]]:
-    """All alerting rules under ``directory`` (``*.yml``), by alert name, in file order."""
+def runbook_base_url(url: str) -> str:
+    """``url`` checked as a base for runbook links, without its trailing slash.
+
+    It must be an absolute http(s) URL without query, fragment, whitespace or quotes (the
+    links are ``<base>/runbooks/<AlertName>.md``), e.g.
+    ``https://git.example.com/platform/trustmesh/-/blob/main``.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise RuleFileError(
+            f"runbook base URL {url!r} is not an absolute http(s) URL "
+            "(e.g. https://git.example.com/platform/trustmesh/-/blob/main)."
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise RuleFileError(
+            f"runbook base URL {url!r} must not carry a query or fragment: "
+            "'/runbooks/<AlertName>.md' is appended to it."
+        )
+    if any(c.isspace() or c in "\"'\\" or ord(c) < 0x20 for c in url):
+        raise RuleFileError(
+            f"runbook base URL {url!r} contains whitespace, a quote or a backslash."
+        )
+    return url.rstrip("/")
+
+
+_RUNBOOK_LINE = re.compile(
+    r"^(?P<lead>[ \t]*runbook_url:[ \t]*)(?P<q>[\"']?)[^\s\"']*?runbooks/(?P<name>\w+)\.md(?P=q)[ \t]*$",
+    re.MULTILINE,
+)
+
+
+def link_runbooks(text: str, base_url: str, file: str = "<memory>") -> str:
+    """The rule file ``text`` with every alert's ``runbook_url`` set to
+    ``<base_url>/runbooks/<AlertName>.md``; everything else (comments, expressions, layout) is
+    kept byte for byte. Raises :class:`RuleFileError` when an alert's link is not written on
+    one line as ``runbook_url: .../runbooks/<AlertName>.md`` and so could not be rewritten."""
+    base = runbook_base_url(base_url)
+    out = _RUNBOOK_LINE.sub(lambda m: f'{m["lead"]}"{base}/runbooks/{m["name"]}.md"', text)
+    try:
+        document = yaml.safe_load(out)
+    except yaml.YAMLError as e:
+        raise RuleFileError(f"{file}: cannot be read as YAML: {e}") from e
+    for rule in _rules_of(document, file):
+        want = f"{base}/runbooks/{rule.name}.md"
+        if rule.annotations["runbook_url"] != want:
+            raise RuleFileError(
+                f"{file}: alert {rule.name!r}: runbook_url "
+                f"{rule.annotations['runbook_url']!r} could not be rewritten to {want!r}; "
+                f"write it on one line as 'runbook_url: runbooks/{rule.name}.md'."
+            )
+    return out
+
+
+def _rule_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.yml"))
     if not files:
         raise RuleFileError(f"no rule files (*.yml) in {directory}.")
+    return files
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RuleFileError(f"{path}: cannot be read: {e}") from e
+
+
+def load_rules(
+    directory: Path = RULES_DIR, *, runbook_base: str | None = None
+) -> dict[str, tuple[AlertRule, ...]]:
+    """All alerting rules under ``directory`` (``*.yml``), by alert name, in file order; with
+    ``runbook_base``, their runbook links made absolute (:func:`link_runbooks`)."""
     by_name: dict[str, list[AlertRule]] = {}
-    for path in files:
+    for path in _rule_files(directory):
+        text = _read(path)
+        if runbook_base is not None:
+            text = link_runbooks(text, runbook_base, str(path))
         try:
-            document = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as e:
             raise RuleFileError(f"{path}: cannot be read as YAML: {e}") from e
         for rule in _rules_of(document, str(path)):
             by_name.setdefault(rule.name, []).append(rule)
     return {name: tuple(rules) for name, rules in by_name.items()}
+
+
+def write_rules(
+    output: Path, *, directory: Path = RULES_DIR, runbook_base: str | None = None
+) -> list[Path]:
+    """Write the rule files of ``directory`` into ``output`` (created if missing) for Prometheus
+    to load, runbook links made absolute with ``runbook_base``; return the files written.
+
+    Every file is rendered and checked before the first one is written, and each is replaced
+    atomically, so a refusal leaves ``output`` as it was and Prometheus never reads half a file.
+    """
+    if output.resolve() == directory.resolve():
+        raise RuleFileError(f"{output} is the source directory; choose another output directory.")
+    rendered: list[tuple[Path, str]] = []
+    for path in _rule_files(directory):
+        text = _read(path)
+        if runbook_base is not None:
+            text = link_runbooks(text, runbook_base, str(path))
+        else:
+            try:
+                list(_rules_of(yaml.safe_load(text), str(path)))
+            except yaml.YAMLError as e:
+                raise RuleFileError(f"{path}: cannot be read as YAML: {e}") from e
+        rendered.append((output / path.name, text))
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        for target, text in rendered:
+            write_file_atomic(target, text.encode("utf-8"))
+    except OSError as e:
+        raise RuleFileError(f"cannot write the rule files into {output}: {e}") from e
+    return [target for target, _ in rendered]

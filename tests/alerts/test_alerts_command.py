@@ -95,3 +95,43 @@ def test_usage_errors(tmp_path: Path) -> None:
     )
     assert run_cli(cli, ["alerts", "check", "--probe", "nohost"]) == 2
     assert run_cli(cli, ["alerts", "exporter", "--listen", "nowhere"]) == 2
+
+
+def test_rules_command_writes_clickable_runbook_links(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = "https://docs.example.com/trustmesh"
+    out = tmp_path / "rules"
+    assert (
+        run_cli(cli, ["alerts", "rules", "--output-dir", str(out), "--runbook-base-url", base]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'certificates.yml'}" in printed
+    assert (
+        f'runbook_url: "{base}/runbooks/IssuerExpiringSoon.md"'
+        in (out / "certificates.yml").read_text()
+    )
+    code = run_cli(cli, ["alerts", "rules", "--output-dir", str(tmp_path / "x"),
+                         "--runbook-base-url", "docs.example.com"])  # fmt: skip
+    assert code == 1
+    assert "not an absolute http(s) URL" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_check_posts_absolute_runbook_links(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = _store(tmp_path, timedelta(days=340))
+    base = "https://docs.example.com/trustmesh"
+    with Receiver() as receiver:
+        code = run_cli(
+            cli,
+            ["alerts", "check", "--store", str(store.root), "--webhook", receiver.url,
+             "--runbook-base-url", base, "-o", "json"],
+        )  # fmt: skip
+    assert code == 3
+    (alert,) = json.loads(capsys.readouterr().out)["alerts"]
+    assert alert["annotations"]["runbook_url"] == f"{base}/runbooks/IssuerExpiringSoon.md"
+    ((_, posted),) = receiver.received
+    (sent,) = posted["alerts"]  # type: ignore[index]
+    assert sent["annotations"]["runbook_url"] == f"{base}/runbooks/IssuerExpiringSoon.md"

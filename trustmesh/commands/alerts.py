@@ -20,7 +20,7 @@ from alerts.checker import EXIT_ERROR, CheckReport, check
 from alerts.errors import AlertsError
 from alerts.exporter import DEFAULT_INTERVAL, Exporter, scan
 from alerts.notifier import notify_alertmanager, notify_webhook
-from alerts.rulebook import RULES_DIR, load_rules
+from alerts.rulebook import RULES_DIR, load_rules, write_rules
 from alerts.sources import DEFAULT_PROBE_TIMEOUT, Source, parse_address, sources_from
 from alerts.templating import humanize_duration
 from trustmesh.config import default_store_path, duration_option
@@ -202,6 +202,44 @@ def _report_table(report: CheckReport, now: float) -> None:
         console.print(f"no alerts firing ({count} certificates from {sources} sources)")
 
 
+_runbook_base_option = click.option(
+    "--runbook-base-url",
+    "runbook_base",
+    metavar="URL",
+    help="Where the runbooks are published: each alert's runbook_url becomes "
+    "URL/runbooks/<AlertName>.md (default: the path in the repository).",
+)
+
+
+@alerts.command("rules")
+@click.option(
+    "--output-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write the rule files into (Prometheus' rule_files points here).",
+)
+@click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=RULES_DIR,
+    show_default="the rules shipped with TrustMesh",
+    help="Rule files to write out.",
+)
+@_runbook_base_option
+def rules_command(output_dir: Path, rules_dir: Path, runbook_base: str | None) -> None:
+    """Write the alert rule files for Prometheus, with clickable runbook links.
+
+    Nothing is written unless every file renders and checks; each file is replaced atomically.
+    """
+    try:
+        written = write_rules(output_dir, directory=rules_dir, runbook_base=runbook_base)
+    except AlertsError as e:
+        raise CLIError(str(e), EXIT_ERROR) from None
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 @alerts.command("check", epilog=CHECK_EXIT_CODES)
 @_source_options
 @click.option("--alertmanager", metavar="URL", help="Post firing alerts to this Alertmanager.")
@@ -221,6 +259,7 @@ def _report_table(report: CheckReport, now: float) -> None:
     show_default="the rules shipped with TrustMesh",
     help="Rule files whose labels and annotations the alerts carry.",
 )
+@_runbook_base_option
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def check_command(
     store: Path | None,
@@ -232,12 +271,16 @@ def check_command(
     webhook: str | None,
     valid_for: float,
     rules_dir: Path,
+    runbook_base: str | None,
     output: str,
 ) -> int:
     """Evaluate the certificate alert thresholds once, without Prometheus (for cron)."""
     if alertmanager and webhook:
         raise click.UsageError("give --alertmanager or --webhook, not both")
-    rules = load_rules(rules_dir)
+    try:
+        rules = load_rules(rules_dir, runbook_base=runbook_base)
+    except AlertsError as e:
+        raise CLIError(str(e), EXIT_ERROR) from None
     now = time.time()
     report = check(scan(_sources(store, scans, probes, proxies, probe_timeout), now), now, rules)
     if output == "json":
