@@ -202,6 +202,17 @@ def _report_table(report: CheckReport, now: float) -> None:
         console.print(f"no alerts firing ({count} certificates from {sources} sources)")
 
 
+def _rules_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--rules",
+        "rules_dir",
+        type=click.Path(file_okay=False, exists=True, path_type=Path),
+        default=RULES_DIR,
+        show_default="the rules shipped with TrustMesh",
+        help=help_text,
+    )
+
+
 _runbook_base_option = click.option(
     "--runbook-base-url",
     "runbook_base",
@@ -218,14 +229,7 @@ _runbook_base_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory to write the rule files into (Prometheus' rule_files points here).",
 )
-@click.option(
-    "--rules",
-    "rules_dir",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    default=RULES_DIR,
-    show_default="the rules shipped with TrustMesh",
-    help="Rule files to write out.",
-)
+@_rules_option("Rule files to write out.")
 @_runbook_base_option
 def rules_command(output_dir: Path, rules_dir: Path, runbook_base: str | None) -> None:
     """Write the alert rule files for Prometheus, with clickable runbook links.
@@ -251,14 +255,7 @@ def rules_command(output_dir: Path, rules_dir: Path, runbook_base: str | None) -
     callback=_seconds,
     help="endsAt of posted alerts; choose more than the cron period.",
 )
-@click.option(
-    "--rules",
-    "rules_dir",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    default=RULES_DIR,
-    show_default="the rules shipped with TrustMesh",
-    help="Rule files whose labels and annotations the alerts carry.",
-)
+@_rules_option("Rule files whose labels and annotations the alerts carry.")
 @_runbook_base_option
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def check_command(
