@@ -46,3 +46,7 @@ class UpstreamError(ProxyError):
 
 class Forbidden(ProxyError):
     """Inbound policy denied the connection or request (HTTP 403 / closed connection)."""
+
+
+class MalformedRequest(ProxyError, ValueError):
+    """An HTTP request the proxy refuses to forward (answered 400 with the reason)."""

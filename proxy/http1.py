@@ -3,9 +3,11 @@
 :class:`Http1Server` is the sink of a client connection. It parses requests with httptools
 (measured ~20x cheaper than h11 per exchange), asks its :class:`Dispatcher` where each one
 goes (a fresh choice per request), and streams the request and response bodies through as
-they arrive: nothing is buffered whole. Bodies are re-framed (chunked stays chunked,
-Content-Length stays as is); hop-by-hop headers and those named in ``Connection`` are
-dropped. A ``101 Switching Protocols`` answer to an ``Upgrade`` request (WebSocket) hands
+they arrive: nothing is buffered whole. Bodies are re-framed (chunked stays chunked, with any
+other transfer codings kept; Content-Length stays as is); hop-by-hop headers and those named in
+``Connection`` are dropped. A request two parsers could frame or route differently (llhttp's
+strict checks: Content-Length with Transfer-Encoding, duplicate lengths, folded or malformed
+lines; and more than one Host) gets 400 naming the problem. A ``101 Switching Protocols`` answer to an ``Upgrade`` request (WebSocket) hands
 both connections to an opaque :class:`~proxy.tcp.Relay`. Pipelined requests are answered
 in order, one upstream exchange at a time.
 """
@@ -20,6 +22,7 @@ import httptools
 
 from proxy.errors import (
     Forbidden,
+    MalformedRequest,
     NoEndpoints,
     ProxyError,
     TLSError,
@@ -58,7 +61,8 @@ class Exchange:
     __slots__ = (
         "authority", "chunked", "client_10", "close_after", "conn_tokens", "extra_headers",
         "head", "is_head", "keep_alive", "link", "method", "pending", "pending_size",
-        "req_done", "resp", "started", "target", "tunnel_tail", "upgrade", "upgrade_to", "url",
+        "req_done", "resp", "started", "target", "te", "tunnel_tail", "upgrade", "upgrade_to",
+        "url",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -70,6 +74,7 @@ class Exchange:
         self.method = b""
         self.authority = ""
         self.chunked = False
+        self.te = b""  # the Transfer-Encoding codings, forwarded as they came
         self.upgrade = False
         self.is_head = False
         self.keep_alive = True
@@ -131,8 +136,10 @@ class Http1Server:
             ex = self.queue[-1]
             ex.tunnel_tail = data[e.args[0] :]
             self.link.pause_reading()  # nothing more to parse until the upgrade is answered
-        except httptools.HttpParserError:
-            self._bad_request()
+        except httptools.HttpParserCallbackError as e:
+            self._bad_request(str(e.__context__ or e))
+        except httptools.HttpParserError as e:
+            self._bad_request(str(e))
 
     def on_url(self, url: bytes) -> None:
         # The first callback of every request (a request line always has a target): no
@@ -150,11 +157,16 @@ class Http1Server:
             if lname == b"connection":
                 ex.conn_tokens += tuple(t.strip().lower() for t in value.split(b","))
             elif lname == b"transfer-encoding":
-                ex.chunked = value.lower().rstrip().endswith(b"chunked")
+                # llhttp refuses a request whose last coding is not chunked, and one that
+                # also has Content-Length (no request smuggling through the proxy).
+                ex.te = value.strip()
+                ex.chunked = True
             elif lname == b"upgrade":
                 ex.upgrade_to = value
             return
         if lname == b"host":
+            if ex.authority:  # RFC 9112 3.2: the proxy and the app could disagree on which
+                raise MalformedRequest("more than one Host header")
             ex.authority = value.decode("latin-1")
         ex.head += (name, b": ", value, b"\r\n")
 
@@ -167,7 +179,8 @@ class Http1Server:
         ex.keep_alive = parser.should_keep_alive()
         ex.client_10 = parser.get_http_version() == "1.0"
         ex.upgrade = parser.should_upgrade()
-        if not ex.authority and ex.url[:1] != b"/":  # absolute-form target
+        if ex.url[:1] != b"/" and b"://" in ex.url:
+            # absolute-form: its authority wins over Host (RFC 9112 3.2.2)
             rest = ex.url.partition(b"://")[2]
             ex.authority = rest.partition(b"/")[0].decode("latin-1")
         self.queue.append(ex)
@@ -276,7 +289,7 @@ class Http1Server:
         else:
             parts += ex.head
         if ex.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            parts += (b"transfer-encoding: ", ex.te, b"\r\n")
         if ex.upgrade and ex.upgrade_to:
             parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade_to, b"\r\n")
         parts += (ex.extra_headers, b"\r\n")
@@ -296,9 +309,11 @@ class Http1Server:
         ex.close_after = close
         self._complete(ex, link, reusable=False)
 
-    def _bad_request(self) -> None:
+    def _bad_request(self, why: str) -> None:
+        reason = f"malformed HTTP/1.1 request: {why}".replace("\r", " ").replace("\n", " ")
         self.link.write(
-            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\n"
+            b"connection: close\r\n\r\n" % reason.encode("latin-1", "replace")
         )
         self.link.close()
 
@@ -345,8 +360,8 @@ class _Response:
 
     __slots__ = (
         "body_mode", "chunked", "done", "ex", "has_length", "head", "head_at", "head_sent", "out",
-        "parser", "reason", "reusable", "server", "stray", "switching", "tokens", "unaccounted",
-        "upgrade_to",
+        "parser", "reason", "reusable", "server", "stray", "switching", "te", "tokens",
+        "unaccounted", "upgrade_to",
     )  # fmt: skip
 
     server: Http1Server
@@ -404,6 +419,7 @@ class _Response:
         self.head: list[bytes] = []
         self.reason = b""
         self.chunked = False
+        self.te = b""
         self.has_length = False
         self.tokens: tuple[bytes, ...] = ()
         self.upgrade_to = b""
@@ -415,7 +431,8 @@ class _Response:
         lname = name.lower()
         if lname in HOP_BY_HOP:
             if lname == b"transfer-encoding":
-                self.chunked = value.lower().rstrip().endswith(b"chunked")
+                self.te = b"%b, %b" % (self.te, value.strip()) if self.te else value.strip()
+                self.chunked = self.te.lower().endswith(b"chunked")
             elif lname == b"connection":
                 self.tokens += tuple(t.strip().lower() for t in value.split(b","))
             elif lname == b"upgrade":
@@ -446,10 +463,12 @@ class _Response:
         if self.switching:
             parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade_to, b"\r\n")
         elif self.chunked and not ex.client_10:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            parts += (b"transfer-encoding: ", self.te, b"\r\n")  # codings kept, chunks remade
             self.body_mode = 1
         elif not self.has_length and not no_body:
             ex.close_after = True  # close-delimited (or HTTP/1.0 client): EOF ends the body
+            if self.te and not self.chunked and not ex.client_10:
+                parts += (b"transfer-encoding: ", self.te, b"\r\n")  # e.g. gzip, to EOF
         if ex.close_after or not ex.keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")

@@ -294,3 +294,107 @@ async def test_upstream_connection_reused_after_head_interim_and_connection_toke
     assert b"x-keep: 2" in parts[3] and b"x-hop" not in parts[3] and parts[3].endswith(b"ok")
     assert parts[4].endswith(b"abc") and b"connection: close" in parts[4]
     assert accepted == 1
+
+
+_SMUGGLING = [
+    # (request after the request line, what the 400's l5d-proxy-error names)
+    (b"Host: api\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     b"Transfer-Encoding can't be present with Content-Length"),
+    (b"Host: api\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+     b"Content-Length can't be present with Transfer-Encoding"),
+    (b"Host: api\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+     b"Duplicate Content-Length"),
+    (b"Host: api\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc",
+     b"Transfer-Encoding"),
+    (b"Host: api\r\nTransfer-Encoding: identity\r\n\r\nabc", b"Transfer-Encoding"),
+    (b"Host: api\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", b"header field char"),
+    (b"Host: api\r\nX-A: 1\r\n folded\r\n\r\n", b"whitespace"),
+    (b"Host: api\r\nHost: other\r\n\r\n", b"more than one Host header"),
+    (b"Host: api\r\nX-A: a\x00b\r\n\r\n", b"header value char"),
+    (b"Host: api\r\nContent-Length: -1\r\n\r\n", b"Content-Length"),
+]  # fmt: skip
+
+
+class _RawApp:
+    """An app on raw sockets that records every request head it receives and answers by
+    path: ``/te`` with Transfer-Encoding ``gzip, chunked``, ``/eof`` with ``gzip`` to EOF."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                self.heads.append(head)
+                if b"chunked" in head.lower():
+                    await reader.readuntil(b"0\r\n\r\n")
+                target = head.split(b" ")[1]  # origin- or absolute-form
+                if target.endswith(b"/te"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                                 b"3\r\nabc\r\n0\r\n\r\n")  # fmt: skip
+                elif target.endswith(b"/eof"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz")
+                    writer.close()
+                    return
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_smuggling_and_ambiguous_requests_are_refused_by_name(pki) -> None:
+    """Requests two HTTP parsers could frame or route differently never reach the app: each
+    gets 400 naming the problem, and the proxy goes on serving."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    app = _RawApp()
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with run_mesh(web, api, app_port=port) as mesh:
+            for rest, named in _SMUGGLING:
+                reply = await raw_exchange(mesh.outbound, b"POST /x HTTP/1.1\r\n" + rest)
+                head = reply.partition(b"\r\n\r\n")[0]
+                assert head.startswith(b"HTTP/1.1 400 Bad Request"), (rest, reply)
+                assert b"l5d-proxy-error: malformed HTTP/1.1 request: " in head
+                assert named in head, (rest, head)
+                assert b"connection: close" in head
+            reply = await raw_exchange(
+                mesh.outbound, b"GET /ok HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+            )
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
+    finally:
+        server.close()
+    assert len(app.heads) == 1 and app.heads[0].startswith(b"GET /ok ")
+
+
+async def test_transfer_codings_are_forwarded_as_they_came(pki) -> None:
+    """Chunks are re-framed, but every coding in Transfer-Encoding reaches the other side."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    app = _RawApp()
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with run_mesh(web, api, app_port=port) as mesh:
+            reply = await raw_exchange(
+                mesh.outbound,
+                b"POST /te HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\n"
+                b"Connection: close\r\n\r\n4\r\ngzip\r\n0\r\n\r\n",
+            )
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), reply
+            assert b"transfer-encoding: gzip, chunked" in head.lower()
+            assert body == b"3\r\nabc\r\n0\r\n\r\n"
+            # absolute-form: the target's authority routes, whatever Host says
+            reply = await raw_exchange(
+                mesh.outbound,
+                b"GET http://api/eof HTTP/1.1\r\nHost: nowhere.example\r\n\r\n",
+            )
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), reply
+            assert b"transfer-encoding: gzip" in head.lower() and body == b"xyz"
+    finally:
+        server.close()
+    assert b"transfer-encoding: gzip, chunked" in app.heads[0].lower()
+    assert app.heads[1].startswith(b"GET http://api/eof ")
