@@ -398,6 +398,7 @@ class _Response:
             self._flush()
             if self.unaccounted:
                 self._account()
+            self.done = True  # answered here: the link's close that follows must not answer again
             self._broken("the upstream sent a malformed HTTP response")
             return
         self._flush()

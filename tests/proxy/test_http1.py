@@ -332,6 +332,9 @@ class _RawApp:
                 if target.endswith(b"/te"):
                     writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
                                  b"3\r\nabc\r\n0\r\n\r\n")  # fmt: skip
+                elif target.endswith(b"/both"):  # a response two parsers frame differently
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")  # fmt: skip
                 elif target.endswith(b"/eof"):
                     writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz")
                     writer.close()
@@ -398,3 +401,29 @@ async def test_transfer_codings_are_forwarded_as_they_came(pki) -> None:
         server.close()
     assert b"transfer-encoding: gzip, chunked" in app.heads[0].lower()
     assert app.heads[1].startswith(b"GET http://api/eof ")
+
+
+async def test_a_malformed_response_is_answered_once_and_the_connection_goes_on(pki) -> None:
+    """The upstream's malformed response becomes one 502 (not a second one when the proxy then
+    drops that upstream connection), and the client's keep-alive connection serves on."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    app = _RawApp()
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with run_mesh(web, api, app_port=port) as mesh:
+            reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+            try:
+                writer.write(b"GET /both HTTP/1.1\r\nHost: api\r\n\r\n")
+                first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert first.startswith(b"HTTP/1.1 502 Bad Gateway"), first
+                assert b"l5d-proxy-error: the upstream sent a malformed HTTP response" in first
+                with pytest.raises(TimeoutError):  # nothing more for that request
+                    await asyncio.wait_for(reader.read(1), 0.5)
+                writer.write(b"GET /ok HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+                second = await asyncio.wait_for(reader.read(-1), 10)
+                assert second.startswith(b"HTTP/1.1 200") and second.endswith(b"ok"), second
+            finally:
+                writer.close()
+    finally:
+        server.close()
