@@ -88,7 +88,12 @@ def _detect_http1(buffer: bytes) -> Detected | _NeedMore:
     if end >= 0:
         return HTTP1 if _REQUEST_LINE.fullmatch(buffer, 0, end + 1) else OPAQUE
     if len(buffer) >= MAX_HTTP_LINE:
-        return OPAQUE
+        # A request line longer than the window (a long URL, a big query string) is HTTP/1
+        # when what fits is a method, a space and the start of a target, as Linkerd assumes;
+        # the HTTP/1 server then bounds the whole head.
+        window = buffer[:MAX_HTTP_LINE]
+        _, sp, target = window.partition(b" ")
+        return HTTP1 if sp and target and _is_request_line_prefix(window) else OPAQUE
     return NEED_MORE if _is_request_line_prefix(buffer) else OPAQUE
 
 

@@ -37,6 +37,10 @@ HOP_BY_HOP = frozenset(
      b"transfer-encoding", b"upgrade", b"l5d-client-id")
 )  # fmt: skip
 MAX_PENDING_BODY = 1 << 20  # pause the client while this much body waits for an upstream
+# A request or response head (request line or status line, and headers) larger than this is
+# refused: httptools buffers a header until it ends, so without a bound one endless header line
+# would grow the proxy's memory without limit.
+MAX_HEAD_BYTES = 64 * 1024
 
 # The one place where proxy errors become HTTP statuses (Linkerd's errors/respond.rs).
 _STATUS: tuple[tuple[type[ProxyError], int, bytes], ...] = (
@@ -60,9 +64,9 @@ class Exchange:
 
     __slots__ = (
         "authority", "chunked", "client_10", "close_after", "conn_tokens", "extra_headers",
-        "head", "is_head", "keep_alive", "link", "method", "pending", "pending_size",
-        "req_done", "resp", "started", "target", "te", "tunnel_tail", "upgrade", "upgrade_to",
-        "url",
+        "head", "head_bytes", "is_head", "keep_alive", "link", "method", "pending",
+        "pending_size", "req_done", "resp", "started", "target", "te", "tunnel_tail", "upgrade",
+        "upgrade_to", "url",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -75,6 +79,7 @@ class Exchange:
         self.authority = ""
         self.chunked = False
         self.te = b""  # the Transfer-Encoding codings, forwarded as they came
+        self.head_bytes = 0  # received while the head is incomplete (bounded by MAX_HEAD_BYTES)
         self.upgrade = False
         self.is_head = False
         self.keep_alive = True
@@ -136,10 +141,21 @@ class Http1Server:
             ex = self.queue[-1]
             ex.tunnel_tail = data[e.args[0] :]
             self.link.pause_reading()  # nothing more to parse until the upgrade is answered
+            return
         except httptools.HttpParserCallbackError as e:
             self._bad_request(str(e.__context__ or e))
+            return
         except httptools.HttpParserError as e:
             self._bad_request(str(e))
+            return
+        parsing = self.parsing
+        if parsing is not None and not parsing.method:  # the head is still arriving
+            parsing.head_bytes += len(data)
+            if parsing.head_bytes > MAX_HEAD_BYTES:
+                self._bad_request(
+                    f"request head over {MAX_HEAD_BYTES} bytes",
+                    b"431 Request Header Fields Too Large",
+                )
 
     def on_url(self, url: bytes) -> None:
         # The first callback of every request (a request line always has a target): no
@@ -309,13 +325,18 @@ class Http1Server:
         ex.close_after = close
         self._complete(ex, link, reusable=False)
 
-    def _bad_request(self, why: str) -> None:
+    def _bad_request(self, why: str, status: bytes = b"400 Bad Request") -> None:
+        """Refuse what the client sent (before it was forwarded) and close the connection."""
         reason = f"malformed HTTP/1.1 request: {why}".replace("\r", " ").replace("\n", " ")
         self.link.write(
-            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\n"
-            b"connection: close\r\n\r\n" % reason.encode("latin-1", "replace")
+            b"HTTP/1.1 %b\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\n"
+            b"connection: close\r\n\r\n" % (status, reason.encode("latin-1", "replace"))
         )
-        self.link.close()
+        if self.queue:  # earlier requests still in flight write here: no half-close
+            self.link.pause_reading()
+            self.link.close()
+        else:
+            _LingeringClose(self.link)
 
     def _complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The response to ``ex`` has been fully written: move on to the next request."""
@@ -339,6 +360,39 @@ class Http1Server:
         Relay(self.link, upstream, early_a=ex.tunnel_tail, early_b=tail)
 
 
+class _LingeringClose:
+    """After a refusal: half-close, then read and drop what the client still sends (bounded
+    in bytes and time) before closing. Closing at once with unread input would reset the
+    connection, and a client still sending (a request head over the limit) would lose the
+    refusal it was sent."""
+
+    __slots__ = ("left", "link", "timer")
+
+    def __init__(self, link: Link, budget: int = 1 << 20, seconds: float = 2.0) -> None:
+        self.link, self.left = link, budget
+        link.sink = self
+        link.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(seconds, link.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left < 0:
+            self.eof_received()
+
+    def eof_received(self) -> None:
+        self.timer.cancel()
+        self.link.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.timer.cancel()
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
 def _without(head: list[bytes], names: tuple[bytes, ...]) -> list[bytes]:
     """``head`` (groups of name, ``: ``, value, CRLF) minus the headers called ``names``."""
     kept: list[bytes] = []
@@ -359,7 +413,8 @@ class _Response:
     """
 
     __slots__ = (
-        "body_mode", "chunked", "done", "ex", "has_length", "head", "head_at", "head_sent", "out",
+        "body_mode", "chunked", "done", "ex", "has_length", "head", "head_at", "head_bytes",
+        "head_sent", "out",
         "parser", "reason", "reusable", "server", "stray", "switching", "te", "tokens",
         "unaccounted", "upgrade_to",
     )  # fmt: skip
@@ -383,6 +438,7 @@ class _Response:
         self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk
         self.unaccounted = 0  # status of a head written but not yet reported to the dispatcher
         self.head_at = 0.0
+        self.head_bytes = 0
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -406,6 +462,11 @@ class _Response:
             self._account()
         if self.done:
             self._finish()
+        elif not self.head_sent:  # the head is still arriving
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.done = True
+                self._broken(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes")
 
     def _account(self) -> None:
         # Metrics and balancer feedback run after the head is on its way to the client: they
@@ -422,6 +483,7 @@ class _Response:
         self.chunked = False
         self.te = b""
         self.has_length = False
+        self.head_bytes = 0
         self.tokens: tuple[bytes, ...] = ()
         self.upgrade_to = b""
 

@@ -116,6 +116,15 @@ def test_opaque(data: bytes) -> None:
     assert detect(data) == OPAQUE
 
 
+def test_a_request_line_longer_than_the_window_is_http1() -> None:
+    long_url = b"GET /search?q=" + b"a" * 4000
+    assert detect(long_url) == HTTP1
+    assert detect(long_url + b" HTTP/1.1\r\nHost: x\r\n\r\n") == HTTP1
+    assert detect(b"POST http://api.example/" + b"b" * 2000) == HTTP1
+    assert detect(b"GET " + b"\x01" * 2000) == OPAQUE  # not a target
+    assert detect(b"A" * 2000) == OPAQUE  # no method, space, target
+
+
 def test_h2_preface() -> None:
     assert detect(H2_PREFACE + b"\x00\x00\x00\x04") == HTTP2
     for cut in range(1, len(H2_PREFACE)):

@@ -10,6 +10,7 @@ import pytest
 from proxy_mesh import raw_exchange, run_app, run_mesh
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
+from proxy.http1 import MAX_HEAD_BYTES
 from proxy.listener import serve
 from proxy.meshtls import MeshTls, StaticCredentials
 from proxy.policy import Authorization, DefaultPolicy, HttpRoute, InboundPolicy, Server
@@ -335,6 +336,11 @@ class _RawApp:
                 elif target.endswith(b"/both"):  # a response two parsers frame differently
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
                                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")  # fmt: skip
+                elif target.endswith(b"/huge-head"):  # a response head that never ends
+                    writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+                    for _ in range(100):
+                        writer.write(b"b" * 4096)
+                        await writer.drain()
                 elif target.endswith(b"/eof"):
                     writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz")
                     writer.close()
@@ -425,5 +431,61 @@ async def test_a_malformed_response_is_answered_once_and_the_connection_goes_on(
                 assert second.startswith(b"HTTP/1.1 200") and second.endswith(b"ok"), second
             finally:
                 writer.close()
+    finally:
+        server.close()
+
+
+async def test_heads_over_the_limit_are_refused_without_growing_memory(pki) -> None:
+    """A request head that keeps coming (one endless header, or URL) gets 431 once it passes
+    MAX_HEAD_BYTES and the connection closes; a large head under the limit is forwarded; an
+    upstream response head over it becomes a 502."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    app = _RawApp()
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+
+    async def endless(start: bytes) -> bytes:
+        """Send ``start`` and then 1 MiB more of it, and read the answer."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+        try:
+            writer.write(start)
+            for _ in range(64):  # the proxy refuses after 64 KiB and drains the rest
+                writer.write(b"a" * 16384)
+                await writer.drain()
+            return await asyncio.wait_for(reader.read(-1), 10)
+        finally:
+            writer.close()
+
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with run_mesh(web, api, app_port=port) as mesh:
+            for start in (b"GET / HTTP/1.1\r\nHost: api\r\nX-Big: ", b"GET /"):
+                reply = await endless(start)
+                assert reply.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), (
+                    start,
+                    reply[:99],
+                )
+                assert f"request head over {MAX_HEAD_BYTES} bytes".encode() in reply
+            assert app.heads == []
+
+            big = b"x" * (MAX_HEAD_BYTES - 1024)
+            reply = await raw_exchange(
+                mesh.outbound,
+                b"GET /ok HTTP/1.1\r\nHost: api\r\nX-Big: %b\r\nConnection: close\r\n\r\n" % big,
+            )
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+            assert len(app.heads) == 1 and big in app.heads[0]
+            query = b"q=" + b"z" * 4000  # longer than the detection window
+            reply = await raw_exchange(
+                mesh.outbound,
+                b"GET /ok?%b HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n" % query,
+            )
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+            assert query in app.heads[1]
+
+            reply = await raw_exchange(
+                mesh.outbound, b"GET /huge-head HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+            )
+            assert reply.startswith(b"HTTP/1.1 502 Bad Gateway"), reply[:200]
+            assert b"response head is over" in reply
     finally:
         server.close()
