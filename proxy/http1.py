@@ -7,8 +7,9 @@ they arrive: nothing is buffered whole. Bodies are re-framed (chunked stays chun
 other transfer codings kept; Content-Length stays as is); hop-by-hop headers and those named in
 ``Connection`` are dropped. A request two parsers could frame or route differently (llhttp's
 strict checks: Content-Length with Transfer-Encoding, duplicate lengths, folded or malformed
-lines; and more than one Host) gets 400 naming the problem. A ``101 Switching Protocols`` answer to an ``Upgrade`` request (WebSocket) hands
-both connections to an opaque :class:`~proxy.tcp.Relay`. Pipelined requests are answered
+lines; and more than one Host) gets 400 naming the problem, a head over
+:data:`MAX_HEAD_BYTES` 431. A ``101 Switching Protocols`` answer to an ``Upgrade`` request
+(WebSocket) hands both connections to an opaque :class:`~proxy.tcp.Relay`. Pipelined requests are answered
 in order, one upstream exchange at a time.
 """
 
@@ -414,9 +415,8 @@ class _Response:
 
     __slots__ = (
         "body_mode", "chunked", "done", "ex", "has_length", "head", "head_at", "head_bytes",
-        "head_sent", "out",
-        "parser", "reason", "reusable", "server", "stray", "switching", "te", "tokens",
-        "unaccounted", "upgrade_to",
+        "head_sent", "out", "parser", "reason", "reusable", "server", "stray", "switching", "te",
+        "tokens", "unaccounted", "upgrade_to",
     )  # fmt: skip
 
     server: Http1Server
