@@ -131,18 +131,19 @@ _RUNBOOK_LINE = re.compile(
 )
 
 
-def link_runbooks(text: str, base_url: str, file: str = "<memory>") -> str:
-    """The rule file ``text`` with every alert's ``runbook_url`` set to
-    ``<base_url>/runbooks/<AlertName>.md``; everything else (comments, expressions, layout) is
-    kept byte for byte. Raises :class:`RuleFileError` when an alert's link is not written on
-    one line as ``runbook_url: .../runbooks/<AlertName>.md`` and so could not be rewritten."""
-    base = runbook_base_url(base_url)
-    out = _RUNBOOK_LINE.sub(lambda m: f'{m["lead"]}"{base}/runbooks/{m["name"]}.md"', text)
+def _link(text: str, base: str) -> str:
+    """``text`` with each one-line ``runbook_url`` pointing under ``base`` (already checked)."""
+    return _RUNBOOK_LINE.sub(lambda m: f'{m["lead"]}"{base}/runbooks/{m["name"]}.md"', text)
+
+
+def _parse(text: str, file: str, base: str | None = None) -> list[AlertRule]:
+    """The alerting rules of one rule file; with ``base``, each must link its runbook there."""
     try:
-        document = yaml.safe_load(out)
+        document = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RuleFileError(f"{file}: cannot be read as YAML: {e}") from e
-    for rule in _rules_of(document, file):
+    rules = list(_rules_of(document, file))
+    for rule in rules if base is not None else ():
         want = f"{base}/runbooks/{rule.name}.md"
         if rule.annotations["runbook_url"] != want:
             raise RuleFileError(
@@ -150,14 +151,18 @@ def link_runbooks(text: str, base_url: str, file: str = "<memory>") -> str:
                 f"{rule.annotations['runbook_url']!r} could not be rewritten to {want!r}; "
                 f"write it on one line as 'runbook_url: runbooks/{rule.name}.md'."
             )
+    return rules
+
+
+def link_runbooks(text: str, base_url: str, file: str = "<memory>") -> str:
+    """The rule file ``text`` with every alert's ``runbook_url`` set to
+    ``<base_url>/runbooks/<AlertName>.md``; everything else (comments, expressions, layout) is
+    kept byte for byte. Raises :class:`RuleFileError` when an alert's link is not written on
+    one line as ``runbook_url: .../runbooks/<AlertName>.md`` and so could not be rewritten."""
+    base = runbook_base_url(base_url)
+    out = _link(text, base)
+    _parse(out, file, base)
     return out
-
-
-def _rule_files(directory: Path) -> list[Path]:
-    files = sorted(directory.glob("*.yml"))
-    if not files:
-        raise RuleFileError(f"no rule files (*.yml) in {directory}.")
-    return files
 
 
 def _read(path: Path) -> str:
@@ -167,21 +172,28 @@ def _read(path: Path) -> str:
         raise RuleFileError(f"{path}: cannot be read: {e}") from e
 
 
+def _load(directory: Path, runbook_base: str | None) -> list[tuple[Path, str, list[AlertRule]]]:
+    """Each rule file under ``directory`` (``*.yml``, sorted): its path, its text (runbook
+    links made absolute with ``runbook_base``) and its alerting rules, each file parsed once."""
+    base = runbook_base_url(runbook_base) if runbook_base is not None else None
+    files = sorted(directory.glob("*.yml"))
+    if not files:
+        raise RuleFileError(f"no rule files (*.yml) in {directory}.")
+    loaded = []
+    for path in files:
+        text = _read(path) if base is None else _link(_read(path), base)
+        loaded.append((path, text, _parse(text, str(path), base)))
+    return loaded
+
+
 def load_rules(
     directory: Path = RULES_DIR, *, runbook_base: str | None = None
 ) -> dict[str, tuple[AlertRule, ...]]:
     """All alerting rules under ``directory`` (``*.yml``), by alert name, in file order; with
     ``runbook_base``, their runbook links made absolute (:func:`link_runbooks`)."""
     by_name: dict[str, list[AlertRule]] = {}
-    for path in _rule_files(directory):
-        text = _read(path)
-        if runbook_base is not None:
-            text = link_runbooks(text, runbook_base, str(path))
-        try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RuleFileError(f"{path}: cannot be read as YAML: {e}") from e
-        for rule in _rules_of(document, str(path)):
+    for _, _, rules in _load(directory, runbook_base):
+        for rule in rules:
             by_name.setdefault(rule.name, []).append(rule)
     return {name: tuple(rules) for name, rules in by_name.items()}
 
@@ -197,17 +209,7 @@ def write_rules(
     """
     if output.resolve() == directory.resolve():
         raise RuleFileError(f"{output} is the source directory; choose another output directory.")
-    rendered: list[tuple[Path, str]] = []
-    for path in _rule_files(directory):
-        text = _read(path)
-        if runbook_base is not None:
-            text = link_runbooks(text, runbook_base, str(path))
-        else:
-            try:
-                list(_rules_of(yaml.safe_load(text), str(path)))
-            except yaml.YAMLError as e:
-                raise RuleFileError(f"{path}: cannot be read as YAML: {e}") from e
-        rendered.append((output / path.name, text))
+    rendered = [(output / path.name, text) for path, text, _ in _load(directory, runbook_base)]
     try:
         output.mkdir(parents=True, exist_ok=True)
         for target, text in rendered:
