@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
-from proxy_mesh import raw_exchange, run_app, run_mesh
+from proxy_mesh import Mesh, raw_exchange, run_app, run_mesh
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
 from proxy.http1 import MAX_HEAD_BYTES
@@ -257,10 +260,21 @@ _RAW_REPLIES = {
 }
 
 
+@contextlib.asynccontextmanager
+async def _behind_the_mesh(pki, app: Any) -> AsyncIterator[Mesh]:
+    """``app`` (an asyncio stream handler) on a local port, behind two proxies: web -> api."""
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with run_mesh(pki.credentials("web"), pki.credentials("api"), app_port=port) as mesh:
+            yield mesh
+    finally:
+        server.close()
+
+
 async def test_upstream_connection_reused_after_head_interim_and_connection_tokens(pki) -> None:
     """One pooled app connection answers HEAD (length announced, no body), an interim 100 and
     a response whose Connection header names another header: each reply arrives intact."""
-    web, api = pki.credentials("web"), pki.credentials("api")
     accepted = 0
 
     async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -274,18 +288,13 @@ async def test_upstream_connection_reused_after_head_interim_and_connection_toke
         finally:
             writer.close()
 
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with run_mesh(web, api, app_port=port) as mesh:
-            req = b"".join(
-                b"%s HTTP/1.1\r\nHost: api\r\n\r\n" % r for r in (b"HEAD /h", b"GET /g", b"GET /c")
-            )
-            reply = await raw_exchange(
-                mesh.outbound, req + b"GET /g HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-            )
-    finally:
-        server.close()
+    async with _behind_the_mesh(pki, app) as mesh:
+        req = b"".join(
+            b"%s HTTP/1.1\r\nHost: api\r\n\r\n" % r for r in (b"HEAD /h", b"GET /g", b"GET /c")
+        )
+        reply = await raw_exchange(
+            mesh.outbound, req + b"GET /g HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
     parts = reply.split(b"HTTP/1.1 ")[1:]
     assert len(parts) == 5, reply
     assert parts[0].startswith(b"200") and b"x-kind: head" in parts[0]
@@ -356,55 +365,43 @@ class _RawApp:
 async def test_smuggling_and_ambiguous_requests_are_refused_by_name(pki) -> None:
     """Requests two HTTP parsers could frame or route differently never reach the app: each
     gets 400 naming the problem, and the proxy goes on serving."""
-    web, api = pki.credentials("web"), pki.credentials("api")
     app = _RawApp()
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with run_mesh(web, api, app_port=port) as mesh:
-            for rest, named in _SMUGGLING:
-                reply = await raw_exchange(mesh.outbound, b"POST /x HTTP/1.1\r\n" + rest)
-                head = reply.partition(b"\r\n\r\n")[0]
-                assert head.startswith(b"HTTP/1.1 400 Bad Request"), (rest, reply)
-                assert b"l5d-proxy-error: malformed HTTP/1.1 request: " in head
-                assert named in head, (rest, head)
-                assert b"connection: close" in head
-            reply = await raw_exchange(
-                mesh.outbound, b"GET /ok HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-            )
-            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
-    finally:
-        server.close()
+    async with _behind_the_mesh(pki, app) as mesh:
+        for rest, named in _SMUGGLING:
+            reply = await raw_exchange(mesh.outbound, b"POST /x HTTP/1.1\r\n" + rest)
+            head = reply.partition(b"\r\n\r\n")[0]
+            assert head.startswith(b"HTTP/1.1 400 Bad Request"), (rest, reply)
+            assert b"l5d-proxy-error: malformed HTTP/1.1 request: " in head
+            assert named in head, (rest, head)
+            assert b"connection: close" in head
+        reply = await raw_exchange(
+            mesh.outbound, b"GET /ok HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
     assert len(app.heads) == 1 and app.heads[0].startswith(b"GET /ok ")
 
 
 async def test_transfer_codings_are_forwarded_as_they_came(pki) -> None:
     """Chunks are re-framed, but every coding in Transfer-Encoding reaches the other side."""
-    web, api = pki.credentials("web"), pki.credentials("api")
     app = _RawApp()
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with run_mesh(web, api, app_port=port) as mesh:
-            reply = await raw_exchange(
-                mesh.outbound,
-                b"POST /te HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\n"
-                b"Connection: close\r\n\r\n4\r\ngzip\r\n0\r\n\r\n",
-            )
-            head, _, body = reply.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200"), reply
-            assert b"transfer-encoding: gzip, chunked" in head.lower()
-            assert body == b"3\r\nabc\r\n0\r\n\r\n"
-            # absolute-form: the target's authority routes, whatever Host says
-            reply = await raw_exchange(
-                mesh.outbound,
-                b"GET http://api/eof HTTP/1.1\r\nHost: nowhere.example\r\n\r\n",
-            )
-            head, _, body = reply.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200"), reply
-            assert b"transfer-encoding: gzip" in head.lower() and body == b"xyz"
-    finally:
-        server.close()
+    async with _behind_the_mesh(pki, app) as mesh:
+        reply = await raw_exchange(
+            mesh.outbound,
+            b"POST /te HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\n"
+            b"Connection: close\r\n\r\n4\r\ngzip\r\n0\r\n\r\n",
+        )
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), reply
+        assert b"transfer-encoding: gzip, chunked" in head.lower()
+        assert body == b"3\r\nabc\r\n0\r\n\r\n"
+        # absolute-form: the target's authority routes, whatever Host says
+        reply = await raw_exchange(
+            mesh.outbound,
+            b"GET http://api/eof HTTP/1.1\r\nHost: nowhere.example\r\n\r\n",
+        )
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), reply
+        assert b"transfer-encoding: gzip" in head.lower() and body == b"xyz"
     assert b"transfer-encoding: gzip, chunked" in app.heads[0].lower()
     assert app.heads[1].startswith(b"GET http://api/eof ")
 
@@ -412,36 +409,28 @@ async def test_transfer_codings_are_forwarded_as_they_came(pki) -> None:
 async def test_a_malformed_response_is_answered_once_and_the_connection_goes_on(pki) -> None:
     """The upstream's malformed response becomes one 502 (not a second one when the proxy then
     drops that upstream connection), and the client's keep-alive connection serves on."""
-    web, api = pki.credentials("web"), pki.credentials("api")
     app = _RawApp()
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with run_mesh(web, api, app_port=port) as mesh:
-            reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
-            try:
-                writer.write(b"GET /both HTTP/1.1\r\nHost: api\r\n\r\n")
-                first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                assert first.startswith(b"HTTP/1.1 502 Bad Gateway"), first
-                assert b"l5d-proxy-error: the upstream sent a malformed HTTP response" in first
-                with pytest.raises(TimeoutError):  # nothing more for that request
-                    await asyncio.wait_for(reader.read(1), 0.5)
-                writer.write(b"GET /ok HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
-                second = await asyncio.wait_for(reader.read(-1), 10)
-                assert second.startswith(b"HTTP/1.1 200") and second.endswith(b"ok"), second
-            finally:
-                writer.close()
-    finally:
-        server.close()
+    async with _behind_the_mesh(pki, app) as mesh:
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+        try:
+            writer.write(b"GET /both HTTP/1.1\r\nHost: api\r\n\r\n")
+            first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert first.startswith(b"HTTP/1.1 502 Bad Gateway"), first
+            assert b"l5d-proxy-error: the upstream sent a malformed HTTP response" in first
+            with pytest.raises(TimeoutError):  # nothing more for that request
+                await asyncio.wait_for(reader.read(1), 0.5)
+            writer.write(b"GET /ok HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            second = await asyncio.wait_for(reader.read(-1), 10)
+            assert second.startswith(b"HTTP/1.1 200") and second.endswith(b"ok"), second
+        finally:
+            writer.close()
 
 
 async def test_heads_over_the_limit_are_refused_without_growing_memory(pki) -> None:
     """A request head that keeps coming (one endless header, or URL) gets 431 once it passes
     MAX_HEAD_BYTES and the connection closes; a large head under the limit is forwarded; an
     upstream response head over it becomes a 502."""
-    web, api = pki.credentials("web"), pki.credentials("api")
     app = _RawApp()
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
 
     async def endless(start: bytes) -> bytes:
         """Send ``start`` and then 1 MiB more of it, and read the answer."""
@@ -455,37 +444,33 @@ async def test_heads_over_the_limit_are_refused_without_growing_memory(pki) -> N
         finally:
             writer.close()
 
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with run_mesh(web, api, app_port=port) as mesh:
-            for start in (b"GET / HTTP/1.1\r\nHost: api\r\nX-Big: ", b"GET /"):
-                reply = await endless(start)
-                assert reply.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), (
-                    start,
-                    reply[:99],
-                )
-                assert f"request head over {MAX_HEAD_BYTES} bytes".encode() in reply
-            assert app.heads == []
+    async with _behind_the_mesh(pki, app) as mesh:
+        for start in (b"GET / HTTP/1.1\r\nHost: api\r\nX-Big: ", b"GET /"):
+            reply = await endless(start)
+            assert reply.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), (
+                start,
+                reply[:99],
+            )
+            assert f"request head over {MAX_HEAD_BYTES} bytes".encode() in reply
+        assert app.heads == []
 
-            big = b"x" * (MAX_HEAD_BYTES - 1024)
-            reply = await raw_exchange(
-                mesh.outbound,
-                b"GET /ok HTTP/1.1\r\nHost: api\r\nX-Big: %b\r\nConnection: close\r\n\r\n" % big,
-            )
-            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
-            assert len(app.heads) == 1 and big in app.heads[0]
-            query = b"q=" + b"z" * 4000  # longer than the detection window
-            reply = await raw_exchange(
-                mesh.outbound,
-                b"GET /ok?%b HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n" % query,
-            )
-            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
-            assert query in app.heads[1]
+        big = b"x" * (MAX_HEAD_BYTES - 1024)
+        reply = await raw_exchange(
+            mesh.outbound,
+            b"GET /ok HTTP/1.1\r\nHost: api\r\nX-Big: %b\r\nConnection: close\r\n\r\n" % big,
+        )
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert len(app.heads) == 1 and big in app.heads[0]
+        query = b"q=" + b"z" * 4000  # longer than the detection window
+        reply = await raw_exchange(
+            mesh.outbound,
+            b"GET /ok?%b HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n" % query,
+        )
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert query in app.heads[1]
 
-            reply = await raw_exchange(
-                mesh.outbound, b"GET /huge-head HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-            )
-            assert reply.startswith(b"HTTP/1.1 502 Bad Gateway"), reply[:200]
-            assert b"response head is over" in reply
-    finally:
-        server.close()
+        reply = await raw_exchange(
+            mesh.outbound, b"GET /huge-head HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 502 Bad Gateway"), reply[:200]
+        assert b"response head is over" in reply
