@@ -5,6 +5,7 @@ the scheduled time (queueing included) and fail loudly when the server misbehave
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import socket
@@ -73,6 +74,7 @@ class _Handler(socketserver.BaseRequestHandler):
             sock.sendall(self.server.response)
 
 
+@contextlib.contextmanager
 def _serve(backend: Backend) -> Iterator[Backend]:
     thread = threading.Thread(target=backend.serve_forever, daemon=True)
     thread.start()
@@ -116,7 +118,7 @@ def _result(done: subprocess.CompletedProcess[str]) -> dict[str, float]:
 
 
 def test_sends_the_scheduled_requests_and_measures_them(generator: list[str]) -> None:
-    for backend in _serve(Backend()):
+    with _serve(Backend()) as backend:
         r = _result(_run(generator, backend.port, 400, 1.0, 4))
         assert 398 <= r["total"] <= 402  # one request per 2.5 ms slot for 1 s
         assert backend.served == r["total"] + 4  # plus one warm-up request per connection
@@ -125,7 +127,7 @@ def test_sends_the_scheduled_requests_and_measures_them(generator: list[str]) ->
 
 
 def test_counts_answers_that_are_not_2xx(generator: list[str]) -> None:
-    for backend in _serve(Backend("503 Service Unavailable")):
+    with _serve(Backend("503 Service Unavailable")) as backend:
         r = _result(_run(generator, backend.port, 200, 0.5, 2))
         assert r["total"] >= 99
         assert r["errors"] == r["total"]
@@ -135,7 +137,7 @@ def test_latency_counts_from_the_scheduled_time(generator: list[str]) -> None:
     # 2 connections x 20 ms per answer = 100 answers/s, against 200 scheduled per second: the
     # backlog grows for the whole second: the median request waits ~0.5 s beyond its slot and
     # the last ones ~1 s. A closed-loop generator would report ~20 ms (coordinated omission).
-    for backend in _serve(Backend(delay=0.02)):
+    with _serve(Backend(delay=0.02)) as backend:
         r = _result(_run(generator, backend.port, 200, 1.0, 2))
         assert 198 <= r["total"] <= 202
         assert 300 < r["p50"] < 900
@@ -143,7 +145,7 @@ def test_latency_counts_from_the_scheduled_time(generator: list[str]) -> None:
 
 
 def test_a_server_that_closes_the_connection_is_a_failure(generator: list[str]) -> None:
-    for backend in _serve(Backend(close=True)):
+    with _serve(Backend(close=True)) as backend:
         done = _run(generator, backend.port, 100, 0.5, 2)
         assert done.returncode != 0
         assert "the server closed a benchmark connection" in done.stderr
