@@ -64,7 +64,7 @@ class Exchange:
     """One request/response pair as it moves through the proxy."""
 
     __slots__ = (
-        "authority", "chunked", "client_10", "close_after", "conn_tokens", "extra_headers",
+        "authority", "client_10", "close_after", "conn_tokens", "extra_headers",
         "head", "head_bytes", "is_head", "keep_alive", "link", "method", "pending",
         "pending_size", "req_done", "resp", "started", "target", "te", "tunnel_tail", "upgrade",
         "upgrade_to", "url",
@@ -78,8 +78,9 @@ class Exchange:
         self.upgrade_to = b""
         self.method = b""
         self.authority = ""
-        self.chunked = False
-        self.te = b""  # the Transfer-Encoding codings, forwarded as they came
+        # The Transfer-Encoding codings, forwarded as they came; non-empty means a chunked
+        # body (llhttp refuses a request whose last coding is not chunked).
+        self.te = b""
         self.head_bytes = 0  # received while the head is incomplete (bounded by MAX_HEAD_BYTES)
         self.upgrade = False
         self.is_head = False
@@ -177,7 +178,6 @@ class Http1Server:
                 # llhttp refuses a request whose last coding is not chunked, and one that
                 # also has Content-Length (no request smuggling through the proxy).
                 ex.te = value.strip()
-                ex.chunked = True
             elif lname == b"upgrade":
                 ex.upgrade_to = value
             return
@@ -207,14 +207,14 @@ class Http1Server:
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
-        self._send_body(ex, b"%x\r\n%b\r\n" % (len(body), body) if ex.chunked else body)
+        self._send_body(ex, b"%x\r\n%b\r\n" % (len(body), body) if ex.te else body)
 
     def on_message_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
         self.parsing = None
         ex.req_done = True
-        if ex.chunked:
+        if ex.te:
             self._send_body(ex, b"0\r\n\r\n")
 
     def _send_body(self, ex: Exchange, data: bytes) -> None:
@@ -305,7 +305,7 @@ class Http1Server:
             parts += _without(ex.head, tokens)  # ``Connection`` names more headers to drop
         else:
             parts += ex.head
-        if ex.chunked:
+        if ex.te:
             parts += (b"transfer-encoding: ", ex.te, b"\r\n")
         if ex.upgrade and ex.upgrade_to:
             parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade_to, b"\r\n")
