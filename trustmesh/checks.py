@@ -3,8 +3,10 @@
 Checks are grouped in categories like ``linkerd check``'s (``trustmesh-identity`` mirrors
 ``linkerd-identity`` check for check, with expiry windows taken from the alert thresholds so
 that a 48h issuer is judged by its renewal window, not by a fixed 60 days). Each result is
-``success``, ``warning`` or ``error`` with a hint pointing at the runbook to follow. A failed
-*fatal* check stops the run, as in Linkerd. The JSON form is Linkerd's:
+``success``, ``warning`` or ``error``; a result that is not a success names the alert whose
+runbook to follow, and :class:`RunbookLinks` turns that into the hint shown (a published URL, or
+the runbook file of this installation). A failed *fatal* check stops the run, as in Linkerd. The
+JSON form is Linkerd's:
 ``{success, categories: [{categoryName, checks: [{description, result, hint?, error?}]}]}``.
 
 The functions here are pure (the facts are gathered by the caller: the store state, the HTTP
@@ -18,6 +20,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,29 +33,46 @@ from pki.store import StoreState
 from pki.verify import check_validity, verify_chain
 
 SUCCESS, WARNING, ERROR = "success", "warning", "error"
-RUNBOOKS = "runbooks"
+# The runbooks ship beside the packages in a checkout or an editable install.
+RUNBOOKS_DIR = Path(__file__).resolve().parents[1] / "runbooks"
 
 
-def hint(alert: str) -> str:
-    return f"see {RUNBOOKS}/{alert}.md"
+@dataclass(frozen=True, slots=True)
+class RunbookLinks:
+    """Where a hint sends the reader: ``<base_url>/runbooks/<Alert>.md`` when the runbooks are
+    published (the same base as ``trustmesh alerts rules --runbook-base-url``), else the file in
+    ``directory`` (an absolute path, so it opens from any working directory), else the path in
+    the repository."""
+
+    base_url: str | None = None
+    directory: Path | None = None
+
+    def hint(self, alert: str) -> str:
+        if self.base_url:
+            return f"see {self.base_url}/runbooks/{alert}.md"
+        if self.directory is not None:
+            return f"see {self.directory / f'{alert}.md'}"
+        return f"see runbooks/{alert}.md"
 
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
     description: str
     result: str = SUCCESS
-    hint: str = ""
+    runbook: str = ""  # the alert whose runbook says what to do when this is not a success
     error: str = ""
     fatal: bool = False
 
     def __post_init__(self) -> None:
         if self.result not in (SUCCESS, WARNING, ERROR):
             raise ValueError(f"result must be success, warning or error, not {self.result!r}")
+        if self.result != SUCCESS and not self.runbook:
+            raise ValueError(f"{self.description!r}: a {self.result} must name its runbook")
 
-    def as_json(self) -> dict[str, str]:
+    def as_json(self, links: RunbookLinks) -> dict[str, str]:
         out = {"description": self.description, "result": self.result}
         if self.result != SUCCESS:
-            out |= {"hint": self.hint, "error": self.error}
+            out |= {"hint": links.hint(self.runbook), "error": self.error}
         return out
 
 
@@ -71,11 +91,11 @@ class Report:
         """True when no check ended in ``error`` (warnings do not fail the run)."""
         return all(c.result != ERROR for cat in self.categories for c in cat.checks)
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, links: RunbookLinks) -> dict[str, Any]:
         return {
             "success": self.success,
             "categories": [
-                {"categoryName": cat.name, "checks": [c.as_json() for c in cat.checks]}
+                {"categoryName": cat.name, "checks": [c.as_json(links) for c in cat.checks]}
                 for cat in self.categories
             ],
         }
@@ -100,7 +120,7 @@ def _expiry(
             worst = (level, alert, message)
     if worst is None:
         return _ok(description)
-    return CheckResult(description, worst[0], hint(worst[1]), worst[2])
+    return CheckResult(description, worst[0], worst[1], worst[2])
 
 
 def _algorithms(description: str, certs: Sequence[Certificate], alert: str) -> CheckResult:
@@ -108,7 +128,7 @@ def _algorithms(description: str, certs: Sequence[Certificate], alert: str) -> C
         try:
             cert.key_algorithm  # noqa: B018 - raises for an unsupported algorithm
         except PKIError as e:
-            return CheckResult(description, ERROR, hint(alert), f"{cert.subject}: {e}", True)
+            return CheckResult(description, ERROR, alert, f"{cert.subject}: {e}", True)
     return _ok(description)
 
 
@@ -119,7 +139,7 @@ def _validity(
         try:
             check_validity(cert, now)
         except PKIError as e:
-            return CheckResult(description, ERROR, hint(alert), str(e), True)
+            return CheckResult(description, ERROR, alert, str(e), True)
     return _ok(description)
 
 
@@ -128,13 +148,11 @@ def identity_category(state: StoreState | Exception, now: datetime) -> Category:
     name = "trustmesh-identity"
     config = "certificate config is valid"
     if isinstance(state, Exception):
-        return Category(
-            name, (CheckResult(config, ERROR, hint("IssuerRefused"), str(state), True),)
-        )
+        return Category(name, (CheckResult(config, ERROR, "IssuerRefused", str(state), True),))
     if state.bundle is None or state.issuer is None:
         missing = "trust bundle" if state.bundle is None else "issuer"
         error = f"the store at {state.path.parent.parent} has no {missing}"
-        return Category(name, (CheckResult(config, ERROR, hint("IssuerRefused"), error, True),))
+        return Category(name, (CheckResult(config, ERROR, "IssuerRefused", error, True),))
     anchors, issuer = state.bundle.anchors, state.issuer.certificate
     checks = [
         _ok(config),
@@ -161,9 +179,7 @@ def identity_category(state: StoreState | Exception, now: datetime) -> Category:
         checks.append(_ok("issuer cert is issued by the trust anchor"))
     except PKIError as e:
         checks.append(
-            CheckResult(
-                "issuer cert is issued by the trust anchor", ERROR, hint("IssuerRefused"), str(e)
-            )
+            CheckResult("issuer cert is issued by the trust anchor", ERROR, "IssuerRefused", str(e))
         )
     return Category(name, tuple(checks))
 
@@ -210,7 +226,7 @@ def control_plane_category(components: Sequence[tuple[str, AdminStatus]]) -> Cat
             checks.append(_ok(description))
         else:
             error = status.error or f"{status.address}/ready is not 200"
-            checks.append(CheckResult(description, ERROR, hint("ControlPlaneNotReady"), error))
+            checks.append(CheckResult(description, ERROR, "ControlPlaneNotReady", error))
     return Category("trustmesh-control-plane", tuple(checks))
 
 
@@ -224,7 +240,7 @@ def data_plane_category(proxies: Sequence[AdminStatus], bundle_digest: str | Non
         else CheckResult(
             "data plane proxies are ready",
             ERROR,
-            hint("WorkloadCertRenewalOverdue"),
+            "WorkloadCertRenewalOverdue",
             "Some proxies are not ready: " + ", ".join(not_ready),
         )
     ]
@@ -234,7 +250,7 @@ def data_plane_category(proxies: Sequence[AdminStatus], bundle_digest: str | Non
             CheckResult(
                 description,
                 WARNING,
-                hint("ProxyTrustBundleStale"),
+                "ProxyTrustBundleStale",
                 "no store bundle to compare with",
             )
         )
@@ -246,7 +262,7 @@ def data_plane_category(proxies: Sequence[AdminStatus], bundle_digest: str | Non
             else CheckResult(
                 description,
                 WARNING,
-                hint("ProxyTrustBundleStale"),
+                "ProxyTrustBundleStale",
                 "Some proxies do not have the current trust bundle and must be restarted: "
                 + ", ".join(stale),
             )

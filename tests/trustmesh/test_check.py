@@ -13,7 +13,15 @@ from alerts_testkit import http_server
 
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import FileStore
-from trustmesh.checks import ERROR, SUCCESS, WARNING, identity_category, run
+from trustmesh.checks import (
+    ERROR,
+    RUNBOOKS_DIR,
+    SUCCESS,
+    WARNING,
+    RunbookLinks,
+    identity_category,
+    run,
+)
 from trustmesh.cli import cli
 from trustmesh.errors import run_cli
 
@@ -76,8 +84,20 @@ def test_an_expired_issuer_is_fatal_and_stops_the_run(tmp_path: Path) -> None:
     (category,) = report.categories
     assert category.checks[-1].description == "issuer cert is within its validity period"
     assert category.checks[-1].result == ERROR and category.checks[-1].fatal
-    assert category.checks[-1].hint == "see runbooks/IssuerExpiryCritical.md"
+    assert category.checks[-1].runbook == "IssuerExpiryCritical"
     assert not report.success
+
+
+def test_hints_link_the_published_runbook_or_this_installations_file() -> None:
+    assert RunbookLinks("https://git.example/tm/-/blob/main").hint("IssuerRefused") == (
+        "see https://git.example/tm/-/blob/main/runbooks/IssuerRefused.md"
+    )
+    local = RunbookLinks(directory=RUNBOOKS_DIR).hint("IssuerRefused")
+    assert (
+        local == f"see {RUNBOOKS_DIR}/IssuerRefused.md"
+        and (RUNBOOKS_DIR / "IssuerRefused.md").is_file()
+    )
+    assert RunbookLinks().hint("IssuerRefused") == "see runbooks/IssuerRefused.md"
 
 
 def test_cli_everything_healthy_exits_0_with_linkerd_json(
@@ -109,9 +129,37 @@ def test_cli_failures_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert code == 1
     assert "× identity service is ready" in out and "answered HTTP 503" in out
-    assert "see runbooks/ControlPlaneNotReady.md" in out
+    # Every hint names a runbook this checkout has, by a path that opens from anywhere.
+    hints = [line.strip()[4:] for line in out.splitlines() if line.strip().startswith("see ")]
+    assert f"{RUNBOOKS_DIR}/ControlPlaneNotReady.md" in hints
+    assert all(Path(h).is_absolute() and Path(h).is_file() for h in hints)
     assert "‼ data plane proxies certificate match CA" in out
     assert f"must be restarted: {proxy}" in out
+
+
+def test_cli_hints_use_the_runbook_base_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(tmp_path, datetime.now(UTC), timedelta(days=365))
+    with admin(False) as identity:
+        args = ["check", "--store", str(store.root), "--identity", identity, "-o", "json"]
+        assert run_cli(cli, [*args, "--runbook-base-url", "https://runbooks.example/tm/"]) == 1
+        check = json.loads(capsys.readouterr().out)["categories"][1]["checks"][0]
+        assert check["hint"] == "see https://runbooks.example/tm/runbooks/ControlPlaneNotReady.md"
+        monkeypatch.setenv("TRUSTMESH_RUNBOOK_BASE_URL", "https://env.example")
+        assert run_cli(cli, args) == 1
+        check = json.loads(capsys.readouterr().out)["categories"][1]["checks"][0]
+        assert check["hint"] == "see https://env.example/runbooks/ControlPlaneNotReady.md"
+
+
+def test_cli_refuses_a_bad_runbook_base_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = _store(tmp_path, datetime.now(UTC), timedelta(days=365))
+    args = ["check", "--store", str(store.root), "--runbook-base-url", "runbooks.example?x=1"]
+    assert run_cli(cli, args) == 2
+    err = capsys.readouterr().err
+    assert "--runbook-base-url" in err and "not an absolute http(s) URL" in err
 
 
 def test_cli_warning_only_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

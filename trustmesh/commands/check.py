@@ -7,14 +7,18 @@ from pathlib import Path
 
 import click
 
+from alerts.errors import AlertsError
+from alerts.rulebook import runbook_base_url
 from pki.certs import utcnow
 from pki.errors import PKIError
 from pki.store import FileStore, StoreState
 from trustmesh.checks import (
     ERROR,
+    RUNBOOKS_DIR,
     WARNING,
     Category,
     Report,
+    RunbookLinks,
     control_plane_category,
     data_plane_category,
     identity_category,
@@ -32,7 +36,7 @@ Exit codes:
 MARKS = {"success": ("√", "green"), WARNING: ("‼", "yellow"), ERROR: ("×", "red")}
 
 
-def _print(report: Report) -> None:
+def _print(report: Report, links: RunbookLinks) -> None:
     for category in report.categories:
         click.echo(category.name)
         click.echo("-" * len(category.name))
@@ -41,7 +45,7 @@ def _print(report: Report) -> None:
             click.echo(f"{click.style(mark, fg=colour)} {check.description}")
             if check.result != "success":
                 click.echo(f"    {check.error}")
-                click.echo(f"    {check.hint}")
+                click.echo(f"    {links.hint(check.runbook)}")
         click.echo()
     status = "passed" if report.success else "failed"
     click.echo(f"Status check results are {click.style(mark_of(report), bold=True)} ({status})")
@@ -49,6 +53,13 @@ def _print(report: Report) -> None:
 
 def mark_of(report: Report) -> str:
     return "√" if report.success else "×"
+
+
+def _base_url(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return runbook_base_url(value) if value else None
+    except AlertsError as e:
+        raise click.BadParameter(str(e)) from e
 
 
 @click.command(epilog=EPILOG)
@@ -69,6 +80,15 @@ def mark_of(report: Report) -> str:
     help="A proxy's admin HOST:PORT (repeatable).",
 )
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds per HTTP request.")
+@click.option(
+    "--runbook-base-url",
+    "runbook_base",
+    metavar="URL",
+    envvar="TRUSTMESH_RUNBOOK_BASE_URL",
+    callback=_base_url,
+    help="Where the runbooks are published: hints become URL/runbooks/<Alert>.md "
+    "(default: the runbook files of this installation).",
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def check(
     store: Path,
@@ -76,12 +96,14 @@ def check(
     destination: str | None,
     proxies: tuple[str, ...],
     timeout: float,
+    runbook_base: str | None,
     output: str,
 ) -> int:
     """Check the trust anchors and issuer, control-plane readiness and the proxies.
 
     Results: √ passed, ‼ warning, × failed; each failure names the runbook to follow.
     """
+    links = RunbookLinks(runbook_base, RUNBOOKS_DIR if RUNBOOKS_DIR.is_dir() else None)
     now = utcnow()
     state: StoreState | Exception
     try:
@@ -106,7 +128,7 @@ def check(
         categories.append(data_plane_category(statuses, digest))
     report = run(categories)
     if output == "json":
-        click.echo(json.dumps(report.as_json(), indent=2))
+        click.echo(json.dumps(report.as_json(links), indent=2))
     else:
-        _print(report)
+        _print(report, links)
     return 0 if report.success else 1
