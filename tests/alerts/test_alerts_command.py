@@ -118,6 +118,15 @@ def test_rules_command_writes_clickable_runbook_links(
     assert not (tmp_path / "x").exists()
 
 
+def test_rules_command_reads_the_runbook_base_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRUSTMESH_RUNBOOK_BASE_URL", "https://env.example/tm")
+    assert run_cli(cli, ["alerts", "rules", "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "certificates.yml").read_text()
+    assert 'runbook_url: "https://env.example/tm/runbooks/IssuerExpiringSoon.md"' in text
+
+
 def test_check_posts_absolute_runbook_links(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

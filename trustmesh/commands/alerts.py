@@ -217,6 +217,7 @@ _runbook_base_option = click.option(
     "--runbook-base-url",
     "runbook_base",
     metavar="URL",
+    envvar="TRUSTMESH_RUNBOOK_BASE_URL",
     help="Where the runbooks are published: each alert's runbook_url becomes "
     "URL/runbooks/<AlertName>.md (default: the path in the repository).",
 )
