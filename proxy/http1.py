@@ -120,7 +120,7 @@ class Dispatcher(Protocol):
 class Http1Server:
     """Serves HTTP/1 requests arriving on ``link`` by forwarding them through ``dispatcher``."""
 
-    __slots__ = ("_loop", "dispatcher", "link", "parser", "parsing", "paused", "queue")
+    __slots__ = ("_loop", "dispatcher", "link", "parser", "parsing", "paused", "queue", "refusal")
 
     def __init__(self, link: Link, dispatcher: Dispatcher, early: bytes = b"") -> None:
         self.link = link
@@ -130,6 +130,7 @@ class Http1Server:
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
         self.paused = False
+        self.refusal = b""  # a refusal waiting for the answers to the requests before it
         link.sink = self
         if early:
             self.data_received(early)
@@ -137,6 +138,8 @@ class Http1Server:
     # -- client side: httptools request callbacks -------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.refusal:
+            return  # refused: nothing after the bad request is parsed
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -268,7 +271,8 @@ class Http1Server:
         try:
             link = await self.dispatcher.connect(ex)
         except ProxyError as e:
-            self._fail(ex, e)
+            if self.queue and self.queue[0] is ex:  # else dropped meanwhile: nobody to answer
+                self._fail(ex, e)
             return
         if self.link.closed or not self.queue or self.queue[0] is not ex:
             self.dispatcher.finish(ex, link, reusable=False)
@@ -327,17 +331,40 @@ class Http1Server:
         self._complete(ex, link, reusable=False)
 
     def _bad_request(self, why: str, status: bytes = b"400 Bad Request") -> None:
-        """Refuse what the client sent (before it was forwarded) and close the connection."""
+        """Refuse what the client sent (before it was forwarded) and close the connection,
+        once the requests pipelined before it are answered."""
         reason = f"malformed HTTP/1.1 request: {why}".replace("\r", " ").replace("\n", " ")
-        self.link.write(
-            b"HTTP/1.1 %b\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\n"
-            b"connection: close\r\n\r\n" % (status, reason.encode("latin-1", "replace"))
+        self.refusal = (
+            b"HTTP/1.1 %b\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\nconnection: close\r\n\r\n"
+            % (status, reason.encode("latin-1", "replace"))
         )
-        if self.queue:  # earlier requests still in flight write here: no half-close
-            self.link.pause_reading()
-            self.link.close()
-        else:
-            _LingeringClose(self.link)
+        self.link.pause_reading()  # until the lingering close drains it
+        bad = self.parsing
+        if bad is not None and bad in self.queue:
+            # Its head was forwarded (or is about to be) but its body is broken: drop it.
+            self._drop(bad)
+        if not self.queue:
+            self._refuse()
+
+    def _drop(self, ex: Exchange) -> None:
+        """Give up on the queued ``ex`` whose request will never be complete."""
+        if self.queue[0] is not ex:
+            self.queue.remove(ex)  # not started yet
+            return
+        resp = ex.resp
+        if resp is not None and resp.head_sent:
+            self.refusal = b""  # a response is mid-way: nothing else can be said
+            self.link.abort()
+            return
+        if resp is not None:
+            resp.done = True  # closing its upstream link must not answer the client
+        self.dispatcher.finish(ex, ex.link, reusable=False)
+        ex.link = None
+        self.queue.popleft()
+
+    def _refuse(self) -> None:
+        self.link.write(self.refusal)
+        _LingeringClose(self.link)
 
     def _complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The response to ``ex`` has been fully written: move on to the next request."""
@@ -350,6 +377,8 @@ class Http1Server:
             return
         if self.queue:
             self._start(self.queue[0])
+        elif self.refusal:
+            self._refuse()
         elif self.link.eof:
             self.link.close()
 
@@ -373,6 +402,7 @@ class _LingeringClose:
         self.link, self.left = link, budget
         link.sink = self
         link.write_eof()
+        link.resume_reading()
         self.timer = asyncio.get_running_loop().call_later(seconds, link.close)
 
     def data_received(self, data: bytes) -> None:

@@ -474,3 +474,35 @@ async def test_heads_over_the_limit_are_refused_without_growing_memory(pki) -> N
         )
         assert reply.startswith(b"HTTP/1.1 502 Bad Gateway"), reply[:200]
         assert b"response head is over" in reply
+
+
+async def test_a_refusal_behind_pipelined_requests_waits_for_their_answers(pki) -> None:
+    """A malformed request pipelined behind good ones is refused after their answers, in
+    order, and the connection then lingers (half-closed, still draining) instead of resetting.
+    A request whose body turns out malformed is dropped, and refused in its turn."""
+    app = _RawApp()
+    ok = b"GET /ok HTTP/1.1\r\nHost: api\r\n\r\n"
+    broken_body = b"POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    async with _behind_the_mesh(pki, app) as mesh:
+
+        async def send(request: bytes) -> list[bytes]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+            try:
+                writer.write(request)
+                async with asyncio.timeout(5):
+                    reply = await reader.read(-1)  # the proxy's half-close ends this read
+                    writer.write(b"more bytes after the refusal")  # still drained, not reset
+                    await writer.drain()
+            finally:
+                writer.close()
+            return reply.split(b"\r\n\r\n")
+
+        parts = await send(ok * 2 + b"GET /x HTTP/1.1\r\nHost api\r\n\r\n")
+        assert [p[:12] for p in parts] == [b"HTTP/1.1 200", b"okHTTP/1.1 2", b"okHTTP/1.1 4", b""]
+        assert b"l5d-proxy-error: malformed HTTP/1.1 request: Invalid header token" in parts[2]
+        assert len(app.heads) == 2
+        for request in (ok + broken_body, broken_body):
+            parts = await send(request)
+            assert parts[-2].startswith((b"HTTP/1.1 400", b"okHTTP/1.1 400")), parts
+            assert b"Invalid character in chunk size" in parts[-2]
+            assert len(parts) == 2 + request.count(b"GET")
