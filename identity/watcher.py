@@ -3,7 +3,10 @@
 A refused issuer leaves the old one in use and is reported three ways: a warning log line, the
 ``identity_issuer_reloads_total{result="refused"}`` counter, and (on Kubernetes) a Warning Event
 ``IssuerUpdateSkipped``; a successful swap is a Normal Event ``IssuerUpdated``. The loop catches
-everything a reload can raise, so it only stops when told to.
+everything a reload can raise, so it only stops when told to. A refused or unreadable revision is
+tried again every ``retry_after`` even if the source does not change: an issuer that was not yet
+valid (the writer's clock ahead of ours) or a file that was briefly unreadable is picked up then,
+instead of waiting for the next rotation.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from identity.errors import IdentityError, IssuerRejected
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 EVENT_UPDATED = "IssuerUpdated"
 EVENT_SKIPPED = "IssuerUpdateSkipped"
+DEFAULT_RETRY_AFTER = timedelta(seconds=30)
 
 
 class EventRecorder(Protocol):
@@ -96,9 +100,12 @@ class IssuerWatcher:
         reloads: ReloadStats,
         events: EventRecorder | None = None,
         interval: float = 1.0,
+        retry_after: timedelta = DEFAULT_RETRY_AFTER,
     ) -> None:
         if interval <= 0:
             raise ValueError("the poll interval must be positive")
+        if retry_after <= timedelta(0):
+            raise ValueError("the retry interval must be positive")
         self.source = source
         self._install = install
         self._current = current
@@ -106,19 +113,21 @@ class IssuerWatcher:
         self._reloads = reloads
         self._events = events or NoEvents()
         self._interval = interval
+        self._retry_after = retry_after
         self._seen: object = object()  # never equal to a real revision
+        self._retry_at: datetime | None = None  # set while the seen revision was not installed
 
     def reload(self) -> str:
         """Check the source once; return the reload result (or ``"same"`` when untouched)."""
         revision = self.source.revision()
-        if revision == self._seen:
+        now = self._clock()
+        if revision == self._seen and (self._retry_at is None or now < self._retry_at):
             return "same"
         self._seen = revision
+        self._retry_at = now + self._retry_after  # cleared below once the revision is in use
         try:
             credential, bundle = self.source.load()
-            issuer = check_issuer(
-                credential, bundle, source=self.source.description, at=self._clock()
-            )
+            issuer = check_issuer(credential, bundle, source=self.source.description, at=now)
         except IssuerRejected as e:
             return self._skip("refused", str(e))
         except IdentityError as e:
@@ -126,6 +135,7 @@ class IssuerWatcher:
         except Exception as e:  # anything else (I/O, a bug): report it, keep watching
             log.exception("issuer reload from %s failed", self.source.description)
             return self._skip("error", f"{type(e).__name__}: {e}")
+        self._retry_at = None
         if issuer.same_as(self._current()):
             self._reloads.count("unchanged")
             return "unchanged"

@@ -235,3 +235,41 @@ async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
         assert reported == 24
     finally:
         await srv.stop(0)
+
+
+def test_refused_issuer_is_retried_without_a_new_revision(env: Env, tmp_path: Path) -> None:
+    # cert-manager writes an issuer valid from "now" by its own clock; an identity service whose
+    # clock lags refuses it as not yet valid. Nothing changes in the Secret afterwards, so the
+    # watcher must try the same revision again once it can succeed, not keep the old issuer
+    # until the next rotation.
+    anchor = anchor_credential(env)
+    d = tmp_path / "issuer"
+    publish(d, tls_files(first := new_issuer(anchor), anchor))
+    t = [utcnow()]
+    installed: list = []
+    stats, events = ReloadStats(), RecordedEvents()
+    w = IssuerWatcher(
+        DirectorySource(d),
+        installed.append,
+        lambda: installed[-1] if installed else None,
+        clock=lambda: t[0],
+        reloads=stats,
+        events=events,
+        retry_after=timedelta(seconds=30),
+    )
+    assert w.reload() == "updated"
+    later = create_issuer(PrivateKey.generate(), anchor, now=t[0] + timedelta(minutes=1))
+    publish(d, tls_files(later, anchor))
+    assert w.reload() == "refused" and "not valid before" in events.events[-1][1]
+    t[0] += timedelta(seconds=29)
+    assert w.reload() == "same"  # not before the retry interval
+    t[0] += timedelta(seconds=2)
+    assert w.reload() == "refused"  # retried: still too early
+    t[0] += timedelta(seconds=31)
+    assert w.reload() == "updated"
+    assert installed[-1].fingerprint == later.certificate.fingerprint
+    assert installed[0].fingerprint == first.certificate.fingerprint
+    assert w.reload() == "same"  # after a success, only a new revision is read
+    t[0] += timedelta(minutes=5)
+    assert w.reload() == "same"
+    assert stats.counts() == {"updated": 2, "unchanged": 0, "refused": 2, "error": 0}
