@@ -32,6 +32,7 @@ from proxy.errors import (
 )
 from proxy.link import Link
 from proxy.tcp import Relay
+from proxy.transfer_coding import TransferDecoder, transfer_codings, undecodable
 
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -42,6 +43,7 @@ MAX_PENDING_BODY = 1 << 20  # pause the client while this much body waits for an
 # refused: httptools buffers a header until it ends, so without a bound one endless header line
 # would grow the proxy's memory without limit.
 MAX_HEAD_BYTES = 64 * 1024
+DECODE_STEP = 64 * 1024  # decoded body written per step, while the client keeps up
 
 # The one place where proxy errors become HTTP statuses (Linkerd's errors/respond.rs).
 _STATUS: tuple[tuple[type[ProxyError], int, bytes], ...] = (
@@ -249,8 +251,15 @@ class Http1Server:
             self.queue[0].link.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.queue and self.queue[0].link is not None:
-            self.queue[0].link.resume_reading()
+        if not self.queue:
+            return
+        ex = self.queue[0]
+        if ex.resp is not None and ex.resp.decoder is not None:
+            ex.resp.decode_more()  # what is decoded already goes first
+            if self.link.write_paused or not self.queue or self.queue[0] is not ex:
+                return
+        if ex.link is not None:
+            ex.link.resume_reading()
 
     # -- forwarding -------------------------------------------------------------------------
 
@@ -444,9 +453,9 @@ class _Response:
     """
 
     __slots__ = (
-        "body_mode", "chunked", "done", "ex", "has_length", "head", "head_at", "head_bytes",
-        "head_sent", "out", "parser", "reason", "reusable", "server", "stray", "switching", "te",
-        "tokens", "unaccounted", "upgrade_to",
+        "body_mode", "chunked", "decoder", "done", "ex", "has_length", "head", "head_at",
+        "head_bytes", "head_sent", "out", "parser", "reason", "reusable", "server", "stray",
+        "switching", "te", "tokens", "unaccounted", "upgrade_to",
     )  # fmt: skip
 
     server: Http1Server
@@ -465,7 +474,8 @@ class _Response:
         self.switching = False
         self.reusable = False
         self.stray = False  # bytes followed the response: the parser is mid-message
-        self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk
+        self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk, 2 decode
+        self.decoder: TransferDecoder | None = None  # body_mode 2: for an HTTP/1.0 client
         self.unaccounted = 0  # status of a head written but not yet reported to the dispatcher
         self.head_at = 0.0
         self.head_bytes = 0
@@ -480,18 +490,22 @@ class _Response:
                     self._account()
                 self.server._switch(self.ex, self._link(), data[e.args[0] :])
                 return
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as e:
             self._flush()
             if self.unaccounted:
                 self._account()
             self.done = True  # answered here: the link's close that follows must not answer again
-            self._broken("the upstream sent a malformed HTTP response")
+            why = e.__context__ if isinstance(e.__context__, UpstreamError) else None
+            self._broken(str(why or "the upstream sent a malformed HTTP response"))
             return
         self._flush()
         if self.unaccounted:
             self._account()
         if self.done:
-            self._finish()
+            if self.decoder is not None:
+                self.decode_more()
+            else:
+                self._finish()
         elif not self.head_sent:  # the head is still arriving
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
@@ -560,7 +574,16 @@ class _Response:
             self.body_mode = 1
         elif not self.has_length and not no_body:
             ex.close_after = True  # close-delimited (or HTTP/1.0 client): EOF ends the body
-            if self.te and not self.chunked and not ex.client_10:
+            if ex.client_10:
+                codings = transfer_codings(self.te)
+                if codings:  # none may reach an HTTP/1.0 client: decode them here
+                    problem = undecodable(codings)
+                    if problem is not None:  # raised through the parser: answered 502
+                        raise UpstreamError(f"the upstream used {problem}, which the proxy "
+                                            f"cannot decode for an HTTP/1.0 client")  # fmt: skip
+                    self.decoder = TransferDecoder(codings)
+                    self.body_mode = 2
+            elif self.te and not self.chunked:
                 parts += (b"transfer-encoding: ", self.te, b"\r\n")  # e.g. gzip, to EOF
         if ex.close_after or not ex.keep_alive:
             parts.append(b"connection: close\r\n")
@@ -575,16 +598,46 @@ class _Response:
             self.done = True
 
     def on_body(self, body: bytes) -> None:
-        if self.body_mode:
+        if not self.body_mode:
+            self.out.append(body)
+        elif self.decoder is None:
             self.out.append(b"%x\r\n%b\r\n" % (len(body), body))
         else:
-            self.out.append(body)
+            self.decoder.feed(body)
+            self._decode()  # raises UpstreamError through the parser for a corrupt body
 
     def on_message_complete(self) -> None:
         if self.head_sent:
-            if self.body_mode:
+            if self.decoder is not None:
+                self.decoder.end()
+            elif self.body_mode:
                 self.out.append(b"0\r\n\r\n")
             self.done = True
+
+    def _decode(self) -> bool:
+        """Write decoded body while the client takes it; True once all of it is written."""
+        self._flush()
+        decoder = self.decoder
+        assert decoder is not None
+        client = self.server.link
+        while not client.write_paused and not client.closed:
+            piece = decoder.read(DECODE_STEP)
+            if not piece:
+                return decoder.ended
+            client.write(piece)
+        return False  # the client's pause_writing paused the upstream too
+
+    def decode_more(self) -> None:
+        """Go on decoding (the client drained, or the coded body ended); finish when done."""
+        try:
+            drained = self._decode()
+        except UpstreamError as e:
+            self.done = True
+            self._broken(str(e))
+            return
+        if drained and self.done:
+            self.decoder = None
+            self._finish()
 
     def _flush(self) -> None:
         # One write per upstream read: fewer syscalls and TLS records, and no head/body split
@@ -622,9 +675,13 @@ class _Response:
     def eof_received(self) -> None:
         if self.done:
             return
-        if self.head_sent and self.ex.close_after and not self.body_mode:
+        if self.head_sent and self.ex.close_after and not self.chunked:
             self.done = True  # a close-delimited body ends here
-            self.server._complete(self.ex, self._link(), reusable=False)
+            if self.decoder is not None:
+                self.decoder.end()
+                self.decode_more()
+            else:
+                self.server._complete(self.ex, self._link(), reusable=False)
         else:
             self.done = True
             self._broken("the upstream closed the connection before the response ended")

@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import errno as errno_names
 import socket
+import struct
 from typing import Any, cast
 
 from proxy.errors import TLSError
 from proxy.meshtls import HandshakeInfo, TlsSession
+
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class NullSink:
@@ -216,7 +219,15 @@ class Link(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
+        """Close at once with a reset: a FIN would let a peer reading a body to EOF take what
+        it got for the whole of it."""
         if self.transport is not None and not self.closed:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+                except OSError:
+                    pass
             self.transport.abort()
 
     # -- internals --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -140,6 +141,18 @@ async def run_mesh(
     finally:
         await client.stop()
         await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def behind_the_mesh(pki: Any, app: Any) -> AsyncIterator[Mesh]:
+    """``app`` (an asyncio stream handler) on a local port, behind two proxies: web -> api."""
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with run_mesh(pki.credentials("web"), pki.credentials("api"), app_port=port) as mesh:
+            yield mesh
+    finally:
+        server.close()
 
 
 async def raw_exchange(port: int, request: bytes, *, until_close: bool = True) -> bytes:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import pytest
-from proxy_mesh import Mesh, raw_exchange, run_app, run_mesh
+from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
 from proxy.http1 import MAX_HEAD_BYTES
@@ -260,18 +257,6 @@ _RAW_REPLIES = {
 }
 
 
-@contextlib.asynccontextmanager
-async def _behind_the_mesh(pki, app: Any) -> AsyncIterator[Mesh]:
-    """``app`` (an asyncio stream handler) on a local port, behind two proxies: web -> api."""
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with run_mesh(pki.credentials("web"), pki.credentials("api"), app_port=port) as mesh:
-            yield mesh
-    finally:
-        server.close()
-
-
 async def test_upstream_connection_reused_after_head_interim_and_connection_tokens(pki) -> None:
     """One pooled app connection answers HEAD (length announced, no body), an interim 100 and
     a response whose Connection header names another header: each reply arrives intact."""
@@ -288,7 +273,7 @@ async def test_upstream_connection_reused_after_head_interim_and_connection_toke
         finally:
             writer.close()
 
-    async with _behind_the_mesh(pki, app) as mesh:
+    async with behind_the_mesh(pki, app) as mesh:
         req = b"".join(
             b"%s HTTP/1.1\r\nHost: api\r\n\r\n" % r for r in (b"HEAD /h", b"GET /g", b"GET /c")
         )
@@ -366,7 +351,7 @@ async def test_smuggling_and_ambiguous_requests_are_refused_by_name(pki) -> None
     """Requests two HTTP parsers could frame or route differently never reach the app: each
     gets 400 naming the problem, and the proxy goes on serving."""
     app = _RawApp()
-    async with _behind_the_mesh(pki, app) as mesh:
+    async with behind_the_mesh(pki, app) as mesh:
         for rest, named in _SMUGGLING:
             reply = await raw_exchange(mesh.outbound, b"POST /x HTTP/1.1\r\n" + rest)
             head = reply.partition(b"\r\n\r\n")[0]
@@ -384,7 +369,7 @@ async def test_smuggling_and_ambiguous_requests_are_refused_by_name(pki) -> None
 async def test_transfer_codings_are_forwarded_as_they_came(pki) -> None:
     """Chunks are re-framed, but every coding in Transfer-Encoding reaches the other side."""
     app = _RawApp()
-    async with _behind_the_mesh(pki, app) as mesh:
+    async with behind_the_mesh(pki, app) as mesh:
         reply = await raw_exchange(
             mesh.outbound,
             b"POST /te HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\n"
@@ -410,7 +395,7 @@ async def test_a_malformed_response_is_answered_once_and_the_connection_goes_on(
     """The upstream's malformed response becomes one 502 (not a second one when the proxy then
     drops that upstream connection), and the client's keep-alive connection serves on."""
     app = _RawApp()
-    async with _behind_the_mesh(pki, app) as mesh:
+    async with behind_the_mesh(pki, app) as mesh:
         reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
         try:
             writer.write(b"GET /both HTTP/1.1\r\nHost: api\r\n\r\n")
@@ -444,7 +429,7 @@ async def test_heads_over_the_limit_are_refused_without_growing_memory(pki) -> N
         finally:
             writer.close()
 
-    async with _behind_the_mesh(pki, app) as mesh:
+    async with behind_the_mesh(pki, app) as mesh:
         for start in (b"GET / HTTP/1.1\r\nHost: api\r\nX-Big: ", b"GET /"):
             reply = await endless(start)
             assert reply.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), (
@@ -483,7 +468,7 @@ async def test_a_refusal_behind_pipelined_requests_waits_for_their_answers(pki) 
     app = _RawApp()
     ok = b"GET /ok HTTP/1.1\r\nHost: api\r\n\r\n"
     broken_body = b"POST /ok HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
-    async with _behind_the_mesh(pki, app) as mesh:
+    async with behind_the_mesh(pki, app) as mesh:
 
         async def send(request: bytes) -> list[bytes]:
             reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
