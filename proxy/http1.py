@@ -687,7 +687,11 @@ class _Response:
             self._broken("the upstream closed the connection before the response ended")
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.eof_received()
+        if exc is not None and not self.done:  # a reset: whatever the framing, cut short
+            self.done = True
+            self._broken("the upstream reset the connection before the response ended")
+        else:
+            self.eof_received()
 
     def pause_writing(self) -> None:  # the upstream is slow to take the request body
         self.server.link.pause_reading()

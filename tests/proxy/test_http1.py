@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 
 import aiohttp
 import pytest
@@ -491,3 +493,31 @@ async def test_a_refusal_behind_pipelined_requests_waits_for_their_answers(pki) 
             assert parts[-2].startswith((b"HTTP/1.1 400", b"okHTTP/1.1 400")), parts
             assert b"Invalid character in chunk size" in parts[-2]
             assert len(parts) == 2 + request.count(b"GET")
+
+
+async def test_an_upstream_reset_inside_a_close_delimited_body_reaches_the_client(pki) -> None:
+    """A body delimited by the connection's close ends cleanly on a close, but an upstream
+    reset in the middle of it must reach the client as a reset, not as the end of the body."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nthe first part")
+        await writer.drain()
+        if b"/reset" in head:
+            await asyncio.sleep(0.2)  # let the part go ahead of the reset
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    async with behind_the_mesh(pki, app) as mesh:
+        reply = await raw_exchange(mesh.outbound, b"GET /close HTTP/1.1\r\nHost: api\r\n\r\n")
+        assert reply.endswith(b"connection: close\r\n\r\nthe first part"), reply
+        try:
+            reply = await raw_exchange(mesh.outbound, b"GET /reset HTTP/1.1\r\nHost: api\r\n\r\n")
+        except ConnectionResetError:
+            return
+        # Only when the reset overtook the part (a loaded machine): the head never came.
+        assert reply.startswith(b"HTTP/1.1 502"), reply
