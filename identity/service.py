@@ -32,6 +32,7 @@ from identity.issuer import Issuer
 from identity.validators import TokenValidator
 from pki.certs import DEFAULT_CLOCK_SKEW, DEFAULT_LEAF_LIFETIME, Certificate, issue_leaf
 from pki.csr import DEFAULT_MAX_CSR_BYTES, parse_csr, validate_csr
+from pki.durations import format_duration
 from pki.errors import PKIError
 from pki.keys import KeyAlgorithm
 from pki.tokens import MAX_TOKEN_BYTES
@@ -39,6 +40,9 @@ from pki.tokens import MAX_TOKEN_BYTES
 log = logging.getLogger(__name__)
 
 MAX_IDENTITY_BYTES = 253  # a DNS name
+# Far beyond any issuer's life (leaves are clamped to it anyway), and short enough that the
+# validity window can never overflow the date range.
+MAX_LIFETIME = timedelta(days=3650)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +56,18 @@ class IssuancePolicy:
     max_token_bytes: int = MAX_TOKEN_BYTES
 
     def __post_init__(self) -> None:
-        if self.lifetime <= timedelta(0):
-            raise ValueError(f"issuance lifetime must be positive, got {self.lifetime}")
+        if not timedelta(0) < self.lifetime <= MAX_LIFETIME:
+            raise ValueError(
+                f"issuance lifetime must be positive and at most {MAX_LIFETIME.days} days, "
+                f"got {format_duration(self.lifetime)}"
+            )
         if self.clock_skew < timedelta(0):
             raise ValueError(f"clock skew allowance must not be negative, got {self.clock_skew}")
+        if self.clock_skew > self.lifetime:
+            raise ValueError(
+                f"clock skew allowance {format_duration(self.clock_skew)} is longer than the "
+                f"issuance lifetime {format_duration(self.lifetime)}"
+            )
         if not self.allowed_algorithms or not all(
             isinstance(a, KeyAlgorithm) for a in self.allowed_algorithms
         ):

@@ -165,3 +165,19 @@ def test_status_mapping_is_total() -> None:
         assert status_of(error)[0] is code, error
     code, message, result = status_of(KeyError("secret stuff"))
     assert code is grpc.StatusCode.INTERNAL and "secret" not in message and result == "internal"
+
+
+async def test_policy_refuses_a_window_it_could_not_issue(tenv: Env) -> None:
+    # Accepted at startup, these made every Certify fail INTERNAL (the date arithmetic
+    # overflowed) or back-dated every leaf by weeks (20d typed for 20s).
+    for kw, text in [
+        ({"lifetime": timedelta(days=99_999_999)}, "issuance lifetime .* at most 3650 days"),
+        ({"clock_skew": timedelta(days=99_999_999)}, "clock skew"),
+        ({"clock_skew": timedelta(days=20)}, "clock skew .* longer than the issuance lifetime"),
+    ]:
+        with pytest.raises(ValueError, match=text):
+            IssuancePolicy(**kw)  # type: ignore[arg-type]
+    longest = IssuancePolicy(lifetime=timedelta(days=3650), clock_skew=timedelta(days=3650))
+    c = certifier(tenv, T0, longest)
+    issued = await c.certify(identity(), tenv.token(), csr_for(identity()))
+    assert issued.leaf.not_after == c.issuer.not_after  # type: ignore[union-attr]
