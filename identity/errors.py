@@ -36,6 +36,11 @@ class IssuerSourceError(IdentityError):
     """An issuer source cannot be read (missing files, unreadable Secret, API failure)."""
 
 
+class StartupError(IdentityError):
+    """The service cannot start: an address cannot be bound, or the Kubernetes client
+    configuration cannot be loaded."""
+
+
 class InvalidRequest(IdentityError):
     """A Certify request lacks a field or carries an unusable value."""
 

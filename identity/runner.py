@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from identity.errors import StartupError
 from identity.issuer import bundle_from_pem
 from identity.server import IdentityServer, ServerConfig, tune_gc
 from identity.service import IssuancePolicy
@@ -67,13 +68,19 @@ def kubernetes_api_client(kubeconfig: Path | None) -> Any:
     """An ApiClient from ``kubeconfig``, else in-cluster config, else ~/.kube/config."""
     from kubernetes import client, config
 
-    if kubeconfig is not None:
-        return config.new_client_from_config(config_file=str(kubeconfig))
+    where = str(kubeconfig) if kubeconfig is not None else "in-cluster or ~/.kube/config"
     try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()
+        if kubeconfig is not None:
+            return config.new_client_from_config(config_file=str(kubeconfig))
+        try:
+            config.load_incluster_config()
+            return client.ApiClient()
+        except config.ConfigException:
+            return config.new_client_from_config()
+    except Exception as e:  # ConfigException, OSError, and TypeError etc. from a malformed file
+        raise StartupError(
+            f"cannot load the Kubernetes client configuration ({where}): {e}"
+        ) from None
 
 
 def build(options: ServeOptions) -> IdentityServer:

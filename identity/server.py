@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from identity.admin import AdminServer
 from identity.bundlereports import BundleReports
-from identity.errors import RESULT_INTERNAL, IssuerNotReady, status_of
+from identity.errors import RESULT_INTERNAL, IssuerNotReady, StartupError, status_of
 from identity.issuer import Issuer
 from identity.metrics import IdentityCollector, IssuanceStats, ReloadStats, new_registry
 from identity.service import Certifier, IssuancePolicy
@@ -57,6 +58,29 @@ def split_hostport(addr: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"address {addr!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def check_address_free(addr: str) -> None:
+    """Raise :class:`StartupError` unless ``addr`` can be bound now.
+
+    grpc sets ``SO_REUSEPORT`` on its listening sockets (the worker processes rely on it), so
+    binding a port another server already holds would quietly share that server's connections
+    instead of failing. A probe socket without ``SO_REUSEPORT`` cannot bind such a port.
+    """
+    host, port = split_hostport(addr)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(f"cannot listen on {addr}: {e.strerror}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                raise StartupError(f"cannot listen on {addr}: {e.strerror}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,21 +358,33 @@ class IdentityServer:
         return True, f"ready: issuer {issuer.fingerprint[:16]}"
 
     async def start(self) -> None:
+        """Load the issuer, then listen; on any failure, stop what was started and raise."""
         await asyncio.to_thread(self.watcher.reload)
+        try:
+            await self._listen()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _listen(self) -> None:
         host, _ = split_hostport(self.config.listen)
+        check_address_free(self.config.listen)
         server = grpc.aio.server(options=self.config.grpc_options())
         identity_pb2_grpc.add_IdentityServicer_to_server(
             IdentityServicer(self.certifier, self.stats, self.reports), server
         )
         target = grpc_target(self.config.listen)
-        if self.config.tls:
-            self.serving.refresh()  # raises IssuerNotReady: TLS cannot start without an issuer
-            creds = grpc.dynamic_ssl_server_credentials(
-                self.serving.grpc_config(), self.serving.fetch
-            )
-            self.port = server.add_secure_port(target, creds)
-        else:
-            self.port = server.add_insecure_port(target)
+        try:
+            if self.config.tls:
+                self.serving.refresh()  # raises IssuerNotReady: TLS cannot start without an issuer
+                creds = grpc.dynamic_ssl_server_credentials(
+                    self.serving.grpc_config(), self.serving.fetch
+                )
+                self.port = server.add_secure_port(target, creds)
+            else:
+                self.port = server.add_insecure_port(target)
+        except RuntimeError as e:  # grpc's "Failed to bind to address ..."
+            raise StartupError(f"cannot listen on {self.config.listen}: {e}") from None
         await server.start()
         self._grpc = server
         if self._workers > 1:
@@ -362,7 +398,13 @@ class IdentityServer:
             self._pool = pool
         if self.config.admin_listen is not None:
             self._admin = AdminServer(self.registry, self.readiness)
-            self.admin_port = await self._admin.start(*split_hostport(self.config.admin_listen))
+            try:
+                self.admin_port = await self._admin.start(*split_hostport(self.config.admin_listen))
+            except OSError as e:
+                self._admin = None
+                raise StartupError(
+                    f"cannot listen on {self.config.admin_listen}: {e.strerror or e}"
+                ) from None
         self._watch_task = asyncio.create_task(self.watcher.run())
         log.info("identity service listening on %s:%d (tls=%s)", host, self.port, self.config.tls)
 

@@ -12,6 +12,7 @@ import pytest
 from identity_testkit import DOMAIN, Env, csr_for, identity
 from prometheus_client.parser import text_string_to_metric_families
 
+from identity.errors import StartupError
 from identity.server import IdentityServer, RefusalLog, ServerConfig, tune_gc
 from identity.sources import StoreSource
 from pki.certs import Certificate, utcnow
@@ -282,3 +283,30 @@ def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> Non
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_an_address_in_use_is_refused_and_nothing_is_left_running(
+    env: Env, server: IdentityServer
+) -> None:
+    # grpc sets SO_REUSEPORT on its listening sockets, so a second server on a taken port
+    # would silently share its connections instead of failing.
+    def second(**kw: str) -> IdentityServer:
+        config = ServerConfig(**kw)  # type: ignore[arg-type]
+        return IdentityServer(config, StoreSource(env.store), env.validator(utcnow), clock=utcnow)
+
+    taken = f"127.0.0.1:{server.port}"
+    other = second(listen=taken)
+    try:
+        with pytest.raises(StartupError, match=f"cannot listen on {taken}: .*in use"):
+            await other.start()
+    finally:
+        await other.stop(0)
+    # The admin port taken: refused too, and the gRPC server it had started is stopped.
+    other = second(admin_listen=f"127.0.0.1:{server.admin_port}")
+    with pytest.raises(StartupError, match="in use"):
+        await other.start()
+    assert other.port != 0
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(other.port, request(env))
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    await call(server.port, request(env))  # the first server still serves alone

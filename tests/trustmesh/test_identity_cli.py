@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -116,3 +117,55 @@ async def test_serve_subprocess_tls_with_workers(
                 proc.kill()
                 proc.wait()
     assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
+
+
+def test_serve_startup_errors_are_one_line(
+    make_store: Callable[..., FileStore], tmp_path: Path, capsys: object
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    garbage = tmp_path / "anchors.pem"
+    garbage.write_bytes(b"not a certificate")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+    )
+    serve = ["identity", "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    cases = [
+        (["--issuer-dir", str(empty), "--kubeconfig", str(kubeconfig)], "holds no issuer files"),
+        (["--issuer-dir", str(empty), "--kubeconfig", str(tmp_path / "none")], "Kubernetes"),
+        (["--kubernetes", "--kubeconfig", str(empty / "none")], "Kubernetes"),
+        (["--issuer-dir", str(empty), "--kubeconfig", str(kubeconfig),
+          "--trust-anchors", str(garbage)], "trust anchors"),
+        (["--store", str(make_store(utcnow()).root), "--issuance-lifetime", "99999999d"],
+         "issuance lifetime"),
+    ]  # fmt: skip
+    for args, text in cases:
+        code, out, err = run(serve + args, capsys)
+        assert (code, err.count("\n"), text in err) == (1, 1, True), (args, err)
+        assert err.startswith("error: ") and out == ""
+
+
+def test_serve_on_a_port_in_use_exits_with_one_line(
+    make_store: Callable[..., FileStore],
+) -> None:
+    import grpc
+
+    store = make_store(utcnow())
+    taken = grpc.server(ThreadPoolExecutor(1))  # a grpc server: its socket has SO_REUSEPORT
+    port = taken.add_insecure_port("127.0.0.1:0")
+    taken.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "trustmesh", "identity", "serve", "--store", str(store.root),
+             "--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        taken.stop(0)
+    lines = [line for line in proc.stderr.splitlines() if " INFO " not in line]
+    assert proc.returncode == 1
+    assert lines == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]

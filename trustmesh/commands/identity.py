@@ -152,7 +152,12 @@ def serve(**opts: Any) -> None:
                 loop.add_signal_handler(sig, stop.set)
         await run(options, stop)
 
-    asyncio.run(main())
+    from identity.errors import IdentityError
+
+    try:
+        asyncio.run(main())
+    except IdentityError as e:  # the issuer source, addresses, Kubernetes config: one line
+        raise CLIError(str(e)) from None
 
 
 @identity.command()
