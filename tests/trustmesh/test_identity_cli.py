@@ -169,3 +169,12 @@ def test_serve_on_a_port_in_use_exits_with_one_line(
     lines = [line for line in proc.stderr.splitlines() if " INFO " not in line]
     assert proc.returncode == 1
     assert lines == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_token_ttl_past_the_date_range_is_a_usage_error(
+    make_store: Callable[..., FileStore], capsys: object
+) -> None:
+    store = make_store(utcnow())
+    args = ["identity", "token", "--store", str(store.root), "-s", "web", "-n", "default"]
+    code, out, err = run([*args, "--ttl", "999999999d"], capsys)
+    assert (code, out, err.count("\n")) == (2, "", 1) and "--ttl" in err, err

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from pki.certs import utcnow
+from pki.durations import format_duration
 from pki.errors import PKIError
 from pki.keys import KeyAlgorithm
 from trustmesh.config import default_store_path, duration_option
@@ -182,11 +183,18 @@ def token(
     check_label("namespace", namespace)
     if ttl <= timedelta(0):
         raise CLIError("--ttl must be positive", EXIT_USAGE)
+    now = utcnow()
+    try:
+        now + ttl
+    except OverflowError:
+        raise CLIError(
+            f"--ttl {format_duration(ttl)} reaches past the year 9999", EXIT_USAGE
+        ) from None
     token = sign_workload_token(
         FileStore(store or default_store_path()),
         namespace,
         service_account,
-        now=utcnow(),
+        now=now,
         ttl=ttl,
         audience=audience,
     )
