@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.admin import AdminServer
 from proxy.errors import ConfigError
+from proxy.http1 import HEAD_TIMEOUT
 from proxy.inbound import Inbound
 from proxy.listener import DETECT_TIMEOUT, serve
 from proxy.meshtls import CredentialSource, KexPolicy, MeshCredentials, MeshTls
@@ -59,7 +60,14 @@ class ProxySettings:
     inbound_default_port: int | None = None
     inbound_ports: frozenset[int] | None = None
     detect_timeout: float = DETECT_TIMEOUT
+    head_timeout: float = HEAD_TIMEOUT  # seconds for a started request head to complete
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("detect_timeout", "head_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 class FileCredentials:
@@ -131,7 +139,11 @@ class Proxy:
         s = self.settings
         connector = Connector(self.tls, self.metrics, direction="outbound")
         self.outbound = out = Outbound(
-            self.routes, connector, self.metrics, detect_timeout=s.detect_timeout
+            self.routes,
+            connector,
+            self.metrics,
+            detect_timeout=s.detect_timeout,
+            head_timeout=s.head_timeout,
         )
         self.inbound = inb = Inbound(
             self.tls,
@@ -141,6 +153,7 @@ class Proxy:
             default_port=s.inbound_default_port,
             allowed_ports=s.inbound_ports,
             detect_timeout=s.detect_timeout,
+            head_timeout=s.head_timeout,
         )
         if s.admin is not None:
             admin = AdminServer(self.metrics, self.ready)
@@ -177,6 +190,13 @@ def _listen(raw: Any, default: Listen) -> Listen:
     if isinstance(raw, int):
         return Listen(default.host, raw)
     return Listen(str(raw.get("host", default.host)), int(raw.get("port", default.port)))
+
+
+def _seconds(config: Mapping[str, Any], name: str, default: float) -> float:
+    raw = config.get(name, default)
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return float(raw)
 
 
 def policy_from_dict(raw: Mapping[str, Any]) -> InboundPolicy:
@@ -236,7 +256,8 @@ def proxy_from_config(config: Mapping[str, Any], base: Path, clock: Callable[[],
             kex=KexPolicy(config.get("kex", "hybrid-required")),
             inbound_default_port=inbound.get("default_port"),
             inbound_ports=frozenset(int(p) for p in ports) if ports is not None else None,
-            detect_timeout=float(config.get("detect_timeout", DETECT_TIMEOUT)),
+            detect_timeout=_seconds(config, "detect_timeout", DETECT_TIMEOUT),
+            head_timeout=_seconds(config, "head_timeout", HEAD_TIMEOUT),
         )
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ConfigError):

@@ -43,6 +43,9 @@ MAX_PENDING_BODY = 1 << 20  # pause the client while this much body waits for an
 # refused: httptools buffers a header until it ends, so without a bound one endless header line
 # would grow the proxy's memory without limit.
 MAX_HEAD_BYTES = 64 * 1024
+# A client that starts a request head and does not finish it within this many seconds gets
+# 408 (slowloris): each stalled head would otherwise hold a connection and its buffer forever.
+HEAD_TIMEOUT = 30.0
 DECODE_STEP = 64 * 1024  # decoded body written per step, while the client keeps up
 
 # The one place where proxy errors become HTTP statuses (Linkerd's errors/respond.rs).
@@ -122,10 +125,21 @@ class Dispatcher(Protocol):
 class Http1Server:
     """Serves HTTP/1 requests arriving on ``link`` by forwarding them through ``dispatcher``."""
 
-    __slots__ = ("_loop", "dispatcher", "link", "parser", "parsing", "paused", "queue", "refusal")
+    __slots__ = (
+        "_loop", "dispatcher", "head_timeout", "head_timer", "link", "parser", "parsing",
+        "paused", "queue", "refusal",
+    )  # fmt: skip
 
-    def __init__(self, link: Link, dispatcher: Dispatcher, early: bytes = b"") -> None:
+    def __init__(
+        self,
+        link: Link,
+        dispatcher: Dispatcher,
+        early: bytes = b"",
+        head_timeout: float = HEAD_TIMEOUT,
+    ) -> None:
         self.link = link
+        self.head_timeout = head_timeout
+        self.head_timer: asyncio.TimerHandle | None = None  # armed while a head is arriving
         self.dispatcher = dispatcher
         self._loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
@@ -157,6 +171,8 @@ class Http1Server:
             return
         parsing = self.parsing
         if parsing is not None and not parsing.method:  # the head is still arriving
+            if self.head_timer is None:
+                self.head_timer = self._loop.call_later(self.head_timeout, self._head_timed_out)
             parsing.head_bytes += len(data)
             if parsing.head_bytes > MAX_HEAD_BYTES:
                 self._bad_request(
@@ -195,6 +211,9 @@ class Http1Server:
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         parser = self.parser
         ex.method = parser.get_method()
         ex.is_head = ex.method == b"HEAD"
@@ -240,6 +259,8 @@ class Http1Server:
             self.link.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
         while self.queue:
             ex = self.queue.popleft()
             if ex.link is not None:
@@ -339,10 +360,25 @@ class Http1Server:
         ex.close_after = close
         self._complete(ex, link, reusable=False)
 
-    def _bad_request(self, why: str, status: bytes = b"400 Bad Request") -> None:
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if not self.link.closed and not self.refusal:
+            self._bad_request(
+                f"the request head was not complete within {self.head_timeout:g}s",
+                b"408 Request Timeout",
+                malformed=False,
+            )
+
+    def _bad_request(
+        self, why: str, status: bytes = b"400 Bad Request", *, malformed: bool = True
+    ) -> None:
         """Refuse what the client sent (before it was forwarded) and close the connection,
         once the requests pipelined before it are answered."""
-        reason = f"malformed HTTP/1.1 request: {why}".replace("\r", " ").replace("\n", " ")
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        reason = f"malformed HTTP/1.1 request: {why}" if malformed else why
+        reason = reason.replace("\r", " ").replace("\n", " ")
         self.refusal = (
             b"HTTP/1.1 %b\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\nconnection: close\r\n\r\n"
             % (status, reason.encode("latin-1", "replace"))

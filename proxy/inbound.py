@@ -18,7 +18,7 @@ import logging
 
 from proxy.detect import Detected, Proto
 from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError, UnknownRoute
-from proxy.http1 import Exchange, Http1Server
+from proxy.http1 import HEAD_TIMEOUT, Exchange, Http1Server
 from proxy.link import NULL_SINK, Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
 from proxy.meshtls import HandshakeInfo, MeshTls
@@ -211,6 +211,7 @@ class Inbound:
         default_port: int | None = None,
         allowed_ports: frozenset[int] | None = None,
         detect_timeout: float = DETECT_TIMEOUT,
+        head_timeout: float = HEAD_TIMEOUT,
     ) -> None:
         self.tls = tls
         self.policy = policy
@@ -219,6 +220,7 @@ class Inbound:
         self.default_port = default_port
         self.allowed_ports = allowed_ports
         self.detect_timeout = detect_timeout
+        self.head_timeout = head_timeout
         self.loop = asyncio.get_running_loop()
         self.connector = Connector(None, metrics, direction="inbound")
         self.pool = Pool(clock=self.loop.time)
@@ -289,7 +291,7 @@ class Inbound:
             conn.link.abort()
             return
         if proto is Proto.HTTP1:
-            Http1Server(conn.link, InboundHttp(self, conn), early)
+            Http1Server(conn.link, InboundHttp(self, conn), early, self.head_timeout)
             return
         decision = authorize(self.policy.current(), conn.port, conn.client_id, conn.ip)
         if not decision.allowed:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from proxy.balancer import PeakEwmaBalancer
 from proxy.detect import Detected, Proto
 from proxy.errors import ProxyError, UnknownRoute
-from proxy.http1 import Exchange, Http1Server
+from proxy.http1 import HEAD_TIMEOUT, Exchange, Http1Server
 from proxy.link import Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
 from proxy.metrics import HttpSeries, ProxyMetrics
@@ -128,12 +128,14 @@ class Outbound:
         metrics: ProxyMetrics,
         *,
         detect_timeout: float = DETECT_TIMEOUT,
+        head_timeout: float = HEAD_TIMEOUT,
         rng: random.Random | None = None,
     ) -> None:
         self.routes = routes
         self.connector = connector
         self.metrics = metrics
         self.detect_timeout = detect_timeout
+        self.head_timeout = head_timeout
         self.loop = asyncio.get_running_loop()
         self.clock = self.loop.time
         self.pool = Pool(clock=self.clock)
@@ -166,7 +168,7 @@ class Outbound:
 
     def _detected_outbound_port(self, link: Link, verdict: Detected, buffered: bytes) -> None:
         if verdict.proto is Proto.HTTP1:
-            Http1Server(link, self.http, buffered)
+            Http1Server(link, self.http, buffered, self.head_timeout)
         else:
             link.close()  # no original destination to send opaque bytes to
 
@@ -197,7 +199,7 @@ class UpstreamListener:
 
     def _detected(self, link: Link, verdict: Detected, buffered: bytes) -> None:
         if verdict.proto is Proto.HTTP1:
-            Http1Server(link, self.http, buffered)
+            Http1Server(link, self.http, buffered, self.outbound.head_timeout)
             return
         svc = self.outbound.routes.by_name(self.service)
         if svc is None:

@@ -156,3 +156,21 @@ def test_curl_through_two_proxy_processes_with_hybrid_mesh_tls(pki, tmp_path, pr
     raw = pcap.read_bytes()
     assert SECRET.encode() not in raw and b"/hello" not in raw and web_id.encode() not in raw
     assert os.stat(tmp_path / "web.key").st_mode & 0o777 == 0o600
+
+
+def test_timeouts_come_from_the_config_and_are_checked(tmp_path) -> None:
+    from proxy.app import ProxySettings, proxy_from_config
+    from proxy.errors import ConfigError
+
+    config = {
+        "identity": "web.default.serviceaccount.identity.trustmesh.cluster.local",
+        "credentials": {"chain": "c.pem", "key": "k.pem", "bundle": "b.pem"},
+        "head_timeout": 5,
+    }
+    proxy = proxy_from_config(config, tmp_path, time.monotonic)
+    assert proxy.settings.head_timeout == 5.0 and proxy.settings.detect_timeout == 10.0
+    for bad in (0, -1.0, "5", True):
+        with pytest.raises(ConfigError, match="head_timeout must be a positive number"):
+            ProxySettings(head_timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="head_timeout"):
+        proxy_from_config({**config, "head_timeout": "soon"}, tmp_path, time.monotonic)

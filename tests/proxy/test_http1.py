@@ -12,7 +12,7 @@ import pytest
 from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
-from proxy.http1 import MAX_HEAD_BYTES
+from proxy.http1 import HEAD_TIMEOUT, MAX_HEAD_BYTES
 from proxy.listener import serve
 from proxy.meshtls import MeshTls, StaticCredentials
 from proxy.policy import Authorization, DefaultPolicy, HttpRoute, InboundPolicy, Server
@@ -521,3 +521,33 @@ async def test_an_upstream_reset_inside_a_close_delimited_body_reaches_the_clien
             return
         # Only when the reset overtook the part (a loaded machine): the head never came.
         assert reply.startswith(b"HTTP/1.1 502"), reply
+
+
+async def test_a_request_head_that_never_ends_times_out_with_408(pki) -> None:
+    """A client that starts a request head and stalls (slowloris) gets 408 after the head
+    timeout, and the connection closes; a keep-alive connection idle between requests, with
+    no head started, is not timed out."""
+    app = _RawApp()
+    async with behind_the_mesh(pki, app) as mesh:
+        assert mesh.client.outbound is not None
+        assert mesh.client.outbound.head_timeout == HEAD_TIMEOUT == 30.0
+        mesh.client.outbound.head_timeout = 0.3
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+        try:
+            writer.write(b"GET /ok HTTP/1.1\r\nHost: api\r\n\r\n")
+            async with asyncio.timeout(5):
+                first = await reader.readuntil(b"ok")
+                await asyncio.sleep(0.5)  # idle longer than the timeout: not a stalled head
+                writer.write(b"GET /ok HTTP/1.1\r\nHost: api\r\n\r\n")
+                second = await reader.readuntil(b"ok")
+                started = asyncio.get_running_loop().time()
+                writer.write(b"GET /ok HTTP/1.1\r\nHost: a")
+                third = await reader.read(-1)
+                waited = asyncio.get_running_loop().time() - started
+        finally:
+            writer.close()
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")
+    assert third.startswith(b"HTTP/1.1 408 Request Timeout"), third
+    assert b"l5d-proxy-error: the request head was not complete within 0.3s" in third
+    assert 0.25 < waited < 2.0
+    assert len(app.heads) == 2
