@@ -22,11 +22,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from identity.admin import AdminServer
 from identity.bundlereports import BundleReports
-from identity.errors import RESULT_INTERNAL, IssuerNotReady, StartupError, status_of
+from identity.errors import (
+    RESULT_INTERNAL,
+    InvalidRequest,
+    IssuerNotReady,
+    StartupError,
+    status_of,
+)
 from identity.issuer import Issuer
 from identity.metrics import IdentityCollector, IssuanceStats, ReloadStats, new_registry
 from identity.service import Certifier, IssuancePolicy
@@ -176,6 +183,34 @@ class RefusalLog:
         )
 
 
+IDENTITY_SERVICE = "io.linkerd.proxy.identity.Identity"
+
+
+def parse_request(data: bytes) -> identity_pb2.CertifyRequest | None:
+    """grpc's request deserializer; None for bytes that are not a CertifyRequest, which Certify
+    then refuses like any other bad request (a raising deserializer makes grpc answer UNKNOWN
+    and log a traceback for every such call, bypassing the refusal log and the counters)."""
+    try:
+        return identity_pb2.CertifyRequest.FromString(data)
+    except DecodeError:
+        return None
+
+
+def add_identity_service(servicer: IdentityServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` (the generated registration, with :func:`parse_request`)."""
+    handlers = {
+        "Certify": grpc.unary_unary_rpc_method_handler(
+            servicer.Certify,
+            request_deserializer=parse_request,
+            response_serializer=identity_pb2.CertifyResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(IDENTITY_SERVICE, handlers),)
+    )
+    server.add_registered_method_handlers(IDENTITY_SERVICE, handlers)
+
+
 class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     """Adapts :class:`Certifier` to gRPC: one status per refusal, metrics per call, and an
     audit line per certificate issued (identity, serial, NotAfter, issuer, peer). Tokens and
@@ -194,21 +229,28 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         self._refusals = refusals or RefusalLog()
 
     async def Certify(
-        self, request: identity_pb2.CertifyRequest, context: grpc.aio.ServicerContext
+        self, request: identity_pb2.CertifyRequest | None, context: grpc.aio.ServicerContext
     ) -> identity_pb2.CertifyResponse:
         start = time.perf_counter()
         try:
+            if request is None:
+                raise InvalidRequest(
+                    "the request is not a CertifyRequest (malformed protobuf, or a string "
+                    "field that is not UTF-8)"
+                )
             issued = await self._certifier.certify(
                 request.identity, request.token, request.certificate_signing_request
             )
         except Exception as e:
             code, message, result = status_of(e)
+            name = request.identity[:253] if request is not None else ""
             if result == RESULT_INTERNAL:
-                log.exception("Certify for %r failed", request.identity[:253])
+                log.exception("Certify for %r failed", name)
             else:
-                self._refusals.refused(request.identity[:253], context.peer(), result, message)
+                self._refusals.refused(name, context.peer(), result, message)
             self._stats.observe(result, time.perf_counter() - start)
             await context.abort(code, message)
+        assert request is not None  # refused above (abort raises)
         until = Timestamp()
         until.FromDatetime(issued.valid_until)
         self._stats.observe("ok", time.perf_counter() - start)
@@ -370,9 +412,7 @@ class IdentityServer:
         host, _ = split_hostport(self.config.listen)
         check_address_free(self.config.listen)
         server = grpc.aio.server(options=self.config.grpc_options())
-        identity_pb2_grpc.add_IdentityServicer_to_server(
-            IdentityServicer(self.certifier, self.stats, self.reports), server
-        )
+        add_identity_service(IdentityServicer(self.certifier, self.stats, self.reports), server)
         target = grpc_target(self.config.listen)
         try:
             if self.config.tls:

@@ -159,10 +159,15 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
 
     from identity.issuer import Issuer, bundle_from_pem, credential_from_pems
     from identity.metrics import IssuanceStats
-    from identity.server import IdentityServicer, ServingCertificate, grpc_target, tune_gc
+    from identity.server import (
+        IdentityServicer,
+        ServingCertificate,
+        add_identity_service,
+        grpc_target,
+        tune_gc,
+    )
     from identity.service import Certifier
     from pki.certs import utcnow
-    from protos import identity_pb2_grpc
 
     config = spec.config
     loop = asyncio.get_running_loop()
@@ -192,9 +197,7 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
 
     threading.Thread(target=receive, daemon=True).start()
     server = grpc.aio.server(options=config.grpc_options())
-    identity_pb2_grpc.add_IdentityServicer_to_server(
-        IdentityServicer(certifier, stats, reports), server
-    )
+    add_identity_service(IdentityServicer(certifier, stats, reports), server)
     if config.tls:
         await asyncio.to_thread(first_issuer.wait, 30.0)
         serving = ServingCertificate(config.server_identity, certifier, utcnow)

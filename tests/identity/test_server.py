@@ -310,3 +310,22 @@ async def test_an_address_in_use_is_refused_and_nothing_is_left_running(
         await call(other.port, request(env))
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     await call(server.port, request(env))  # the first server still serves alone
+
+
+async def test_a_request_that_is_not_a_certify_request_is_invalid_argument(
+    env: Env, server: IdentityServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpc answers a deserializer exception with UNKNOWN and logs a traceback per call,
+    # unrated and uncounted; a client looping on a bad encoder would flood the log.
+    caplog.set_level(logging.WARNING)
+    identity_field = b"\x0a\x03\xff\xfe\xfd"  # field 1 (a proto3 string) not UTF-8
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        raw = ch.unary_unary("/io.linkerd.proxy.identity.Identity/Certify")
+        for body in (identity_field, b"\xff\xff\xff"):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await raw(body, timeout=10)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a CertifyRequest" in (info.value.details() or "")
+    assert server.stats.results["invalid_request"] == 2
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    assert "Traceback" not in caplog.text
