@@ -23,7 +23,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -205,6 +205,15 @@ class IdentityClient:
             raise IdentityClientError(f"the issued certificate is not acceptable: {e}") from None
         if leaf.not_after <= now:
             raise IdentityClientError("the issued certificate is already expired")
+        # Linkerd's proxy takes valid_until as the expiry and refuses one already past: an
+        # answer that contradicts itself is not used, whatever the leaf says.
+        if not response.HasField("valid_until"):
+            raise IdentityClientError("the response has no valid_until")
+        valid_until = response.valid_until.ToDatetime(tzinfo=UTC)
+        if valid_until <= now:
+            raise IdentityClientError(
+                f"the response's valid_until {valid_until.isoformat()} is already past"
+            )
         self._install(credential, now)
         return credential
 

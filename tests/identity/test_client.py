@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from identity_testkit import Env, identity, make_env
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,8 +20,10 @@ from identity.client import Backoff, IdentityClient, IdentityClientConfig, next_
 from identity.server import IdentityServer, ServerConfig
 from identity.sources import StoreSource
 from pki.bundle import TrustBundle
-from pki.certs import create_anchor, utcnow
+from pki.certs import create_anchor, issue_leaf, utcnow
+from pki.csr import validate_csr
 from pki.keys import KeyAlgorithm, PrivateKey
+from protos import identity_pb2, identity_pb2_grpc
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 H = timedelta(hours=1)
@@ -182,3 +188,77 @@ async def test_tls_client_against_tls_server(tmp_path: Path, algorithm: KeyAlgor
         assert cred.chain[0].key_algorithm is algorithm  # the issuer that signed the leaf
     finally:
         await srv.stop(0)
+
+
+class TamperingIdentity(identity_pb2_grpc.IdentityServicer):
+    """A real gRPC server that signs with the real issuer, then spoils the answer as told
+    (a broken or hostile identity service)."""
+
+    def __init__(self, env: Env) -> None:
+        state = env.store.load()
+        self.issuer = state.require_issuer()
+        self.spoil: Callable[[identity_pb2.CertifyResponse, Any], None] = lambda r, csr: None
+
+    async def Certify(
+        self, request: identity_pb2.CertifyRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.CertifyResponse:
+        csr = validate_csr(request.certificate_signing_request)
+        leaf = issue_leaf(csr.public_key, request.identity, self.issuer, now=utcnow())
+        until = Timestamp()
+        until.FromDatetime(leaf.not_after)
+        response = identity_pb2.CertifyResponse(
+            leaf_certificate=leaf.der,
+            intermediate_certificates=[c.der for c in self.issuer.full_chain],
+            valid_until=until,
+        )
+        self.spoil(response, csr)
+        return response
+
+
+async def test_refuses_answers_it_must_not_use(env: Env) -> None:
+    servicer = TamperingIdentity(env)
+    server = grpc.aio.server()
+    identity_pb2_grpc.add_IdentityServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        bundle = env.store.load().require_bundle()
+        client = IdentityClient(
+            IdentityClientConfig(f"127.0.0.1:{port}", identity()),
+            env.token,
+            lambda: bundle,
+            clock=utcnow,
+            rand=lambda: 0.0,
+        )
+        await client.step()
+        good = client.current()
+        assert good is not None and client.refreshes == {"ok": 1, "error": 0}
+
+        def other_identity(r: identity_pb2.CertifyResponse, csr: Any) -> None:
+            leaf = issue_leaf(csr.public_key, identity("db"), servicer.issuer, now=utcnow())
+            r.leaf_certificate = leaf.der
+
+        def other_key(r: identity_pb2.CertifyResponse, csr: Any) -> None:
+            key = PrivateKey.generate().public_key()
+            r.leaf_certificate = issue_leaf(key, identity(), servicer.issuer, now=utcnow()).der
+
+        def past_valid_until(r: identity_pb2.CertifyResponse, csr: Any) -> None:
+            r.valid_until.FromDatetime(utcnow() - H)
+
+        def empty(r: identity_pb2.CertifyResponse, csr: Any) -> None:
+            r.Clear()
+
+        cases = [
+            (other_identity, "was expected"),
+            (other_key, "does not match"),
+            (past_valid_until, "valid_until"),
+            (empty, "not a DER certificate"),
+        ]
+        for n, (spoil, text) in enumerate(cases, start=1):
+            servicer.spoil = spoil
+            await client.step()
+            assert text in (client.last_error or ""), (spoil.__name__, client.last_error)
+            assert client.current() is good, spoil.__name__  # the old certificate stays
+            assert client.refreshes == {"ok": 1, "error": n}
+    finally:
+        await server.stop(0)
