@@ -45,3 +45,7 @@ class Unavailable(DestinationError):
 
 class SourceError(DestinationError):
     """A discovery source (mesh file, Kubernetes API) failed; the last good state is kept."""
+
+
+class StartupError(DestinationError):
+    """The server cannot start: an address is in use or cannot be bound."""

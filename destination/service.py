@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ from destination.bundles import (
     refresh_bundle,
     store_provider,
 )
+from destination.errors import StartupError
 from destination.hub import Hub
 from destination.meshfile import MeshFileSource
 from destination.metrics import ServiceMetrics
@@ -59,6 +62,21 @@ def split_host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"address {text!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _bind_failure(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be bound, as the OS says it (grpc's error does not)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return str(e.strerror)
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                return str(e.strerror)
+    return "the gRPC server could not bind it"
 
 
 class DestinationServer:
@@ -135,6 +153,9 @@ class DestinationServer:
             self._spawn(self.trust_roots.run(self._stop))
         server = grpc.aio.server(
             options=[
+                # grpc sets SO_REUSEPORT by default: a second server on a port already in use
+                # would then quietly take a share of its connections instead of failing.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", 10_000),
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 3_000),
@@ -144,17 +165,29 @@ class DestinationServer:
         add_services(server, self.hub, o.settings, self.metrics)
         host, port = split_host_port(o.listen)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if o.tls:
-            from destination.tls import server_credentials
+        try:
+            if o.tls:
+                from destination.tls import server_credentials
 
-            assert o.store is not None
-            self.port = server.add_secure_port(address, server_credentials(o.store, o.settings))
-        else:
-            self.port = server.add_insecure_port(address)
+                assert o.store is not None
+                creds = server_credentials(o.store, o.settings)
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind to address ...", without the reason
+            await self.stop(0)
+            raise StartupError(
+                f"cannot listen on {o.listen}: {_bind_failure(host, port)}"
+            ) from None
         await server.start()
         self._grpc = server
         admin_host, admin_port = split_host_port(o.admin_listen)
-        self.admin_port = await self._admin.start(admin_host, admin_port)
+        try:
+            self.admin_port = await self._admin.start(admin_host, admin_port)
+        except OSError as e:
+            await self.stop(0)
+            reason = os.strerror(e.errno) if e.errno else str(e)  # asyncio rewords strerror
+            raise StartupError(f"cannot listen on {o.admin_listen}: {reason}") from None
         log.info("destination service on %s:%d (admin %d)", host, self.port, self.admin_port)
 
     def _spawn(self, coro: Any) -> None:

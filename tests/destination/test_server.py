@@ -10,11 +10,14 @@ import grpc
 import pytest
 from destination_testlib import WEB, WEB_1, eventually, write_atomic
 
+from destination.errors import StartupError
 from destination.service import DestinationServer, ServeOptions
 from protos import destination_pb2 as d
 from protos import destination_pb2_grpc as dg
 from protos import policy_pb2 as p
 from protos import policy_pb2_grpc as pg
+from trustmesh.cli import cli
+from trustmesh.errors import run_cli
 
 AUTHORITY = "web.default.svc.cluster.local:8080"
 WEB_ID = "web.default.serviceaccount.identity.trustmesh.cluster.local"
@@ -115,6 +118,39 @@ async def test_server_refuses_to_start_on_invalid_file(tmp_path: Path) -> None:
     ):
         await srv.start()
     await srv.stop()
+
+
+@pytest.mark.parametrize("which", ["listen", "admin_listen"])
+async def test_an_address_in_use_is_refused_and_the_first_server_keeps_it(
+    server: DestinationServer, mesh_file: Path, which: str
+) -> None:
+    # grpc's default SO_REUSEPORT would let a second server share the first one's port.
+    taken = {"listen": server.port, "admin_listen": server.admin_port}[which]
+    options = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", which: f"127.0.0.1:{taken}"}
+    second = DestinationServer(ServeOptions(mesh_file=mesh_file, **options))
+    with pytest.raises(
+        StartupError, match=f"cannot listen on 127.0.0.1:{taken}: Address already in use"
+    ):
+        await second.start()
+    await second.stop()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        for _ in range(8):  # with a shared port, some of these would reach the second server
+            call = dg.DestinationStub(ch).Get(
+                d.GetDestination(scheme="k8s", path=AUTHORITY, context_token="{}")
+            )
+            assert (await read(call)).WhichOneof("update") == "add"
+            call.cancel()
+
+
+def test_cli_port_in_use_is_one_line_and_exit_1(
+    server: DestinationServer, mesh_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["destination", "serve", "--mesh-file", str(mesh_file),
+            "--listen", f"127.0.0.1:{server.port}", "--admin-listen", "127.0.0.1:0"]  # fmt: skip
+    assert run_cli(cli, args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: cannot listen on 127.0.0.1:{server.port}: Address already in use"
+    assert not any("Traceback" in line for line in err)
 
 
 async def test_policy_streams(server: DestinationServer, mesh_file: Path) -> None:

@@ -76,7 +76,7 @@ def serve(
     log_level: str,
 ) -> None:
     """Run the destination service until SIGTERM/SIGINT."""
-    from destination.errors import DestinationError
+    from destination.errors import DestinationError, StartupError
     from destination.resources import MeshSettings
     from destination.service import DestinationServer, ServeOptions
     from pki.names import check_label, check_trust_domain
@@ -106,6 +106,8 @@ def serve(
         server = DestinationServer(options, kube_api=kube_api)
         try:
             await server.start()
+        except StartupError as e:
+            raise CLIError(str(e)) from None
         except DestinationError as e:
             raise CLIError(str(e), EXIT_INVALID_MESH_FILE) from None
         # Everything loaded so far lives for the whole run: keep it out of the cyclic GC's
