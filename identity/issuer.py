@@ -1,7 +1,9 @@
 """The issuer the service signs with, and the checks a candidate issuer must pass before use.
 
-An issuer is accepted only when its key matches its certificate, the certificate is a CA, and it
-verifies against the trust anchors at the time of loading (Linkerd's ``loadCredentials`` order).
+An issuer is accepted only when its key matches its certificate, the certificate is a CA, it
+verifies against the trust anchors at the time of loading (Linkerd's ``loadCredentials`` order),
+and a certificate it issues verifies too (a CA whose key usage, path length or algorithm stops
+it from signing verifiable leaves would otherwise be installed and break every renewal).
 Both Secret formats are understood: Linkerd's ``crt.pem``/``key.pem`` and cert-manager's
 ``kubernetes.io/tls`` ``tls.crt``/``tls.key``/``ca.crt``.
 """
@@ -14,10 +16,13 @@ from datetime import datetime
 
 from identity.errors import IssuerRejected, IssuerSourceError
 from pki.bundle import TrustBundle
-from pki.certs import Credential, load_pem_chain
+from pki.certs import Credential, issue_leaf, load_pem_chain
 from pki.errors import PKIError
 from pki.keys import PrivateKey
-from pki.verify import verify_chain
+from pki.verify import verify_chain, verify_leaf
+
+# The name on the probe leaf issued (and thrown away) when an issuer is checked.
+_PROBE_NAME = "issuer-check.trustmesh.invalid"
 
 # Linkerd's scheme linkerd.io/tls, and kubernetes.io/tls as cert-manager writes it.
 LINKERD_CRT, LINKERD_KEY = "crt.pem", "key.pem"
@@ -72,6 +77,14 @@ def check_issuer(
         raise IssuerRejected(
             f"issuer from {source} ({cert.subject}) does not verify against the "
             f"{len(bundle.anchors)} trust anchor(s): {e}"
+        ) from None
+    try:
+        probe = issue_leaf(PrivateKey.generate().public_key(), _PROBE_NAME, credential, now=at)
+        verify_leaf(probe, credential.full_chain, bundle, at=at, expected_identity=_PROBE_NAME)
+    except (PKIError, ValueError) as e:
+        raise IssuerRejected(
+            f"issuer from {source} ({cert.subject}) cannot issue a certificate that verifies "
+            f"against the trust anchors: {e}"
         ) from None
     return Issuer(credential, bundle, source)
 
