@@ -111,7 +111,13 @@ def build(options: ServeOptions) -> IdentityServer:
     if options.token_validator == "local":
         assert options.store is not None
         key = tokens.token_signing_key(FileStore(options.store), now=utcnow())
-        validator = LocalTokenValidator(key, domain, clock=utcnow, audience=options.token_audience)
+        validator = LocalTokenValidator(
+            key,
+            domain,
+            clock=utcnow,
+            audience=options.token_audience,
+            leeway=options.clock_skew,
+        )
         spec = ValidatorSpec("local", options.token_audience, local_key_pem=key.to_pem())
     else:
         validator = KubernetesTokenValidator(api, domain, audience=options.token_audience)

@@ -139,7 +139,11 @@ class VerifiedTokenCache:
 
 
 class LocalTokenValidator:
-    """Verifies locally signed workload tokens (ES256, key held by the control plane)."""
+    """Verifies locally signed workload tokens (ES256, key held by the control plane).
+
+    ``leeway`` widens the token's validity window at both ends for clocks that disagree (the
+    service passes its clock-skew allowance; Kubernetes allows a minute for its own tokens).
+    """
 
     def __init__(
         self,
@@ -150,10 +154,14 @@ class LocalTokenValidator:
         audience: str = DEFAULT_AUDIENCE,
         issuer: str = tokens.DEFAULT_TOKEN_ISSUER,
         cache_size: int = DEFAULT_TOKEN_CACHE_SIZE,
+        leeway: timedelta = timedelta(0),
     ) -> None:
-        self._verifier = tokens.TokenVerifier(key, audience=audience, issuer=issuer)
+        if leeway < timedelta(0):
+            raise ValueError(f"token leeway must not be negative, got {leeway}")
+        self._verifier = tokens.TokenVerifier(key, audience=audience, issuer=issuer, leeway=leeway)
         self._domain = domain
         self._clock = clock
+        self.leeway = leeway
         self.cache = VerifiedTokenCache(cache_size)
 
     def check(self, token: bytes) -> Identity:
@@ -171,7 +179,7 @@ class LocalTokenValidator:
                 claims.audience == self._verifier.audience
                 and claims.issuer == self._verifier.issuer
             ):
-                claims.check_time(now)
+                claims.check_time(now, self.leeway)
                 return identity
         claims = self._verifier.verify(token, now=now)
         identity = identity_from_username(claims.subject, self._domain)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,16 @@ def _issuer_message(issuer: Any) -> tuple[str, bytes, bytes, bytes, str]:
     return ("issuer", cred.chain_pem(), cred.key.to_pem(), issuer.bundle.pem(), issuer.source)
 
 
-def build_validator(spec: ValidatorSpec, domain: Any, clock: Callable[[], Any]) -> Any:
+def build_validator(
+    spec: ValidatorSpec, domain: Any, clock: Callable[[], Any], leeway: timedelta
+) -> Any:
     from identity.validators import KubernetesTokenValidator, LocalTokenValidator
     from pki.keys import PrivateKey
 
     if spec.kind == "local":
         assert spec.local_key_pem is not None
         key = PrivateKey.load(spec.local_key_pem)
-        return LocalTokenValidator(key, domain, clock=clock, audience=spec.audience)
+        return LocalTokenValidator(key, domain, clock=clock, audience=spec.audience, leeway=leeway)
     from identity.runner import kubernetes_api_client
 
     return KubernetesTokenValidator(
@@ -172,7 +175,9 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
     config = spec.config
     loop = asyncio.get_running_loop()
     certifier = Certifier(
-        config.policy, build_validator(spec.validator, config.domain, utcnow), clock=utcnow
+        config.policy,
+        build_validator(spec.validator, config.domain, utcnow, config.policy.clock_skew),
+        clock=utcnow,
     )
     stats = IssuanceStats()
     reports = BundleReports()

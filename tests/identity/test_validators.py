@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,6 +71,36 @@ def test_cached_token_still_honours_its_window(env: Env) -> None:
     with pytest.raises(TokenNotYetValid):
         v.check(token)
     assert v.cache.hits == 3  # both refusals came from the cached entry's window
+
+
+def test_local_tokens_get_the_clock_skew_allowance(env: Env, tmp_path: Path) -> None:
+    # Kubernetes accepts ServiceAccount tokens up to a minute outside their window (go-jose's
+    # default leeway); the embedded counterpart allows the service's --clock-skew, and no more,
+    # whether the token is verified or comes from the cache.
+    t0 = env.now.replace(microsecond=0)
+    clock = Clock(t0)
+    skew = timedelta(seconds=20)
+    v = LocalTokenValidator(env.token_key, DOMAIN, clock=clock, leeway=skew)
+    token = env.token(issued=t0, ttl=timedelta(minutes=10))
+    for at, ok in [
+        (t0 - timedelta(seconds=19), True),  # a minter's clock 19 s ahead of ours
+        (t0 - timedelta(seconds=21), False),
+        (t0 + timedelta(minutes=10, seconds=19), True),  # 19 s past exp
+        (t0 + timedelta(minutes=10, seconds=20), False),
+    ]:
+        for _ in range(2):  # verified, then from the cache
+            clock.now = at
+            if ok:
+                assert v.check(token) == Identity("web", "default")
+            else:
+                with pytest.raises((TokenExpired, TokenNotYetValid)):
+                    v.check(token)
+    assert v.cache.hits >= 4
+    # `identity serve` wires its --clock-skew into the validator.
+    from identity.runner import ServeOptions, build
+
+    server = build(ServeOptions(store=env.store.root, clock_skew=timedelta(seconds=7)))
+    assert server.certifier.validator.leeway == timedelta(seconds=7)  # type: ignore[attr-defined]
 
 
 def test_cache_never_mixes_service_accounts(env: Env) -> None:
