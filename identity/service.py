@@ -194,3 +194,7 @@ class Certifier:
             raise InvalidRequest("missing token")
         if not csr:
             raise InvalidRequest("missing certificate signing request")
+        if csr[:1] != b"\x30":  # a DER PKCS#10 request is a SEQUENCE
+            raise InvalidRequest(
+                "certificate signing request is not DER (PEM and other encodings are refused)"
+            )

@@ -104,6 +104,21 @@ async def test_csr_refusals(tenv: Env) -> None:
         await c.certify(name, tok, bytes(good))
 
 
+async def test_csr_must_be_der(tenv: Env) -> None:
+    # The wire carries DER (Linkerd's proxy sends csr.der; its controller refuses anything
+    # else); a PEM CSR is refused rather than quietly accepted.
+    import base64
+
+    c = certifier(tenv, T0)
+    name = identity()
+    body64 = base64.encodebytes(csr_for(name))
+    pem = b"-----BEGIN CERTIFICATE REQUEST-----\n" + body64 + b"-----END CERTIFICATE REQUEST-----\n"
+    for body in (pem, b"\n" + pem):
+        with pytest.raises(errors.InvalidRequest, match="not DER"):
+            await c.certify(name, tenv.token(), body)
+    assert status_of(errors.InvalidRequest("x"))[0].name == "INVALID_ARGUMENT"
+
+
 async def test_ml_dsa_allowed_when_configured(tenv: Env) -> None:
     policy = IssuancePolicy(allowed_algorithms=(KeyAlgorithm.ECDSA_P256, KeyAlgorithm.ML_DSA_65))
     c = certifier(tenv, T0, policy)
