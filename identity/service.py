@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_IDENTITY_BYTES = 253  # a DNS name
 # Far beyond any issuer's life (leaves are clamped to it anyway), and short enough that the
-# validity window can never overflow the date range.
+# validity window (now - skew .. now + lifetime + skew) can never overflow the date range.
 MAX_LIFETIME = timedelta(days=3650)
 
 
@@ -61,12 +61,10 @@ class IssuancePolicy:
                 f"issuance lifetime must be positive and at most {MAX_LIFETIME.days} days, "
                 f"got {format_duration(self.lifetime)}"
             )
-        if self.clock_skew < timedelta(0):
-            raise ValueError(f"clock skew allowance must not be negative, got {self.clock_skew}")
-        if self.clock_skew > self.lifetime:
+        if not timedelta(0) <= self.clock_skew <= MAX_LIFETIME:
             raise ValueError(
-                f"clock skew allowance {format_duration(self.clock_skew)} is longer than the "
-                f"issuance lifetime {format_duration(self.lifetime)}"
+                f"clock skew allowance must be between 0 and {MAX_LIFETIME.days} days, "
+                f"got {format_duration(self.clock_skew)}"
             )
         if not self.allowed_algorithms or not all(
             isinstance(a, KeyAlgorithm) for a in self.allowed_algorithms
