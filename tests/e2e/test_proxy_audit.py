@@ -30,6 +30,7 @@ BIG = 64 * MIB
 # What a proxy may grow by while 64 MiB stream through it or wait behind a stalled peer:
 # socket and TLS buffers, not the body.
 MAX_GROWTH = 24 * MIB
+HEAD_TIMEOUT_FLAGS = ("--head-timeout", "1")
 
 
 class _App:
@@ -157,7 +158,8 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audit]:
                 kit.start_identity()
                 kit.start_destination(Path(mesh_file))
             with kit.together():
-                kit.start_proxy("client-0", NS, "client", client)
+                # The head timeout comes from the command line (its default is 30 s).
+                kit.start_proxy("client-0", NS, "client", client, extra=HEAD_TIMEOUT_FLAGS)
                 kit.start_proxy("api-0", NS, "api", server, (app_port,))
             audit = Audit(kit, client)
             _wait_routable(audit)
@@ -263,3 +265,16 @@ def test_a_client_leaving_mid_response_spoils_no_pooled_connection(audit: Audit)
                 s.sendall(b"GET /ok HTTP/1.1\r\nHost: %b\r\nConnection: close\r\n\r\n" % API.encode())  # fmt: skip
                 reply = _read_all(s)
             assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"\r\n\r\nok"), reply
+
+
+def test_the_head_timeout_flag_reaches_the_proxy(audit: Audit) -> None:
+    """``trustmesh proxy run --head-timeout 1``: a client that starts a request head and stalls
+    gets 408 after about a second, not after the 30 s default."""
+    with audit.connect() as s:
+        start = time.monotonic()
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: %b\r\nX-Slow: " % API.encode())
+        reply = _read_all(s)
+        elapsed = time.monotonic() - start
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b"l5d-proxy-error" in reply.lower()
+    assert 0.8 <= elapsed < 10, elapsed

@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from proxy.http1 import HEAD_TIMEOUT
+from proxy.listener import DETECT_TIMEOUT
 from proxy.policy import DefaultPolicy
 from trustmesh.errors import EXIT_USAGE, CLIError
 from trustmesh.up.plan import parse_listen, parse_upstream
@@ -106,6 +108,21 @@ def proxy() -> None:
     show_default=True,
     help="For ports destination has not described (yet).",
 )
+@_opt(
+    "--detect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DETECT_TIMEOUT,
+    show_default=True,
+    help="Seconds a silent client may take to send its first bytes before the connection is "
+    "treated as opaque TCP.",
+)
+@_opt(
+    "--head-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=HEAD_TIMEOUT,
+    show_default=True,
+    help="Seconds a started HTTP/1 request head may take to complete (then 408).",
+)
 @_opt("--trust-domain", default="cluster.local", show_default=True)
 @_opt("--control-plane-namespace", default="trustmesh", show_default=True)
 @_opt("--cluster-domain", default="cluster.local", show_default=True)
@@ -163,6 +180,8 @@ def run(**o: Any) -> None:
             trust_domain=o["trust_domain"],
             control_plane_namespace=o["control_plane_namespace"],
             cluster_domain=o["cluster_domain"],
+            detect_timeout=o["detect_timeout"],
+            head_timeout=o["head_timeout"],
         )
         config.identity  # noqa: B018 - validates service account, trust domain and namespace
     except ValueError as e:

@@ -32,7 +32,8 @@ from proxy.control import (
     TrustAnchors,
     metric_registry,
 )
-from proxy.listener import tune_gc
+from proxy.http1 import HEAD_TIMEOUT
+from proxy.listener import DETECT_TIMEOUT, tune_gc
 from proxy.meshtls import KexPolicy
 from proxy.policy import DefaultPolicy
 
@@ -71,6 +72,8 @@ class SidecarConfig:
     control_plane_namespace: str = "trustmesh"
     cluster_domain: str = "cluster.local"
     startup_wait: float = 5.0  # for policies and upstream endpoints, once certified
+    detect_timeout: float = DETECT_TIMEOUT
+    head_timeout: float = HEAD_TIMEOUT
 
     def __post_init__(self) -> None:
         check_label("namespace", self.namespace)
@@ -145,6 +148,8 @@ class Sidecar:
             app_host=c.app_host,
             inbound_default_port=c.app_ports[0] if c.app_ports else None,
             inbound_ports=frozenset(c.app_ports) if c.app_ports else None,
+            detect_timeout=c.detect_timeout,
+            head_timeout=c.head_timeout,
         )
         self.proxy = Proxy(self.credentials, self.routes, self.policy, settings)
         self.metrics = ControlMetrics(self.credentials, registry)
