@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from proxy.listener import listen_error
 from proxy.metrics import ProxyMetrics
 
 _MAX_HEAD = 8192
@@ -29,7 +30,10 @@ class AdminServer:
         self.certificate = certificate
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        try:
+            return await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        except OSError as e:
+            raise listen_error("admin", host, port, e) from None
 
     def respond(self, method: str, path: str) -> tuple[int, str, bytes, str]:
         """(status, reason, body, content type) for one request; pure apart from reading state."""

@@ -158,12 +158,16 @@ class Proxy:
         if s.admin is not None:
             admin = AdminServer(self.metrics, self.ready)
             self.servers["admin"] = await admin.start(s.admin.host, s.admin.port)
-        self.servers["outbound"] = await serve(s.outbound.host, s.outbound.port, out.accept)
-        self.servers["inbound"] = await serve(s.inbound.host, s.inbound.port, inb.accept)
+        self.servers["outbound"] = await serve(
+            s.outbound.host, s.outbound.port, out.accept, what="outbound"
+        )
+        self.servers["inbound"] = await serve(
+            s.inbound.host, s.inbound.port, inb.accept, what="inbound"
+        )
         for listen, service in s.upstreams:
             listener = out.upstream_listener(service)
             self.servers[f"upstream:{service}"] = await serve(
-                listen.host, listen.port, listener.accept
+                listen.host, listen.port, listener.accept, what=f"upstream for {service}"
             )
 
     async def stop(self) -> None:

@@ -16,6 +16,10 @@ class ConfigError(ProxyError, ValueError):
     """A route table, policy, credential or listener setting is invalid."""
 
 
+class ListenError(ProxyError):
+    """A listener cannot bind its address (in use, not local, not permitted)."""
+
+
 class TransportHeaderError(ProxyError, ValueError):
     """A mesh transport header is malformed or too large."""
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from collections.abc import Callable
 
 from proxy.detect import MAX_TLS_BYTES, NEED_MORE, OPAQUE, Detected, detect
+from proxy.errors import ListenError
 from proxy.link import NULL_SINK, Link
 
 DETECT_TIMEOUT = 10.0
@@ -111,11 +113,26 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 50, 100)
 
 
+def listen_error(what: str, host: str, port: int, e: OSError) -> ListenError:
+    """The error for a listener that cannot bind, naming it, its address and the OS reason."""
+    reason = os.strerror(e.errno) if e.errno else str(e)  # asyncio rewords strerror
+    return ListenError(f"cannot listen on {host}:{port} ({what}): {reason}")
+
+
 async def serve(
-    host: str, port: int, on_accept: Callable[[Link], None], *, backlog: int = 1024
+    host: str,
+    port: int,
+    on_accept: Callable[[Link], None],
+    *,
+    backlog: int = 1024,
+    what: str = "listener",
 ) -> asyncio.Server:
-    """Listen on ``host:port`` (0 = any free port); ``on_accept`` receives each new link."""
+    """Listen on ``host:port`` (0 = any free port); ``on_accept`` receives each new link.
+    Raises :class:`ListenError` when the address cannot be bound."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: _AcceptedLink(on_accept), host, port, backlog=backlog, reuse_address=True
-    )
+    try:
+        return await loop.create_server(
+            lambda: _AcceptedLink(on_accept), host, port, backlog=backlog, reuse_address=True
+        )
+    except OSError as e:
+        raise listen_error(what, host, port, e) from None

@@ -1,11 +1,16 @@
-"""``trustmesh proxy run`` option checks: bad values are usage errors before anything starts."""
+"""``trustmesh proxy run`` start-up refusals: bad values are usage errors before anything
+starts, and an address in use is one line naming the listener."""
 
 from __future__ import annotations
 
+import socket
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from pki.rotation import init_anchor
+from pki.store import FileStore
 from trustmesh.cli import cli
 from trustmesh.errors import run_cli
 
@@ -24,3 +29,22 @@ def test_timeouts_must_be_positive_seconds(
             "--trust-anchors", str(anchors), flag, value]  # fmt: skip
     assert run_cli(cli, args) == 2
     assert f"Invalid value for '{flag}'" in capsys.readouterr().err
+
+
+def test_an_admin_address_in_use_is_one_line_naming_the_listener(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = FileStore(tmp_path / "store")
+    init_anchor(store, now=datetime.now(UTC))
+    anchors, token = tmp_path / "anchors.pem", tmp_path / "token"
+    anchors.write_bytes(store.trust_bundle().pem())
+    token.write_text("t")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["proxy", "run", "--workload", "w-0", "--token-file", str(token),
+                "--trust-anchors", str(anchors), "--admin-listen", f"127.0.0.1:{port}"]  # fmt: skip
+        assert run_cli(cli, args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: cannot listen on 127.0.0.1:{port} (admin): Address already in use"
