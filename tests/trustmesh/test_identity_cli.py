@@ -140,13 +140,17 @@ def test_serve_startup_errors_are_one_line(
         (["--kubernetes", "--kubeconfig", str(empty / "none")], "Kubernetes"),
         (["--issuer-dir", str(empty), "--kubeconfig", str(kubeconfig),
           "--trust-anchors", str(garbage)], "trust anchors"),
-        (["--store", str(make_store(utcnow()).root), "--issuance-lifetime", "99999999d"],
-         "issuance lifetime"),
     ]  # fmt: skip
-    for args, text in cases:
-        code, out, err = run(serve + args, capsys)
-        assert (code, err.count("\n"), text in err) == (1, 1, True), (args, err)
-        assert err.startswith("error: ") and out == ""
+    store = str(make_store(utcnow()).root)
+    usage = [  # a window it could not issue is refused before anything starts
+        (["--store", store, "--issuance-lifetime", "99999999d"], "issuance lifetime"),
+        (["--store", store, "--clock-skew", "99999999d"], "clock skew"),
+    ]
+    for expected, group in ((1, cases), (2, usage)):
+        for args, text in group:
+            code, out, err = run(serve + args, capsys)
+            assert (code, err.count("\n"), text in err) == (expected, 1, True), (args, err)
+            assert err.startswith("error: ") and out == ""
 
 
 def test_serve_on_a_port_in_use_exits_with_one_line(

@@ -112,6 +112,12 @@ def serve(**opts: Any) -> None:
         )
     except PKIError as e:
         raise CLIError(str(e), EXIT_USAGE) from None
+    from identity.service import IssuancePolicy
+
+    try:  # checked here so that a window it could not issue is a usage error, before startup
+        IssuancePolicy(opts["issuance_lifetime"], opts["clock_skew"], algorithms)
+    except ValueError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
     store = opts["store"]
     if not any(sources):
         store = default_store_path()
