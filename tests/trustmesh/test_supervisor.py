@@ -92,3 +92,33 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
     else:
         os.kill(child_pid, signal.SIGKILL)
         pytest.fail("child outlived its killed supervisor")
+
+
+# Spawns 600 children from a process that has used grpc, the way `trustmesh up` and the e2e
+# tests do. With the death signal set by a preexec_fn (fork instead of vfork, so grpc's fork
+# handlers run in the child) about 1 % of them crashed before their exec: measured with this
+# script, 13 of 1,000, and with preexec_fn restored it fails (P(no crash in 600) ~0.04 %).
+_SPAWN_STORM = """
+import sys
+from concurrent import futures
+from pathlib import Path
+import grpc
+import trustmesh.supervisor as S
+server = grpc.server(futures.ThreadPoolExecutor(2))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=10)
+sup = S.Supervisor(Path(sys.argv[1]))
+for i in range(600):
+    sup.start(S.ChildSpec(f"c{i % 4}", ("/bin/true",)))
+print(sum(c.proc.wait(10) != 0 for c in sup.children))
+server.stop(0)
+"""
+
+
+def test_children_of_a_grpc_process_start_cleanly(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _SPAWN_STORM, str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert int(done.stdout.strip().splitlines()[-1]) == 0
