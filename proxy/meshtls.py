@@ -27,8 +27,11 @@ from proxy.errors import ConfigError, KexRefused, PeerIdentityMismatch, TLSError
 from proxy.transport_header import ALPN
 
 HYBRID_GROUP = "X25519MLKEM768"
-# One hybrid key share in the ClientHello; X25519 stays acceptable to classical peers.
-GROUPS = b"X25519MLKEM768:X25519"
+# One hybrid key share in the ClientHello; X25519 stays acceptable to classical peers. The "/"
+# puts the groups in separate preference tuples (OpenSSL 3.5+): a server takes the hybrid group
+# whenever the client lists it, with a HelloRetryRequest if the client's first key share was
+# classical, instead of settling for that share (":" would let a client's X25519 share win).
+GROUPS = b"X25519MLKEM768/X25519"
 _READ = 65536
 # The data path calls OpenSSL through pyOpenSSL's cffi binding directly: pyOpenSSL's recv() and
 # bio_read() allocate a fresh 64 KiB buffer per call and signal "no more data" by raising
@@ -158,6 +161,13 @@ def _base_context(creds: MeshCredentials, *, server: bool) -> SSL.Context:
     assert store is not None
     for anchor in split_pem_certificates(creds.bundle_pem):
         store.add_cert(anchor)
+    if server:
+        # No resumption (as Linkerd): every connection verifies the peer's certificate against
+        # the current bundle, and there is no 0-RTT. NO_TICKET stops the encrypted (stateless)
+        # tickets, which OpenSSL then refused to resume with a fatal "session id context
+        # uninitialized"; with the cache off, an offered ticket just means a full handshake.
+        ctx.set_options(SSL.OP_NO_TICKET)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return ctx
 
 
