@@ -15,6 +15,7 @@ or trust bundle applies to new connections while live ones keep their session.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +52,10 @@ _AEAD16_SUITES = frozenset(
 )
 _RECORD_OVERHEAD = 22
 _ZERO_RETURN = _ossl.SSL_ERROR_ZERO_RETURN
+# What an identity may be made of: a DNS name or a URI (RFC 3986 characters). It becomes a
+# header line (l5d-client-id), a metrics label and a policy subject, so whitespace and control
+# characters (CR LF would add header lines) are refused even in a certificate our CA signed.
+_IDENTITY = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,1024}")
 
 
 class KexPolicy(enum.Enum):
@@ -220,6 +225,8 @@ class MeshTls:
 
     def client_session(self, peer_identity: str, *, alpn: bytes | None = ALPN) -> TlsSession:
         """A session to a peer that must present ``peer_identity`` (also sent as SNI)."""
+        if not _IDENTITY.fullmatch(peer_identity):
+            raise TLSError(f"discovery promised {peer_identity!r}: not a valid identity name")
         self.credentials  # noqa: B018
         assert self._client_ctx is not None
         conn = SSL.Connection(self._client_ctx, None)
@@ -423,6 +430,8 @@ class TlsSession:
         if self.kex is KexPolicy.HYBRID_REQUIRED and group != HYBRID_GROUP:
             raise KexRefused(f"the handshake negotiated {group}, and {HYBRID_GROUP} is required")
         identity = self.expected if self.expected is not None else (names[0] if names else None)
+        if identity is not None and not _IDENTITY.fullmatch(identity):
+            raise TLSError(f"the peer's certificate names {identity!r}: not a valid identity name")
         return HandshakeInfo(group, identity, alpn)
 
     @property
