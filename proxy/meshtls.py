@@ -409,7 +409,13 @@ class TlsSession:
             return self.drain()
         except SSL.Error as e:
             # Our alert, if any, stays queued: the driver drains and sends it before closing.
-            raise TLSError(f"TLS handshake failed: {_reason(e)}") from None
+            reason = _reason(e)
+            # "certificate verify failed" alone hides why: expired, unknown anchor, not a CA...
+            verify = _ossl.SSL_get_verify_result(self._ssl)
+            if verify != _ossl.X509_V_OK:
+                detail = _ffi.string(_ossl.X509_verify_cert_error_string(verify)).decode()
+                reason = f"{reason}: {detail}"
+            raise TLSError(f"TLS handshake failed: {reason}") from None
         out = self.drain()
         self.info = self._check()
         if conn.get_cipher_name() in _AEAD16_SUITES:

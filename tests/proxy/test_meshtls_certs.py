@@ -45,7 +45,12 @@ class Spec:
 
 
 def build(
-    spec: Spec, cn: str, key: PrivateKey, signer: PrivateKey, issuer: x509.Name
+    spec: Spec,
+    cn: str,
+    key: PrivateKey,
+    signer: PrivateKey,
+    issuer: x509.Name,
+    aki_key: object = None,  # the key the AKI names (default: the signer's)
 ) -> x509.Certificate:
     now = datetime.now(UTC)  # OpenSSL verifies against the wall clock
     pub = key.public_key()
@@ -59,7 +64,7 @@ def build(
         .not_valid_after(now + spec.not_after)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(aki_key or signer.public_key()),
             critical=False,
         )
         .add_extension(
@@ -126,54 +131,73 @@ def handshake(client: MeshCredentials, server: MeshCredentials, expect: str = AP
     return c.info, s.info
 
 
-# Certificates no proxy may accept from a peer, whichever side presents them.
-UNTRUSTED: dict[str, Callable[[Any, str], MeshCredentials]] = {
-    "expired": lambda pki, ident: forged(
-        pki, ident, Spec(not_before=timedelta(days=-2), not_after=timedelta(days=-1))
+# Certificates no proxy may accept from a peer, whichever side presents them, and the reason
+# OpenSSL's verifier gives (part of the error, so the test shows why each one failed).
+UNTRUSTED: dict[str, tuple[Callable[[Any, str], MeshCredentials], str]] = {
+    "expired": (
+        lambda pki, ident: forged(
+            pki, ident, Spec(not_before=timedelta(days=-2), not_after=timedelta(days=-1))
+        ),
+        "certificate has expired",
     ),
-    "not yet valid": lambda pki, ident: forged(
-        pki, ident, Spec(not_before=timedelta(days=1), not_after=timedelta(days=2))
+    "not yet valid": (
+        lambda pki, ident: forged(
+            pki, ident, Spec(not_before=timedelta(days=1), not_after=timedelta(days=2))
+        ),
+        "certificate is not yet valid",
     ),
-    "self-signed": lambda pki, ident: self_signed(pki, ident, Spec()),
-    "self-signed CA": lambda pki, ident: self_signed(pki, ident, Spec(ca=True, key_cert_sign=True)),
-    "signed by a leaf (CA:false)": lambda pki, ident: under(pki, ident, Spec(ca=False)),
-    "signed by a cert without basicConstraints": lambda pki, ident: under(
-        pki, ident, Spec(ca=None, key_cert_sign=True, eku=None)
+    "self-signed": (
+        lambda pki, ident: self_signed(pki, ident, Spec()),
+        "self-signed certificate",
     ),
-    "issuer path length exceeded": lambda pki, ident: under(
-        pki, ident, Spec(ca=True, key_cert_sign=True, eku=None)
+    "self-signed CA": (
+        lambda pki, ident: self_signed(pki, ident, Spec(ca=True, key_cert_sign=True)),
+        "self-signed certificate",
+    ),
+    "signed by a leaf (CA:false)": (
+        lambda pki, ident: under(pki, ident, Spec(ca=False)),
+        "invalid CA certificate",
+    ),
+    "signed by a cert without basicConstraints": (
+        lambda pki, ident: under(pki, ident, Spec(ca=None, key_cert_sign=True, eku=None)),
+        "invalid CA certificate",
+    ),
+    "issuer path length exceeded": (
+        lambda pki, ident: under(pki, ident, Spec(ca=True, key_cert_sign=True, eku=None)),
+        "path length constraint exceeded",
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(UNTRUSTED))
 def test_client_refuses_an_untrusted_server_certificate(pki, case) -> None:
-    server = UNTRUSTED[case](pki, API)
-    with pytest.raises(TLSError, match="certificate verify failed"):
-        handshake(pki.credentials("web"), server)
+    make, reason = UNTRUSTED[case]
+    with pytest.raises(TLSError, match=f"certificate verify failed: {reason}"):
+        handshake(pki.credentials("web"), make(pki, API))
 
 
 @pytest.mark.parametrize("case", list(UNTRUSTED))
 def test_server_refuses_an_untrusted_client_certificate(pki, case) -> None:
     """An invalid client certificate fails the handshake: it is never taken for an
     unauthenticated client (that is only a client with no certificate at all)."""
-    client = UNTRUSTED[case](pki, WEB)
-    with pytest.raises(TLSError, match="certificate verify failed"):
-        handshake(client, pki.credentials("api"))
+    make, reason = UNTRUSTED[case]
+    with pytest.raises(TLSError, match=f"certificate verify failed: {reason}"):
+        handshake(make(pki, WEB), pki.credentials("api"))
 
 
 def test_a_chain_to_another_anchor_is_refused_even_with_our_issuer_name(pki, other_pki) -> None:
-    """A leaf from another PKI's issuer, and a leaf signed by a key that only borrows our
-    issuer's name, are refused on both sides."""
+    """A leaf from another PKI's issuer, and a leaf signed by another key that borrows our
+    issuer's name and key identifier, are refused."""
     foreign = other_pki.credentials("api")
     foreign = replace(foreign, bundle_pem=pki.bundle.pem())
-    with pytest.raises(TLSError, match="certificate verify failed"):
+    unknown = "certificate verify failed: unable to get local issuer certificate"
+    with pytest.raises(TLSError, match=unknown):
         handshake(pki.credentials("web"), foreign)
     impostor_key, key = PrivateKey.generate(), PrivateKey.generate()
     issuer = pki.issuer.certificate.x509
-    leaf = build(Spec(), WEB, key, impostor_key, issuer.subject)
+    leaf = build(Spec(), WEB, key, impostor_key, issuer.subject, issuer.public_key())
     impostor = MeshCredentials(WEB, pem(leaf, issuer), key.to_pem(), pki.bundle.pem())
-    with pytest.raises(TLSError, match="certificate verify failed"):
+    with pytest.raises(TLSError, match="certificate verify failed: certificate signature failure"):
         handshake(impostor, pki.credentials("api"))
 
 
@@ -183,9 +207,10 @@ def test_extended_key_usage_is_enforced_per_side(pki) -> None:
     leaf with no EKU extension at all is accepted for both, as RFC 5280 and Linkerd's webpki
     verifier accept it."""
     web, api = pki.credentials("web"), pki.credentials("api")
-    with pytest.raises(TLSError, match="certificate verify failed"):
+    purpose = "certificate verify failed: unsuitable certificate purpose"
+    with pytest.raises(TLSError, match=purpose):
         handshake(web, forged(pki, API, Spec(eku=(CLIENT_AUTH,))))
-    with pytest.raises(TLSError, match="certificate verify failed"):
+    with pytest.raises(TLSError, match=purpose):
         handshake(forged(pki, WEB, Spec(eku=(SERVER_AUTH,))), api)
     c, s = handshake(forged(pki, WEB, Spec(eku=None)), forged(pki, API, Spec(eku=None)))
     assert c.peer_identity == API and s.peer_identity == WEB
@@ -237,7 +262,7 @@ def test_removing_an_anchor_fails_new_connections_and_keeps_live_ones(pki, other
     live, live_server = tls.client_session(API), server_tls.server_session()
     pump(live, live_server)
     source.update(replace(web, bundle_pem=other_pki.bundle.pem()))  # our anchor is gone
-    with pytest.raises(TLSError, match="certificate verify failed"):
+    with pytest.raises(TLSError, match="verify failed: unable to get local issuer certificate"):
         pump(tls.client_session(API), server_tls.server_session())
     assert live_server.feed(live.encrypt(b"still up"))[0] == b"still up"
     assert live.feed(live_server.encrypt(b"and back"))[0] == b"and back"
