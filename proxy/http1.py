@@ -8,16 +8,20 @@ other transfer codings kept; Content-Length stays as is); hop-by-hop headers and
 ``Connection`` are dropped. A request two parsers could frame or route differently (llhttp's
 strict checks: Content-Length with Transfer-Encoding, duplicate lengths, folded or malformed
 lines; and more than one Host) gets 400 naming the problem, a head over
-:data:`MAX_HEAD_BYTES` 431. A ``101 Switching Protocols`` answer to an ``Upgrade`` request
+:data:`~proxy.http1_exchange.MAX_HEAD_BYTES` 431. A ``101 Switching Protocols`` answer to an ``Upgrade`` request
 (WebSocket) hands both connections to an opaque :class:`~proxy.tcp.Relay`. Pipelined requests are answered
 in order, one upstream exchange at a time.
+
+This module is the client (request) side and the one other code imports from. The upstream
+side, which parses the response and relays it back, is :mod:`proxy.http1_response`; what both
+sides share (:class:`~proxy.http1_exchange.Exchange`, the :class:`Dispatcher` interface, the
+header rules) is :mod:`proxy.http1_exchange`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, Protocol
 
 import httptools
 
@@ -30,23 +34,32 @@ from proxy.errors import (
     UnknownRoute,
     UpstreamError,
 )
+from proxy.http1_exchange import (
+    HOP_BY_HOP,
+    MAX_HEAD_BYTES,
+    Dispatcher,
+    Exchange,
+    without_headers,
+)
+from proxy.http1_response import Response
 from proxy.link import Link
 from proxy.tcp import Relay
-from proxy.transfer_coding import TransferDecoder, transfer_codings, undecodable
 
-HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-     b"transfer-encoding", b"upgrade", b"l5d-client-id")
-)  # fmt: skip
+# Exchange and MAX_HEAD_BYTES live in proxy.http1_exchange; listeners and tests import them
+# from here, with the server.
+__all__ = [
+    "HEAD_TIMEOUT",
+    "MAX_HEAD_BYTES",
+    "MAX_PENDING_BODY",
+    "Exchange",
+    "Http1Server",
+    "error_status",
+]
+
 MAX_PENDING_BODY = 1 << 20  # pause the client while this much body waits for an upstream
-# A request or response head (request line or status line, and headers) larger than this is
-# refused: httptools buffers a header until it ends, so without a bound one endless header line
-# would grow the proxy's memory without limit.
-MAX_HEAD_BYTES = 64 * 1024
 # A client that starts a request head and does not finish it within this many seconds gets
 # 408 (slowloris): each stalled head would otherwise hold a connection and its buffer forever.
 HEAD_TIMEOUT = 30.0
-DECODE_STEP = 64 * 1024  # decoded body written per step, while the client keeps up
 
 # The one place where proxy errors become HTTP statuses (Linkerd's errors/respond.rs).
 _STATUS: tuple[tuple[type[ProxyError], int, bytes], ...] = (
@@ -63,63 +76,6 @@ def error_status(error: ProxyError) -> tuple[int, bytes]:
         if isinstance(error, cls):
             return status, phrase
     return 500, b"Internal Server Error"
-
-
-class Exchange:
-    """One request/response pair as it moves through the proxy."""
-
-    __slots__ = (
-        "authority", "client_10", "close_after", "conn_tokens", "extra_headers",
-        "head", "head_bytes", "is_head", "keep_alive", "link", "method", "pending",
-        "pending_size", "req_done", "resp", "started", "target", "te", "tunnel_tail", "upgrade",
-        "upgrade_to", "url",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self.url = b""
-        # The end-to-end request headers as they will be written: name, b": ", value, b"\r\n".
-        self.head: list[bytes] = []
-        self.conn_tokens: tuple[bytes, ...] = ()
-        self.upgrade_to = b""
-        self.method = b""
-        self.authority = ""
-        # The Transfer-Encoding codings, forwarded as they came; non-empty means a chunked
-        # body (llhttp refuses a request whose last coding is not chunked).
-        self.te = b""
-        self.head_bytes = 0  # received while the head is incomplete (bounded by MAX_HEAD_BYTES)
-        self.upgrade = False
-        self.is_head = False
-        self.keep_alive = True
-        self.client_10 = False
-        self.req_done = False
-        self.close_after = False
-        self.pending: list[bytes] | None = []
-        self.pending_size = 0
-        self.link: Link | None = None
-        self.resp: _Response | None = None
-        self.target: Any = None  # the dispatcher's choice
-        self.extra_headers = b""  # added by the dispatcher, e.g. l5d-client-id
-        self.started = 0.0
-        self.tunnel_tail = b""
-
-
-class Dispatcher(Protocol):
-    """What a listener supplies: routing, upstream connections and accounting."""
-
-    def begin(self, ex: Exchange, now: float) -> None:
-        """Route ``ex`` (set ``target``, maybe ``extra_headers``) or raise a ProxyError."""
-
-    def take(self, ex: Exchange) -> Link | None:
-        """A pooled upstream link for ``ex.target``, if one is idle."""
-
-    async def connect(self, ex: Exchange) -> Link:
-        """A new upstream link for ``ex.target`` (raises ProxyError)."""
-
-    def response_head(self, ex: Exchange, status: int, now: float) -> None:
-        """The response head arrived (or an error response was made): count it."""
-
-    def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
-        """The exchange ended; pool ``link`` when ``reusable``, else close it."""
 
 
 class Http1Server:
@@ -289,7 +245,7 @@ class Http1Server:
         try:
             self.dispatcher.begin(ex, now)
         except ProxyError as e:
-            self._fail(ex, e)
+            self.fail(ex, e)
             return
         link = self.dispatcher.take(ex)
         if link is not None:
@@ -302,7 +258,7 @@ class Http1Server:
             link = await self.dispatcher.connect(ex)
         except ProxyError as e:
             if self.queue and self.queue[0] is ex:  # else dropped meanwhile: nobody to answer
-                self._fail(ex, e)
+                self.fail(ex, e)
             return
         if self.link.closed or not self.queue or self.queue[0] is not ex:
             self.dispatcher.finish(ex, link, reusable=False)
@@ -313,9 +269,9 @@ class Http1Server:
         ex.link = link
         # A link that carried a response before keeps its codec: the parser sits at a message
         # boundary, so it is reused rather than rebuilt for every request.
-        resp = link.codec
+        resp: Response | None = link.codec
         if resp is None:
-            resp = _Response()
+            resp = Response()
         else:
             link.codec = None  # given back by _finish when this exchange ends cleanly
         resp.begin(self, ex)
@@ -336,7 +292,7 @@ class Http1Server:
         parts = [ex.method, b" ", ex.url, b" HTTP/1.1\r\n"]
         tokens = ex.conn_tokens
         if tokens and not HOP_BY_HOP.issuperset(tokens):
-            parts += _without(ex.head, tokens)  # ``Connection`` names more headers to drop
+            parts += without_headers(ex.head, tokens)  # ``Connection`` names more headers to drop
         else:
             parts += ex.head
         if ex.te:
@@ -346,7 +302,7 @@ class Http1Server:
         parts += (ex.extra_headers, b"\r\n")
         return parts
 
-    def _fail(self, ex: Exchange, error: ProxyError, link: Link | None = None) -> None:
+    def fail(self, ex: Exchange, error: ProxyError, link: Link | None = None) -> None:
         """Answer ``ex`` with the error's status and an ``l5d-proxy-error`` reason."""
         status, phrase = error_status(error)
         self.dispatcher.response_head(ex, status, self._loop.time())
@@ -358,7 +314,7 @@ class Http1Server:
             % (status, phrase, reason, b"connection: close\r\n" if close else b"")
         )
         ex.close_after = close
-        self._complete(ex, link, reusable=False)
+        self.complete(ex, link, reusable=False)
 
     def _head_timed_out(self) -> None:
         self.head_timer = None
@@ -411,7 +367,7 @@ class Http1Server:
         self.link.write(self.refusal)
         _LingeringClose(self.link)
 
-    def _complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
+    def complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The response to ``ex`` has been fully written: move on to the next request."""
         self.dispatcher.finish(ex, link, reusable and ex.req_done)
         ex.link = None
@@ -427,7 +383,7 @@ class Http1Server:
         elif self.link.eof:
             self.link.close()
 
-    def _switch(self, ex: Exchange, upstream: Link, tail: bytes) -> None:
+    def switch(self, ex: Exchange, upstream: Link, tail: bytes) -> None:
         """101 Switching Protocols: both sides become an opaque relay."""
         self.queue.clear()
         self.dispatcher.finish(ex, None, reusable=False)
@@ -467,270 +423,3 @@ class _LingeringClose:
 
     def resume_writing(self) -> None:
         pass
-
-
-def _without(head: list[bytes], names: tuple[bytes, ...]) -> list[bytes]:
-    """``head`` (groups of name, ``: ``, value, CRLF) minus the headers called ``names``."""
-    kept: list[bytes] = []
-    for i in range(0, len(head), 4):
-        if head[i].lower() not in names:
-            kept += head[i : i + 4]
-    return kept
-
-
-_STATUS_LINE = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
-
-
-class _Response:
-    """The sink of an upstream link while it carries the response to one exchange.
-
-    It stays with its link (``link.codec``) while the link is pooled, so that the next
-    exchange on the link reuses it and its parser.
-    """
-
-    __slots__ = (
-        "body_mode", "chunked", "decoder", "done", "ex", "has_length", "head", "head_at",
-        "head_bytes", "head_sent", "out", "parser", "reason", "reusable", "server", "stray",
-        "switching", "te", "tokens", "unaccounted", "upgrade_to",
-    )  # fmt: skip
-
-    server: Http1Server
-    ex: Exchange
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.out: list[bytes] = []  # what one read produced: written to the client in one go
-        self.done = False
-
-    def begin(self, server: Http1Server, ex: Exchange) -> None:
-        self.server = server
-        self.ex = ex
-        self.head_sent = False
-        self.done = False
-        self.switching = False
-        self.reusable = False
-        self.stray = False  # bytes followed the response: the parser is mid-message
-        self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk, 2 decode
-        self.decoder: TransferDecoder | None = None  # body_mode 2: for an HTTP/1.0 client
-        self.unaccounted = 0  # status of a head written but not yet reported to the dispatcher
-        self.head_at = 0.0
-        self.head_bytes = 0
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            if self.switching:
-                self._flush()
-                if self.unaccounted:
-                    self._account()
-                self.server._switch(self.ex, self._link(), data[e.args[0] :])
-                return
-        except httptools.HttpParserError as e:
-            self._flush()
-            if self.unaccounted:
-                self._account()
-            self.done = True  # answered here: the link's close that follows must not answer again
-            why = e.__context__ if isinstance(e.__context__, UpstreamError) else None
-            self._broken(str(why or "the upstream sent a malformed HTTP response"))
-            return
-        self._flush()
-        if self.unaccounted:
-            self._account()
-        if self.done:
-            if self.decoder is not None:
-                self.decode_more()
-            else:
-                self._finish()
-        elif not self.head_sent:  # the head is still arriving
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self.done = True
-                self._broken(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes")
-
-    def _account(self) -> None:
-        # Metrics and balancer feedback run after the head is on its way to the client: they
-        # are not on the latency path.
-        status, self.unaccounted = self.unaccounted, 0
-        self.server.dispatcher.response_head(self.ex, status, self.head_at)
-
-    def on_message_begin(self) -> None:
-        if self.done:
-            self.stray = True
-        # The end-to-end headers as they will be written: name, b": ", value, b"\r\n".
-        self.head: list[bytes] = []
-        self.reason = b""
-        self.chunked = False
-        self.te = b""
-        self.has_length = False
-        self.head_bytes = 0
-        self.tokens: tuple[bytes, ...] = ()
-        self.upgrade_to = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname in HOP_BY_HOP:
-            if lname == b"transfer-encoding":
-                self.te = b"%b, %b" % (self.te, value.strip()) if self.te else value.strip()
-                self.chunked = self.te.lower().endswith(b"chunked")
-            elif lname == b"connection":
-                self.tokens += tuple(t.strip().lower() for t in value.split(b","))
-            elif lname == b"upgrade":
-                self.upgrade_to = value
-            return
-        if lname == b"content-length":
-            self.has_length = True
-        self.head += (name, b": ", value, b"\r\n")
-
-    def on_headers_complete(self) -> None:
-        parser = self.parser
-        status = parser.get_status_code()
-        ex = self.ex
-        parts = [_STATUS_LINE.get(status) or b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
-        tokens = self.tokens
-        if tokens and not HOP_BY_HOP.issuperset(tokens):
-            parts += _without(self.head, tokens)  # ``Connection`` names more headers to drop
-        else:
-            parts += self.head
-        self.switching = status == 101 and ex.upgrade
-        # Read here: httptools forgets keep-alive once the message is complete.
-        self.reusable = parser.should_keep_alive()
-        if 100 <= status < 200 and not self.switching:
-            parts.append(b"\r\n")
-            self.out.append(b"".join(parts))  # interim: the final one follows
-            return
-        no_body = ex.is_head or status in (204, 304) or self.switching
-        if self.switching:
-            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade_to, b"\r\n")
-        elif self.chunked and not ex.client_10:
-            parts += (b"transfer-encoding: ", self.te, b"\r\n")  # codings kept, chunks remade
-            self.body_mode = 1
-        elif not self.has_length and not no_body:
-            ex.close_after = True  # close-delimited (or HTTP/1.0 client): EOF ends the body
-            if ex.client_10:
-                codings = transfer_codings(self.te)
-                if codings:  # none may reach an HTTP/1.0 client: decode them here
-                    problem = undecodable(codings)
-                    if problem is not None:  # raised through the parser: answered 502
-                        raise UpstreamError(f"the upstream used {problem}, which the proxy "
-                                            f"cannot decode for an HTTP/1.0 client")  # fmt: skip
-                    self.decoder = TransferDecoder(codings)
-                    self.body_mode = 2
-            elif self.te and not self.chunked:
-                parts += (b"transfer-encoding: ", self.te, b"\r\n")  # e.g. gzip, to EOF
-        if ex.close_after or not ex.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        if self.unaccounted:
-            self._account()  # a second head in one read (stray bytes): keep the order
-        self.unaccounted = status
-        self.head_at = self.server._loop.time()
-        self.out.append(b"".join(parts))
-        self.head_sent = True
-        if no_body and not self.switching:
-            self.done = True
-
-    def on_body(self, body: bytes) -> None:
-        if not self.body_mode:
-            self.out.append(body)
-        elif self.decoder is None:
-            self.out.append(b"%x\r\n%b\r\n" % (len(body), body))
-        else:
-            self.decoder.feed(body)
-            self._decode()  # raises UpstreamError through the parser for a corrupt body
-
-    def on_message_complete(self) -> None:
-        if self.head_sent:
-            if self.decoder is not None:
-                self.decoder.end()
-            elif self.body_mode:
-                self.out.append(b"0\r\n\r\n")
-            self.done = True
-
-    def _decode(self) -> bool:
-        """Write decoded body while the client takes it; True once all of it is written."""
-        self._flush()
-        decoder = self.decoder
-        assert decoder is not None
-        client = self.server.link
-        while not client.write_paused and not client.closed:
-            piece = decoder.read(DECODE_STEP)
-            if not piece:
-                return decoder.ended
-            client.write(piece)
-        return False  # the client's pause_writing paused the upstream too
-
-    def decode_more(self) -> None:
-        """Go on decoding (the client drained, or the coded body ended); finish when done."""
-        try:
-            drained = self._decode()
-        except UpstreamError as e:
-            self.done = True
-            self._broken(str(e))
-            return
-        if drained and self.done:
-            self.decoder = None
-            self._finish()
-
-    def _flush(self) -> None:
-        # One write per upstream read: fewer syscalls and TLS records, and no head/body split
-        # that would leave a small segment waiting on a delayed ACK.
-        out = self.out
-        if out:
-            self.server.link.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-
-    def _finish(self) -> None:
-        ex = self.ex
-        link = ex.link
-        assert link is not None
-        reusable = self.reusable and not ex.close_after
-        if reusable and not (ex.is_head or self.stray):
-            # After a HEAD answer the parser still expects the body the headers announce.
-            link.codec = self
-        self.server._complete(ex, link, reusable)
-
-    def _link(self) -> Link:
-        link = self.ex.link
-        assert link is not None
-        return link
-
-    def _broken(self, reason: str) -> None:
-        ex = self.ex
-        if self.head_sent:
-            ex.close_after = True
-            self.server.dispatcher.finish(ex, ex.link, reusable=False)
-            ex.link = None
-            self.server.link.abort()  # the client must not take a truncated body as whole
-        else:
-            self.server._fail(ex, UpstreamError(reason), ex.link)
-
-    def eof_received(self) -> None:
-        if self.done:
-            return
-        if self.head_sent and self.ex.close_after and not self.chunked:
-            self.done = True  # a close-delimited body ends here
-            if self.decoder is not None:
-                self.decoder.end()
-                self.decode_more()
-            else:
-                self.server._complete(self.ex, self._link(), reusable=False)
-        else:
-            self.done = True
-            self._broken("the upstream closed the connection before the response ended")
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if exc is not None and not self.done:  # a reset: whatever the framing, cut short
-            self.done = True
-            self._broken("the upstream reset the connection before the response ended")
-        else:
-            self.eof_received()
-
-    def pause_writing(self) -> None:  # the upstream is slow to take the request body
-        self.server.link.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.server.link.resume_reading()

@@ -38,7 +38,7 @@ class _Choice:
 
 
 class OutboundHttp:
-    """The HTTP dispatcher of the outbound side (see :class:`proxy.http1.Dispatcher`)."""
+    """The HTTP dispatcher of the outbound side (see :class:`proxy.http1_exchange.Dispatcher`)."""
 
     def __init__(
         self,

@@ -1,0 +1,102 @@
+"""The parts of an HTTP/1 exchange that both halves of the proxy's codec share.
+
+:class:`Exchange` is one request/response pair as it moves through the proxy:
+:class:`proxy.http1.Http1Server` (the client side) fills it from the request and
+:class:`proxy.http1_response.Response` (the upstream side) relays the answer to it.
+:class:`Dispatcher` is what a listener supplies to route and account for exchanges. The
+header rules both directions apply (hop-by-hop names, the head size bound) live here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from proxy.link import Link
+from proxy.transfer_coding import TransferDecoder
+
+HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+     b"transfer-encoding", b"upgrade", b"l5d-client-id")
+)  # fmt: skip
+# A request or response head (request line or status line, and headers) larger than this is
+# refused: httptools buffers a header until it ends, so without a bound one endless header line
+# would grow the proxy's memory without limit.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def without_headers(head: list[bytes], names: tuple[bytes, ...]) -> list[bytes]:
+    """``head`` (groups of name, ``: ``, value, CRLF) minus the headers called ``names``."""
+    kept: list[bytes] = []
+    for i in range(0, len(head), 4):
+        if head[i].lower() not in names:
+            kept += head[i : i + 4]
+    return kept
+
+
+class ResponseProgress(Protocol):
+    """How far the response to an exchange has got, as the client side needs to know it
+    (:class:`proxy.http1_response.Response` is the one implementation)."""
+
+    head_sent: bool
+    done: bool
+    decoder: TransferDecoder | None
+
+    def decode_more(self) -> None:
+        """Go on writing the decoded body to the client, which has drained."""
+
+
+class Exchange:
+    """One request/response pair as it moves through the proxy."""
+
+    __slots__ = (
+        "authority", "client_10", "close_after", "conn_tokens", "extra_headers",
+        "head", "head_bytes", "is_head", "keep_alive", "link", "method", "pending",
+        "pending_size", "req_done", "resp", "started", "target", "te", "tunnel_tail", "upgrade",
+        "upgrade_to", "url",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.url = b""
+        # The end-to-end request headers as they will be written: name, b": ", value, b"\r\n".
+        self.head: list[bytes] = []
+        self.conn_tokens: tuple[bytes, ...] = ()
+        self.upgrade_to = b""
+        self.method = b""
+        self.authority = ""
+        # The Transfer-Encoding codings, forwarded as they came; non-empty means a chunked
+        # body (llhttp refuses a request whose last coding is not chunked).
+        self.te = b""
+        self.head_bytes = 0  # received while the head is incomplete (bounded by MAX_HEAD_BYTES)
+        self.upgrade = False
+        self.is_head = False
+        self.keep_alive = True
+        self.client_10 = False
+        self.req_done = False
+        self.close_after = False
+        self.pending: list[bytes] | None = []
+        self.pending_size = 0
+        self.link: Link | None = None
+        self.resp: ResponseProgress | None = None
+        self.target: Any = None  # the dispatcher's choice
+        self.extra_headers = b""  # added by the dispatcher, e.g. l5d-client-id
+        self.started = 0.0
+        self.tunnel_tail = b""
+
+
+class Dispatcher(Protocol):
+    """What a listener supplies: routing, upstream connections and accounting."""
+
+    def begin(self, ex: Exchange, now: float) -> None:
+        """Route ``ex`` (set ``target``, maybe ``extra_headers``) or raise a ProxyError."""
+
+    def take(self, ex: Exchange) -> Link | None:
+        """A pooled upstream link for ``ex.target``, if one is idle."""
+
+    async def connect(self, ex: Exchange) -> Link:
+        """A new upstream link for ``ex.target`` (raises ProxyError)."""
+
+    def response_head(self, ex: Exchange, status: int, now: float) -> None:
+        """The response head arrived (or an error response was made): count it."""
+
+    def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
+        """The exchange ended; pool ``link`` when ``reusable``, else close it."""

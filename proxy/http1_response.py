@@ -1,0 +1,305 @@
+"""The upstream half of HTTP/1.1 forwarding: parse the upstream's response, relay it to the client.
+
+A :class:`Response` is the sink of an upstream link while the link carries the answer to one
+:class:`~proxy.http1_exchange.Exchange`. It writes the head (hop-by-hop headers dropped) and
+the body as they arrive, one client write per upstream read; chunked bodies are re-chunked,
+and transfer codings an HTTP/1.0 client cannot take are decoded. It hands the exchange back
+to the client side (:class:`Client`, i.e. :class:`proxy.http1.Http1Server`) when the response
+is complete, broken, or a ``101 Switching Protocols`` turns both links into a relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import httptools
+
+from proxy.errors import ProxyError, UpstreamError
+from proxy.http1_exchange import (
+    HOP_BY_HOP,
+    MAX_HEAD_BYTES,
+    Dispatcher,
+    Exchange,
+    without_headers,
+)
+from proxy.link import Link
+from proxy.transfer_coding import TransferDecoder, transfer_codings, undecodable
+
+DECODE_STEP = 64 * 1024  # decoded body written per step, while the client keeps up
+
+_STATUS_LINE = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
+
+
+class Client(Protocol):
+    """What a response uses of the client side of its exchange (:class:`proxy.http1.Http1Server`)."""
+
+    link: Link
+    dispatcher: Dispatcher
+    # Read for the time a response head arrived; it keeps the underscored name of the
+    # server's slot.
+    _loop: asyncio.AbstractEventLoop
+
+    def switch(self, ex: Exchange, upstream: Link, tail: bytes) -> None:
+        """101 Switching Protocols: relay ``upstream`` and the client link opaquely."""
+
+    def complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
+        """The response to ``ex`` has been fully written: move on to the next request."""
+
+    def fail(self, ex: Exchange, error: ProxyError, link: Link | None = None) -> None:
+        """Answer ``ex`` with the error's status (nothing of the response was written)."""
+
+
+class Response:
+    """The sink of an upstream link while it carries the response to one exchange.
+
+    It stays with its link (``link.codec``) while the link is pooled, so that the next
+    exchange on the link reuses it and its parser.
+    """
+
+    __slots__ = (
+        "body_mode", "chunked", "decoder", "done", "ex", "has_length", "head", "head_at",
+        "head_bytes", "head_sent", "out", "parser", "reason", "reusable", "server", "stray",
+        "switching", "te", "tokens", "unaccounted", "upgrade_to",
+    )  # fmt: skip
+
+    server: Client
+    ex: Exchange
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.out: list[bytes] = []  # what one read produced: written to the client in one go
+        self.done = False
+
+    def begin(self, server: Client, ex: Exchange) -> None:
+        self.server = server
+        self.ex = ex
+        self.head_sent = False
+        self.done = False
+        self.switching = False
+        self.reusable = False
+        self.stray = False  # bytes followed the response: the parser is mid-message
+        self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk, 2 decode
+        self.decoder: TransferDecoder | None = None  # body_mode 2: for an HTTP/1.0 client
+        self.unaccounted = 0  # status of a head written but not yet reported to the dispatcher
+        self.head_at = 0.0
+        self.head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            if self.switching:
+                self._flush()
+                if self.unaccounted:
+                    self._account()
+                self.server.switch(self.ex, self._link(), data[e.args[0] :])
+                return
+        except httptools.HttpParserError as e:
+            self._flush()
+            if self.unaccounted:
+                self._account()
+            self.done = True  # answered here: the link's close that follows must not answer again
+            why = e.__context__ if isinstance(e.__context__, UpstreamError) else None
+            self._broken(str(why or "the upstream sent a malformed HTTP response"))
+            return
+        self._flush()
+        if self.unaccounted:
+            self._account()
+        if self.done:
+            if self.decoder is not None:
+                self.decode_more()
+            else:
+                self._finish()
+        elif not self.head_sent:  # the head is still arriving
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.done = True
+                self._broken(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes")
+
+    def _account(self) -> None:
+        # Metrics and balancer feedback run after the head is on its way to the client: they
+        # are not on the latency path.
+        status, self.unaccounted = self.unaccounted, 0
+        self.server.dispatcher.response_head(self.ex, status, self.head_at)
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.stray = True
+        # The end-to-end headers as they will be written: name, b": ", value, b"\r\n".
+        self.head: list[bytes] = []
+        self.reason = b""
+        self.chunked = False
+        self.te = b""
+        self.has_length = False
+        self.head_bytes = 0
+        self.tokens: tuple[bytes, ...] = ()
+        self.upgrade_to = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"transfer-encoding":
+                self.te = b"%b, %b" % (self.te, value.strip()) if self.te else value.strip()
+                self.chunked = self.te.lower().endswith(b"chunked")
+            elif lname == b"connection":
+                self.tokens += tuple(t.strip().lower() for t in value.split(b","))
+            elif lname == b"upgrade":
+                self.upgrade_to = value
+            return
+        if lname == b"content-length":
+            self.has_length = True
+        self.head += (name, b": ", value, b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        ex = self.ex
+        parts = [_STATUS_LINE.get(status) or b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
+        tokens = self.tokens
+        if tokens and not HOP_BY_HOP.issuperset(tokens):
+            parts += without_headers(self.head, tokens)  # ``Connection`` names more headers to drop
+        else:
+            parts += self.head
+        self.switching = status == 101 and ex.upgrade
+        # Read here: httptools forgets keep-alive once the message is complete.
+        self.reusable = parser.should_keep_alive()
+        if 100 <= status < 200 and not self.switching:
+            parts.append(b"\r\n")
+            self.out.append(b"".join(parts))  # interim: the final one follows
+            return
+        no_body = ex.is_head or status in (204, 304) or self.switching
+        if self.switching:
+            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade_to, b"\r\n")
+        elif self.chunked and not ex.client_10:
+            parts += (b"transfer-encoding: ", self.te, b"\r\n")  # codings kept, chunks remade
+            self.body_mode = 1
+        elif not self.has_length and not no_body:
+            ex.close_after = True  # close-delimited (or HTTP/1.0 client): EOF ends the body
+            if ex.client_10:
+                codings = transfer_codings(self.te)
+                if codings:  # none may reach an HTTP/1.0 client: decode them here
+                    problem = undecodable(codings)
+                    if problem is not None:  # raised through the parser: answered 502
+                        raise UpstreamError(f"the upstream used {problem}, which the proxy "
+                                            f"cannot decode for an HTTP/1.0 client")  # fmt: skip
+                    self.decoder = TransferDecoder(codings)
+                    self.body_mode = 2
+            elif self.te and not self.chunked:
+                parts += (b"transfer-encoding: ", self.te, b"\r\n")  # e.g. gzip, to EOF
+        if ex.close_after or not ex.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if self.unaccounted:
+            self._account()  # a second head in one read (stray bytes): keep the order
+        self.unaccounted = status
+        self.head_at = self.server._loop.time()
+        self.out.append(b"".join(parts))
+        self.head_sent = True
+        if no_body and not self.switching:
+            self.done = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.body_mode:
+            self.out.append(body)
+        elif self.decoder is None:
+            self.out.append(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self.decoder.feed(body)
+            self._decode()  # raises UpstreamError through the parser for a corrupt body
+
+    def on_message_complete(self) -> None:
+        if self.head_sent:
+            if self.decoder is not None:
+                self.decoder.end()
+            elif self.body_mode:
+                self.out.append(b"0\r\n\r\n")
+            self.done = True
+
+    def _decode(self) -> bool:
+        """Write decoded body while the client takes it; True once all of it is written."""
+        self._flush()
+        decoder = self.decoder
+        assert decoder is not None
+        client = self.server.link
+        while not client.write_paused and not client.closed:
+            piece = decoder.read(DECODE_STEP)
+            if not piece:
+                return decoder.ended
+            client.write(piece)
+        return False  # the client's pause_writing paused the upstream too
+
+    def decode_more(self) -> None:
+        """Go on decoding (the client drained, or the coded body ended); finish when done."""
+        try:
+            drained = self._decode()
+        except UpstreamError as e:
+            self.done = True
+            self._broken(str(e))
+            return
+        if drained and self.done:
+            self.decoder = None
+            self._finish()
+
+    def _flush(self) -> None:
+        # One write per upstream read: fewer syscalls and TLS records, and no head/body split
+        # that would leave a small segment waiting on a delayed ACK.
+        out = self.out
+        if out:
+            self.server.link.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _finish(self) -> None:
+        ex = self.ex
+        link = ex.link
+        assert link is not None
+        reusable = self.reusable and not ex.close_after
+        if reusable and not (ex.is_head or self.stray):
+            # After a HEAD answer the parser still expects the body the headers announce.
+            link.codec = self
+        self.server.complete(ex, link, reusable)
+
+    def _link(self) -> Link:
+        link = self.ex.link
+        assert link is not None
+        return link
+
+    def _broken(self, reason: str) -> None:
+        ex = self.ex
+        if self.head_sent:
+            ex.close_after = True
+            self.server.dispatcher.finish(ex, ex.link, reusable=False)
+            ex.link = None
+            self.server.link.abort()  # the client must not take a truncated body as whole
+        else:
+            self.server.fail(ex, UpstreamError(reason), ex.link)
+
+    def eof_received(self) -> None:
+        if self.done:
+            return
+        if self.head_sent and self.ex.close_after and not self.chunked:
+            self.done = True  # a close-delimited body ends here
+            if self.decoder is not None:
+                self.decoder.end()
+                self.decode_more()
+            else:
+                self.server.complete(self.ex, self._link(), reusable=False)
+        else:
+            self.done = True
+            self._broken("the upstream closed the connection before the response ended")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and not self.done:  # a reset: whatever the framing, cut short
+            self.done = True
+            self._broken("the upstream reset the connection before the response ended")
+        else:
+            self.eof_received()
+
+    def pause_writing(self) -> None:  # the upstream is slow to take the request body
+        self.server.link.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.server.link.resume_reading()
