@@ -15,6 +15,7 @@ or trust bundle applies to new connections while live ones keep their session.
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +27,8 @@ from OpenSSL._util import lib as _ossl
 
 from proxy.errors import ConfigError, KexRefused, PeerIdentityMismatch, TLSError
 from proxy.transport_header import ALPN
+
+log = logging.getLogger(__name__)
 
 HYBRID_GROUP = "X25519MLKEM768"
 # One hybrid key share in the ClientHello; X25519 stays acceptable to classical peers. The "/"
@@ -194,6 +197,8 @@ class MeshTls:
         self.source = source
         self.kex = kex
         self._built_from: MeshCredentials | None = None
+        self._unusable: MeshCredentials | None = None  # the last value that failed to load
+        self._unusable_reason = ""
         self._server_ctx: SSL.Context | None = None
         self._client_ctx: SSL.Context | None = None
         # One scratch buffer for every session of this proxy: they all run on one event loop.
@@ -205,15 +210,24 @@ class MeshTls:
         creds = self.source.current()
         if creds is None:
             raise TLSError("no certificate yet: the proxy is not ready for mesh TLS")
-        if creds is not self._built_from:
-            server = _base_context(creds, server=True)
-            # Client certificates are optional: unauthenticated clients are for policy to judge.
-            server.set_verify(SSL.VERIFY_PEER)
-            server.set_alpn_select_callback(_select_alpn)
-            client = _base_context(creds, server=False)
-            client.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
-            self._server_ctx, self._client_ctx, self._built_from = server, client, creds
-        return creds
+        if creds is not self._built_from and creds is not self._unusable:
+            try:
+                server = _base_context(creds, server=True)
+                client = _base_context(creds, server=False)
+            except ConfigError as e:
+                # Keep serving on the last good credentials (the proxy's promise while the
+                # control plane misbehaves); say so once per refused value, not per connection.
+                self._unusable, self._unusable_reason = creds, str(e)
+                log.error("new mesh TLS credentials cannot be used, keeping the last good: %s", e)
+            else:
+                # Client certificates are optional: unauthenticated clients are for policy.
+                server.set_verify(SSL.VERIFY_PEER)
+                server.set_alpn_select_callback(_select_alpn)
+                client.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+                self._server_ctx, self._client_ctx, self._built_from = server, client, creds
+        if self._built_from is None:
+            raise TLSError(f"the proxy's credentials cannot be used: {self._unusable_reason}")
+        return self._built_from
 
     def server_session(self) -> TlsSession:
         """A session accepting one inbound mesh connection."""

@@ -164,7 +164,7 @@ def test_no_credentials_yet() -> None:
 
 def test_bad_credentials(pki) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
-    with pytest.raises(ConfigError, match="does not match"):
+    with pytest.raises(TLSError, match="cannot be used: the private key does not match"):
         MeshTls(
             StaticCredentials(
                 MeshCredentials(web.identity, web.chain_pem, api.key_pem, web.bundle_pem)
@@ -173,3 +173,22 @@ def test_bad_credentials(pki) -> None:
     with pytest.raises(ConfigError, match="PEM"):
         MeshCredentials(web.identity, b"junk", web.key_pem, web.bundle_pem)
     assert "PRIVATE" not in repr(web)
+
+
+def test_unusable_new_credentials_keep_the_last_good_ones(pki, caplog) -> None:
+    """Credentials that cannot be loaded (here: a key that does not match the leaf) leave the
+    proxy on its last good certificate and bundle, logged once; before, every new connection
+    raised ConfigError (a traceback per connection, inbound and outbound both down)."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    source = StaticCredentials(api)
+    tls = MeshTls(source)
+    assert tls.credentials is api  # contexts built from the good credentials
+    source.update(MeshCredentials(api.identity, api.chain_pem, web.key_pem, api.bundle_pem))
+    for _ in range(3):
+        client = MeshTls(StaticCredentials(web)).client_session(api.identity)
+        server = tls.server_session()
+        pump(client, server)
+        assert client.info is not None and client.info.peer_identity == api.identity
+    assert tls.credentials is not source.current()
+    refusals = [r for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert len(refusals) == 1 and "PRIVATE" not in refusals[0].getMessage()
