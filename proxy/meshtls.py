@@ -84,6 +84,10 @@ class MeshCredentials:
             value = getattr(self, field)
             if not isinstance(value, bytes) or b"-----BEGIN" not in value:
                 raise ConfigError(f"{field} must be PEM bytes")
+        if b"ENCRYPTED" in self.key_pem:  # PKCS#8 "ENCRYPTED PRIVATE KEY" or legacy Proc-Type
+            raise ConfigError(
+                "key_pem is an encrypted private key; the proxy needs it unencrypted (mode 0600)"
+            )
 
     def __repr__(self) -> str:  # never show the key
         return f"MeshCredentials({self.identity!r})"
@@ -154,7 +158,8 @@ def _base_context(creds: MeshCredentials, *, server: bool) -> SSL.Context:
     _set_groups(ctx)
     chain = split_pem_certificates(creds.chain_pem)
     try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, creds.key_pem)
+        # A passphrase, so that OpenSSL never asks for one on the controlling terminal.
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, creds.key_pem, passphrase=b"")
     except crypto.Error:
         raise ConfigError("the private key PEM does not parse") from None
     ctx.use_certificate(chain[0])

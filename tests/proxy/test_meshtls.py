@@ -3,6 +3,12 @@ classical-only and foreign clients."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib
@@ -192,3 +198,64 @@ def test_unusable_new_credentials_keep_the_last_good_ones(pki, caplog) -> None:
     assert tls.credentials is not source.current()
     refusals = [r for r in caplog.records if "cannot be used" in r.getMessage()]
     assert len(refusals) == 1 and "PRIVATE" not in refusals[0].getMessage()
+
+
+_LOAD_WITH_TTY = """
+import sys
+from pathlib import Path
+from proxy.meshtls import MeshCredentials, MeshTls, StaticCredentials
+from proxy.errors import ProxyError
+d = Path(sys.argv[1])
+try:
+    creds = MeshCredentials("web", *(d.joinpath(n).read_bytes() for n in ("c", "k", "b")))
+    MeshTls(StaticCredentials(creds)).server_session()
+except ProxyError as e:
+    print("refused:", e)
+"""
+
+
+def test_an_encrypted_key_is_refused_without_a_passphrase_prompt(pki, tmp_path) -> None:
+    """OpenSSL asks for a PEM pass phrase on the controlling terminal when none is given: a
+    proxy started from a shell with an encrypted key hung there, event loop and all. The key
+    is refused with a clear error instead, and nothing is asked on the terminal."""
+    web = pki.credentials("web")
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, web.key_pem)
+    with warnings.catch_warnings():  # pyOpenSSL's PEM writer is deprecated, and fine here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        encrypted = crypto.dump_privatekey(
+            crypto.FILETYPE_PEM, key, cipher="aes-256-cbc", passphrase=b"secret"
+        )
+    for name, data in (("c", web.chain_pem), ("k", encrypted), ("b", web.bundle_pem)):
+        (tmp_path / name).write_bytes(data)
+    master, slave = os.openpty()
+    tty = os.ttyname(slave)
+
+    def with_controlling_tty() -> None:
+        os.setsid()
+        os.close(os.open(tty, os.O_RDWR))  # a session leader opening a tty takes it
+
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LOAD_WITH_TTY, str(tmp_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=with_controlling_tty,
+            cwd=Path(__file__).parents[2],
+        )
+        try:
+            out, _ = proc.communicate(timeout=20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+        os.set_blocking(master, False)
+        try:
+            asked = os.read(master, 4096)
+        except OSError:  # EAGAIN: nothing was written to the terminal, or EIO: it is closed
+            asked = b""
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert b"pass phrase" not in asked
+    assert b"refused: key_pem is an encrypted private key" in out, out
