@@ -10,6 +10,7 @@ one proxy from a YAML/JSON file with static routes, policy and PEM files (see RE
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from proxy.policy import (
 )
 from proxy.routes import RouteSource, StaticRoutes
 from proxy.upstream import Connector
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +104,14 @@ class FileCredentials:
             except FileNotFoundError:
                 return self._value  # not issued yet, or mid-rotation: keep what we have
             if stamp != self._stamp:
-                chain, key, bundle = (p.read_bytes() for p in self.paths)
-                self._value = MeshCredentials(self.identity, chain, key, bundle)
-                self._stamp = stamp
+                self._stamp = stamp  # a refused set is read again only once a file changes
+                try:
+                    chain, key, bundle = (p.read_bytes() for p in self.paths)
+                    self._value = MeshCredentials(self.identity, chain, key, bundle)
+                except (OSError, ConfigError) as e:
+                    # Half-written or unusable files: keep serving on the last good set, as
+                    # the mesh TLS layer does for credentials that do not load.
+                    log.error("credential files cannot be used, keeping the last good: %s", e)
         return self._value
 
 

@@ -174,3 +174,35 @@ def test_timeouts_come_from_the_config_and_are_checked(tmp_path) -> None:
             ProxySettings(head_timeout=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="head_timeout"):
         proxy_from_config({**config, "head_timeout": "soon"}, tmp_path, time.monotonic)
+
+
+def test_file_credentials_keep_the_last_good_set(pki, tmp_path) -> None:
+    """Files that cannot be used (a file truncated mid-write, an encrypted key) never replace
+    the set in use; they are not re-read until they change, and a fixed file is picked up."""
+    from proxy.app import FileCredentials
+
+    now = [0.0]
+    identity, files = _write_identity(pki, tmp_path, "web")
+    chain, key, bundle = (tmp_path / files[k] for k in ("chain", "key", "bundle"))
+    source = FileCredentials(identity, chain, key, bundle, clock=lambda: now[0], interval=1.0)
+    good = source.current()
+    assert good is not None and good.chain_pem == chain.read_bytes()
+
+    def change(path: Path, data: bytes) -> None:
+        path.write_bytes(data)
+        stamp = path.stat().st_mtime_ns + 1_000_000  # a distinct mtime, however coarse the clock
+        os.utime(path, ns=(stamp, stamp))
+        now[0] += 1.0
+
+    change(chain, b"")  # truncated by its writer, not yet rewritten
+    assert source.current() is good
+    change(chain, good.chain_pem)
+    change(key, b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n...")
+    assert source.current() is good
+    now[0] += 1.0
+    assert source.current() is good  # unchanged files are not read again
+    other = pki.credentials("api")
+    change(chain, other.chain_pem)
+    change(key, other.key_pem)
+    renewed = source.current()
+    assert renewed is not good and renewed is not None and renewed.chain_pem == other.chain_pem
