@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("trustmesh.up")
 
@@ -93,20 +94,54 @@ class SupervisorError(RuntimeError):
 class _Child:
     spec: ChildSpec
     proc: subprocess.Popen[bytes]
-    restarts: int = 0
+    restarts: int = 0  # in a row: reset once the child has run STABLE_AFTER seconds
     next_restart: float = 0.0
+    started: float = 0.0  # monotonic time of the last spawn
+    log_offset: int = 0  # size of its log file at the last spawn: later lines are this run's
+
+
+def _status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
 
 
 class Supervisor:
     """Owns a set of child processes for the lifetime of ``trustmesh up``."""
 
     MAX_RESTARTS = 5
+    STABLE_AFTER = 60.0  # seconds a child must run for its next exit to count as a new one
+    LOG_LINES = 5
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.children: list[_Child] = []
         self._stopping = False
         log_dir.mkdir(parents=True, exist_ok=True)
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def failure(self, child: _Child, when: str) -> str:
+        """What to tell the operator about a child that exited: name, status, ``when``, and
+        the last lines it wrote in this run (often the reason: 'cannot listen on ...')."""
+        path = self.log_path(child.spec.name)
+        status = "did not exit" if child.proc.returncode is None else _status(child.proc.returncode)
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(child.log_offset, f.seek(0, os.SEEK_END) - 16384))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+        tail = lines[-self.LOG_LINES :]
+        if not tail:
+            return f"{child.spec.name} {status} {when}; its log {path} is empty"
+        shown = "\n".join(f"  | {line[:300]}" for line in tail)
+        return f"{child.spec.name} {status} {when}; last lines of {path}:\n{shown}"
 
     def _spawn(self, spec: ChildSpec) -> subprocess.Popen[bytes]:
         argv, preexec = _with_death_signal(list(spec.argv))
@@ -124,10 +159,17 @@ class Supervisor:
         finally:
             out.close()
 
+    def _log_size(self, name: str) -> int:
+        try:
+            return self.log_path(name).stat().st_size
+        except OSError:
+            return 0
+
     def start(self, spec: ChildSpec) -> None:
         """Start ``spec`` and wait until it is ready (or raise, naming its log file)."""
+        offset = self._log_size(spec.name)
         proc = self._spawn(spec)
-        child = _Child(spec, proc)
+        child = _Child(spec, proc, started=time.monotonic(), log_offset=offset)
         self.children.append(child)
         log.info("started %s (pid %d)", spec.name, proc.pid)
         if spec.ready is None:
@@ -135,21 +177,22 @@ class Supervisor:
         deadline = time.monotonic() + spec.ready_timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise SupervisorError(
-                    f"{spec.name} exited with status {proc.returncode} while starting; "
-                    f"see {self.log_dir / (spec.name + '.log')}"
-                )
+                raise SupervisorError(self.failure(child, "while starting"))
             if spec.ready():
                 log.info("%s is ready", spec.name)
                 return
             time.sleep(0.05)
         raise SupervisorError(
-            f"{spec.name} was not ready within {spec.ready_timeout:.0f}s; "
-            f"see {self.log_dir / (spec.name + '.log')}"
+            self.failure(child, f"and was not ready within {spec.ready_timeout:.0f}s")
         )
 
     def poll(self, now: float | None = None) -> list[str]:
-        """Restart children that exited (with backoff); return the names restarted."""
+        """Restart children that exited (with backoff); return the names restarted.
+
+        Raises SupervisorError (naming the child, with its last log lines) when a child exits
+        again after MAX_RESTARTS restarts in a row: a crash loop is not left to run on silently
+        with a piece of the mesh missing.
+        """
         if self._stopping:
             return []
         now = time.monotonic() if now is None else now
@@ -157,20 +200,29 @@ class Supervisor:
         for child in self.children:
             if child.proc.poll() is None or not child.spec.restart:
                 continue
-            if child.restarts >= self.MAX_RESTARTS:
-                continue
             if child.next_restart == 0.0:
+                if now - child.started >= self.STABLE_AFTER:
+                    child.restarts = 0  # it had been running well: not a crash loop
+                if child.restarts >= self.MAX_RESTARTS:
+                    raise SupervisorError(
+                        self.failure(
+                            child, f"after {child.restarts} restarts in a row; giving up on it"
+                        )
+                    )
                 delay = min(10.0, 0.5 * 2**child.restarts)
                 child.next_restart = now + delay
                 log.warning(
-                    "%s exited with status %s; restarting in %.1fs",
+                    "%s %s; restarting in %.1fs (log: %s)",
                     child.spec.name,
-                    child.proc.returncode,
+                    _status(child.proc.returncode),
                     delay,
+                    self.log_path(child.spec.name),
                 )
                 continue
             if now >= child.next_restart:
+                child.log_offset = self._log_size(child.spec.name)
                 child.proc = self._spawn(child.spec)
+                child.started = now
                 child.restarts += 1
                 child.next_restart = 0.0
                 restarted.append(child.spec.name)
@@ -222,18 +274,43 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def wait_for_signal(stop: Callable[[], bool], supervisor: Supervisor, tick: float = 0.2) -> None:
-    """Block until SIGINT/SIGTERM or ``stop()`` says so, polling children meanwhile."""
-    received: list[int] = []
+class StopSignals:
+    """SIGINT and SIGTERM for the whole life of ``trustmesh up`` (a context manager).
 
-    def handler(signum: int, _frame: object) -> None:
-        received.append(signum)
+    During start-up (``interrupting``) the first signal raises KeyboardInterrupt, so that a
+    blocking start is abandoned; after it, signals are only recorded, for the run loop to end
+    on, and so that a second Ctrl-C cannot cut the orderly stop short. One handler covers
+    every phase: swapping handlers between phases left moments where SIGTERM had its default
+    action and killed ``up`` without its stop and summary.
+    """
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not received and not stop():
-            supervisor.poll()
-            time.sleep(tick)
-    finally:
-        for s, h in previous.items():
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.interrupting = True
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+        if self.interrupting:
+            self.interrupting = False  # once: what follows is the stop
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {
+            s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._previous.items():
             signal.signal(s, h)
+
+
+def wait_for_signal(
+    stop: Callable[[], bool], supervisor: Supervisor, signals: StopSignals, tick: float = 0.2
+) -> None:
+    """Block until ``signals`` got SIGINT/SIGTERM or ``stop()`` says so, polling children."""
+    signals.interrupting = False
+    while not signals.received and not stop():
+        supervisor.poll()
+        time.sleep(tick)

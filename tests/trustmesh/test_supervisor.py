@@ -43,9 +43,10 @@ def test_child_that_dies_while_starting_names_its_log(tmp_path):
         (sys.executable, "-c", "import sys; print('bad config'); sys.exit(3)"),
         ReadyCheck(("127.0.0.1", free_ports(1)[0])),
     )
-    with pytest.raises(SupervisorError, match=r"broken exited with status 3.*broken\.log"):
+    with pytest.raises(SupervisorError, match=r"broken exited with status 3.*broken\.log") as e:
         sup.start(spec)
     sup.stop()
+    assert "| bad config" in str(e.value)  # the reason is in the message, not only the log
     assert "bad config" in (tmp_path / "logs" / "broken.log").read_text()
 
 
@@ -122,3 +123,47 @@ def test_children_of_a_grpc_process_start_cleanly(tmp_path):
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert int(done.stdout.strip().splitlines()[-1]) == 0
+
+
+def _crash_loop(sup: Supervisor, now: float) -> float:
+    """Let the one child exit, schedule its restart and restart it; returns the new now."""
+    child = sup.children[0]
+    child.proc.wait(10)
+    assert sup.poll(now) == []  # schedules the restart
+    now += 20.0  # past any backoff, within STABLE_AFTER of its start
+    assert sup.poll(now) == [child.spec.name]
+    return now
+
+
+def test_a_crash_loop_is_given_up_naming_the_child_and_its_last_lines(tmp_path):
+    sup = Supervisor(tmp_path / "logs")
+    (tmp_path / "logs" / "loop.log").write_text("an old run's line\n")
+    try:
+        sup.start(ChildSpec("loop", ("/bin/sh", "-c", "echo starting; echo boom >&2; exit 3")))
+        now = sup.children[0].started
+        for _ in range(Supervisor.MAX_RESTARTS):
+            now = _crash_loop(sup, now)
+        sup.children[0].proc.wait(10)
+        with pytest.raises(SupervisorError) as e:
+            sup.poll(now)
+    finally:
+        sup.stop()
+    message = str(e.value)
+    assert message.startswith("loop exited with status 3 after 5 restarts in a row")
+    assert message.endswith("  | starting\n  | boom")  # this run's lines only
+    assert "old run" not in message
+
+
+def test_a_child_that_ran_well_is_restarted_again_after_earlier_crashes(tmp_path):
+    sup = Supervisor(tmp_path / "logs")
+    try:
+        sup.start(ChildSpec("sleeper", (sys.executable, "-c", "import time; time.sleep(30)")))
+        child = sup.children[0]
+        child.restarts = Supervisor.MAX_RESTARTS  # a bad start, long ago
+        child.proc.kill()
+        child.proc.wait(10)
+        now = child.started + Supervisor.STABLE_AFTER + 1
+        assert sup.poll(now) == []  # scheduled, not given up
+        assert sup.poll(now + 1.0) == ["sleeper"]  # the first, short backoff again
+    finally:
+        sup.stop()

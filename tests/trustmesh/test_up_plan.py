@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -15,8 +16,9 @@ from destination.meshfile import load_mesh_text
 from destination.resources import MeshSettings
 from identity.validators import service_account_username
 from pki import tokens
+from pki.errors import StoreCorrupt
 from trustmesh.up.demo import check_chain, demo_mesh
-from trustmesh.up.home import Home, ensure_pki, write_token
+from trustmesh.up.home import Home, HomeInUse, ensure_pki, write_token
 from trustmesh.up.plan import ControlPlane, PlanError, parse_upstream, plan_mesh, proxy_args
 
 WORKLOAD = """\
@@ -138,3 +140,27 @@ def test_home_creates_the_pki_once_and_signs_private_tokens(tmp_path: Path, t0) 
     key = tokens.token_signing_key(home.store, now=t0)
     claims = tokens.verify_token(path.read_bytes().strip(), key, audience="identity.l5d.io", now=t0)
     assert claims.subject == service_account_username("shop", "web")
+
+
+def test_home_never_mints_a_new_anchor_over_an_existing_store(tmp_path: Path, t0) -> None:
+    home = Home(tmp_path / "home")
+    ensure_pki(home, now=t0)
+    anchor = home.store.load().anchor
+    assert anchor is not None
+    versions = home.store.versions()
+    (home.root / "current").unlink()  # e.g. a restore that missed the symlink
+    with pytest.raises(StoreCorrupt, match="no 'current' link; refusing"):
+        ensure_pki(home, now=t0)
+    assert home.store.versions() == versions  # the archive is untouched
+    (home.root / "current").symlink_to(f"versions/{versions[-1]:06d}")
+    assert ensure_pki(home, now=t0) == "existing"
+    assert home.store.load().anchor == anchor
+
+
+def test_home_lock_refuses_a_second_up_naming_the_holder(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    held = rf"another trustmesh up \(pid {os.getpid()}\)"
+    with home.run_lock(), pytest.raises(HomeInUse, match=held), home.run_lock():
+        pass
+    with home.run_lock():  # released with the first holder
+        pass

@@ -5,14 +5,15 @@
 exits 0 only when every request succeeded. Both show a live table of the workloads scraped from
 their proxies' admin ``/metrics``; ``-o json`` prints machine-readable output instead.
 
-Exit codes: 0 ok; 1 a failure (a child did not start, a request failed); 2 usage; 3 invalid
-mesh file; 130 interrupted during start-up.
+Exit codes: 0 ok; 1 a failure (a child did not start or kept crashing, a request failed,
+another ``up`` holds the home, a port is in use); 2 usage; 3 invalid mesh file; 130 interrupted
+during start-up.
 """
 
 from __future__ import annotations
 
 import json
-import signal
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,13 @@ from trustmesh.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 
 EXIT_INVALID_MESH_FILE = 3
 SCRAPE_EVERY = 1.0
+
+
+def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    # FloatRange lets nan through (every comparison with it is false): a run that never ends.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of seconds")
+    return value
 
 
 def _options(f: Any) -> Any:
@@ -49,6 +57,7 @@ def _options(f: Any) -> Any:
             click.option(
                 "--duration",
                 type=click.FloatRange(min=0, min_open=True),
+                callback=_finite,
                 help="Stop after this many seconds (default: run until Ctrl-C).",
             ),
             click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table"),
@@ -67,7 +76,7 @@ def _options(f: Any) -> Any:
 @_options
 def up(mesh_file: Path | None, **opts: Any) -> None:
     """Run the control plane and one proxy (and app) per workload of a mesh file."""
-    code = _run(mesh_file, traffic=False, **opts)
+    code = _run_held(mesh_file, traffic=False, **opts)
     if code != EXIT_OK:
         sys.exit(code)
 
@@ -76,20 +85,32 @@ def up(mesh_file: Path | None, **opts: Any) -> None:
 @_options
 def demo(**opts: Any) -> None:
     """Run the demo mesh, drive HTTP and TCP traffic through it, and report."""
-    code = _run(None, traffic=True, **opts)
+    code = _run_held(None, traffic=True, **opts)
     if code != EXIT_OK:
         sys.exit(code)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+def _run_held(mesh_file: Path | None, *, traffic: bool, home: Path | None, **opts: Any) -> int:
+    """:func:`_run` with SIGINT/SIGTERM handled from the first moment, holding the home."""
+    from trustmesh.config import default_store_path
+    from trustmesh.supervisor import StopSignals
+    from trustmesh.up.home import Home, HomeInUse
+
+    with StopSignals() as signals:
+        paths = Home((home or default_store_path()).expanduser().resolve())
+        try:
+            with paths.run_lock():
+                return _run(mesh_file, traffic=traffic, paths=paths, signals=signals, **opts)
+        except HomeInUse as e:  # only run_lock() raises it
+            raise CLIError(str(e)) from None
 
 
 def _run(
     mesh_file: Path | None,
     *,
     traffic: bool,
-    home: Path | None,
+    paths: Any,
+    signals: Any,
     kex: str,
     issuance_lifetime: str | None,
     duration: float | None,
@@ -101,10 +122,8 @@ def _run(
     from destination.errors import DestinationError
     from pki.certs import utcnow
     from pki.errors import PKIError
-    from trustmesh.config import default_store_path
     from trustmesh.supervisor import Supervisor, SupervisorError, free_ports, wait_for_signal
     from trustmesh.up.demo import TRAFFIC, Traffic, demo_mesh
-    from trustmesh.up.home import Home
     from trustmesh.up.plan import PlanError
     from trustmesh.up.runtime import Mesh, UpOptions
     from trustmesh.up.stats import mesh_tls_groups, scrape
@@ -112,8 +131,7 @@ def _run(
 
     err = Console(stderr=True)
     out = Console()
-    root = (home or default_store_path()).expanduser().resolve()
-    paths = Home(root)
+    root = paths.root
     if mesh_file is None:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         mesh_file = paths.run_dir / "demo-mesh.yaml"
@@ -126,22 +144,21 @@ def _run(
     def progress(message: str) -> None:
         err.print(f"[dim]trustmesh up:[/dim] {message}")
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     supervisor = Supervisor(paths.logs)
     mesh = Mesh(options, supervisor)
     driver: Traffic | None = None
+    failure: str | None = None
     try:
         try:
             mesh.start(utcnow(), progress)
-        except DestinationError as e:
+            signals.interrupting = False  # from here on a signal ends the run loop
+        except (DestinationError, PlanError) as e:
             raise CLIError(str(e), EXIT_INVALID_MESH_FILE) from None
-        except (SupervisorError, PlanError, PKIError) as e:
+        except (SupervisorError, PKIError) as e:
             raise CLIError(str(e)) from None
         except KeyboardInterrupt:
             progress("interrupted while starting; stopping")
             return 130
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         progress(f"mesh ready; child logs in {paths.logs}")
         if output == "json" and not traffic:
             click.echo(json.dumps(_ready_info(mesh)), nl=True)
@@ -167,7 +184,9 @@ def _run(
         if live is not None:
             live.start()
         try:
-            wait_for_signal(tick, supervisor)
+            wait_for_signal(tick, supervisor, signals)
+        except SupervisorError as e:  # a child in a crash loop: stop it all, say which
+            failure = str(e)
         finally:
             if driver is not None:
                 driver.stop()
@@ -176,6 +195,7 @@ def _run(
         stats = _scrape_all(mesh, scrape)  # while the proxies still run
         elapsed = time.monotonic() - started
     finally:
+        signals.interrupting = False  # the stop is bounded; a second Ctrl-C must not cut it short
         if driver is not None:
             driver.stop()
         supervisor.stop()
@@ -193,6 +213,10 @@ def _run(
         summary = {**driver.tally.summary(), **summary}
         if summary["requests"] == 0 or summary["failures"] != 0:
             code = EXIT_FAILURE
+    if failure is not None:
+        summary["child_failure"] = failure
+        click.echo(f"error: {failure}", err=True)
+        code = EXIT_FAILURE
     if output == "json":
         click.echo(json.dumps(summary))
     else:

@@ -5,22 +5,31 @@ creates its anchor and issuer on first run and replaces an issuer that expired w
 was running. Runtime files live beside the store in ``<home>/up/``: the anchors PEM the proxies
 start from, one workload token per service account (the embedded counterpart of a projected
 ServiceAccount token, signed with the store's token key), and one log file per child.
+One ``up`` at a time owns a home (``<home>/up/lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from identity.validators import DEFAULT_AUDIENCE, sign_workload_token
+from pki.errors import StoreCorrupt
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import FileStore, write_file_atomic
 
 TOKEN_TTL = timedelta(hours=24)
 # Tokens are re-signed well before they expire, so a proxy renewing at any time holds a valid one.
 TOKEN_REFRESH = timedelta(hours=12)
+
+
+class HomeInUse(RuntimeError):
+    """Another ``trustmesh up`` holds the home."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +57,33 @@ class Home:
     def token(self, namespace: str, service_account: str) -> Path:
         return self.run_dir / "tokens" / f"{namespace}.{service_account}.jwt"
 
+    @contextlib.contextmanager
+    def run_lock(self) -> Iterator[None]:
+        """Hold the home for one ``up``; raise HomeInUse, naming the holder, when another has it.
+
+        Two ``up`` runs on one home would fight over its files: the second rewrites the demo
+        mesh file that the first one's destination watches, the tokens and the logs. The lock
+        is an flock, so it goes with its process, however that process ends.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise HomeInUse(
+                f"another trustmesh up{pid} is running on {self.root}; "
+                "stop it first, or give this one another --home"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
 
 def ensure_pki(home: Home, *, now: datetime) -> str:
     """Create the anchor and issuer when missing (or the issuer when expired); returns what
@@ -55,12 +91,32 @@ def ensure_pki(home: Home, *, now: datetime) -> str:
     store = home.store
     home.root.mkdir(parents=True, exist_ok=True)
     os.chmod(home.root, 0o700)
-    if store.current_version() is None or store.load().anchor is None:
+    versions = store.versions()
+    if store.current_version() is None and len(versions) > 1:
+        # A second version is only ever written after ``current`` pointed at the first, so the
+        # link was lost. Creating the PKI here would wipe the archive (the store's clean-up
+        # takes every version past a missing link for a partial write) and mint a new trust
+        # anchor that no workload trusts. A lone version 1 may be a first run that was
+        # interrupted before its link flip; the store discards it as such.
+        raise StoreCorrupt(
+            f"{home.root} holds versions {versions[0]}..{versions[-1]} but no "
+            "'current' link; refusing to create a new trust anchor over them. Point it at the "
+            f"version to use (ln -s versions/NNNNNN {home.root}/current) or move the directory "
+            "away"
+        )
+    state = store.load() if store.current_version() is not None else None
+    orphans = state is not None and (state.bundle is not None or state.issuer is not None)
+    if state is not None and state.anchor is None and orphans:
+        raise StoreCorrupt(
+            f"{home.root} has a trust bundle or issuer but no trust anchor; refusing to create "
+            "a new anchor beside them ('trustmesh pki anchor create --rotate' does that on "
+            "purpose)"
+        )
+    if state is None or state.anchor is None:
         init_anchor(store, now=now)
         issue_issuer(store, now=now)
         action = "created"
     else:
-        state = store.load()
         if state.issuer is None or not state.issuer.certificate.is_valid_at(now):
             issue_issuer(store, now=now, reason="issuer replaced by trustmesh up")
             action = "issuer replaced"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from destination.resources import ClusterState, Workload
@@ -123,6 +123,39 @@ def plan_workload(workload: Workload, free: Iterator[int]) -> WorkloadPlan:
 def plan_mesh(state: ClusterState, free: Iterator[int]) -> tuple[WorkloadPlan, ...]:
     """Every workload of the mesh file, in file order (``free`` supplies unset ports)."""
     return tuple(plan_workload(w, free) for w in state.workloads)
+
+
+def listen_ports(plans: Iterable[WorkloadPlan]) -> list[tuple[str, int, str]]:
+    """Every (host, port, what) that ``up``'s children will listen on: each proxy's inbound,
+    outbound, admin and upstream listeners, and the ports of the applications ``up`` starts
+    (an application without a command runs elsewhere; its ports are its own business)."""
+    found: list[tuple[str, int, str]] = []
+    for plan in plans:
+        if plan.command:
+            found += [(HOST, port, f"application port of {plan.key}") for port in plan.app_ports]
+        if plan.meshed:
+            for what, port in (
+                ("inbound", plan.inbound_port),
+                ("outbound", plan.outbound_port),
+                ("admin", plan.admin_port),
+            ):
+                if port:
+                    found.append((HOST, port, f"proxy {what} port of {plan.key}"))
+            found += [
+                (h, p, f"upstream listener of {plan.key} for {a}") for h, p, a in plan.upstreams
+            ]
+    return found
+
+
+def named_ports(plans: Sequence[WorkloadPlan]) -> set[int]:
+    """The ports a mesh file names itself; ports ``up`` picks must not collide with them.
+
+    Plan with ``itertools.repeat(0)`` to see only the named ones (0 is "not chosen yet").
+    """
+    named = {port for _, port, _ in listen_ports(plans)}
+    named.update(port for plan in plans for port in plan.app_ports)
+    named.discard(0)
+    return named
 
 
 @dataclass(frozen=True, slots=True)

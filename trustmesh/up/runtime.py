@@ -1,7 +1,9 @@
 """``trustmesh up``: the local PKI, the control plane with TLS, and the workloads of a mesh file
 as supervised child processes.
 
-Start order: PKI (first run only), identity and destination side by side (each until its admin
+Start order: the mesh file is read and planned, and every port the children will listen on is
+checked free (so a bad file or a busy port is refused before anything is created), then the PKI
+(first run only), identity and destination side by side (each until its admin
 ``/ready``), then every application and proxy side by side (applications until they accept,
 proxies until ``/ready``, which a proxy reaches only with a certificate). Stop is the
 supervisor's: SIGTERM in reverse start order, SIGKILL after a grace period.
@@ -10,12 +12,16 @@ supervisor's: SIGTERM in reverse start order, SIGKILL after a grace period.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import itertools
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from destination.errors import InvalidMeshFile
 from destination.meshfile import load_mesh_text
 from trustmesh.supervisor import (
     ChildSpec,
@@ -26,7 +32,16 @@ from trustmesh.supervisor import (
     trustmesh_argv,
 )
 from trustmesh.up.home import TOKEN_REFRESH, Home, ensure_pki, write_token
-from trustmesh.up.plan import HOST, ControlPlane, WorkloadPlan, plan_mesh, proxy_args
+from trustmesh.up.plan import (
+    HOST,
+    ControlPlane,
+    PlanError,
+    WorkloadPlan,
+    listen_ports,
+    named_ports,
+    plan_mesh,
+    proxy_args,
+)
 
 CHILD_ENV = {"PYTHONUNBUFFERED": "1"}
 
@@ -48,6 +63,27 @@ class UpOptions:
             raise ValueError("ready_timeout must be positive")
 
 
+def check_ports_free(ports: Sequence[tuple[str, int, str]]) -> None:
+    """Raise SupervisorError naming the first (host, port, what) that something already
+    listens on: a child would only fail on it later, and an application's readiness check
+    (a TCP accept) would even take the other listener for the application."""
+    for host, port, what in ports:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise SupervisorError(
+                        f"{host}:{port} ({what}) is already in use; stop what listens there "
+                        "or change the mesh file"
+                    ) from None
+                raise SupervisorError(
+                    f"cannot listen on {host}:{port} ({what}): {e.strerror}"
+                ) from None
+
+
 def start_all(supervisor: Supervisor, specs: Sequence[ChildSpec], timeout: float) -> None:
     """Start ``specs`` at once and wait until each is ready (their ``ready`` checks), failing
     fast, with the child's log file named, when one exits or the deadline passes."""
@@ -63,10 +99,7 @@ def start_all(supervisor: Supervisor, specs: Sequence[ChildSpec], timeout: float
             if name not in waiting:
                 continue
             if child.proc.poll() is not None:
-                raise SupervisorError(
-                    f"{name} exited with status {child.proc.returncode} while starting; "
-                    f"see {supervisor.log_dir / (name + '.log')}"
-                )
+                raise SupervisorError(supervisor.failure(child, "while starting"))
             check = waiting[name].ready
             if check is None or check():
                 del waiting[name]
@@ -91,16 +124,36 @@ class Mesh:
         self.admin: dict[str, str] = {}  # component or workload key -> admin HOST:PORT
         self.pki_action = ""
         self._tokens_at: datetime | None = None
+        self._control_ports: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def prepare(self) -> None:
+        """Read and plan the mesh file, check its listen ports, choose the free ones (no file
+        or process is created). Raises InvalidMeshFile, PlanError or SupervisorError."""
+        o = self.options
+        try:
+            text = o.mesh_file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidMeshFile(f"{o.mesh_file}: not UTF-8 text") from None
+        state = load_mesh_text(text, str(o.mesh_file))
+        try:
+            drafts = plan_mesh(state, itertools.repeat(0))  # 0: a port up will choose
+        except PlanError as e:
+            raise PlanError(f"{o.mesh_file}: {e}") from None
+        check_ports_free(listen_ports(drafts))
+        # The ports chosen here must not be ones the file names (the demo mesh names all of
+        # its own, chosen free a moment before): a collision only shows once a child is up.
+        named = named_ports(drafts)
+        meshed = sum(1 for p in drafts if p.meshed)
+        ports = [p for p in free_ports(4 + 2 * meshed + len(named)) if p not in named]
+        self._control_ports = (ports[0], ports[1], ports[2], ports[3])
+        self.plans = plan_mesh(state, iter(ports[4:]))
 
     def start(self, now: datetime, progress: Callable[[str], None] = lambda _: None) -> None:
         o = self.options
-        state = load_mesh_text(o.mesh_file.read_text(encoding="utf-8"), str(o.mesh_file))
+        self.prepare()
+        id_port, id_admin, dst_port, dst_admin = self._control_ports
         self.pki_action = ensure_pki(self.home, now=now)
         progress(f"local PKI in {self.home.root}: {self.pki_action}")
-        meshed = sum(1 for w in state.workloads if w.inbound_proxy_port is not None)
-        ports = free_ports(4 + 2 * meshed)
-        id_port, id_admin, dst_port, dst_admin = ports[:4]
-        self.plans = plan_mesh(state, iter(ports[4:]))
         self.control = ControlPlane(
             f"{HOST}:{id_port}", f"{HOST}:{dst_port}", o.trust_domain, o.control_plane_namespace
         )
