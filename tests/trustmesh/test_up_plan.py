@@ -16,7 +16,7 @@ from destination.meshfile import load_mesh_text
 from destination.resources import MeshSettings
 from identity.validators import service_account_username
 from pki import tokens
-from pki.errors import StoreCorrupt
+from pki.errors import StoreCorrupt, StoreError
 from trustmesh.up.demo import check_chain, demo_mesh
 from trustmesh.up.home import Home, HomeInUse, ensure_pki, write_token
 from trustmesh.up.plan import ControlPlane, PlanError, parse_upstream, plan_mesh, proxy_args
@@ -164,3 +164,11 @@ def test_home_lock_refuses_a_second_up_naming_the_holder(tmp_path: Path) -> None
         pass
     with home.run_lock():  # released with the first holder
         pass
+
+
+def test_home_with_an_expired_anchor_says_so(tmp_path: Path, t0) -> None:
+    home = Home(tmp_path / "home")
+    ensure_pki(home, now=t0)
+    # It said 'the issuer chain expires at ..., so no certificate can be issued'.
+    with pytest.raises(StoreError, match=r"the trust anchor in .* is not valid at .*--rotate"):
+        ensure_pki(home, now=t0 + timedelta(days=400))

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from identity.validators import DEFAULT_AUDIENCE, sign_workload_token
-from pki.errors import StoreCorrupt
+from pki.errors import StoreCorrupt, StoreError
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import FileStore, write_file_atomic
 
@@ -116,6 +116,13 @@ def ensure_pki(home: Home, *, now: datetime) -> str:
         init_anchor(store, now=now)
         issue_issuer(store, now=now)
         action = "created"
+    elif not state.anchor.is_valid_at(now):
+        # An issuer signed now would be clamped to the anchor's NotAfter, i.e. already expired.
+        raise StoreError(
+            f"the trust anchor in {home.root} is not valid at {now:%Y-%m-%d %H:%M} UTC (valid "
+            f"until {state.anchor.not_after:%Y-%m-%d %H:%M}); add a new one with 'trustmesh pki "
+            "anchor create --rotate', or use a fresh --home"
+        )
     else:
         if state.issuer is None or not state.issuer.certificate.is_valid_at(now):
             issue_issuer(store, now=now, reason="issuer replaced by trustmesh up")
