@@ -48,6 +48,43 @@ def identity_of(sa: str, ns: str) -> str:
     return f"{sa}.{ns}.serviceaccount.identity.trustmesh.cluster.local"
 
 
+def workload_doc(
+    name: str,
+    ns: str,
+    sa: str,
+    inbound: int,
+    ports: dict[str, int],
+    opaque: int | None = None,
+) -> dict[str, Any]:
+    """A mesh-file Workload ``name`` labelled ``app=<name without its -N suffix>``."""
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": ns,
+        "labels": {"app": name.rsplit("-", 1)[0]},
+    }
+    if opaque is not None:
+        meta["annotations"] = {"config.trustmesh.io/opaque-ports": str(opaque)}
+    spec: dict[str, Any] = {"serviceAccount": sa, "address": HOST, "inboundProxyPort": inbound}
+    if ports:
+        spec["ports"] = [{"name": n, "port": p} for n, p in ports.items()]
+    return {
+        "apiVersion": "trustmesh.io/v1alpha1",
+        "kind": "Workload",
+        "metadata": meta,
+        "spec": spec,
+    }
+
+
+def service_doc(name: str, ns: str, app: str, port: int, target: str) -> dict[str, Any]:
+    """A mesh-file Service selecting ``app=<app>``, ``port`` to the workloads' port ``target``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"selector": {"app": app}, "ports": [{"port": port, "targetPort": target}]},
+    }
+
+
 @dataclass
 class ProxyPorts:
     inbound: int

@@ -12,7 +12,17 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from mesh_testkit import HOST, MeshKit, ProxyPorts, echo_session, eventually, http_status, metric
+from mesh_testkit import (
+    HOST,
+    MeshKit,
+    ProxyPorts,
+    echo_session,
+    eventually,
+    http_status,
+    metric,
+    service_doc,
+    workload_doc,
+)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -30,41 +40,9 @@ def mesh(
         (app,) = kit.ports(1)
         proxies = {"client-0": kit.proxy_ports(ECHO), "echo-0": kit.proxy_ports()}
         docs = [
-            {
-                "apiVersion": "trustmesh.io/v1alpha1",
-                "kind": "Workload",
-                "metadata": {"name": "client-0", "namespace": NS},
-                "spec": {
-                    "serviceAccount": "client",
-                    "address": HOST,
-                    "inboundProxyPort": proxies["client-0"].inbound,
-                },
-            },
-            {
-                "apiVersion": "trustmesh.io/v1alpha1",
-                "kind": "Workload",
-                "metadata": {
-                    "name": "echo-0",
-                    "namespace": NS,
-                    "labels": {"app": "echo"},
-                    "annotations": {"config.trustmesh.io/opaque-ports": str(app)},
-                },
-                "spec": {
-                    "serviceAccount": "echo",
-                    "address": HOST,
-                    "inboundProxyPort": proxies["echo-0"].inbound,
-                    "ports": [{"name": "echo", "port": app}],
-                },
-            },
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "echo", "namespace": NS},
-                "spec": {
-                    "selector": {"app": "echo"},
-                    "ports": [{"port": 7000, "targetPort": "echo"}],
-                },
-            },
+            workload_doc("client-0", NS, "client", proxies["client-0"].inbound, {}),
+            workload_doc("echo-0", NS, "echo", proxies["echo-0"].inbound, {"echo": app}, app),
+            service_doc("echo", NS, "echo", 7000, "echo"),
         ]
         mesh_file = root / "mesh.yaml"
         mesh_file.write_text(yaml.safe_dump_all(docs))

@@ -30,6 +30,8 @@ from mesh_testkit import (
     http_status,
     identity_of,
     metric,
+    service_doc,
+    workload_doc,
 )
 
 from pki.certs import load_pem_chain
@@ -43,30 +45,6 @@ ECHO = f"echo.{NS}.svc.cluster.local:7000"
 GUARDED = f"guarded.{NS}.svc.cluster.local:8080"
 GUARDED_TCP = f"guarded-tcp.{NS}.svc.cluster.local:7000"
 IMPOSTOR = f"impostor.{NS}.svc.cluster.local:8080"
-
-
-def _workload(name: str, sa: str, inbound: int, ports: dict[str, int], opaque: int | None = None):
-    meta: dict = {"name": name, "namespace": NS, "labels": {"app": name.rsplit("-", 1)[0]}}
-    if opaque is not None:
-        meta["annotations"] = {"config.trustmesh.io/opaque-ports": str(opaque)}
-    spec: dict = {"serviceAccount": sa, "address": HOST, "inboundProxyPort": inbound}
-    if ports:
-        spec["ports"] = [{"name": n, "port": p} for n, p in ports.items()]
-    return {
-        "apiVersion": "trustmesh.io/v1alpha1",
-        "kind": "Workload",
-        "metadata": meta,
-        "spec": spec,
-    }
-
-
-def _service(name: str, app: str, port: int, target: str):
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"selector": {"app": app}, "ports": [{"port": port, "targetPort": target}]},
-    }
 
 
 def _policy(kind: str, name: str, spec: dict):
@@ -107,20 +85,23 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         }
         rogue_inbound = proxies["rogue-0"].inbound
         docs = [
-            _workload("client-0", "client", proxies["client-0"].inbound, {}),
-            _workload("web-0", "web", proxies["web-0"].inbound, {"http": web_app}),
-            _service("web", "web", 8080, "http"),
-            _workload("echo-0", "echo", proxies["echo-0"].inbound, {"echo": echo_app}, echo_app),
-            _service("echo", "echo", 7000, "echo"),
-            _workload(
+            workload_doc("client-0", NS, "client", proxies["client-0"].inbound, {}),
+            workload_doc("web-0", NS, "web", proxies["web-0"].inbound, {"http": web_app}),
+            service_doc("web", NS, "web", 8080, "http"),
+            workload_doc(
+                "echo-0", NS, "echo", proxies["echo-0"].inbound, {"echo": echo_app}, echo_app
+            ),
+            service_doc("echo", NS, "echo", 7000, "echo"),
+            workload_doc(
                 "guarded-0",
+                NS,
                 "guarded",
                 proxies["guarded-0"].inbound,
                 {"http": g_http, "echo": g_tcp},
                 g_tcp,
             ),
-            _service("guarded", "guarded", 8080, "http"),
-            _service("guarded-tcp", "guarded", 7000, "echo"),
+            service_doc("guarded", NS, "guarded", 8080, "http"),
+            service_doc("guarded-tcp", NS, "guarded", 7000, "echo"),
             _policy(
                 "Server",
                 "guarded-http",
@@ -169,9 +150,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             ),
             # The rogue proxy (identity "rogue") answers at the address destination gives for
             # the impostor workload, which destination says is service account "api".
-            _workload("rogue-0", "rogue", rogue_inbound, {"http": rogue_app}),
-            _workload("impostor-0", "api", rogue_inbound, {"http": impostor_app}),
-            _service("impostor", "impostor", 8080, "http"),
+            workload_doc("rogue-0", NS, "rogue", rogue_inbound, {"http": rogue_app}),
+            workload_doc("impostor-0", NS, "api", rogue_inbound, {"http": impostor_app}),
+            service_doc("impostor", NS, "impostor", 8080, "http"),
         ]
         mesh_file = root / "mesh.yaml"
         m = Mesh(kit, mesh_file, docs, proxies)

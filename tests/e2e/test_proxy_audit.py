@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from mesh_testkit import HOST, MeshKit, ProxyPorts
+from mesh_testkit import HOST, MeshKit, ProxyPorts, service_doc, workload_doc
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -129,27 +129,10 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audit]:
         (app_port,) = kit.ports(1)
         client, server = kit.proxy_ports(), kit.proxy_ports()
 
-        def workload(name: str, inbound: int, ports: list[dict[str, object]]) -> dict[str, object]:
-            return {
-                "apiVersion": "trustmesh.io/v1alpha1",
-                "kind": "Workload",
-                "metadata": {"name": f"{name}-0", "namespace": NS, "labels": {"app": name}},
-                "spec": {"serviceAccount": name, "address": HOST, "inboundProxyPort": inbound,
-                         "ports": ports},
-            }  # fmt: skip
-
         docs = [
-            workload("client", client.inbound, []),
-            workload("api", server.inbound, [{"name": "http", "port": app_port}]),
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "api", "namespace": NS},
-                "spec": {
-                    "selector": {"app": "api"},
-                    "ports": [{"port": 8080, "targetPort": "http"}],
-                },
-            },
+            workload_doc("client-0", NS, "client", client.inbound, {}),
+            workload_doc("api-0", NS, "api", server.inbound, {"http": app_port}),
+            service_doc("api", NS, "api", 8080, "http"),
         ]
         mesh_file = root / "mesh.yaml"
         mesh_file.write_text(yaml.safe_dump_all(docs))
