@@ -14,11 +14,14 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+
 from pki.bundle import TrustBundle
 from pki.certs import (
     DEFAULT_ANCHOR_LIFETIME,
     DEFAULT_CLOCK_SKEW,
     DEFAULT_ISSUER_LIFETIME,
+    Certificate,
     Credential,
     create_anchor,
     create_issuer,
@@ -151,6 +154,13 @@ def plan(
 # --- store operations (each under the store lock, one atomic version each) -----------------
 
 
+def _require_store(store: FileStore) -> None:
+    # Checked before taking the lock: lock() creates the store directory, which only
+    # 'anchor create' may do; a mistyped --store must leave nothing behind.
+    if store.current_version() is None:
+        store.load()  # raises StoreNotInitialized naming the path
+
+
 def init_anchor(
     store: FileStore,
     *,
@@ -210,6 +220,7 @@ def issue_issuer(
     ``replace=False`` an existing issuer is an error, decided under the lock so that two
     concurrent creations cannot both succeed.
     """
+    _require_store(store)
     with store.lock():
         state = store.load()
         if not replace and state.issuer is not None:
@@ -245,6 +256,7 @@ def rotate_if_due(
 
     Returns the plan and the new state (None when nothing was written).
     """
+    _require_store(store)
     with store.lock():
         state = store.load()
         p = plan(state, policy, now)
@@ -255,20 +267,54 @@ def rotate_if_due(
         return p, new
 
 
+MIN_ANCHOR_KEY_BITS = {"RSA": 2048, "DSA": 2048, "EC": 256}
+
+
+def check_new_anchor(cert: Certificate, now: datetime) -> None:
+    """Refuse a certificate that must not join a trust bundle at ``now``.
+
+    Checked only on admission, so that a store already holding such an anchor still loads.
+    """
+    if not cert.is_ca:
+        raise BundleError(f"{cert.subject} is not a CA certificate")
+    serial = cert.serial
+    if serial <= 0:
+        # RFC 5280 requires a positive serial; cryptography warns on load today and will
+        # refuse to load such a certificate later, which would make the store unreadable.
+        raise BundleError(
+            f"{cert.subject} has serial number {serial}; RFC 5280 requires a positive serial"
+        )
+    key = cert.x509.public_key()
+    kind = (
+        "RSA" if isinstance(key, rsa.RSAPublicKey)
+        else "DSA" if isinstance(key, dsa.DSAPublicKey)
+        else "EC" if isinstance(key, ec.EllipticCurvePublicKey)
+        else None
+    )  # fmt: skip
+    if kind is not None and key.key_size < MIN_ANCHOR_KEY_BITS[kind]:  # type: ignore[union-attr]
+        raise BundleError(
+            f"{cert.subject} has a {kind}-{key.key_size} key; "  # type: ignore[union-attr]
+            f"an anchor needs at least {MIN_ANCHOR_KEY_BITS[kind]} bits"
+        )
+    if now >= cert.not_after:
+        raise BundleError(f"{cert.subject} expired at {cert.not_after.isoformat()}")
+
+
 def bundle_add(store: FileStore, anchor_pem: bytes, *, now: datetime) -> StoreState:
     from pki.certs import load_pem_chain
 
+    _require_store(store)
     with store.lock():
         state = store.load()
         bundle = state.require_bundle()
         for cert in load_pem_chain(anchor_pem):
-            if not cert.is_ca:
-                raise BundleError(f"{cert.subject} is not a CA certificate")
+            check_new_anchor(cert, now)
             bundle = bundle.add(cert)
         return store.commit({BUNDLE: bundle.pem()}, reason="anchor added to bundle", now=now)
 
 
 def bundle_remove(store: FileStore, fingerprint: str, *, now: datetime) -> StoreState:
+    _require_store(store)
     with store.lock():
         state = store.load()
         bundle = state.require_bundle()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import subprocess
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from pki_testkit import T0, build_chain
 
-from pki.errors import BundleError, CertificateParseError, StoreError
+from pki.errors import BundleError, CertificateParseError, StoreError, StoreNotInitialized
 from pki.keys import KeyAlgorithm
 from pki.renewal import RenewalAction, RenewalPolicy
 from pki.rotation import (
@@ -137,3 +138,83 @@ def test_issuer_needs_the_anchor_key(store: FileStore) -> None:
         store.commit({ANCHOR_KEY: None}, reason="anchor key taken offline", now=T0)
     with pytest.raises(StoreError, match="offline"):
         issue_issuer(store, now=T0)
+
+
+def _self_signed_ca(key: object, *, serial: int, not_before: datetime, days: int = 30) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "foreign anchor")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _openssl_ca(tmp_path: Path, *, serial: int) -> bytes:
+    # cryptography's builder refuses serials <= 0 (RFC 5280), but other tools still write them.
+    out = tmp_path / f"serial{serial}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(tmp_path / "k.pem"), "-out", str(out), "-days", "30000",
+         "-subj", "/CN=foreign", "-set_serial", str(serial),
+         "-addext", "basicConstraints=critical,CA:TRUE"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return out.read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")
+def test_bundle_add_refuses_weak_expired_and_invalid_serial_anchors(
+    store: FileStore, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    before = store.current_version()
+    refused = [
+        (_openssl_ca(tmp_path, serial=-5), "serial number -5"),
+        (_openssl_ca(tmp_path, serial=0), "serial number 0"),
+        (
+            _self_signed_ca(
+                rsa.generate_private_key(public_exponent=65537, key_size=1024),
+                serial=7,
+                not_before=T0,
+            ),
+            "RSA-1024",
+        ),
+        (_self_signed_ca(p256, serial=7, not_before=T0 - timedelta(days=60)), "expired"),
+    ]
+    for pem, reason in refused:
+        with pytest.raises(BundleError, match=reason):
+            bundle_add(store, pem, now=T0)
+    assert store.current_version() == before  # nothing written
+    ok = _self_signed_ca(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048), serial=7, not_before=T0
+    )
+    assert len(bundle_add(store, ok, now=T0).require_bundle().anchors) == 2
+
+
+def test_operations_on_a_missing_store_create_nothing(tmp_path: Path) -> None:
+    missing = FileStore(tmp_path / "typo" / "store")
+    operations = [
+        lambda: issue_issuer(missing, now=T0),
+        lambda: rotate_if_due(missing, RenewalPolicy(), now=T0),
+        lambda: bundle_add(
+            missing, build_chain(KeyAlgorithm.ECDSA_P256).anchor.certificate.pem, now=T0
+        ),
+        lambda: bundle_remove(missing, "00", now=T0),
+    ]
+    for operation in operations:
+        with pytest.raises(StoreNotInitialized, match=str(missing.root)):
+            operation()
+        assert not (tmp_path / "typo").exists()
