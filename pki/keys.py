@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from pki.errors import KeyLoadError, UnsupportedAlgorithm
 
 PrivateKeyTypes = ec.EllipticCurvePrivateKey | mldsa.MLDSA65PrivateKey
 PublicKeyTypes = ec.EllipticCurvePublicKey | mldsa.MLDSA65PublicKey
+_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
 class KeyAlgorithm(enum.Enum):
@@ -112,6 +114,11 @@ class PrivateKey:
         """Load a PEM (PKCS#8 or SEC1 ``EC PRIVATE KEY``) or DER PKCS#8 private key."""
         if not isinstance(data, bytes | bytearray):
             raise TypeError(f"key data must be bytes, not {type(data).__name__}")
+        if b"-----BEGIN" in data:
+            # cryptography takes the first key of a PEM holding several: refuse the guess.
+            count = len(_PEM_PRIVATE_KEY.findall(bytes(data)))
+            if count > 1:
+                raise KeyLoadError(f"the PEM data holds {count} private keys; expected one")
         try:
             if b"-----BEGIN" in data:
                 key = serialization.load_pem_private_key(bytes(data), password=None)

@@ -75,3 +75,13 @@ def test_load_pem_garbage_and_types() -> None:
         PrivateKey.load("pem")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         PrivateKey.generate("ecdsa-p256")  # type: ignore[arg-type]
+
+
+def test_a_pem_with_two_private_keys_is_refused() -> None:
+    # cryptography silently loads the first key of such a file; which one was meant is a guess.
+    first, second = PrivateKey.generate(), PrivateKey.generate(KeyAlgorithm.ML_DSA_65)
+    with pytest.raises(KeyLoadError, match="2 private keys"):
+        PrivateKey.load(first.to_pem() + second.to_pem())
+    # One key beside certificates (a combined cert + key file) is fine.
+    cert_block = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    assert PrivateKey.load(cert_block + first.to_pem()).matches(first.public_key())
