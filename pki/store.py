@@ -82,6 +82,17 @@ def is_secret(name: str) -> bool:
     return name.endswith(".key")
 
 
+def _check_key_mode(path: Path) -> None:
+    # commit() writes keys 0600, so a looser mode means the store was changed outside
+    # TrustMesh: refuse (like ssh) rather than keep using a key others may have read.
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise StoreCorrupt(
+            f"{path} has mode {mode:04o}; private keys must be readable by their owner only "
+            f"(chmod 600 {path})"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class StoreState:
     """One version of the store, fully loaded."""
@@ -169,6 +180,8 @@ class FileStore:
                 raise StoreCorrupt(f"{path / name} is listed in meta.json but missing") from None
             if hashlib.sha256(data).hexdigest() != digest:
                 raise StoreCorrupt(f"{path / name} does not match its digest in meta.json")
+            if is_secret(name):
+                _check_key_mode(path / name)
             files[name] = data
         return files
 

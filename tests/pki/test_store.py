@@ -159,3 +159,14 @@ def test_write_file_atomic(tmp_path: Path) -> None:
     write_file_atomic(target, b"two", mode=0o600)
     assert target.read_bytes() == b"two" and _mode(target) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["k.key"]
+
+
+def test_a_private_key_readable_by_others_is_refused_on_load(store: FileStore) -> None:
+    # commit() always writes keys 0600; a looser mode means the store was changed behind
+    # TrustMesh's back, and loading it would use (and keep) an exposed key.
+    path = store.load().path / ISSUER_KEY
+    os.chmod(path, 0o640)
+    with pytest.raises(StoreCorrupt, match=r"issuer\.key has mode 0640.*chmod 600"):
+        store.load()
+    os.chmod(path, 0o600)
+    assert store.load().issuer is not None
