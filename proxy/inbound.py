@@ -13,7 +13,6 @@ a denied HTTP request gets 403 with ``l5d-proxy-error``; authorized HTTP request
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 
 from proxy.detect import Detected, Proto
@@ -29,6 +28,7 @@ from proxy.policy import (
     Server,
     authorize,
     authorize_request,
+    client_address,
     server_for,
 )
 from proxy.routes import Endpoint
@@ -93,13 +93,16 @@ class InboundHttp:
         """The per-request decision of a server with HTTPRoutes."""
         conn, metrics = self.conn, self.inbound.metrics
         head = ex.head
+        # Every value in order (the policy judges repeated headers both ways); none that the
+        # client's Connection header names, as those never reach the application.
         headers = (
-            {
-                head[i].decode("latin-1"): head[i + 2].decode("latin-1")
+            [
+                (head[i].decode("latin-1"), head[i + 2].decode("latin-1"))
                 for i in range(0, len(head), 4)
-            }
+                if head[i].lower() not in ex.conn_tokens
+            ]
             if server.needs_headers
-            else {}
+            else ()
         )
         decision = authorize_request(
             server,
@@ -161,8 +164,7 @@ class _Conn:
 
     def __init__(self, link: Link) -> None:
         self.link = link
-        peer = link.peer[0] if link.peer else "0.0.0.0"
-        self.ip = ipaddress.ip_address(peer.split("%")[0])
+        self.ip = client_address(link.peer[0] if link.peer else "0.0.0.0")
         self.client_id: str | None = None
         self.client_header = b""
         self.tls = "no_identity"

@@ -12,13 +12,20 @@ the server's (Linkerd's semantics); a request no route matches is refused as not
 Specificity follows the Gateway API (exact path, then the longer path, then a method, then
 more header and query matches); a regular-expression path ranks between exact and prefix
 paths, as in Linkerd.
+
+Unlike Linkerd, which matches the path as sent, a request is authorized only if it would be
+under every reading an application may give it (:func:`path_readings`: percent-decoded,
+dot segments removed, slashes merged, ...; the first or the last of a repeated header or
+query parameter): otherwise ``/%61dmin`` or ``/x/../admin`` would be judged by the routes of
+some other path and then served as ``/admin``.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl
@@ -227,15 +234,44 @@ def authorize_request(
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
     method: str,
     target: str,
-    headers: Mapping[str, str],
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
 ) -> Decision:
-    """Decide one HTTP request to ``server`` (request ``target`` = path and query). Without
-    routes this is :func:`authorize`; with routes, the matched route's authorizations are
-    added to the server's, and a request no route matches is refused."""
+    """Decide one HTTP request to ``server`` (request ``target`` = path and query; ``headers``
+    a mapping or the request's (name, value) pairs in order). Without routes this is
+    :func:`authorize`; with routes, the matched route's authorizations are added to the
+    server's, and a request no route matches is refused. A request an application could read
+    in several ways is allowed only if every reading is (the first refusal is returned)."""
     if not server.routes:
         return _decide(server, server.authorizations, identity, ip, None)
     path, _, query_text = target.partition("?")
-    route = server.route_for(method, path, headers, _query(query_text))
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    header_views = _views((k.lower(), v) for k, v in pairs)
+    # Query values compare form-decoded (%2F and + as / and space).
+    query_views = _views(parse_qsl(query_text, keep_blank_values=True)) if query_text else ({},)
+    allowed: Decision | None = None
+    for reading in path_readings(path):
+        for header_map in header_views:
+            for query_map in query_views:
+                decision = _decide_route(
+                    server, identity, ip, method, reading, header_map, query_map
+                )
+                if not decision.allowed:
+                    return decision
+                allowed = allowed or decision
+    assert allowed is not None
+    return allowed
+
+
+def _decide_route(
+    server: Server,
+    identity: str | None,
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    query: dict[str, str],
+) -> Decision:
+    route = server.route_for(method, path, headers, query)
     if route is None:
         return Decision(
             False,
@@ -247,14 +283,77 @@ def authorize_request(
     return _decide(server, server.authorizations + route.authorizations, identity, ip, route.name)
 
 
-def _query(text: str) -> dict[str, str]:
-    """Query parameters, form-decoded (``%2F`` and ``+`` compare as ``/`` and space); the
-    first value of a repeated parameter counts, as in Linkerd."""
-    out: dict[str, str] = {}
-    if text:
-        for name, value in parse_qsl(text, keep_blank_values=True):
-            out.setdefault(name, value)
-    return out
+def _views(pairs: Iterable[tuple[str, str]]) -> tuple[dict[str, str], ...]:
+    """The first-value and last-value readings of repeated names (one when they agree):
+    applications differ in which of a repeated header or query parameter they use."""
+    first: dict[str, str] = {}
+    last: dict[str, str] = {}
+    for name, value in pairs:
+        first.setdefault(name, value)
+        last[name] = value
+    return (first,) if first == last else (first, last)
+
+
+# A path one of the rewrites below could change; any other has the one reading.
+_AMBIGUOUS = re.compile(r"%|\\|//|;|/\.\.?(?:/|$)")
+_UNRESERVED_ESCAPE = re.compile(r"%(?:[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dDeE]|5[fF]|7[eE])")
+_SLASH_ESCAPE = re.compile(r"%(?:2[fF]|5[cC])")
+_PARAMS = re.compile(r";[^/]*")
+_SLASHES = re.compile(r"/{2,}")
+
+
+def _remove_dots(path: str) -> str:
+    """RFC 3986 5.2.4 on an absolute path."""
+    if not path.startswith("/"):
+        return path
+    out: list[str] = []
+    segments = path[1:].split("/")
+    for seg in segments:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    if segments[-1] in (".", ".."):
+        out.append("")  # "/a/.." is the directory "/"
+    return "/" + "/".join(out)
+
+
+def _unescape(m: re.Match[str]) -> str:
+    return chr(int(m.group()[1:], 16))
+
+
+# Rewrites servers apply before routing, in the order they apply them; every subset counts.
+_REWRITES: tuple[Callable[[str], str], ...] = (
+    lambda p: _UNRESERVED_ESCAPE.sub(_unescape, p),  # equivalent by RFC 3986 6.2.2.2
+    lambda p: _SLASH_ESCAPE.sub(_unescape, p),  # %2F and %5C, which some servers decode
+    lambda p: p.replace("\\", "/"),
+    lambda p: _PARAMS.sub("", p),  # servlet-style path parameters
+    lambda p: _SLASHES.sub("/", p),
+    _remove_dots,
+    lambda p: _SLASHES.sub("/", p),  # after dot removal too: "/a//.." differs either way
+)
+
+
+def path_readings(path: str) -> tuple[str, ...]:
+    """The paths an application may take ``path`` for, the path as sent first."""
+    if not _AMBIGUOUS.search(path):
+        return (path,)
+    readings = {path: None}
+    for rewrite in _REWRITES:
+        for reading in tuple(readings):
+            readings.setdefault(rewrite(reading))
+    return tuple(readings)
+
+
+def client_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address policy judges a client by: its socket peer, without an IPv6 zone, and an
+    IPv4-mapped IPv6 address as the IPv4 address it is (a dual-stack socket reports IPv4
+    clients so, and IPv4 networks must still hold for them)."""
+    ip = ipaddress.ip_address(peer.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _decide(

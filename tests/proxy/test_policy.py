@@ -185,7 +185,8 @@ def test_the_most_specific_match_wins() -> None:
     assert route("GET", "/a") == "method"
     assert route("PUT", "/a") == "short"
     assert route("PUT", "/b") == "everything"
-    # query values are compared form-decoded; the first of a repeated parameter counts
+    # query values are compared form-decoded; a repeated parameter reports the route of its
+    # first value (authorization must hold for the last one too: test_policy_requests.py)
     assert route("GET", "/a?v=%32", **{"X-Canary": "1"}) == "query"
     assert route("GET", "/a?w=1&v=2&v=3", **{"X-Canary": "1"}) == "query"
     assert route("GET", "/a?v=3&v=2", **{"X-Canary": "1"}) == "header"

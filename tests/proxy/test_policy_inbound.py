@@ -1,0 +1,134 @@
+"""Route authorization through real proxies (client proxy web -> server proxy api -> aiohttp
+application): what the application ends up serving is what the policy authorized."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from proxy_mesh import raw_exchange, run_app, run_mesh
+from test_meshtls_inbound import tls_exchange
+from test_meshtls_protocol import RawClient
+
+from destination.policy import HttpMatch, PathMatch, ValueMatch
+from proxy.policy import Authorization, DefaultPolicy, HttpRoute, InboundPolicy, Server
+from proxy.transport_header import SessionProtocol, TransportHeader
+
+pytestmark = pytest.mark.timeout(30)
+
+OPS = "ops.infra.serviceaccount.identity.trustmesh.cluster.local"
+
+
+def _get(target: bytes, extra: bytes = b"") -> bytes:
+    return b"GET %b HTTP/1.1\r\nHost: api\r\n%bConnection: close\r\n\r\n" % (target, extra)
+
+
+async def test_an_encoded_path_does_not_reach_a_route_the_client_is_not_authorized_for(
+    pki,
+) -> None:
+    """/echo is for ops only, the rest for web. aiohttp decodes /%65cho to /echo: the proxy
+    must not take it for a path of the rest."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port:
+        server = Server(
+            "app",
+            app_port,
+            (),
+            (
+                HttpRoute(
+                    "echo",
+                    (HttpMatch(PathMatch("Exact", "/echo")),),
+                    (Authorization("ops", (OPS,)),),
+                ),
+                HttpRoute(
+                    "rest",
+                    (HttpMatch(PathMatch("PathPrefix", "/")),),
+                    (Authorization("web", (web.identity,)),),
+                ),
+            ),
+        )
+        policy = InboundPolicy(DefaultPolicy.DENY, (server,))
+        async with run_mesh(web, api, app_port=app_port, policy=policy) as mesh:
+            assert (await raw_exchange(mesh.outbound, _get(b"/echo"))).startswith(b"HTTP/1.1 403")
+            for target in (b"/%65cho", b"/%65%63%68%6f", b"/x/%2e%2e/echo"):
+                reply = await raw_exchange(mesh.outbound, _get(target))
+                assert reply.startswith(b"HTTP/1.1 403"), (target, reply)
+                assert b"route echo" in reply
+            # the rest still serves web (aiohttp answers 404 for a path it has no handler for)
+            assert (await raw_exchange(mesh.outbound, _get(b"/other"))).startswith(b"HTTP/1.1 404")
+            assert "request_total" in mesh.server.metrics.render()
+            assert (
+                "x-client-id" not in (await raw_exchange(mesh.outbound, _get(b"/other"))).decode()
+            )
+
+
+async def test_a_header_the_client_declares_hop_by_hop_does_not_choose_the_route(pki) -> None:
+    """``Connection: x-canary`` makes the proxy drop x-canary before the application: the
+    route that matches on it must not be chosen on its strength."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port:
+        canary = HttpMatch(PathMatch("Exact", "/echo"), headers=(ValueMatch("x-canary", "1"),))
+        server = Server(
+            "app",
+            app_port,
+            (),
+            (
+                HttpRoute("canary", (canary,), (Authorization("anyone", ("*",)),)),
+                HttpRoute(
+                    "rest",
+                    (HttpMatch(PathMatch("PathPrefix", "/")),),
+                    (Authorization("ops", (OPS,)),),
+                ),
+            ),
+        )
+        policy = InboundPolicy(DefaultPolicy.DENY, (server,))
+        # A client of its own making (a proxy would drop x-canary itself) straight to the
+        # server proxy's inbound port.
+        client = RawClient(pki.bundle.pem(), creds=web)
+        header = TransportHeader(app_port, None, SessionProtocol.HTTP1).encode()
+        async with run_mesh(web, api, app_port=app_port, policy=policy) as mesh:
+            inbound = mesh.server.port("inbound")
+            request = header + _get(b"/echo", b"x-canary: 1\r\n")
+            reply = await tls_exchange(inbound, client, api.identity, request)
+            assert reply.startswith(b"HTTP/1.1 200"), reply
+            hidden = b"x-canary: 1\r\nConnection: x-canary\r\n"
+            reply = await tls_exchange(
+                inbound, client, api.identity, header + _get(b"/echo", hidden)
+            )
+            assert reply.startswith(b"HTTP/1.1 403"), reply
+            assert b"route rest" in reply
+
+
+async def test_a_revoked_authorization_applies_to_the_next_request_on_an_open_connection(
+    pki,
+) -> None:
+    """HTTP is authorized per request: a policy update reaches requests on connections that
+    were opened (and authorized) before it, as in Linkerd."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port:
+        allow = Server("app", app_port, (Authorization("web", (web.identity,)),))
+        async with (
+            run_mesh(
+                web, api, app_port=app_port, policy=InboundPolicy(DefaultPolicy.DENY, (allow,))
+            ) as mesh,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http,
+        ):
+            url = f"http://127.0.0.1:{mesh.outbound}/echo"
+            async with http.get(url, headers={"Host": "api"}) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-client-id"] == web.identity
+            mesh.server_policy.update(InboundPolicy(DefaultPolicy.DENY, (Server("app", app_port),)))
+            async with http.get(url, headers={"Host": "api"}) as resp:
+                assert resp.status == 403
+                assert resp.headers["l5d-proxy-error"] == "server app denies every client"
+            metrics = mesh.server.metrics.render()
+            # one mesh connection carried both requests
+            opened = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith('tcp_open_total{direction="inbound",peer="src"')
+            ]
+            assert len(opened) == 1 and opened[0].endswith(" 1"), opened
+            assert (
+                'inbound_authz_deny_total{protocol="http",srv_name="app",reason="unauthorized"} 1'
+                in metrics
+            )
