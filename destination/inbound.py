@@ -17,6 +17,7 @@ from destination.policy import (
     Authentication,
     AuthKind,
     Authorization,
+    HttpMatch,
     InboundPolicy,
     InboundRoute,
     Network,
@@ -181,12 +182,18 @@ def resolve_inbound(
     routes = tuple(
         InboundRoute(
             Ref("HTTPRoute", r.meta.name, namespace, r.group),
-            tuple(m for rule in r.rules for m in rule.matches),
+            # A rule without matches matches every request (Gateway API: PathPrefix /).
+            tuple(m for rule in r.rules for m in (rule.matches or (HttpMatch(),))),
             _policies_for(state, settings, namespace, "HTTPRoute", r.meta.name),
         )
         for r in sorted(state.http_routes, key=lambda r: r.meta.name)
         if r.meta.namespace == namespace
-        and any(p.kind == "Server" and p.name == server.meta.name for p in r.parents)
+        and any(
+            p.kind == "Server"
+            and p.name == server.meta.name
+            and (p.namespace or namespace) == namespace
+            for p in r.parents
+        )
     )
     return InboundPolicy(
         namespace,

@@ -67,6 +67,8 @@ class Network:
         return cls(_net(cidr), tuple(_net(e) for e in exceptions))
 
     def contains(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # what a dual-stack socket reports an IPv4 client as
         if address.version != self.cidr.version or address not in self.cidr:
             return False
         return not any(address.version == e.version and address in e for e in self.exceptions)

@@ -220,8 +220,10 @@ def _authz_back(m: ppb.Authorization) -> Authorization:
         authn = Authentication(AuthKind.IDENTITIES, tuple(m.authentication.identities.patterns))
     elif which == "tls_unauthenticated":
         authn = Authentication(AuthKind.TLS)
-    else:
+    elif which == "unauthenticated":
         authn = Authentication(AuthKind.UNAUTHENTICATED)
+    else:  # a kind this side does not know (or none): it must authorize nobody
+        return Authorization(_ref_back(m.ref), (), Authentication(AuthKind.TLS))
     nets = tuple(Network.parse(n.cidr, tuple(getattr(n, "except"))) for n in m.networks)
     return Authorization(_ref_back(m.ref), nets, authn)
 
