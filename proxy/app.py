@@ -20,7 +20,7 @@ from typing import Any
 from proxy.admin import AdminServer
 from proxy.errors import ConfigError
 from proxy.http1 import HEAD_TIMEOUT
-from proxy.inbound import Inbound
+from proxy.inbound import Inbound, listener_ports
 from proxy.listener import DETECT_TIMEOUT, serve
 from proxy.meshtls import CredentialSource, KexPolicy, MeshCredentials, MeshTls
 from proxy.metrics import ProxyMetrics
@@ -177,6 +177,8 @@ class Proxy:
             self.servers[f"upstream:{service}"] = await serve(
                 listen.host, listen.port, listener.accept, what=f"upstream for {service}"
             )
+        bound = [sock.getsockname()[:2] for srv in self.servers.values() for sock in srv.sockets]
+        inb.own_ports = listener_ports(bound, s.app_host)
 
     async def stop(self) -> None:
         for server in self.servers.values():

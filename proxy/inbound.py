@@ -13,6 +13,8 @@ a denied HTTP request gets 403 with ``l5d-proxy-error``; authorized HTTP request
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 
 from proxy.detect import Detected, Proto
@@ -227,6 +229,10 @@ class Inbound:
         self.connector = Connector(None, metrics, direction="inbound")
         self.pool = Pool(clock=self.loop.time)
         self._apps: dict[int, Endpoint] = {}
+        # The proxy's own listeners as the application host reaches them (see listener_ports):
+        # never a target, or a meshed client could relay through the outbound listener with
+        # this proxy's identity, or loop through the inbound one.
+        self.own_ports: frozenset[int] = frozenset()
 
     def app(self, port: int) -> Endpoint:
         ep = self._apps.get(port)
@@ -288,7 +294,9 @@ class Inbound:
 
     def dispatch(self, conn: _Conn, proto: Proto | None, early: bytes) -> None:
         """Hand an identified connection to HTTP/1 forwarding or the opaque relay."""
-        if self.allowed_ports is not None and conn.port not in self.allowed_ports:
+        if (
+            self.allowed_ports is not None and conn.port not in self.allowed_ports
+        ) or conn.port in self.own_ports:
             log.info("closing inbound connection for port %d: not an application port", conn.port)
             conn.link.abort()
             return
@@ -318,3 +326,22 @@ class Inbound:
             return
         Relay(conn.link, upstream, early_a=early)
         conn.link.resume_reading()
+
+
+def listener_ports(addresses: list[tuple[str, int]], app_host: str) -> frozenset[int]:
+    """The ports among listener ``addresses`` (host, port) that a connection to
+    ``app_host`` reaches: those bound to it, to a wildcard address, or to loopback when it
+    is loopback."""
+    try:
+        app_loopback = ipaddress.ip_address(app_host).is_loopback
+    except ValueError:
+        app_loopback = app_host == "localhost"
+    out = set()
+    for host, port in addresses:
+        if host in ("0.0.0.0", "::", "", app_host):
+            out.add(port)
+            continue
+        with contextlib.suppress(ValueError):
+            if app_loopback and ipaddress.ip_address(host.partition("%")[0]).is_loopback:
+                out.add(port)
+    return frozenset(out)

@@ -132,3 +132,23 @@ async def test_a_revoked_authorization_applies_to_the_next_request_on_an_open_co
                 'inbound_authz_deny_total{protocol="http",srv_name="app",reason="unauthorized"} 1'
                 in metrics
             )
+
+
+async def test_the_transport_header_cannot_name_the_proxys_own_ports(pki) -> None:
+    """A meshed client names the target port in the transport header. Without a configured
+    list of application ports, naming the proxy's own outbound listener would make this
+    proxy a relay that speaks for its identity; naming its inbound port, a loop."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    client = RawClient(pki.bundle.pem(), creds=web)
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        inbound = mesh.server.port("inbound")
+        for own in (mesh.server.port("outbound"), inbound):
+            header = TransportHeader(own, None, SessionProtocol.HTTP1).encode()
+            try:
+                reply = await tls_exchange(inbound, client, api.identity, header + _get(b"/echo"))
+            except ConnectionError:
+                reply = b""
+            assert reply == b"", (own, reply)
+        header = TransportHeader(app_port, None, SessionProtocol.HTTP1).encode()
+        reply = await tls_exchange(inbound, client, api.identity, header + _get(b"/echo"))
+        assert reply.startswith(b"HTTP/1.1 200")

@@ -9,6 +9,7 @@ import ipaddress
 import pytest
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
+from proxy.inbound import listener_ports
 from proxy.policy import (
     Authorization,
     HttpRoute,
@@ -156,3 +157,10 @@ def test_an_ipv4_mapped_client_is_judged_as_ipv4() -> None:
         ),
     )
     assert authorize_request(inside, None, mapped, "GET", "/", {}).allowed
+
+
+def test_listener_ports_reached_from_the_application_host() -> None:
+    bound = [("127.0.0.1", 4140), ("0.0.0.0", 4143), ("::1", 4191), ("10.0.0.5", 4190)]
+    assert listener_ports(bound, "127.0.0.1") == {4140, 4143, 4191}
+    assert listener_ports(bound, "localhost") == {4140, 4143, 4191}
+    assert listener_ports(bound, "10.0.0.5") == {4143, 4190}
