@@ -1,0 +1,90 @@
+"""Inbound policy from a real destination service (mesh file -> gRPC stream -> the proxy's
+DestinationPolicy): a revoked authorization reaches the proxy, and an outage keeps the last
+policy instead of falling back to the permissive default."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from pathlib import Path
+
+import pytest
+from destination_testlib import eventually, free_port, write_atomic
+
+from destination.client import Backoff, DestinationClient
+from destination.paths import WorkloadRef
+from destination.service import DestinationServer, ServeOptions
+from proxy.control import DestinationPolicy
+from proxy.policy import DefaultPolicy, authorize
+
+pytestmark = pytest.mark.timeout(30)
+
+WEB_ID = "web.shop.serviceaccount.identity.trustmesh.cluster.local"
+CLIENT = ipaddress.ip_address("10.1.2.3")
+MESH = """\
+apiVersion: trustmesh.io/v1alpha1
+kind: Workload
+metadata: {name: api-0, namespace: shop, labels: {app: api}}
+spec: {serviceAccount: api, address: 127.0.0.1, inboundProxyPort: 14143, ports: [{name: http, port: 18080}]}
+---
+apiVersion: policy.trustmesh.io/v1alpha1
+kind: Server
+metadata: {name: api-http, namespace: shop}
+spec: {podSelector: {matchLabels: {app: api}}, port: http, proxyProtocol: HTTP/1}
+---
+apiVersion: policy.trustmesh.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: web-only, namespace: shop}
+spec: {identityRefs: [{kind: ServiceAccount, name: web}]}
+"""
+GRANT = """\
+---
+apiVersion: policy.trustmesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-to-api, namespace: shop}
+spec:
+  targetRef: {group: policy.trustmesh.io, kind: Server, name: api-http}
+  requiredAuthenticationRefs: [{kind: MeshTLSAuthentication, name: web-only}]
+"""
+
+
+async def test_revocation_reaches_the_proxy_and_an_outage_keeps_the_last_policy(
+    tmp_path: Path,
+) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    write_atomic(mesh, MESH + GRANT)
+    port = free_port()
+    options = ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
+    server = DestinationServer(options)
+    await server.start()
+    client = DestinationClient(
+        f"127.0.0.1:{port}",
+        workload=WorkloadRef("shop", "api-0"),
+        backoff=Backoff(base=0.05, maximum=0.2),
+        rng=random.Random(1),
+    )
+    try:
+        policy = DestinationPolicy(client, [18080], DefaultPolicy.ALL_UNAUTHENTICATED)
+        assert await policy.wait_ready(5) == []
+
+        def web_allowed() -> bool:
+            return authorize(policy.current(), 18080, WEB_ID, CLIENT).allowed
+
+        assert web_allowed()
+        assert not authorize(policy.current(), 18080, None, CLIENT).allowed
+        # a port destination does not describe keeps the proxy's default
+        assert authorize(policy.current(), 19090, None, CLIENT).allowed
+
+        write_atomic(mesh, MESH)  # the AuthorizationPolicy is deleted
+        await eventually(lambda: not web_allowed())
+        decision = authorize(policy.current(), 18080, WEB_ID, CLIENT)
+        assert decision.reason == "server api-http denies every client"
+
+        await server.stop()
+        await eventually(lambda: not client.control_plane_up)
+        # the destination is away: still the revoked policy, not the permissive default
+        assert not web_allowed()
+        assert not authorize(policy.current(), 18080, None, CLIENT).allowed
+    finally:
+        await client.close()
+        await server.stop()
