@@ -55,11 +55,26 @@ ALGORITHMS = [a.value for a in KeyAlgorithm]
 MAX_VALIDITY = timedelta(days=36500)
 
 
-def _validity(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
-    delta = duration_option(ctx, param, value)
-    if delta is not None and not timedelta(0) < delta <= MAX_VALIDITY:
-        raise click.BadParameter(f"{value!r} must be positive and at most 36500d (100 years)")
-    return delta
+def bounded_duration(
+    maximum: timedelta, *, allow_zero: bool = False
+) -> Callable[[click.Context, click.Parameter, str | None], timedelta | None]:
+    """A click callback: a duration in (0, maximum], or [0, maximum] with ``allow_zero``."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+        delta = duration_option(ctx, param, value)
+        low_ok = delta is None or delta > timedelta(0) or (allow_zero and delta == timedelta(0))
+        if delta is not None and not (low_ok and delta <= maximum):
+            low = "at least 0s" if allow_zero else "positive"
+            raise click.BadParameter(
+                f"{value!r} must be {low} and at most {format_duration(maximum).split()[0]}"
+                + (" (100 years)" if maximum == MAX_VALIDITY else "")
+            )
+        return delta
+
+    return callback
+
+
+_validity = bounded_duration(MAX_VALIDITY)
 
 
 def _algorithm(
@@ -508,7 +523,7 @@ def _load_client(cert_file: Path | None, key_file: Path | None) -> Credential | 
 @click.option("--timeout", default="10s", show_default=True, callback=duration_option)
 @click.option(
     "--renew-before",
-    callback=duration_option,
+    callback=_validity,
     help="Store targets: renewal policy (default: 1/3 left).",
 )
 @output_option

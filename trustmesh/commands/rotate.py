@@ -17,8 +17,12 @@ from rich.table import Table
 from pki.certs import utcnow
 from pki.durations import format_duration
 from pki.store import FileStore
-from trustmesh.config import default_store_path, duration_option
+from trustmesh.commands.pki import MAX_VALIDITY, bounded_duration
+from trustmesh.config import default_store_path
 from trustmesh.rotation_job import ExitCode, RunReport, run_once
+
+# A start delay past a day stops being jitter; unbounded, it overflowed the scheduler's clock.
+MAX_JITTER = timedelta(days=1)
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -41,7 +45,7 @@ Exit codes:
 )
 @click.option(
     "--renew-before",
-    callback=duration_option,
+    callback=bounded_duration(MAX_VALIDITY),
     help="Renew when less than this is left (e.g. 16h). Default: one third of the life.",
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be done; write nothing.")
@@ -51,7 +55,7 @@ Exit codes:
 )
 @click.option(
     "--jitter",
-    callback=duration_option,
+    callback=bounded_duration(MAX_JITTER, allow_zero=True),
     default="0s",
     show_default=True,
     help="With --schedule: start each run up to this much later.",

@@ -1,0 +1,52 @@
+"""``trustmesh rotate`` flags through the CLI's error boundary: bad values are usage errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from click.testing import CliRunner
+
+from pki.certs import utcnow
+from trustmesh.cli import cli
+from trustmesh.errors import run_cli
+from trustmesh.rotation_job import ExitCode
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def tm(*args: str) -> Run:
+    runner = CliRunner()
+    with runner.isolation() as (out, err, _):
+        code = run_cli(cli, list(args))
+    return Run(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+@pytest.mark.parametrize("value", ["0s", "0.0000001s", "99999999d", "1000000d"])
+def test_renew_before_out_of_range_is_a_usage_error(make_store, value):
+    # Exit 1 means "a rotation was due and failed" to whoever watches the cron job; a bad
+    # flag must not look like that (0s was exit 1, 99999999d an OverflowError traceback).
+    store = make_store(utcnow() - timedelta(hours=40))  # due
+    before = store.current_version()
+    run = tm("rotate", "--store", str(store.root), "--renew-before", value)
+    assert run.code == ExitCode.USAGE, run.err
+    assert "--renew-before" in run.err and "Traceback" not in run.err
+    run = tm("pki", "inspect", str(store.root), "--renew-before", value)
+    assert run.code == 2, run.err
+    assert "--renew-before" in run.err and "Traceback" not in run.err
+    assert store.current_version() == before
+
+
+@pytest.mark.parametrize("value", ["99999999d", "2d"])
+def test_schedule_jitter_out_of_range_is_a_usage_error(make_store, value):
+    # A jitter past the year 9999 crashed the scheduler with an OverflowError on its first tick.
+    store = make_store()
+    run = tm("rotate", "--store", str(store.root), "--schedule", "*/15 * * * *", "--jitter", value)
+    assert run.code == ExitCode.USAGE, run.err
+    assert "--jitter" in run.err and "at most 1d" in run.err
