@@ -154,8 +154,12 @@ def request_path(url: bytes) -> str:
     text = url.decode("latin-1")
     scheme_end = text.find("://")
     if scheme_end > 0 and "/" not in text[:scheme_end]:
-        slash = text.find("/", scheme_end + 3)
-        return text[slash:] if slash >= 0 else "/"
+        # The authority ends at the first '/', '?' or '#' (RFC 3986 3.2): in
+        # "http://h?x=/public" the path is empty ("/"), not "/public".
+        rest = text[scheme_end + 3 :]
+        end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+        path = rest[end:]
+        return path if path.startswith("/") else "/" + path
     return text
 
 

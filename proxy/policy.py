@@ -243,21 +243,24 @@ def authorize_request(
     in several ways is allowed only if every reading is (the first refusal is returned)."""
     if not server.routes:
         return _decide(server, server.authorizations, identity, ip, None)
-    path, _, query_text = target.partition("?")
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     header_views = _views((k.lower(), v) for k, v in pairs)
-    # Query values compare form-decoded (%2F and + as / and space).
-    query_views = _views(parse_qsl(query_text, keep_blank_values=True)) if query_text else ({},)
+    # Clients do not send a fragment, but a request may: most servers cut it off, some not.
+    targets = (target, target.partition("#")[0]) if "#" in target else (target,)
     allowed: Decision | None = None
-    for reading in path_readings(path):
-        for header_map in header_views:
-            for query_map in query_views:
-                decision = _decide_route(
-                    server, identity, ip, method, reading, header_map, query_map
-                )
-                if not decision.allowed:
-                    return decision
-                allowed = allowed or decision
+    for text in targets:
+        path, _, query_text = text.partition("?")
+        # Query values compare form-decoded (%2F and + as / and space).
+        query_views = _views(parse_qsl(query_text, keep_blank_values=True)) if query_text else ({},)
+        for reading in path_readings(path):
+            for header_map in header_views:
+                for query_map in query_views:
+                    decision = _decide_route(
+                        server, identity, ip, method, reading, header_map, query_map
+                    )
+                    if not decision.allowed:
+                        return decision
+                    allowed = allowed or decision
     assert allowed is not None
     return allowed
 

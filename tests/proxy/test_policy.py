@@ -213,6 +213,10 @@ def test_routes_are_validated() -> None:
         (b"*", "*"),
         (b"api.shop:443", "api.shop:443"),
         (b"/redirect?to=http://x/y", "/redirect?to=http://x/y"),
+        # the authority ends at '?' or '#' too: the path of these is "/" for the application
+        (b"http://api.shop?x=/public/y", "/?x=/public/y"),
+        (b"http://api.shop#/public", "/#/public"),
+        (b"http://api.shop:8080?a=1", "/?a=1"),
     ],
 )
 def test_request_path(url: bytes, path: str) -> None:

@@ -54,6 +54,8 @@ ADMIN = Server(
         "/admin;jsessionid=1",  # servlet containers drop path parameters
         "/x/..;/admin",
         "/%2561dmin/../admin",
+        "/admin#x",  # servers that cut a fragment off
+        "/admin#x?y=1",
     ],
 )
 def test_a_path_written_differently_does_not_escape_its_route(target: str) -> None:
