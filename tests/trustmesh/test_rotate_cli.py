@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,7 +25,10 @@ class Run:
 def tm(*args: str) -> Run:
     runner = CliRunner()
     with runner.isolation() as (out, err, _):
-        code = run_cli(cli, list(args))
+        try:
+            code = run_cli(cli, list(args))
+        except SystemExit as e:  # rotate exits with its documented code itself
+            code = int(e.code or 0)
     return Run(code, out.getvalue().decode(), err.getvalue().decode())
 
 
@@ -50,3 +54,14 @@ def test_schedule_jitter_out_of_range_is_a_usage_error(make_store, value):
     run = tm("rotate", "--store", str(store.root), "--schedule", "*/15 * * * *", "--jitter", value)
     assert run.code == ExitCode.USAGE, run.err
     assert "--jitter" in run.err and "at most 1d" in run.err
+
+
+def test_json_output_is_one_line_per_run(make_store):
+    # README's crontab appends '-o json' to a log file: one record per line (JSON Lines), so
+    # 'tail -n1 | jq' or a log shipper sees each run whole.
+    store = make_store(utcnow() - timedelta(hours=40))  # due
+    for expect_renewed in (True, False):
+        run = tm("rotate", "--store", str(store.root), "-o", "json")
+        assert run.code == ExitCode.OK, run.err
+        assert run.out.count("\n") == 1 and run.out.endswith("}\n")
+        assert json.loads(run.out)["renewed"] is expect_renewed

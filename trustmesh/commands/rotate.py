@@ -136,7 +136,7 @@ def _run_schedule(
 
 def _print(report: RunReport, output: str) -> None:
     if output == "json":
-        click.echo(json.dumps(report.to_json(), indent=2))
+        click.echo(json.dumps(report.to_json()))  # one line per run: JSON Lines in a log
         return
     console = Console(stderr=False, highlight=False)
     err = Console(stderr=True, highlight=False)
