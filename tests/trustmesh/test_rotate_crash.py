@@ -16,6 +16,7 @@ import pytest
 
 from pki.certs import utcnow
 from pki.store import ANCHOR, ANCHOR_KEY, BUNDLE, ISSUER, ISSUER_KEY, FileStore
+from pki.verify import verify_chain
 
 TRUSTMESH = [sys.executable, "-m", "trustmesh"]
 CRASH_POINTS = [
@@ -84,3 +85,40 @@ def test_sigkill_at_random_instants(make_store):
         # Each iteration gets a fresh store directory.
         store.root.rename(Path(str(store.root) + f"-{len(outcomes)}"))
     assert set(outcomes) <= {"old", "new"}
+
+
+@pytest.mark.parametrize(
+    ("command", "point"),
+    [
+        (("anchor", "create", "--rotate"), "write:bundle.pem"),
+        (("anchor", "create", "--rotate"), "flip"),
+        (("anchor", "create", "--rotate"), "flipped"),
+        (("issuer", "rotate"), "write:issuer.key"),
+        (("issuer", "rotate"), "flip"),
+    ],
+)
+def test_sigkill_during_pki_anchor_and_issuer_rotation(make_store, command, point):
+    # The operator's commands write through the same store: killed at any step, the old
+    # anchor stays in the bundle, the issuer still chains to a bundled anchor, and a re-run
+    # completes.
+    store = make_store(utcnow() - timedelta(hours=1))
+    before = store.load()
+    old_anchors = set(before.require_bundle().fingerprints)
+    args = [*TRUSTMESH, "pki", "--store", str(store.root), *command]
+    env = {**os.environ, "TRUSTMESH_CRASH_AT": point}
+    crashed = subprocess.run(args, env=env, capture_output=True, timeout=60)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
+    for attempt in ("after the crash", "after the re-run"):
+        state = store.load()
+        bundle = state.require_bundle()
+        assert old_anchors <= set(bundle.fingerprints), attempt
+        assert state.anchor_key is not None and state.anchor is not None
+        assert state.anchor_key.matches(state.anchor.x509.public_key()), attempt
+        issuer = state.require_issuer()
+        assert issuer.key.matches(issuer.certificate.x509.public_key()), attempt
+        verify_chain(issuer.certificate, issuer.chain, bundle, at=utcnow())
+        if attempt == "after the crash":
+            assert state.version == before.version + (point == "flipped")
+            rerun = subprocess.run(args, capture_output=True, timeout=60)
+            assert rerun.returncode == 0, rerun.stderr.decode()
+    assert not [p for p in store.versions_dir.iterdir() if p.name.startswith(".tmp-")]
