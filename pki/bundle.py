@@ -64,8 +64,10 @@ class TrustBundle:
         return h.hexdigest()
 
     def find(self, fingerprint: str) -> Certificate:
+        if not fingerprint:
+            raise BundleError("the fingerprint is empty; give a unique prefix of an anchor's")
         matches = [c for c in self.anchors if c.fingerprint.startswith(fingerprint.lower())]
-        if not fingerprint or len(matches) != 1:
+        if len(matches) != 1:
             what = "no anchor" if not matches else f"{len(matches)} anchors"
             raise BundleError(f"{what} in the bundle match fingerprint {fingerprint!r}")
         return matches[0]

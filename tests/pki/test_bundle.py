@@ -52,3 +52,10 @@ def test_invalid_bundles(chain: Chain) -> None:
     with pytest.raises(TypeError):
         TrustBundle([chain.anchor.certificate])  # type: ignore[arg-type]
     assert TrustBundle.of([chain.anchor.certificate] * 2).anchors == (chain.anchor.certificate,)
+
+
+def test_find_with_an_empty_fingerprint_says_so(chain: Chain) -> None:
+    # 'bundle remove ""' (or ":") said "1 anchors in the bundle match fingerprint ''".
+    bundle = TrustBundle((chain.anchor.certificate,))
+    with pytest.raises(BundleError, match="fingerprint is empty"):
+        bundle.find("")
