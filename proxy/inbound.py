@@ -40,6 +40,8 @@ from proxy.upstream import Connector, Pool
 
 log = logging.getLogger(__name__)
 
+REAUTHORIZE_INTERVAL = 1.0  # seconds between checks of open TCP connections against the policy
+
 
 class InboundHttp:
     """The HTTP dispatcher for one inbound connection: policy per request, local target."""
@@ -237,6 +239,11 @@ class Inbound:
         # never a target, or a meshed client could relay through the outbound listener with
         # this proxy's identity, or loop through the inbound one.
         self.own_ports: frozenset[int] = frozenset()
+        # Open TCP relays, re-authorized when the policy changes (checked this often).
+        self.reauthorize_interval = REAUTHORIZE_INTERVAL
+        self._tcp: set[_Conn] = set()
+        self._tcp_policy: object = None  # the policy the open relays were last checked under
+        self._reauthorizing = False
 
     def app(self, port: int) -> Endpoint:
         ep = self._apps.get(port)
@@ -307,7 +314,8 @@ class Inbound:
         if proto is Proto.HTTP1:
             Http1Server(conn.link, InboundHttp(self, conn), early, self.head_timeout)
             return
-        decision = authorize(self.policy.current(), conn.port, conn.client_id, conn.ip)
+        policy = self.policy.current()
+        decision = authorize(policy, conn.port, conn.client_id, conn.ip)
         if not decision.allowed:
             self.metrics.inbound_authz_deny_total.inc(("tcp", decision.server, "unauthorized"))
             conn.link.close()
@@ -315,8 +323,34 @@ class Inbound:
         self.metrics.inbound_authz_allow_total.inc(
             ("tcp", decision.server, decision.authorization or "")
         )
+        self._tcp.add(conn)
+        if not self._reauthorizing:
+            self._reauthorizing = True
+            self._tcp_policy = policy
+            self.loop.call_later(self.reauthorize_interval, self._reauthorize)
         conn.link.pause_reading()
         self.loop.create_task(self._relay(conn, early))
+
+    def _reauthorize(self) -> None:
+        """Close the open TCP connections a changed policy no longer authorizes (as Linkerd
+        does); runs every ``reauthorize_interval`` while any is open."""
+        self._tcp = {c for c in self._tcp if not c.link.closed}
+        if not self._tcp:
+            self._reauthorizing = False
+            return
+        policy = self.policy.current()
+        if policy is not self._tcp_policy:
+            self._tcp_policy = policy
+            for conn in tuple(self._tcp):
+                decision = authorize(policy, conn.port, conn.client_id, conn.ip)
+                if not decision.allowed:
+                    log.info("closing inbound TCP connection: %s", decision.reason)
+                    self.metrics.inbound_authz_deny_total.inc(
+                        ("tcp", decision.server, "unauthorized")
+                    )
+                    self._tcp.discard(conn)
+                    conn.link.abort()
+        self.loop.call_later(self.reauthorize_interval, self._reauthorize)
 
     async def _relay(self, conn: _Conn, early: bytes) -> None:
         try:

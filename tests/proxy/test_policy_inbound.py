@@ -3,6 +3,8 @@ application): what the application ends up serving is what the policy authorized
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from proxy_mesh import raw_exchange, run_app, run_mesh
@@ -152,3 +154,50 @@ async def test_the_transport_header_cannot_name_the_proxys_own_ports(pki) -> Non
         header = TransportHeader(app_port, None, SessionProtocol.HTTP1).encode()
         reply = await tls_exchange(inbound, client, api.identity, header + _get(b"/echo"))
         assert reply.startswith(b"HTTP/1.1 200")
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while chunk := await reader.read(65536):
+        writer.write(chunk)
+        await writer.drain()
+    writer.close()
+
+
+async def test_a_revoked_authorization_closes_open_tcp_connections(pki) -> None:
+    """Linkerd re-checks an open TCP connection when the policy changes and closes it once
+    it is no longer authorized; connections still authorized stay open."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    tcp_port = server.sockets[0].getsockname()[1]
+    allow = Server("echo", tcp_port, (Authorization("web", (web.identity,)),))
+    try:
+        async with run_mesh(
+            web,
+            api,
+            app_port=tcp_port,
+            tcp_port=tcp_port,
+            policy=InboundPolicy(DefaultPolicy.DENY, (allow,)),
+        ) as mesh:
+            assert mesh.server.inbound is not None
+            mesh.server.inbound.reauthorize_interval = 0.05
+            upstream = mesh.client.port("upstream:tcp-echo")
+            reader, writer = await asyncio.open_connection("127.0.0.1", upstream)
+            async with asyncio.timeout(10):
+                writer.write(b"one")
+                assert await reader.readexactly(3) == b"one"
+                # an unrelated change that still authorizes web keeps the connection
+                also = Authorization("ops", (OPS,))
+                still = Server("echo", tcp_port, (also, *allow.authorizations))
+                mesh.server_policy.update(InboundPolicy(DefaultPolicy.DENY, (still,)))
+                await asyncio.sleep(0.2)
+                writer.write(b"two")
+                assert await reader.readexactly(3) == b"two"
+                mesh.server_policy.update(
+                    InboundPolicy(DefaultPolicy.DENY, (Server("echo", tcp_port, (also,)),))
+                )
+                assert await reader.read(-1) == b""
+            writer.close()
+            text = mesh.server.metrics.render()
+            assert 'inbound_authz_deny_total{protocol="tcp",srv_name="echo"' in text
+    finally:
+        server.close()
