@@ -36,7 +36,7 @@ def test_add_find_remove(chain: Chain) -> None:
         bundle.add(a)
     with pytest.raises(BundleError, match="no anchor"):
         bundle.find("00" * 32)
-    with pytest.raises(BundleError, match=r"no anchor|anchors"):
+    with pytest.raises(BundleError, match="empty"):
         bundle.find("")
     with pytest.raises(BundleError, match="last anchor"):
         TrustBundle((a,)).remove(a.fingerprint)
