@@ -79,3 +79,13 @@ def test_an_authentication_the_proxy_does_not_know_authorizes_nobody() -> None:
         inbound_to_proto(dataclasses.replace(p, authorizations=(open_,))).authorizations[0]
     )
     assert inbound_from_proto(msg).authorizations[1].permits("10.1.2.3", False, None)
+
+
+def test_two_servers_on_one_port_resolve_the_same_whatever_their_order() -> None:
+    """Linkerd's webhook refuses overlapping Servers (the oldest wins if they exist anyway);
+    the model has no creation times, so the first by name governs, independent of order."""
+    deny = SERVER.replace("api-http", "b-deny") % ""
+    allow = SERVER.replace("api-http", "a-open") % ", accessPolicy: all-unauthenticated"
+    for text in (deny + allow, allow + deny):
+        p = resolve_inbound(state(text), SETTINGS, "shop", "api-0", 8080)
+        assert p.server.name == "a-open" and p.permits("203.0.113.1", False, None)
