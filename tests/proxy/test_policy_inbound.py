@@ -4,6 +4,7 @@ application): what the application ends up serving is what the policy authorized
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 import pytest
@@ -201,3 +202,66 @@ async def test_a_revoked_authorization_closes_open_tcp_connections(pki) -> None:
             assert 'inbound_authz_deny_total{protocol="tcp",srv_name="echo"' in text
     finally:
         server.close()
+
+
+async def test_an_h2c_upgrade_cannot_tunnel_requests_past_the_routes(pki) -> None:
+    """After ``Upgrade: h2c`` an application speaks HTTP/2 on the connection and the proxy
+    only relays bytes: every request after the first would escape per-request authorization.
+    The proxy refuses the upgrade (Linkerd does not proxy h2c either)."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    seen = bytearray()
+
+    async def upgrading_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                while chunk := await reader.read(65536):
+                    seen.extend(chunk)
+        writer.close()
+
+    app = await asyncio.start_server(upgrading_app, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    server = Server(
+        "app",
+        app_port,
+        (),
+        (
+            HttpRoute(
+                "public",
+                (HttpMatch(PathMatch("PathPrefix", "/public")),),
+                (Authorization("web", (web.identity,)),),
+            ),
+            HttpRoute(
+                "admin",
+                (HttpMatch(PathMatch("PathPrefix", "/admin")),),
+                (Authorization("ops", (OPS,)),),
+            ),
+        ),
+    )
+    client = RawClient(pki.bundle.pem(), creds=web)
+    header = TransportHeader(app_port, None, SessionProtocol.HTTP1).encode()
+    upgrade = (
+        b"GET /public HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+    )
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: api\r\n\r\n"
+    try:
+        policy = InboundPolicy(DefaultPolicy.DENY, (server,))
+        async with run_mesh(web, api, app_port=app_port, policy=policy) as mesh:
+            inbound = mesh.server.port("inbound")
+            try:
+                reply = await tls_exchange(
+                    inbound, client, api.identity, header + upgrade + smuggled
+                )
+            except ConnectionError:
+                reply = b""
+            assert b"/admin" not in seen, bytes(seen)
+            assert reply.startswith(b"HTTP/1.1 403"), reply
+            assert b"l5d-proxy-error: an h2c upgrade is refused" in reply
+            text = mesh.server.metrics.render()
+            assert 'srv_name="app",reason="h2c_upgrade"} 1' in text
+    finally:
+        app.close()
