@@ -153,10 +153,12 @@ def namespace_wildcard(namespace: str, control_plane_namespace: str, trust_domai
 
 
 def identity_matches(pattern: str, identity: str) -> bool:
-    """Match an identity against an exact name, ``*`` (any), or a ``*.suffix`` wildcard."""
+    """Match an identity against an exact name, ``*`` (any), or a ``*.suffix`` wildcard
+    (Linkerd's: one or more whole labels before ``.suffix``, so ``*.cluster.local`` is the
+    whole trust domain; never ``suffix`` itself)."""
     if pattern == "*":
         return True
     if pattern.startswith("*."):
-        head, _, tail = identity.partition(".")
-        return bool(head) and tail == pattern[2:]
+        dotted = pattern[1:]
+        return len(identity) > len(dotted) and identity.endswith(dotted) and identity[0] != "."
     return pattern == identity

@@ -166,3 +166,31 @@ def test_listener_ports_reached_from_the_application_host() -> None:
     assert listener_ports(bound, "127.0.0.1") == {4140, 4143, 4191}
     assert listener_ports(bound, "localhost") == {4140, 4143, 4191}
     assert listener_ports(bound, "10.0.0.5") == {4143, 4190}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "identity", "matches"),
+    [
+        ("*.shop.serviceaccount.identity.trustmesh.cluster.local", WEB, True),
+        # Linkerd's suffixes span any number of labels: *.cluster.local is the trust domain
+        ("*.cluster.local", WEB, True),
+        ("*.identity.trustmesh.cluster.local", WEB, True),
+        ("*.shop.serviceaccount.identity.trustmesh.cluster.local", OPS, False),
+        # on a label boundary, never the suffix itself, exact case, no trailing dot
+        (
+            "*.serviceaccount.identity.trustmesh.cluster.local",
+            "evilserviceaccount.identity.trustmesh.cluster.local",
+            False,
+        ),
+        ("*.shop.serviceaccount.identity.trustmesh.cluster.local", WEB[4:], False),
+        ("*.shop.serviceaccount.identity.trustmesh.cluster.local", "." + WEB[4:], False),
+        ("*.shop.serviceaccount.identity.trustmesh.cluster.local", WEB.upper(), False),
+        ("*.shop.serviceaccount.identity.trustmesh.cluster.local", WEB + ".", False),
+        (WEB, WEB.upper(), False),
+        ("*", WEB, True),
+    ],
+)
+def test_identity_patterns(pattern: str, identity: str, matches: bool) -> None:
+    server = Server("app", 8080, (Authorization("a", (pattern,)),))
+    assert authorize_request(server, identity, LOCAL, "GET", "/", {}).allowed is matches
+    assert not authorize_request(server, None, LOCAL, "GET", "/", {}).allowed  # no identity
