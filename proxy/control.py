@@ -35,6 +35,7 @@ from destination import policy as dpolicy
 from destination.client import DestinationClient, Watch
 from destination.errors import DestinationError
 from destination.model import EndpointSet, TrustBundleSnapshot
+from destination.resources import DEFAULT_CLUSTER_NETWORKS
 from identity.client import IdentityClient
 from identity.metrics import bundle_family, certificate_families
 from pki.bundle import TrustBundle
@@ -49,6 +50,7 @@ from proxy.policy import (
     InboundPolicy,
     Network,
     Server,
+    parse_networks,
 )
 from proxy.routes import Endpoint, Service, ServiceProtocol
 
@@ -369,10 +371,11 @@ class DestinationPolicy:
         cluster_networks: tuple[Network, ...] = (),
     ) -> None:
         self.default = default
-        self.cluster_networks = cluster_networks
+        # Linkerd's clusterNetworks default when none are given (cluster-* defaults need them).
+        self.cluster_networks = cluster_networks or parse_networks(DEFAULT_CLUSTER_NETWORKS)
         self._watches = {port: client.inbound_policy(port) for port in sorted(set(ports))}
         self._seen: tuple[object, ...] = ()
-        self._policy = InboundPolicy(default, (), cluster_networks)
+        self._policy = InboundPolicy(default, (), self.cluster_networks)
 
     def current(self) -> InboundPolicy:
         seen = tuple(w.current for w in self._watches.values())

@@ -88,3 +88,20 @@ async def test_revocation_reaches_the_proxy_and_an_outage_keeps_the_last_policy(
     finally:
         await client.close()
         await server.stop()
+
+
+async def test_a_cluster_default_without_configured_networks_uses_linkerds_cluster_networks() -> (
+    None
+):
+    """``--default-inbound-policy cluster-authenticated`` with no networks given refused to
+    start; Linkerd's clusterNetworks default applies instead."""
+    client = DestinationClient("127.0.0.1:1", workload=WorkloadRef("shop", "api-0"))
+    try:
+        policy = DestinationPolicy(client, [18080], DefaultPolicy.CLUSTER_AUTHENTICATED)
+        current = policy.current()
+        assert authorize(current, 18080, WEB_ID, CLIENT).allowed  # 10.0.0.0/8
+        assert not authorize(current, 18080, None, CLIENT).allowed
+        outside = ipaddress.ip_address("203.0.113.7")
+        assert not authorize(current, 18080, WEB_ID, outside).allowed
+    finally:
+        await client.close()
