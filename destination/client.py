@@ -181,6 +181,12 @@ class Watch(Generic[V]):
                         self._set(self._on_not_found(), stale=False)
                 else:
                     self.error = Unavailable(f"{code.name}: {e.details()}")
+            except Exception as e:  # an update this client cannot read (a newer or buggy server)
+                # Left to escape, it would end this task silently: the watch would keep its
+                # last value, unflagged, and never hear another update (a revocation included).
+                call.cancel()
+                log.error("a %s update cannot be read; resubscribing: %s", self.kind, e)
+                self.error = Unavailable(f"an update could not be read: {e}")
             except asyncio.CancelledError:
                 if self.done or self._task.cancelling():
                     call.cancel()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 from destination_testlib import WEB, WEB_1, eventually, free_port, write_atomic
 
 from destination.client import Backoff, DestinationClient
 from destination.paths import WorkloadRef
 from destination.policy import Protocol
 from destination.service import DestinationServer, ServeOptions
+from protos import destination_pb2 as d
+from protos import destination_pb2_grpc as dg
 
 AUTHORITY = "web.default.svc.cluster.local:8080"
 
@@ -105,3 +110,44 @@ async def test_updates_yield_immutable_snapshots(
             elif len(snap.endpoints) == 2:
                 break
         assert len(seen[0].endpoints) == 1  # the first snapshot was not mutated
+
+
+class _Spoiled(dg.DestinationServicer):
+    """A real Destination server whose first stream carries an update no client can read (a
+    port outside 1..65535); later streams carry a good one."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+
+    async def Get(self, request: d.GetDestination, context: object) -> AsyncIterator[d.Update]:
+        self.streams += 1
+        update = d.Update()
+        addr = update.add.addrs.add()
+        addr.addr.ip.ipv4 = 0x7F000001
+        addr.addr.port = 70000 if self.streams == 1 else 18080
+        yield update
+        await asyncio.sleep(30)  # a stream stays open, as the real one does
+
+
+async def test_an_unreadable_update_resubscribes_instead_of_ending_the_watch() -> None:
+    servicer = _Spoiled()
+    server = grpc.aio.server()
+    dg.add_DestinationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = DestinationClient(
+        f"127.0.0.1:{port}", backoff=Backoff(base=0.05, maximum=0.2), rng=random.Random(1)
+    )
+    try:
+        endpoints = client.resolve(AUTHORITY)
+        await eventually(lambda: servicer.streams >= 2)
+        ready = await endpoints.wait_ready(5)
+        assert [e.key for e in ready.endpoints] == [("127.0.0.1", 18080)]
+        assert not endpoints.stale and endpoints.error is None
+        reconnects = client.metrics.registry.get_sample_value(
+            "trustmesh_destination_client_reconnects_total", {"stream": "destination"}
+        )
+        assert reconnects is not None and reconnects >= 1
+    finally:
+        await client.close()
+        await server.stop(0)
