@@ -161,6 +161,10 @@ class Pool:
             entry.key = key
             entry.since = self._clock()
         link.sink = entry
+        # A link parks reading. A slow client may have paused it while the last bytes of the
+        # response were already in: parked paused, it would miss its peer closing it, and the
+        # next request taken over it would never read its answer.
+        link.resume_reading()
         stack.append(entry)
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
