@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from destination.client import Backoff, DestinationClient
+from destination.paths import WorkloadRef
 from destination.service import DestinationServer, ServeOptions
 from pki.names import control_plane_identity
 from pki.store import FileStore
@@ -44,6 +47,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def quick_client(port: int, workload: WorkloadRef | None = None) -> DestinationClient:
+    """A plaintext client of 127.0.0.1:``port`` that reconnects within 0.2 s, reproducibly."""
+    return DestinationClient(
+        f"127.0.0.1:{port}",
+        workload=workload,
+        backoff=Backoff(base=0.05, maximum=0.2),
+        rng=random.Random(1),
+    )
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from destination_testlib import WEB, WEB_1, eventually, free_port, write_atomic
+from destination_testlib import WEB, WEB_1, eventually, free_port, quick_client, write_atomic
 
 from destination.client import Backoff, DestinationClient
 from destination.paths import WorkloadRef
@@ -35,12 +35,7 @@ async def test_last_known_state_while_server_is_away(tmp_path: Path) -> None:
     options = ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
     server = DestinationServer(options)
     await server.start()
-    client = DestinationClient(
-        f"127.0.0.1:{port}",
-        workload=WorkloadRef("default", "web-0"),
-        backoff=Backoff(base=0.05, maximum=0.2),
-        rng=random.Random(1),
-    )
+    client = quick_client(port, WorkloadRef("default", "web-0"))
     try:
         endpoints = client.resolve(AUTHORITY)
         inbound = client.inbound_policy(18080)
@@ -135,9 +130,7 @@ async def test_an_unreadable_update_resubscribes_instead_of_ending_the_watch() -
     dg.add_DestinationServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = DestinationClient(
-        f"127.0.0.1:{port}", backoff=Backoff(base=0.05, maximum=0.2), rng=random.Random(1)
-    )
+    client = quick_client(port)
     try:
         endpoints = client.resolve(AUTHORITY)
         await eventually(lambda: servicer.streams >= 2)

@@ -5,13 +5,12 @@ policy instead of falling back to the permissive default."""
 from __future__ import annotations
 
 import ipaddress
-import random
 from pathlib import Path
 
 import pytest
-from destination_testlib import eventually, free_port, write_atomic
+from destination_testlib import eventually, free_port, quick_client, write_atomic
 
-from destination.client import Backoff, DestinationClient
+from destination.client import DestinationClient
 from destination.paths import WorkloadRef
 from destination.service import DestinationServer, ServeOptions
 from proxy.control import DestinationPolicy
@@ -57,12 +56,7 @@ async def test_revocation_reaches_the_proxy_and_an_outage_keeps_the_last_policy(
     options = ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
     server = DestinationServer(options)
     await server.start()
-    client = DestinationClient(
-        f"127.0.0.1:{port}",
-        workload=WorkloadRef("shop", "api-0"),
-        backoff=Backoff(base=0.05, maximum=0.2),
-        rng=random.Random(1),
-    )
+    client = quick_client(port, WorkloadRef("shop", "api-0"))
     try:
         policy = DestinationPolicy(client, [18080], DefaultPolicy.ALL_UNAUTHENTICATED)
         assert await policy.wait_ready(5) == []
