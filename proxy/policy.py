@@ -144,15 +144,15 @@ class Server:
         object.__setattr__(self, "needs_headers", needs)
 
     def route_for(
-        self, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]
+        self, method: str, path: str, headers: dict[str, str], query: dict[str, str]
     ) -> HttpRoute | None:
-        """The most specific route matching the request, or None (first listed on a tie)."""
+        """The most specific route matching the request, or None (first listed on a tie).
+        ``headers`` (lower-case names) and ``query`` are dicts, as HttpMatch takes them."""
         best: HttpRoute | None = None
         best_rank: tuple[int, int, bool, int, int] | None = None
-        header_map, query_map = dict(headers), dict(query)  # HttpMatch takes dicts
         for route in self.routes:
             for match in route.matches or _EVERY_REQUEST:
-                if not match.matches(method, path, header_map, query_map):
+                if not match.matches(method, path, headers, query):
                     continue
                 rank = match_rank(match)
                 if best_rank is None or rank > best_rank:
