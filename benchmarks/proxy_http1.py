@@ -294,6 +294,27 @@ def measured_run(port: int, pids: list[int], conns: int, duration: int) -> dict[
     return r
 
 
+def pin(layout: dict[int, int] | None, pids: list[int]) -> None:
+    """Pin every thread of each process in ``layout`` (pid -> CPU) to that CPU; with None, let
+    every thread of ``pids`` run on any CPU again."""
+    every = set(range(os.cpu_count() or 1))
+    for pid in pids:
+        cpus = every if layout is None else {layout[pid]}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def fixed_rate_rounds(
+    paths: dict[str, tuple[int, list[int]]], rate: float, generator: Path | None
+) -> dict[str, dict[str, float]]:
+    """Every path at ``rate``, ROUNDS interleaved rounds; each figure's median."""
+    paced: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+    for _ in range(ROUNDS):
+        for name, (port, pids) in paths.items():
+            paced[name].append(run_paced(port, pids, rate, DURATION, generator))
+    return {name: medians(runs) for name, runs in paced.items()}
+
+
 def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     """Each figure's median over ``runs`` (the achieved rate: the lowest)."""
     out = {key: median([r[key] for r in runs]) for key in runs[0]}
@@ -384,6 +405,33 @@ def codec_bench() -> dict[str, float]:
     return results
 
 
+FIXED_MODES = {
+    "default": "scheduling: the kernel's default (every process may run on either core)",
+    "pinned": "scheduling: each path's outbound proxy pinned to CPU 0 and inbound proxy to CPU 1 "
+    "(every thread; the same for haproxy); backend and generator unpinned",
+}
+
+
+def print_fixed(fixed: dict[str, dict[str, float]], rate: float) -> None:
+    print(
+        f"{'path':<11} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12} {'proxy CPU %':>12} {'CPU µs/req/hop':>15} {'run-queue wait µs/req/hop':>26} {'generator CPU µs/req':>21}"
+    )
+    d = fixed["direct"]
+    for name, r in fixed.items():
+        add50 = (r["p50"] - d["p50"]) / 2 if name != "direct" else 0.0
+        add99 = (r["p99"] - d["p99"]) / 2 if name != "direct" else 0.0
+        proxied = name != "direct"
+        cpu = f"{r['cpu_pct']:.0f}" if proxied else "-"
+        per_req = f"{r['cpu_us']:.1f}" if proxied else "-"
+        wait = f"{r['wait_us']:.1f}" if proxied else "-"
+        print(
+            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f} {cpu:>12} {per_req:>15} {wait:>26} {r['gen_us']:>21.1f}"
+        )
+    short = [n for n, r in fixed.items() if r["rps"] < 0.95 * rate]
+    if short:
+        print(f"!! below 95% of the target rate: {', '.join(short)}")
+
+
 def main() -> int:
     for tool in ("wrk", "haproxy"):
         if shutil.which(tool) is None:
@@ -433,7 +481,7 @@ def main() -> int:
         )
         for port in (backend, outbound, ha_port):
             wait_port(port)
-        hap_pids = [PROCS[-1].pid, PROCS[-2].pid]
+        hap_pids = [PROCS[-1].pid, PROCS[-2].pid]  # outbound, inbound
         paths = {
             "direct": (backend, []),
             "trustmesh": (outbound, [web.pid, api.pid]),
@@ -462,11 +510,14 @@ def main() -> int:
         unloaded = {name: medians(runs) for name, runs in c1.items()}
         # Fixed rate: half the TrustMesh maximum, the same open-loop schedule on every path.
         rate = results["trustmesh"]["rps"] / 2
-        paced: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
-        for _ in range(ROUNDS):
-            for name, (port, pids) in paths.items():
-                paced[name].append(run_paced(port, pids, rate, DURATION, generator))
-        fixed = {name: medians(runs) for name, runs in paced.items()}
+        fixed = {"default": fixed_rate_rounds(paths, rate, generator)}
+        # The same again with each path's two proxies pinned, one per core (as haproxy's
+        # cpu-map or a Kubernetes static CPU policy would): outbound on CPU 0, inbound on 1.
+        proxies = [web.pid, api.pid, *hap_pids]
+        if (os.cpu_count() or 1) >= 2:
+            pin({web.pid: 0, api.pid: 1, hap_pids[0]: 0, hap_pids[1]: 1}, proxies)
+            fixed["pinned"] = fixed_rate_rounds(paths, rate, generator)
+            pin(None, proxies)
 
         # RSS with 1,000 open client connections through the mesh.
         async def hold() -> tuple[float, float]:
@@ -508,23 +559,9 @@ def main() -> int:
         f"{RATE_CONNS} connections, {DURATION}s per path, medians of {ROUNDS} interleaved rounds "
         f"(achieved: the lowest); load generator: {gen_name}"
     )
-    print(
-        f"{'path':<11} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50/hop ms':>12} {'+p99/hop ms':>12} {'proxy CPU %':>12} {'CPU µs/req/hop':>15} {'run-queue wait µs/req/hop':>26} {'generator CPU µs/req':>21}"
-    )
-    d = fixed["direct"]
-    for name, r in fixed.items():
-        add50 = (r["p50"] - d["p50"]) / 2 if name != "direct" else 0.0
-        add99 = (r["p99"] - d["p99"]) / 2 if name != "direct" else 0.0
-        proxied = name != "direct"
-        cpu = f"{r['cpu_pct']:.0f}" if proxied else "-"
-        per_req = f"{r['cpu_us']:.1f}" if proxied else "-"
-        wait = f"{r['wait_us']:.1f}" if proxied else "-"
-        print(
-            f"{name:<11} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {add50:>12.3f} {add99:>12.3f} {cpu:>12} {per_req:>15} {wait:>26} {r['gen_us']:>21.1f}"
-        )
-    short = [n for n, r in fixed.items() if r["rps"] < 0.95 * rate]
-    if short:
-        print(f"!! below 95% of the target rate: {', '.join(short)}")
+    for mode, rows in fixed.items():
+        print(f"\n{FIXED_MODES[mode]}")
+        print_fixed(rows, rate)
     print("(targets per hop: p50 ≤ 0.1 ms, p99 ≤ 1 ms)")
     print(f"\nRSS MiB: outbound idle {idle_rss['outbound']:.1f}, inbound idle {idle_rss['inbound']:.1f} (target ≤ 45); "
           f"with 1,000 open client connections: outbound {held[0]:.1f}, inbound {held[1]:.1f}")  # fmt: skip
