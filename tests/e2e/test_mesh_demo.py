@@ -46,3 +46,23 @@ def test_demo_runs_every_request_over_hybrid_mesh_tls(tmp_path: Path) -> None:
     store = Path(env["TRUSTMESH_HOME"])
     assert (store / "current").is_symlink()
     assert oct((store / "current" / "issuer.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_demo_table_output_into_a_pipe_is_one_final_table(tmp_path: Path) -> None:
+    """Not a terminal (a CI log, ``| tee``): no live frames, just the final table and verdict."""
+    env = {**os.environ, "TRUSTMESH_HOME": str(tmp_path / "home"), "COLUMNS": "100"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trustmesh", "demo", "--duration", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    titles = [line.strip() for line in lines if "trustmesh demo —" in line]
+    assert titles == ["trustmesh demo — final"], proc.stdout
+    assert sum(line.lstrip().startswith("web-0 ") for line in lines) == 1, proc.stdout
+    assert "every request succeeded" in proc.stdout

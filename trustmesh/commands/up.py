@@ -168,7 +168,13 @@ def _run(
             driver.start()
         started = time.monotonic()
         title = "trustmesh demo" if traffic else "trustmesh up"
-        live = Live(console=out, refresh_per_second=2) if output == "table" else None
+        # Not a terminal (a log, a pipe): rich would print the last live frame on stop, without
+        # a final newline, ahead of the final table; there the final table alone is the output.
+        live = (
+            Live(console=out, refresh_per_second=2)
+            if output == "table" and out.is_terminal
+            else None
+        )
         last_scrape = 0.0
 
         def tick() -> bool:
