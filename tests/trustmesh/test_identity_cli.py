@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 
 from identity.client import IdentityClient, IdentityClientConfig
@@ -175,10 +176,13 @@ def test_serve_on_a_port_in_use_exits_with_one_line(
     assert lines == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
 
 
-def test_token_ttl_past_the_date_range_is_a_usage_error(
-    make_store: Callable[..., FileStore], capsys: object
+@pytest.mark.parametrize("ttl", ["366d", "999999999d"])
+def test_token_ttl_over_a_year_is_a_usage_error(
+    make_store: Callable[..., FileStore], capsys: object, ttl: str
 ) -> None:
     store = make_store(utcnow())
     args = ["identity", "token", "--store", str(store.root), "-s", "web", "-n", "default"]
-    code, out, err = run([*args, "--ttl", "999999999d"], capsys)
-    assert (code, out, err.count("\n")) == (2, "", 1) and "--ttl" in err, err
+    code, out, err = run([*args, "--ttl", ttl], capsys)
+    assert (code, out, err.count("\n")) == (2, "", 1) and "longer than 365d" in err, err
+    code, out, _ = run([*args, "--ttl", "365d"], capsys)
+    assert code == 0 and out.count(".") == 2  # a JWT

@@ -167,6 +167,9 @@ def serve(**opts: Any) -> None:
         raise CLIError(str(e)) from None
 
 
+MAX_TOKEN_TTL = timedelta(days=365)
+
+
 @identity.command()
 @click.option(
     "--store",
@@ -175,7 +178,9 @@ def serve(**opts: Any) -> None:
 )
 @click.option("--service-account", "-s", required=True)
 @click.option("--namespace", "-n", required=True)
-@click.option("--ttl", default="24h", show_default=True, callback=duration_option)
+@click.option(
+    "--ttl", default="24h", show_default=True, callback=duration_option, help="At most 365d."
+)
 @click.option("--audience", default="identity.l5d.io", show_default=True)
 def token(
     store: Path | None, service_account: str, namespace: str, ttl: timedelta, audience: str
@@ -189,13 +194,15 @@ def token(
     check_label("namespace", namespace)
     if ttl <= timedelta(0):
         raise CLIError("--ttl must be positive", EXIT_USAGE)
-    now = utcnow()
-    try:
-        now + ttl
-    except OverflowError:
+    if ttl > MAX_TOKEN_TTL:
+        # A token is a bearer credential for certificates of its service account until it
+        # expires: as long as a Kubernetes extended service-account token, no longer.
         raise CLIError(
-            f"--ttl {format_duration(ttl)} reaches past the year 9999", EXIT_USAGE
-        ) from None
+            f"--ttl {format_duration(ttl)} is longer than {format_duration(MAX_TOKEN_TTL)}: "
+            "mint a fresh token when this one nears expiry",
+            EXIT_USAGE,
+        )
+    now = utcnow()
     token = sign_workload_token(
         FileStore(store or default_store_path()),
         namespace,
