@@ -7,9 +7,11 @@ import base64
 import time
 from typing import Any
 
+import pytest
 from identity_testkit import Env
 from test_watcher import new_issuer
 
+from identity.errors import IssuerSourceError
 from identity.metrics import ReloadStats
 from identity.sources import ISSUER_SECRET, TRUST_ROOTS_CONFIGMAP, KubernetesSecretSource
 from identity.watcher import EVENT_SKIPPED, EVENT_UPDATED, IssuerWatcher, KubernetesEvents
@@ -125,3 +127,66 @@ async def test_anchors_fall_back_to_ca_crt_and_missing_secret(
     assert source.anchors.anchors == (anchor.certificate,)
     cred, _ = source.load()
     assert cred.certificate == issuer.certificate
+
+
+async def test_watch_events_apply_without_a_relist(env: Env, k8s: tuple[Any, Any]) -> None:
+    """MODIFIED and DELETED events from the open watch are applied as they arrive: with watch
+    and read timeouts of a minute nothing re-lists during the test, so only events explain it."""
+    from kubernetes import client
+
+    _emulator, api = k8s
+    core = client.CoreV1Api(api)
+    anchor = env.store.load().anchor_credential()
+    first = new_issuer(anchor)
+    await asyncio.to_thread(
+        core.create_namespaced_secret,
+        NS,
+        {"metadata": {"name": ISSUER_SECRET, "namespace": NS},
+         "data": secret_data(first, anchor.certificate.pem)},
+    )  # fmt: skip
+    source = await asyncio.to_thread(
+        KubernetesSecretSource, api, NS, watch_timeout=60, read_timeout=60.0
+    )
+    source.start()
+    try:
+        second = new_issuer(anchor)
+        await asyncio.sleep(0.3)  # let the watch open (its first events repeat the listed state)
+        before = source.revision()
+        await asyncio.to_thread(
+            core.patch_namespaced_secret,
+            ISSUER_SECRET,
+            NS,
+            {"data": secret_data(second, anchor.certificate.pem)},
+        )
+        deadline = time.monotonic() + 5
+        while source.revision() == before:
+            assert time.monotonic() < deadline, "the MODIFIED event was not applied"
+            await asyncio.sleep(0.02)
+        cred, _ = source.load()
+        assert cred.certificate == second.certificate
+
+        before = source.revision()
+        await asyncio.to_thread(core.delete_namespaced_secret, ISSUER_SECRET, NS)
+        deadline = time.monotonic() + 5
+        while source.revision() == before:
+            assert time.monotonic() < deadline, "the DELETED event was not applied"
+            await asyncio.sleep(0.02)
+        with pytest.raises(IssuerSourceError, match="does not exist"):
+            source.load()
+    finally:
+        # The watch thread blocks on the stream for up to the read timeout: ask it to stop, then
+        # wake it with one more event so that it sees the request now, not in a minute.
+        source.stop(0)
+
+        def wake() -> None:
+            try:
+                core.create_namespaced_secret(
+                    NS, {"metadata": {"name": ISSUER_SECRET, "namespace": NS}}
+                )
+            except client.ApiException:  # still there: the test failed before deleting it
+                core.patch_namespaced_secret(
+                    ISSUER_SECRET, NS, {"metadata": {"labels": {"w": "1"}}}
+                )
+
+        await asyncio.to_thread(wake)
+        await asyncio.to_thread(source.stop, 5)
