@@ -373,7 +373,13 @@ class Http1Server:
         ex.link = None
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
-        if ex.close_after or not ex.keep_alive or not ex.req_done or ex.upgrade:
+        if not ex.req_done and not ex.upgrade:
+            # Answered before the whole request came (an early 413, a failure): the client
+            # may still be sending it, and closing with its bytes unread would reset the
+            # connection under the answer.
+            _LingeringClose(self.link)
+            return
+        if ex.close_after or not ex.keep_alive or ex.upgrade:
             self.link.close()
             return
         if self.queue:
@@ -392,15 +398,18 @@ class Http1Server:
 
 
 class _LingeringClose:
-    """After a refusal: half-close, then read and drop what the client still sends (bounded
-    in bytes and time) before closing. Closing at once with unread input would reset the
-    connection, and a client still sending (a request head over the limit) would lose the
-    refusal it was sent."""
+    """After a refusal or an answer to an unfinished request: half-close, then read and drop
+    what the client still sends (bounded in bytes and time) before closing. Closing at once
+    with unread input would reset the connection, and a client still sending (a request head
+    over the limit, an upload) would lose the answer it was sent."""
 
     __slots__ = ("left", "link", "timer")
 
     def __init__(self, link: Link, budget: int = 1 << 20, seconds: float = 2.0) -> None:
         self.link, self.left = link, budget
+        if link.closed or link.eof:  # nothing more can come
+            link.close()
+            return
         link.sink = self
         link.write_eof()
         link.resume_reading()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
+import threading
 
 import aiohttp
 import pytest
@@ -551,3 +553,47 @@ async def test_a_request_head_that_never_ends_times_out_with_408(pki) -> None:
     assert b"l5d-proxy-error: the request head was not complete within 0.3s" in third
     assert 0.25 < waited < 2.0
     assert len(app.heads) == 2
+
+
+async def test_an_early_answer_during_an_upload_reaches_the_client(pki) -> None:
+    """The app answers 413 as soon as it has the head of a large upload, then closes as a
+    careful server does (half-close, drain). The proxies must hand the answer on the same way:
+    closing at once with the rest of the upload unread would reset the client's connection,
+    and a client still sending would lose the answer."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!")
+        await writer.drain()
+        writer.write_eof()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(5):
+                while await reader.read(65536):
+                    pass
+        writer.close()
+
+    def upload(port: int) -> bytes:
+        body = b"x" * (4 << 20)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /upload HTTP/1.1\r\nHost: api\r\ncontent-length: %d\r\n\r\n" % len(body)
+            )
+
+            def send_body() -> None:
+                with contextlib.suppress(OSError):
+                    sock.sendall(body)
+
+            sender = threading.Thread(target=send_body)
+            sender.start()
+            try:
+                reply = b""
+                while b"big!" not in reply and (part := sock.recv(65536)):
+                    reply += part
+                return reply
+            finally:
+                sender.join(10)
+
+    async with behind_the_mesh(pki, app) as mesh:
+        for _ in range(3):
+            reply = await asyncio.to_thread(upload, mesh.outbound)
+            assert reply.startswith(b"HTTP/1.1 413 ") and reply.endswith(b"big!"), reply
