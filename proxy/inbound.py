@@ -7,7 +7,9 @@ With ALPN ``transport.l5d.io/v1`` the transport header names the local target po
 protocol; otherwise (and for plaintext clients) the configured default port is the target and
 the protocol is detected. The port's policy then decides: a denied TCP connection is closed,
 a denied HTTP request gets 403 with ``l5d-proxy-error``; authorized HTTP requests carry
-``l5d-client-id``.
+``l5d-client-id``. Connections that outlive a decision (TCP relays, and HTTP connections an
+``Upgrade`` answered with 101 turned into relays, e.g. WebSocket) are decided again when the
+policy changes, and closed once it no longer authorizes them.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from proxy.metrics import Count, HttpSeries, ProxyMetrics
 from proxy.policy import (
     Decision,
     PolicySource,
+    RequestFacts,
     Server,
     authorize,
     authorize_request,
     client_address,
+    reauthorize,
     server_for,
 )
 from proxy.routes import Endpoint
@@ -40,7 +44,8 @@ from proxy.upstream import Connector, Pool
 
 log = logging.getLogger(__name__)
 
-REAUTHORIZE_INTERVAL = 1.0  # seconds between checks of open TCP connections against the policy
+# Seconds between checks of open relays (TCP, upgraded HTTP) against the policy.
+REAUTHORIZE_INTERVAL = 1.0
 
 
 class InboundHttp:
@@ -102,18 +107,7 @@ class InboundHttp:
     def _authorize_route(self, server: Server, ex: Exchange) -> None:
         """The per-request decision of a server with HTTPRoutes."""
         conn, metrics = self.conn, self.inbound.metrics
-        head = ex.head
-        # Every value in order (the policy judges repeated headers both ways); none that the
-        # client's Connection header names, as those never reach the application.
-        headers = (
-            [
-                (head[i].decode("latin-1"), head[i + 2].decode("latin-1"))
-                for i in range(0, len(head), 4)
-                if head[i].lower() not in ex.conn_tokens
-            ]
-            if server.needs_headers
-            else ()
-        )
+        headers = request_headers(ex) if server.needs_headers else ()
         decision = authorize_request(
             server,
             conn.client_id,
@@ -154,6 +148,26 @@ class InboundHttp:
                 self.inbound.pool.put(self.conn.port, link)
             else:
                 link.close()
+        elif ex.upgrade and ex.resp is not None and ex.resp.head_sent:
+            # Only the switch to a relay after a 101 ends an exchange whose answer was
+            # written without handing its upstream link back: from here on no request is
+            # seen, so the upgrade request is what the connection stays authorized as.
+            facts = RequestFacts(
+                ex.method.decode("latin-1"), request_path(ex.url), tuple(request_headers(ex))
+            )
+            self.inbound.track(self.conn, facts, self.policy_seen)
+
+
+def request_headers(ex: Exchange) -> list[tuple[str, str]]:
+    """A request's headers as policy judges them: every value in order (repeated headers
+    are judged both ways), none that the client's Connection header names, as those never
+    reach the application."""
+    head = ex.head
+    return [
+        (head[i].decode("latin-1"), head[i + 2].decode("latin-1"))
+        for i in range(0, len(head), 4)
+        if head[i].lower() not in ex.conn_tokens
+    ]
 
 
 def request_path(url: bytes) -> str:
@@ -174,7 +188,7 @@ def request_path(url: bytes) -> str:
 class _Conn:
     """What the inbound side knows about one client connection."""
 
-    __slots__ = ("client_header", "client_id", "ip", "link", "port", "tls")
+    __slots__ = ("checked", "client_header", "client_id", "ip", "link", "port", "request", "tls")
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -183,6 +197,10 @@ class _Conn:
         self.client_header = b""
         self.tls = "no_identity"
         self.port = 0
+        # Once it is a relay: the upgrade request it was admitted by (None for TCP), and
+        # the policy it was last authorized under.
+        self.request: RequestFacts | None = None
+        self.checked: object = None
 
 
 class _HeaderReader(NullSink):
@@ -245,10 +263,10 @@ class Inbound:
         # never a target, or a meshed client could relay through the outbound listener with
         # this proxy's identity, or loop through the inbound one.
         self.own_ports: frozenset[int] = frozenset()
-        # Open TCP relays, re-authorized when the policy changes (checked this often).
+        # Open relays (TCP, upgraded HTTP), re-authorized when the policy changes (checked
+        # this often while any is open).
         self.reauthorize_interval = REAUTHORIZE_INTERVAL
-        self._tcp: set[_Conn] = set()
-        self._tcp_policy: object = None  # the policy the open relays were last checked under
+        self._relays: set[_Conn] = set()
         self._reauthorizing = False
 
     def app(self, port: int) -> Endpoint:
@@ -329,33 +347,64 @@ class Inbound:
         self.metrics.inbound_authz_allow_total.inc(
             ("tcp", decision.server, decision.authorization or "")
         )
-        self._tcp.add(conn)
-        if not self._reauthorizing:
-            self._reauthorizing = True
-            self._tcp_policy = policy
-            self.loop.call_later(self.reauthorize_interval, self._reauthorize)
+        self.track(conn, None, policy)
         conn.link.pause_reading()
         self.loop.create_task(self._relay(conn, early))
 
+    def track(self, conn: _Conn, request: RequestFacts | None, checked: object) -> None:
+        """Re-authorize ``conn``, now a relay admitted under the policy ``checked`` (by the
+        upgrade ``request``, or as TCP when None), whenever the policy changes."""
+        conn.request, conn.checked = request, checked
+        self._relays.add(conn)
+        if not self._reauthorizing:
+            self._reauthorizing = True
+            self.loop.call_later(self.reauthorize_interval, self._reauthorize)
+
+    @property
+    def relays_watched(self) -> int:
+        """Relays under re-authorization (closed ones leave at the next check)."""
+        return len(self._relays)
+
+    @property
+    def reauthorizing(self) -> bool:
+        """Whether the periodic check runs (only while a relay is open)."""
+        return self._reauthorizing
+
     def _reauthorize(self) -> None:
-        """Close the open TCP connections a changed policy no longer authorizes (as Linkerd
-        does); runs every ``reauthorize_interval`` while any is open."""
-        self._tcp = {c for c in self._tcp if not c.link.closed}
-        if not self._tcp:
+        """Close the open relays a changed policy no longer authorizes (Linkerd does so for
+        TCP; an upgraded HTTP connection is judged as its upgrade request was, or it would
+        keep what a revocation took away); runs every ``reauthorize_interval`` while any is
+        open."""
+        relays = self._relays = {c for c in self._relays if not c.link.closed}
+        if not relays:
             self._reauthorizing = False
             return
         policy = self.policy.current()
-        if policy is not self._tcp_policy:
-            self._tcp_policy = policy
-            for conn in tuple(self._tcp):
-                decision = authorize(policy, conn.port, conn.client_id, conn.ip)
-                if not decision.allowed:
-                    log.info("closing inbound TCP connection: %s", decision.reason)
-                    self.metrics.inbound_authz_deny_total.inc(
-                        ("tcp", decision.server, "unauthorized")
-                    )
-                    self._tcp.discard(conn)
-                    conn.link.abort()
+        for conn in tuple(relays):
+            # Per connection: an upgrade may have been admitted under an older policy than
+            # the one the other relays were last checked under.
+            if conn.checked is policy:
+                continue
+            conn.checked = policy
+            decision = reauthorize(policy, conn.port, conn.client_id, conn.ip, conn.request)
+            if decision.allowed:
+                continue
+            request = conn.request
+            if request is None:
+                log.info("closing inbound TCP connection: %s", decision.reason)
+                kind, reason = "tcp", "unauthorized"
+            else:
+                # The path without the query, which may carry credentials.
+                log.info(
+                    "closing inbound upgraded HTTP connection (%s %s): %s",
+                    request.method,
+                    request.target.partition("?")[0],
+                    decision.reason,
+                )
+                kind, reason = "http", "no_route" if decision.no_route else "unauthorized"
+            self.metrics.inbound_authz_deny_total.inc((kind, decision.server, reason))
+            relays.discard(conn)
+            conn.link.abort()
         self.loop.call_later(self.reauthorize_interval, self._reauthorize)
 
     async def _relay(self, conn: _Conn, early: bytes) -> None:

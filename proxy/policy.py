@@ -18,6 +18,11 @@ under every reading an application may give it (:func:`path_readings`: percent-d
 dot segments removed, slashes merged, ...; the first or the last of a repeated header or
 query parameter): otherwise ``/%61dmin`` or ``/x/../admin`` would be judged by the routes of
 some other path and then served as ``/admin``.
+
+A connection that outlives the decision that admitted it (an opaque TCP relay, an HTTP
+connection switched to another protocol by ``Upgrade``) is decided again when the policy
+changes (:func:`reauthorize`), by the same rules: the upgrade request's
+:class:`RequestFacts` stand for the request.
 """
 
 from __future__ import annotations
@@ -263,6 +268,43 @@ def authorize_request(
                     allowed = allowed or decision
     assert allowed is not None
     return allowed
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What of an HTTP request its authorization depends on: method, target (path and
+    query) and end-to-end headers in order. Kept for a connection that outlives its request
+    (an upgraded one), to decide the request again under a changed policy."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not isinstance(self.target, str):
+            raise TypeError("request facts: method and target must be str")
+        if not isinstance(self.headers, tuple) or not all(
+            isinstance(h, tuple) and len(h) == 2 for h in self.headers
+        ):
+            raise TypeError("request facts: headers must be a tuple of (name, value) tuples")
+        if not self.method:
+            raise ValueError("request facts: method must not be empty")
+
+
+def reauthorize(
+    policy: InboundPolicy,
+    port: int,
+    identity: str | None,
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    request: RequestFacts | None,
+) -> Decision:
+    """Decide an open connection again under ``policy``: a TCP relay (``request`` None) as
+    :func:`authorize` admitted it, an upgraded HTTP connection as :func:`authorize_request`
+    admitted its upgrade request (the port's routes included)."""
+    if request is None:
+        return authorize(policy, port, identity, ip)
+    server = server_for(policy, port)
+    return authorize_request(server, identity, ip, request.method, request.target, request.headers)
 
 
 def _decide_route(
