@@ -36,6 +36,10 @@ class KexRefused(TLSError):
     """The handshake negotiated a key-exchange group the policy does not allow."""
 
 
+class AlpnRefused(TLSError):
+    """The server did not select the mesh transport protocol the client offered in ALPN."""
+
+
 class NoEndpoints(ProxyError):
     """A service has no endpoint to send to (HTTP 503)."""
 

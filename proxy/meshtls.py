@@ -6,10 +6,16 @@ sans-IO: bytes from the socket go into :meth:`TlsSession.feed`, and whatever the
 wants to send comes back as bytes for the driver to write.
 
 pyOpenSSL checks chains, never names, so the client checks here that the server's leaf has a
-DNS or URI SAN exactly equal to the identity discovery promised, and the server takes the first
-DNS/URI SAN of a verified client certificate as the client identity. Contexts are built from
-the credential source's current value and rebuilt when it changes, so a renewed certificate
-or trust bundle applies to new connections while live ones keep their session.
+DNS SAN equal to the identity discovery promised (ignoring ASCII case, as DNS names compare:
+RFC 6125 section 6.4.1) or a URI SAN exactly equal to it, and the server takes the first DNS/URI
+SAN of a verified client certificate as the client identity, a DNS one in lower case (the form
+the identity service issues and policies name). Contexts are built from the credential
+source's current value and rebuilt when it changes, so a renewed certificate or trust bundle
+applies to new connections while live ones keep their session.
+
+Both contexts run at OpenSSL security level 2 whatever the OpenSSL configuration says: a
+peer's keys need at least 112 bits of security (RSA 2048, ECC 224) and its chain no SHA-1
+signatures; our own leaf key is held to the same bar when the credentials load.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _ossl
 
-from proxy.errors import ConfigError, KexRefused, PeerIdentityMismatch, TLSError
+from proxy.errors import AlpnRefused, ConfigError, KexRefused, PeerIdentityMismatch, TLSError
 from proxy.transport_header import ALPN
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,11 @@ HYBRID_GROUP = "X25519MLKEM768"
 # whenever the client lists it, with a HelloRetryRequest if the client's first key share was
 # classical, instead of settling for that share (":" would let a client's X25519 share win).
 GROUPS = b"X25519MLKEM768/X25519"
+# The TLS 1.2 cipher list is unused (TLS 1.3 only), but its "@SECLEVEL" sets the security level
+# of the context, the one OpenSSL knob pyOpenSSL reaches: level 2 refuses keys under 112 bits
+# (RSA-1024) and SHA-1 signatures. OpenSSL 4 defaults to 2, but an OpenSSL configuration file
+# (OPENSSL_CONF, a distribution's legacy crypto policy) can lower the default; this pins it.
+SECURITY = b"DEFAULT:@SECLEVEL=2"
 _READ = 65536
 # The data path calls OpenSSL through pyOpenSSL's cffi binding directly: pyOpenSSL's recv() and
 # bio_read() allocate a fresh 64 KiB buffer per call and signal "no more data" by raising
@@ -59,6 +70,9 @@ _ZERO_RETURN = _ossl.SSL_ERROR_ZERO_RETURN
 # header line (l5d-client-id), a metrics label and a policy subject, so whitespace and control
 # characters (CR LF would add header lines) are refused even in a certificate our CA signed.
 _IDENTITY = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,1024}")
+# ASCII case folding only: str.lower() also folds non-ASCII letters into ASCII ones (KELVIN SIGN
+# to "k"), which would let a name that is not the identity match it.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 class KexPolicy(enum.Enum):
@@ -131,14 +145,25 @@ def split_pem_certificates(pem: bytes) -> list[crypto.X509]:
 
 
 def san_identities(cert: x509.Certificate) -> tuple[str, ...]:
-    """DNS and URI SANs of ``cert``, in certificate order."""
+    """DNS and URI SANs of ``cert``, in certificate order, as :func:`canonical_identity`."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return ()
     return tuple(
-        g.value for g in san if isinstance(g, x509.DNSName | x509.UniformResourceIdentifier)
+        canonical_identity(g.value) if isinstance(g, x509.DNSName) else g.value
+        for g in san
+        if isinstance(g, x509.DNSName | x509.UniformResourceIdentifier)
     )
+
+
+def canonical_identity(identity: str) -> str:
+    """``identity`` as certificates are matched against it: a DNS-form name in lower case.
+
+    DNS names compare without regard to ASCII case (RFC 6125 section 6.4.1); a URI (it has a
+    scheme, so a ":") is left as it is.
+    """
+    return identity if ":" in identity else identity.translate(_ASCII_LOWER)
 
 
 def _set_groups(ctx: SSL.Context) -> None:
@@ -156,15 +181,19 @@ def _base_context(creds: MeshCredentials, *, server: bool) -> SSL.Context:
     # Frees idle record buffers: ~25 KiB less per held connection.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     _set_groups(ctx)
+    ctx.set_cipher_list(SECURITY)  # before the certificates: ours must pass the level too
     chain = split_pem_certificates(creds.chain_pem)
     try:
         # A passphrase, so that OpenSSL never asks for one on the controlling terminal.
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, creds.key_pem, passphrase=b"")
     except crypto.Error:
         raise ConfigError("the private key PEM does not parse") from None
-    ctx.use_certificate(chain[0])
-    for extra in chain[1:]:
-        ctx.add_extra_chain_cert(extra)
+    try:
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+    except SSL.Error as e:  # e.g. "ee key too small": the security level applies to ours too
+        raise ConfigError(f"the certificate chain cannot be used: {_reason(e)}") from None
     try:
         ctx.use_privatekey(key)
         ctx.check_privatekey()
@@ -243,19 +272,28 @@ class MeshTls:
         return TlsSession(conn, expected=None, kex=self.kex, buffer=self._buffer, mem=self._mem)
 
     def client_session(self, peer_identity: str, *, alpn: bytes | None = ALPN) -> TlsSession:
-        """A session to a peer that must present ``peer_identity`` (also sent as SNI)."""
+        """A session to a peer that must present ``peer_identity`` (also sent as SNI).
+
+        With ``alpn`` (the transport header's protocol by default) the peer must also select
+        it: a server that ignores it is not a mesh proxy's inbound, and the transport header
+        written to it would reach whatever application it is as data.
+        """
         if not _IDENTITY.fullmatch(peer_identity):
             raise TLSError(f"discovery promised {peer_identity!r}: not a valid identity name")
         self.credentials  # noqa: B018
         assert self._client_ctx is not None
+        # The server proxy compares the SNI with its own (lower-case) identity.
+        expected = canonical_identity(peer_identity)
         conn = SSL.Connection(self._client_ctx, None)
-        conn.set_tlsext_host_name(peer_identity.encode("ascii"))
+        conn.set_tlsext_host_name(expected.encode("ascii"))
         if alpn is not None:
             conn.set_alpn_protos([alpn])
         conn.set_connect_state()
-        return TlsSession(
-            conn, expected=peer_identity, kex=self.kex, buffer=self._buffer, mem=self._mem
+        session = TlsSession(
+            conn, expected=expected, kex=self.kex, buffer=self._buffer, mem=self._mem
         )
+        session.require_alpn = alpn
+        return session
 
 
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
@@ -267,7 +305,7 @@ class TlsSession:
 
     __slots__ = (
         "_buf", "_clean", "_conn", "_mem", "_overhead", "_rbio", "_ssl", "_wbio", "closed",
-        "expected", "info", "kex",
+        "expected", "info", "kex", "require_alpn",
     )  # fmt: skip
 
     def __init__(
@@ -288,6 +326,7 @@ class TlsSession:
         self._mem = mem if mem is not None else _ffi.new("char **")
         self.expected = expected
         self.kex = kex
+        self.require_alpn: bytes | None = None  # a client's: the protocol the peer must select
         self.info: HandshakeInfo | None = None
         self.closed = False  # the peer sent close_notify
         # Once the handshake is done: the size of an unpadded record beyond its plaintext (0:
@@ -454,6 +493,11 @@ class TlsSession:
             )
         if self.kex is KexPolicy.HYBRID_REQUIRED and group != HYBRID_GROUP:
             raise KexRefused(f"the handshake negotiated {group}, and {HYBRID_GROUP} is required")
+        if self.require_alpn is not None and alpn != self.require_alpn:
+            raise AlpnRefused(
+                f"peer {self.expected} did not negotiate ALPN {self.require_alpn.decode()}: "
+                "it is not a mesh proxy's inbound port"
+            )
         identity = self.expected if self.expected is not None else (names[0] if names else None)
         if identity is not None and not _IDENTITY.fullmatch(identity):
             raise TLSError(f"the peer's certificate names {identity!r}: not a valid identity name")

@@ -3,7 +3,8 @@
 :class:`Connector` dials an :class:`~proxy.routes.Endpoint`. A meshed endpoint gets a TLS 1.3
 session whose SNI and expected identity are the endpoint's identity, ALPN
 ``transport.l5d.io/v1``, and the transport header naming the application port and session
-protocol. :class:`Pool` keeps idle HTTP/1 connections per (endpoint, protocol) and drops
+protocol. The header is written only to a peer that selected that ALPN protocol: the session
+refuses any other (counted as ``tls_handshakes_total{result="alpn_refused"}``, answered 502). :class:`Pool` keeps idle HTTP/1 connections per (endpoint, protocol) and drops
 them after an idle timeout (Linkerd: 3 s) or as soon as the peer closes one.
 """
 
@@ -88,6 +89,7 @@ def _result(error: Any) -> str:
     return {
         "PeerIdentityMismatch": "identity_mismatch",
         "KexRefused": "kex_refused",
+        "AlpnRefused": "alpn_refused",
     }.get(name, "error")
 
 

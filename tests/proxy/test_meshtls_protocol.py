@@ -19,6 +19,7 @@ from proxy.meshtls import (
     TlsSession,
     split_pem_certificates,
 )
+from proxy.transport_header import ALPN
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,6 +132,7 @@ def _classical_server(creds: MeshCredentials) -> SSL.Connection:
     ctx.use_certificate(chain[0])
     ctx.add_extra_chain_cert(chain[1])
     ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, creds.key_pem))
+    ctx.set_alpn_select_callback(lambda _conn, _offered: ALPN)  # a (classical) mesh inbound
     conn = SSL.Connection(ctx, None)
     conn.set_accept_state()
     return conn
