@@ -24,7 +24,7 @@ from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError, 
 from proxy.http1 import HEAD_TIMEOUT, Exchange, Http1Server
 from proxy.link import NULL_SINK, Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
-from proxy.meshtls import HandshakeInfo, MeshTls
+from proxy.meshtls import HandshakeInfo, MeshTls, canonical_identity
 from proxy.metrics import Count, HttpSeries, ProxyMetrics
 from proxy.policy import (
     Decision,
@@ -286,7 +286,10 @@ class Inbound:
             return
         try:
             identity = self.tls.credentials.identity
-            if verdict.sni is not None and verdict.sni != identity:
+            # Server names compare without regard to ASCII case (RFC 6066), as identities do.
+            if verdict.sni is not None and canonical_identity(verdict.sni) != canonical_identity(
+                identity
+            ):
                 raise TLSError(f"SNI {verdict.sni} is not this proxy's identity {identity}")
             session = self.tls.server_session()
         except TLSError as e:

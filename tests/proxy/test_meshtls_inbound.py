@@ -108,6 +108,14 @@ async def test_a_foreign_sni_is_refused_and_counted(pki) -> None:
             )
         text = mesh.server.metrics.render()
         assert 'tls_handshakes_total{direction="inbound",group="none",result="refused"} 1' in text
+        # The proxy's own name in other letter case is its own name (server names ignore case).
+        reply = await tls_exchange(
+            inbound,
+            RawClient(pki.bundle.pem(), creds=web),
+            api.identity.upper(),
+            http_request(app_port),
+        )
+        assert reply.startswith(b"HTTP/1.1 200"), reply
 
 
 async def test_handshakes_are_counted_by_group_under_each_policy(pki) -> None:
