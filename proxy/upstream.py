@@ -4,8 +4,9 @@
 session whose SNI and expected identity are the endpoint's identity, ALPN
 ``transport.l5d.io/v1``, and the transport header naming the application port and session
 protocol. The header is written only to a peer that selected that ALPN protocol: the session
-refuses any other (counted as ``tls_handshakes_total{result="alpn_refused"}``, answered 502). :class:`Pool` keeps idle HTTP/1 connections per (endpoint, protocol) and drops
-them after an idle timeout (Linkerd: 3 s) or as soon as the peer closes one.
+refuses any other (counted as ``tls_handshakes_total{result="alpn_refused"}``, answered 502).
+:class:`Pool` keeps idle HTTP/1 connections per (endpoint, protocol) and drops them after an
+idle timeout (Linkerd: 3 s) or as soon as the peer closes one.
 """
 
 from __future__ import annotations
