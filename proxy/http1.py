@@ -115,6 +115,8 @@ class Http1Server:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            if not self.queue:
+                return  # the upgrade request was refused and answered: nothing to tunnel
             ex = self.queue[-1]
             ex.tunnel_tail = data[e.args[0] :]
             self.link.pause_reading()  # nothing more to parse until the upgrade is answered

@@ -69,7 +69,9 @@ class InboundHttp:
             # After an h2c upgrade the application reads HTTP/2 requests from bytes the proxy
             # only relays: none of them would be authorized (nor carry l5d-client-id).
             name = server_for(policy, conn.port).name
-            inbound.metrics.inbound_authz_deny_total.inc(("http", name, "h2c_upgrade"))
+            inbound.metrics.inbound_http_authz_deny_total.inc(
+                (*conn.authz_labels(name), "", "h2c_upgrade")
+            )
             raise Forbidden("an h2c upgrade is refused: requests after it could not be authorized")
         if policy is not self.policy_seen:  # re-decide only when the policy changed
             self.policy_seen = policy
@@ -81,8 +83,8 @@ class InboundHttp:
             if self.routed is None:
                 decision = self.decision = authorize(policy, conn.port, conn.client_id, conn.ip)
                 if decision.allowed:
-                    self.allowed = inbound.metrics.inbound_authz_allow_total.count(
-                        ("http", decision.server, decision.authorization or "")
+                    self.allowed = inbound.metrics.inbound_http_authz_allow_total.count(
+                        (*conn.authz_labels(decision.server), "", decision.authorization or "")
                     )
         series = self.series
         if series is None or series.labels[1] != ex.authority:
@@ -95,8 +97,8 @@ class InboundHttp:
             if allowed is None:
                 denied = self.decision
                 assert denied is not None
-                inbound.metrics.inbound_authz_deny_total.inc(
-                    ("http", denied.server, "unauthorized")
+                inbound.metrics.inbound_http_authz_deny_total.inc(
+                    (*conn.authz_labels(denied.server), "", "unauthorized")
                 )
                 raise Forbidden(denied.reason)
             allowed.n += 1
@@ -116,15 +118,16 @@ class InboundHttp:
             request_path(ex.url),
             headers,
         )
+        labels = conn.authz_labels(decision.server)
         if decision.allowed:
-            metrics.inbound_authz_allow_total.count(
-                ("http", decision.server, decision.authorization or "")
+            metrics.inbound_http_authz_allow_total.count(
+                (*labels, decision.route or "", decision.authorization or "")
             ).n += 1
             return
         if decision.no_route:
-            metrics.inbound_authz_deny_total.inc(("http", decision.server, "no_route"))
+            metrics.inbound_http_route_not_found_total.inc(labels)
             raise UnknownRoute(decision.reason)
-        metrics.inbound_authz_deny_total.inc(("http", decision.server, "unauthorized"))
+        metrics.inbound_http_authz_deny_total.inc((*labels, decision.route or "", "unauthorized"))
         raise Forbidden(decision.reason)
 
     def _series(self, ex: Exchange) -> HttpSeries:
@@ -201,6 +204,10 @@ class _Conn:
         # the policy it was last authorized under.
         self.request: RequestFacts | None = None
         self.checked: object = None
+
+    def authz_labels(self, server: str) -> tuple[str, str, str, str]:
+        """This connection's labels in the authorization families (metrics.AUTHZ_LABELS)."""
+        return (str(self.port), server, self.tls, self.client_id or "")
 
 
 class _HeaderReader(NullSink):
@@ -344,11 +351,11 @@ class Inbound:
         policy = self.policy.current()
         decision = authorize(policy, conn.port, conn.client_id, conn.ip)
         if not decision.allowed:
-            self.metrics.inbound_authz_deny_total.inc(("tcp", decision.server, "unauthorized"))
+            self.metrics.inbound_tcp_authz_deny_total.inc(conn.authz_labels(decision.server))
             conn.link.close()
             return
-        self.metrics.inbound_authz_allow_total.inc(
-            ("tcp", decision.server, decision.authorization or "")
+        self.metrics.inbound_tcp_authz_allow_total.inc(
+            (*conn.authz_labels(decision.server), decision.authorization or "")
         )
         self.track(conn, None, policy)
         conn.link.pause_reading()
@@ -392,10 +399,10 @@ class Inbound:
             decision = reauthorize(policy, conn.port, conn.client_id, conn.ip, conn.request)
             if decision.allowed:
                 continue
-            request = conn.request
+            request, labels = conn.request, conn.authz_labels(decision.server)
             if request is None:
                 log.info("closing inbound TCP connection: %s", decision.reason)
-                kind, reason = "tcp", "unauthorized"
+                self.metrics.inbound_tcp_authz_deny_total.inc(labels)
             else:
                 # The path without the query, which may carry credentials.
                 log.info(
@@ -404,8 +411,12 @@ class Inbound:
                     request.target.partition("?")[0],
                     decision.reason,
                 )
-                kind, reason = "http", "no_route" if decision.no_route else "unauthorized"
-            self.metrics.inbound_authz_deny_total.inc((kind, decision.server, reason))
+                if decision.no_route:
+                    self.metrics.inbound_http_route_not_found_total.inc(labels)
+                else:
+                    self.metrics.inbound_http_authz_deny_total.inc(
+                        (*labels, decision.route or "", "unauthorized")
+                    )
             relays.discard(conn)
             conn.link.abort()
         self.loop.call_later(self.reauthorize_interval, self._reauthorize)

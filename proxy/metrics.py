@@ -162,6 +162,10 @@ class HttpSeries:
         return kept
 
 
+# The connection's side of every authorization family: (target_port, srv_name, tls, client_id).
+AUTHZ_LABELS = ("target_port", "srv_name", "tls", "client_id")
+
+
 class ProxyMetrics:
     """Every metric family the data plane reports."""
 
@@ -199,17 +203,38 @@ class ProxyMetrics:
             "Mesh TLS handshakes by side, negotiated group and result.",
             ("direction", "group", "result"),
         )
-        self.inbound_authz_deny_total = Family(
-            "inbound_authz_deny_total",
+        # Policy decisions, in the families Linkerd's proxy reports them in, with the labels of
+        # Linkerd's that this proxy has (target port, server, route, authorization, client);
+        # ``reason`` is ours: why an HTTP request was denied (unauthorized, h2c_upgrade).
+        self.inbound_http_authz_allow_total = Family(
+            "inbound_http_authz_allow_total",
             "counter",
-            "Inbound connections or requests denied by policy.",
-            ("protocol", "srv_name", "reason"),
+            "Inbound HTTP requests allowed by policy.",
+            (*AUTHZ_LABELS, "route_name", "authz_name"),
         )
-        self.inbound_authz_allow_total = Family(
-            "inbound_authz_allow_total",
+        self.inbound_http_authz_deny_total = Family(
+            "inbound_http_authz_deny_total",
             "counter",
-            "Inbound connections or requests allowed by policy.",
-            ("protocol", "srv_name", "authz_name"),
+            "Inbound HTTP requests denied by policy (403).",
+            (*AUTHZ_LABELS, "route_name", "reason"),
+        )
+        self.inbound_http_route_not_found_total = Family(
+            "inbound_http_route_not_found_total",
+            "counter",
+            "Inbound HTTP requests no route of their server matched (404).",
+            AUTHZ_LABELS,
+        )
+        self.inbound_tcp_authz_allow_total = Family(
+            "inbound_tcp_authz_allow_total",
+            "counter",
+            "Inbound TCP connections allowed by policy.",
+            (*AUTHZ_LABELS, "authz_name"),
+        )
+        self.inbound_tcp_authz_deny_total = Family(
+            "inbound_tcp_authz_deny_total",
+            "counter",
+            "Inbound TCP connections denied by policy (closed).",
+            AUTHZ_LABELS,
         )
         self._live: dict[Any, tuple[str, ...]] = {}
         self._series: dict[tuple[str, ...], HttpSeries] = {}
@@ -255,8 +280,11 @@ class ProxyMetrics:
             self.tcp_close_total,
             self.tcp_open_connections,
             self.tls_handshakes_total,
-            self.inbound_authz_allow_total,
-            self.inbound_authz_deny_total,
+            self.inbound_http_authz_allow_total,
+            self.inbound_http_authz_deny_total,
+            self.inbound_http_route_not_found_total,
+            self.inbound_tcp_authz_allow_total,
+            self.inbound_tcp_authz_deny_total,
         ):
             out.extend(fam.lines())
         out.extend(self.response_latency_ms.lines())

@@ -248,7 +248,7 @@ def test_opaque_tcp_through_an_upstream_listener(mesh: Mesh) -> None:
     payload = os.urandom(200_000)
     assert echo_session(mesh.client.upstreams[ECHO], payload) == payload
     echo_admin = mesh.proxies["echo-0"].admin_addr
-    assert metric(echo_admin, "inbound_authz_allow_total", protocol="tcp") >= 1
+    assert metric(echo_admin, "inbound_tcp_authz_allow_total") >= 1
 
 
 def test_policy_denies_http_with_403_and_reason_and_closes_tcp(mesh: Mesh) -> None:
@@ -262,8 +262,9 @@ def test_policy_denies_http_with_403_and_reason_and_closes_tcp(mesh: Mesh) -> No
         answer = b""
     assert answer == b""
     admin = mesh.proxies["guarded-0"].admin_addr
-    assert metric(admin, "inbound_authz_deny_total", protocol="http", srv_name="guarded-http") >= 1
-    assert metric(admin, "inbound_authz_deny_total", protocol="tcp", srv_name="guarded-tcp") >= 1
+    denied = {"srv_name": "guarded-http", "client_id": identity_of("client", NS)}
+    assert metric(admin, "inbound_http_authz_deny_total", reason="unauthorized", **denied) >= 1
+    assert metric(admin, "inbound_tcp_authz_deny_total", srv_name="guarded-tcp") >= 1
 
 
 def test_peer_presenting_another_identity_is_refused(mesh: Mesh) -> None:

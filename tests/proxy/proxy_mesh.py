@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import Listen, Proxy, ProxySettings
 from proxy.meshtls import KexPolicy, MeshCredentials, StaticCredentials
@@ -165,3 +166,13 @@ async def raw_exchange(port: int, request: bytes, *, until_close: bool = True) -
             return await reader.read(-1) if until_close else await reader.read(65536)
     finally:
         writer.close()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The sum of the ``name`` samples in exposition ``text`` whose labels include ``labels``."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )

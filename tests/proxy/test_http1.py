@@ -11,7 +11,7 @@ import threading
 
 import aiohttp
 import pytest
-from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh
+from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh, sample
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
 from proxy.http1 import HEAD_TIMEOUT, MAX_HEAD_BYTES
@@ -132,7 +132,10 @@ async def test_policy_denial_gets_403_with_reason(pki) -> None:
             mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
         )
         assert reply.startswith(b"HTTP/1.1 403") and web.identity.encode() in reply
-        assert 'inbound_authz_deny_total{protocol="http"' in mesh.server.metrics.render()
+        text = mesh.server.metrics.render()
+        for server in ("default:deny", "app"):
+            denied = {"srv_name": server, "client_id": web.identity, "reason": "unauthorized"}
+            assert sample(text, "inbound_http_authz_deny_total", **denied) == 1, server
 
 
 async def test_httproute_authorizations_and_unmatched_requests(pki) -> None:
@@ -181,13 +184,18 @@ async def test_httproute_authorizations_and_unmatched_requests(pki) -> None:
             assert missing.startswith(b"HTTP/1.1 404")
             assert b"no HTTPRoute of server app matches POST /echo" in missing
             metrics = mesh.server.metrics.render()
+            assert sample(metrics, "inbound_http_route_not_found_total", srv_name="app") == 1
             assert (
-                'inbound_authz_deny_total{protocol="http",srv_name="app",reason="no_route"} 1'
-                in metrics
-            )
-            assert (
-                'inbound_authz_allow_total{protocol="http",srv_name="app",authz_name="web-only"} 1'
-                in metrics
+                sample(
+                    metrics,
+                    "inbound_http_authz_allow_total",
+                    target_port=str(app_port),
+                    srv_name="app",
+                    tls="true",
+                    client_id=web.identity,
+                    authz_name="web-only",
+                )
+                == 1
             )
 
 

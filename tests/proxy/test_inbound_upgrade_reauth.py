@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from proxy_mesh import Mesh, run_app, run_mesh
+from proxy_mesh import Mesh, run_app, run_mesh, sample
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -68,11 +68,10 @@ async def _until(what: Callable[[], bool]) -> None:
 
 
 def _denied(mesh: Mesh, server: str, reason: str) -> int:
-    prefix = f'inbound_authz_deny_total{{protocol="http",srv_name="{server}",reason="{reason}"}} '
-    for line in mesh.server.metrics.render().splitlines():
-        if line.startswith(prefix):
-            return int(float(line[len(prefix) :]))
-    return 0
+    text = mesh.server.metrics.render()
+    if reason == "no_route":
+        return int(sample(text, "inbound_http_route_not_found_total", srv_name=server))
+    return int(sample(text, "inbound_http_authz_deny_total", srv_name=server, reason=reason))
 
 
 async def test_a_revoked_server_authorization_closes_an_open_websocket(pki) -> None:

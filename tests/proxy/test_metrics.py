@@ -37,9 +37,9 @@ def test_series_and_counts_render_like_dict_increments() -> None:
             by_dict.response_total.inc((*labels, code, kind))
             by_dict.response_latency_ms.observe((labels[0], labels[1], code), ms)
             series.respond(status, ms)
-        allow = ("http", "default:all-unauthenticated", labels[2])
-        by_dict.inbound_authz_allow_total.inc(allow)
-        in_place.inbound_authz_allow_total.count(allow).n += 1
+        allow = ("8080", "default:all-unauthenticated", labels[2], labels[3], "", "any")
+        by_dict.inbound_http_authz_allow_total.inc(allow)
+        in_place.inbound_http_authz_allow_total.count(allow).n += 1
     text = by_dict.render()
     assert text == in_place.render()
     assert (
@@ -55,6 +55,6 @@ def test_series_and_counts_render_like_dict_increments() -> None:
 def test_unused_counters_are_not_shown() -> None:
     m = ProxyMetrics()
     m.http_series(("inbound", "api", "true", "", ""))
-    m.inbound_authz_allow_total.count(("http", "srv", "authz"))
+    m.inbound_http_authz_allow_total.count(("8080", "srv", "true", "", "", "authz"))
     text = m.render()
-    assert "request_total{" not in text and "inbound_authz_allow_total{" not in text
+    assert "request_total{" not in text and "inbound_http_authz_allow_total{" not in text

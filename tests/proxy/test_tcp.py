@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from proxy_mesh import run_mesh
+from proxy_mesh import run_mesh, sample
 
 from proxy.policy import DefaultPolicy, InboundPolicy
 
@@ -40,7 +40,7 @@ async def test_opaque_relay_with_half_close(pki) -> None:
                 assert await reader.read(-1) == b"got %d" % len(payload)
             writer.close()
             text = mesh.server.metrics.render()
-            assert 'inbound_authz_allow_total{protocol="tcp"' in text
+            assert sample(text, "inbound_tcp_authz_allow_total", client_id=web.identity) == 1
     finally:
         server.close()
 
@@ -61,7 +61,8 @@ async def test_tcp_denied_by_policy_is_closed(pki) -> None:
             async with asyncio.timeout(10):
                 assert await reader.read(-1) == b""
             writer.close()
-            assert 'inbound_authz_deny_total{protocol="tcp"' in mesh.server.metrics.render()
+            text = mesh.server.metrics.render()
+            assert sample(text, "inbound_tcp_authz_deny_total", target_port=str(tcp_port)) == 1
     finally:
         server.close()
 
