@@ -15,18 +15,23 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_every_request_over_hybrid_mesh_tls(tmp_path: Path) -> None:
-    env = {**os.environ, "TRUSTMESH_HOME": str(tmp_path / "home")}
+def run_demo(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``trustmesh demo ARGS`` with its own TRUSTMESH_HOME, to the end; it must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "trustmesh", "demo", "--duration", "8", "-o", "json"],
+        [sys.executable, "-m", "trustmesh", "demo", *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "TRUSTMESH_HOME": str(home), **env},
         capture_output=True,
         text=True,
         timeout=150,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return proc
+
+
+def test_demo_runs_every_request_over_hybrid_mesh_tls(tmp_path: Path) -> None:
+    proc = run_demo(tmp_path / "home", "--duration", "8", "-o", "json")
     summary = json.loads(proc.stdout)
     assert summary["requests"] > 0 and summary["failures"] == 0, summary["errors"]
     groups = summary["tls_groups"]
@@ -43,24 +48,14 @@ def test_demo_runs_every_request_over_hybrid_mesh_tls(tmp_path: Path) -> None:
     assert rows["demo/quote-0"]["success_rate"] == 1.0
     assert 0 < rows["demo/echo-0"]["cert_expires_in_seconds"] <= 24 * 3600 + 60
     # The PKI was created in the home on this first run, with the issuer key private.
-    store = Path(env["TRUSTMESH_HOME"])
+    store = tmp_path / "home"
     assert (store / "current").is_symlink()
     assert oct((store / "current" / "issuer.key").stat().st_mode & 0o777) == "0o600"
 
 
 def test_demo_table_output_into_a_pipe_is_one_final_table(tmp_path: Path) -> None:
     """Not a terminal (a CI log, ``| tee``): no live frames, just the final table and verdict."""
-    env = {**os.environ, "TRUSTMESH_HOME": str(tmp_path / "home"), "COLUMNS": "100"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "trustmesh", "demo", "--duration", "3"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    proc = run_demo(tmp_path / "home", "--duration", "3", COLUMNS="100")
     lines = proc.stdout.splitlines()
     titles = [line.strip() for line in lines if "trustmesh demo —" in line]
     assert titles == ["trustmesh demo — final"], proc.stdout
