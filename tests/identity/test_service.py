@@ -12,6 +12,7 @@ from identity import errors
 from identity.errors import status_of
 from identity.issuer import check_issuer
 from identity.service import Certifier, IssuancePolicy
+from pki.csr import parse_csr, validate_csr
 from pki.errors import (
     CSRIdentityMismatch,
     CSRKeyNotAllowed,
@@ -197,3 +198,52 @@ async def test_policy_refuses_a_window_it_could_not_issue(tenv: Env) -> None:
     c = certifier(tenv, T0, longest)
     issued = await c.certify(identity(), tenv.token(), csr_for(identity()))
     assert issued.leaf.not_after == c.issuer.not_after  # type: ignore[union-attr]
+
+
+async def test_a_renewal_resending_its_csr_skips_only_the_repeated_checks(
+    tenv: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy sends the same CSR on every renewal. Its parse and signature check are
+    remembered for those exact bytes and that identity, and for nothing else: the token, the
+    identity and the issuer are still checked on every request, and refusals are not kept."""
+    import identity.service as service
+
+    checked: list[bytes] = []
+
+    def counting(parsed, **kw):  # type: ignore[no-untyped-def]
+        checked.append(parsed.signature)  # which CSR: its signature bytes
+        return validate_csr(parsed, **kw)
+
+    monkeypatch.setattr(service, "validate_csr", counting)
+    monkeypatch.setattr(service, "CSR_CACHE_SIZE", 2)
+    c = certifier(tenv, T0)
+    web, api = identity(), identity("api")
+    csr = csr_for(web)
+    first = await c.certify(web, tenv.token(), csr)
+    again = await c.certify(web, tenv.token(), csr)
+    assert len(checked) == 1
+    assert again.leaf.fingerprint != first.leaf.fingerprint  # a new certificate each time
+    assert again.leaf.x509.public_key() == first.leaf.x509.public_key()
+    # Remembered for web only: asked for api, the same bytes are checked (and refused).
+    with pytest.raises(CSRIdentityMismatch):
+        await c.certify(api, tenv.token("api"), csr)
+    with pytest.raises(errors.IdentityMismatch):
+        await c.certify(web, tenv.token("api"), csr)
+    late = certifier(tenv, T0 + timedelta(hours=49))
+    late._validated = c._validated  # even with the CSR remembered
+    with pytest.raises(errors.IssuerInvalid):
+        await late.certify(web, tenv.token(issued=T0 + timedelta(hours=49)), csr)
+    # A refused CSR is checked again each time.
+    bad = bytearray(csr_for(web))
+    bad[-5] ^= 0xFF
+    for _ in range(2):
+        with pytest.raises((CSRSignatureInvalid, CSRMalformed)):
+            await c.certify(web, tenv.token(), bytes(bad))
+    # At most CSR_CACHE_SIZE remembered, least recently used out first.
+    checked.clear()
+    others = [csr_for(web), csr_for(web)]
+    for other in others:
+        await c.certify(web, tenv.token(), other)
+    await c.certify(web, tenv.token(), others[1])  # still there
+    await c.certify(web, tenv.token(), csr)  # evicted: checked again
+    assert checked == [parse_csr(x).signature for x in (*others, csr)]
