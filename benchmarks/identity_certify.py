@@ -10,9 +10,11 @@ Three load generators, so that the client's own cost is visible and can be taken
 - the lean client (``grpc_h2_load.py``: pre-encoded HTTP/2 frames, ~50-100 µs per call): the same
   distinct requests; every answer is checked afterwards to be a certificate for the identity asked.
 - h2load (nghttp2's C load generator, ~50 µs per call): one request repeated by 32 callers, to
-  both servers, same CSR. For the identity service this is a renewal's shape: the token is the
-  same every time (a token-cache hit after the first call), while the CSR signature is verified
-  and a leaf is built and signed on every call. gRPC errors travel in trailers that h2load does
+  both servers, same CSR. For the identity service this is the shape of a Linkerd proxy's
+  renewals (it makes its key and CSR once and sends them again each time): after the first call
+  the token and the CSR's parse and signature check are cache hits, and a leaf is built and
+  signed on every call. TrustMesh's own identity client makes a fresh key per renewal, so its
+  renewals look like the distinct-request rows. gRPC errors travel in trailers that h2load does
   not read, so the identity rows count failures from the server's own ``/metrics``.
 
 cfssl rows run right after the ``--workers 2`` rows they are compared with, on the same CSRs.
