@@ -7,7 +7,8 @@ Order (linkerd2 ``pkg/identity/service.go``; the first failure decides the statu
    when oversized);
 3. the issuer is still inside its validity window, and so are its chain and anchors;
 4. the CSR: allowed key algorithm, valid self-signature (Linkerd skips this), exactly one DNS SAN
-   equal to the requested identity, CN empty or equal;
+   equal to the requested identity, CN empty or equal (a CSR that passed for this identity
+   before, byte for byte, is remembered: its parse and these checks are not repeated);
 5. the token proves a service account;
 6. the requested identity is that service account's;
 7. sign.
