@@ -8,7 +8,8 @@ Order (linkerd2 ``pkg/identity/service.go``; the first failure decides the statu
 3. the issuer is still inside its validity window, and so are its chain and anchors;
 4. the CSR: allowed key algorithm, valid self-signature (Linkerd skips this), exactly one DNS SAN
    equal to the requested identity, CN empty or equal (a CSR that passed for this identity
-   before, byte for byte, is remembered: its parse and these checks are not repeated);
+   before, byte for byte, in a request whose token proved the identity, is remembered: its
+   parse and these checks are not repeated);
 5. the token proves a service account;
 6. the requested identity is that service account's;
 7. sign.
@@ -171,16 +172,17 @@ class Certifier:
                 expected_name=identity,
                 allowed_algorithms=self.policy.allowed_algorithms,
             )
-            self._validated[key] = validated
-            if len(self._validated) > CSR_CACHE_SIZE:
-                self._validated.popitem(last=False)  # the least recently used
-        else:
-            self._validated.move_to_end(key)
         proven = await self.validator.validate(token)
         if proven.dns_name != identity:
             raise IdentityMismatch(
                 f"requested identity {identity!r} did not match the token's {proven.dns_name!r}"
             )
+        # Remembered only once a token proved the identity, so that requests without one
+        # cannot push the proxies' CSRs out (the entry may have left during the await).
+        self._validated[key] = validated
+        self._validated.move_to_end(key)
+        while len(self._validated) > CSR_CACHE_SIZE:
+            self._validated.popitem(last=False)  # the least recently used
         try:
             leaf = issue_leaf(
                 validated.public_key,

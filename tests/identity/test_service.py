@@ -233,6 +233,14 @@ async def test_a_renewal_resending_its_csr_skips_only_the_repeated_checks(
     late._validated = c._validated  # even with the CSR remembered
     with pytest.raises(errors.IssuerInvalid):
         await late.certify(web, tenv.token(issued=T0 + timedelta(hours=49)), csr)
+    # A valid CSR in a request whose token does not prove its identity is not remembered:
+    # such requests cannot push the proxies' CSRs out.
+    checked.clear()
+    stranger = csr_for(web)
+    with pytest.raises(errors.IdentityMismatch):
+        await c.certify(web, tenv.token("api"), stranger)
+    await c.certify(web, tenv.token(), stranger)
+    assert checked == [parse_csr(stranger).signature] * 2
     # A refused CSR is checked again each time.
     bad = bytearray(csr_for(web))
     bad[-5] ^= 0xFF
