@@ -26,6 +26,24 @@ def secret_data(issuer: Credential, ca: bytes) -> dict[str, str]:
     return {k: base64.b64encode(v).decode() for k, v in files.items()}
 
 
+async def create_issuer_secret(core: Any, issuer: Credential, ca: bytes, **fields: Any) -> None:
+    """The issuer Secret in kmock, with ``issuer``'s chain and key and ``ca`` as ca.crt."""
+    body = {
+        "metadata": {"name": ISSUER_SECRET, "namespace": NS},
+        "data": secret_data(issuer, ca),
+        **fields,
+    }
+    await asyncio.to_thread(core.create_namespaced_secret, NS, body)
+
+
+async def revision_moves(source: KubernetesSecretSource, before: object, event: str) -> None:
+    """Wait (at most 5 s) until ``source`` has applied an event after revision ``before``."""
+    deadline = time.monotonic() + 5
+    while source.revision() == before:
+        assert time.monotonic() < deadline, f"the {event} event was not applied"
+        await asyncio.sleep(0.02)
+
+
 async def reload_until(watcher: IssuerWatcher, expected: str, timeout: float = 5.0) -> None:
     """Poll the watcher off the loop (kmock serves on this loop) until it reports ``expected``."""
     deadline = time.monotonic() + timeout
@@ -52,12 +70,7 @@ async def test_secret_watch_reloads_and_records_events(env: Env, k8s: tuple[Any,
         },
     )
     first = new_issuer(anchor)
-    await asyncio.to_thread(
-        core.create_namespaced_secret,
-        NS,
-        {"metadata": {"name": ISSUER_SECRET, "namespace": NS}, "type": "kubernetes.io/tls",
-         "data": secret_data(first, anchor.certificate.pem)},
-    )  # fmt: skip
+    await create_issuer_secret(core, first, anchor.certificate.pem, type="kubernetes.io/tls")
     source = await asyncio.to_thread(
         KubernetesSecretSource, api, NS, watch_timeout=2, read_timeout=0.5
     )
@@ -115,14 +128,7 @@ async def test_anchors_fall_back_to_ca_crt_and_missing_secret(
     core = client.CoreV1Api(api)
     anchor = env.store.load().anchor_credential()
     issuer = new_issuer(anchor)
-    await asyncio.to_thread(
-        core.create_namespaced_secret,
-        NS,
-        {
-            "metadata": {"name": ISSUER_SECRET, "namespace": NS},
-            "data": secret_data(issuer, anchor.certificate.pem),
-        },
-    )
+    await create_issuer_secret(core, issuer, anchor.certificate.pem)
     source = await asyncio.to_thread(KubernetesSecretSource, api, NS)
     assert source.anchors.anchors == (anchor.certificate,)
     cred, _ = source.load()
@@ -138,12 +144,7 @@ async def test_watch_events_apply_without_a_relist(env: Env, k8s: tuple[Any, Any
     core = client.CoreV1Api(api)
     anchor = env.store.load().anchor_credential()
     first = new_issuer(anchor)
-    await asyncio.to_thread(
-        core.create_namespaced_secret,
-        NS,
-        {"metadata": {"name": ISSUER_SECRET, "namespace": NS},
-         "data": secret_data(first, anchor.certificate.pem)},
-    )  # fmt: skip
+    await create_issuer_secret(core, first, anchor.certificate.pem)
     source = await asyncio.to_thread(
         KubernetesSecretSource, api, NS, watch_timeout=60, read_timeout=60.0
     )
@@ -158,19 +159,13 @@ async def test_watch_events_apply_without_a_relist(env: Env, k8s: tuple[Any, Any
             NS,
             {"data": secret_data(second, anchor.certificate.pem)},
         )
-        deadline = time.monotonic() + 5
-        while source.revision() == before:
-            assert time.monotonic() < deadline, "the MODIFIED event was not applied"
-            await asyncio.sleep(0.02)
+        await revision_moves(source, before, "MODIFIED")
         cred, _ = source.load()
         assert cred.certificate == second.certificate
 
         before = source.revision()
         await asyncio.to_thread(core.delete_namespaced_secret, ISSUER_SECRET, NS)
-        deadline = time.monotonic() + 5
-        while source.revision() == before:
-            assert time.monotonic() < deadline, "the DELETED event was not applied"
-            await asyncio.sleep(0.02)
+        await revision_moves(source, before, "DELETED")
         with pytest.raises(IssuerSourceError, match="does not exist"):
             source.load()
     finally:
