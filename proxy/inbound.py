@@ -97,9 +97,7 @@ class InboundHttp:
             if allowed is None:
                 denied = self.decision
                 assert denied is not None
-                inbound.metrics.inbound_http_authz_deny_total.inc(
-                    (*conn.authz_labels(denied.server), "", "unauthorized")
-                )
+                count_http_denial(inbound.metrics, conn.authz_labels(denied.server), denied)
                 raise Forbidden(denied.reason)
             allowed.n += 1
         ex.target = series
@@ -124,10 +122,9 @@ class InboundHttp:
                 (*labels, decision.route or "", decision.authorization or "")
             ).n += 1
             return
+        count_http_denial(metrics, labels, decision)
         if decision.no_route:
-            metrics.inbound_http_route_not_found_total.inc(labels)
             raise UnknownRoute(decision.reason)
-        metrics.inbound_http_authz_deny_total.inc((*labels, decision.route or "", "unauthorized"))
         raise Forbidden(decision.reason)
 
     def _series(self, ex: Exchange) -> HttpSeries:
@@ -159,6 +156,16 @@ class InboundHttp:
                 ex.method.decode("latin-1"), request_path(ex.url), tuple(request_headers(ex))
             )
             self.inbound.track(self.conn, facts, self.policy_seen)
+
+
+def count_http_denial(metrics: ProxyMetrics, labels: tuple[str, ...], decision: Decision) -> None:
+    """One HTTP request (or upgraded connection) ``decision`` denied, in Linkerd's families:
+    ``inbound_http_route_not_found_total`` when no route of its server matched it, else
+    ``inbound_http_authz_deny_total`` (``labels``: the connection's, see _Conn.authz_labels)."""
+    if decision.no_route:
+        metrics.inbound_http_route_not_found_total.inc(labels)
+    else:
+        metrics.inbound_http_authz_deny_total.inc((*labels, decision.route or "", "unauthorized"))
 
 
 def request_headers(ex: Exchange) -> list[tuple[str, str]]:
@@ -411,12 +418,7 @@ class Inbound:
                     request.target.partition("?")[0],
                     decision.reason,
                 )
-                if decision.no_route:
-                    self.metrics.inbound_http_route_not_found_total.inc(labels)
-                else:
-                    self.metrics.inbound_http_authz_deny_total.inc(
-                        (*labels, decision.route or "", "unauthorized")
-                    )
+                count_http_denial(self.metrics, labels, decision)
             relays.discard(conn)
             conn.link.abort()
         self.loop.call_later(self.reauthorize_interval, self._reauthorize)
