@@ -418,9 +418,9 @@ def print_fixed(fixed: dict[str, dict[str, float]], rate: float) -> None:
     )
     d = fixed["direct"]
     for name, r in fixed.items():
-        add50 = (r["p50"] - d["p50"]) / 2 if name != "direct" else 0.0
-        add99 = (r["p99"] - d["p99"]) / 2 if name != "direct" else 0.0
         proxied = name != "direct"
+        add50 = (r["p50"] - d["p50"]) / 2 if proxied else 0.0
+        add99 = (r["p99"] - d["p99"]) / 2 if proxied else 0.0
         cpu = f"{r['cpu_pct']:.0f}" if proxied else "-"
         per_req = f"{r['cpu_us']:.1f}" if proxied else "-"
         wait = f"{r['wait_us']:.1f}" if proxied else "-"
