@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pki.errors import KEMError
-from pki.store import write_file_atomic
+from pki.store import write_files_atomic
 
 KEY_VERSION = 1
 SUITE_X25519_MLKEM768_HKDF_SHA256_AES256GCM = 1
@@ -292,8 +292,12 @@ class KEMPrivateKey:
 def write_keypair(key: KEMPrivateKey, private_path: Path, public_path: Path) -> KEMPublicKey:
     """Write the private key (0600, atomically) and its public key (0644, atomically)."""
     public = key.public_key()
-    write_file_atomic(Path(private_path), key.to_armored(), mode=0o600)
-    write_file_atomic(Path(public_path), public.to_armored(), mode=0o644)
+    write_files_atomic(
+        [
+            (Path(private_path), key.to_armored(), 0o600),
+            (Path(public_path), public.to_armored(), 0o644),
+        ]
+    )
     return public
 
 

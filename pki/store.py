@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -64,18 +64,84 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _stage(path: Path, data: bytes, mode: int) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` and fsync it; return its path.
+
+    On any error the temporary file is removed, so a failed write (a full disk, a bad
+    permission) leaves nothing behind. Temporary files that a killed writer left for ``path``
+    are removed first.
+    """
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _remove_stale_temps(path: Path) -> None:
+    prefix = f".{path.name}.tmp-"
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path.parent):
+            pid = entry.name[len(prefix) :]
+            if not entry.name.startswith(prefix) or not pid.isdigit():
+                continue
+            if int(pid) != os.getpid() and not _process_exists(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
 def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    write_files_atomic([(path, data, mode)])
+
+
+def write_files_atomic(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Write several files that belong together (a private key and its certificate).
+
+    Every file is written and fsynced under a temporary name first; only when all of them are
+    on disk are they renamed into place, back to back. A failure while writing (a full disk)
+    therefore leaves every target as it was and no temporary file behind. What no rename-based
+    scheme can avoid is a SIGKILL between the renames (microseconds apart): then the first
+    files are new and the rest old, and a reader that checks the pair (FileCredentials does)
+    keeps its last good one until the write is repeated.
+    """
+    staged: list[tuple[Path, Path]] = []
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
+        for path, data, mode in files:
+            staged.append((_stage(path, data, mode), path))
+        _crash_point("files-staged")
+        while staged:
+            tmp, path = staged[0]
+            os.replace(tmp, path)
+            staged.pop(0)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    for parent in dict.fromkeys(path.parent for path, _, _ in files):
+        _fsync_dir(parent)
 
 
 def is_secret(name: str) -> bool:

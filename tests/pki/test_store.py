@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,14 @@ from pki_testkit import T0
 
 from pki.errors import StoreCorrupt, StoreError, StoreLocked, StoreNotInitialized
 from pki.rotation import init_anchor, issue_issuer
-from pki.store import ANCHOR_KEY, BUNDLE, ISSUER_KEY, FileStore, write_file_atomic
+from pki.store import (
+    ANCHOR_KEY,
+    BUNDLE,
+    ISSUER_KEY,
+    FileStore,
+    write_file_atomic,
+    write_files_atomic,
+)
 
 
 def _mode(path: Path) -> int:
@@ -159,6 +168,68 @@ def test_write_file_atomic(tmp_path: Path) -> None:
     write_file_atomic(target, b"two", mode=0o600)
     assert target.read_bytes() == b"two" and _mode(target) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["k.key"]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs, so that a write runs out of space for real (needs root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_pair_that_does_not_fit_leaves_the_old_pair_and_no_temporary_file(
+    small_fs: Path,
+) -> None:
+    key, cert = small_fs / "leaf.pem.key", small_fs / "leaf.pem"
+    write_files_atomic([(key, b"old key", 0o600), (cert, b"old cert", 0o644)])
+    with pytest.raises(OSError) as exc:
+        # the key fits, the certificate (with a long chain) does not
+        write_files_atomic([(key, b"new key", 0o600), (cert, b"c" * 200_000, 0o644)])
+    assert exc.value.errno == errno.ENOSPC
+    assert key.read_bytes() == b"old key" and cert.read_bytes() == b"old cert"
+    assert sorted(p.name for p in small_fs.iterdir()) == ["leaf.pem", "leaf.pem.key"]
+    # a single file that does not fit: the same
+    with pytest.raises(OSError):
+        write_file_atomic(key, b"k" * 200_000, mode=0o600)
+    assert key.read_bytes() == b"old key"
+    assert sorted(p.name for p in small_fs.iterdir()) == ["leaf.pem", "leaf.pem.key"]
+
+
+def test_a_failed_rename_removes_the_files_not_yet_in_place(tmp_path: Path) -> None:
+    first, blocked = tmp_path / "a.key", tmp_path / "b.pem"
+    blocked.mkdir()  # os.replace cannot put a file over a directory
+    with pytest.raises(IsADirectoryError):
+        write_files_atomic([(first, b"a", 0o600), (blocked, b"b", 0o644)])
+    # The renames are the one step that is not all-or-nothing: the first file is in place.
+    assert first.read_bytes() == b"a" and blocked.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "b.pem"]
+
+
+def test_temporary_files_of_a_dead_writer_are_removed_by_the_next(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    target = tmp_path / "k.key"
+    stale = tmp_path / f".k.key.tmp-{dead.pid}"
+    stale.write_bytes(b"half a key")
+    alive = tmp_path / f".k.key.tmp-{os.getppid()}"  # a live writer's file is not touched
+    alive.write_bytes(b"in progress")
+    other = tmp_path / f".other.key.tmp-{dead.pid}"  # nor another target's
+    other.write_bytes(b"x")
+    write_file_atomic(target, b"key", mode=0o600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["k.key", alive.name, other.name])
 
 
 def test_a_private_key_readable_by_others_is_refused_on_load(store: FileStore) -> None:

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pki.certs import load_pem_chain
 from pki.csr import create_csr
 from pki.keys import KeyAlgorithm, PrivateKey
 from trustmesh.cli import cli
@@ -398,3 +399,34 @@ def test_real_process_errors_and_success(tmp_path: Path) -> None:
         check=False,
     )
     assert usage.returncode == 2 and "invalid duration" in usage.stderr
+
+
+def test_leaf_killed_before_it_replaces_the_pair_leaves_the_old_pair(
+    store: Path, tmp_path: Path
+) -> None:
+    # A real process, SIGKILLed once the new key and certificate are on disk under temporary
+    # names: the old pair is untouched and still matches; the re-run replaces both and removes
+    # the dead run's temporary files (the key's was 0600 all along).
+    leaf = tmp_path / "leaf.pem"
+    args = ["pki", "leaf", "--store", str(store), "--identity", WEB, "--generate", "--out"]
+    assert tm(*args, leaf).code == 0
+    old_cert, old_key = leaf.read_bytes(), (tmp_path / "leaf.pem.key").read_bytes()
+    env = {**os.environ, "TRUSTMESH_CRASH_AT": "files-staged"}
+    crashed = subprocess.run(
+        [str(TRUSTMESH), *args, str(leaf)], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert crashed.returncode == -9, crashed.stderr.decode()
+    assert leaf.read_bytes() == old_cert
+    assert (tmp_path / "leaf.pem.key").read_bytes() == old_key
+    staged = sorted(p for p in tmp_path.iterdir() if ".tmp-" in p.name)
+    assert [p.name.split(".tmp-")[0] for p in staged] == [".leaf.pem.key", ".leaf.pem"]
+    assert stat.S_IMODE(staged[0].stat().st_mode) == 0o600
+    rerun = subprocess.run(
+        [str(TRUSTMESH), *args, str(leaf)], capture_output=True, timeout=60, check=False
+    )
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    cert = load_pem_chain(leaf.read_bytes())[0]
+    key = PrivateKey.load((tmp_path / "leaf.pem.key").read_bytes())
+    assert cert.fingerprint != load_pem_chain(old_cert)[0].fingerprint
+    assert key.matches(cert.x509.public_key())

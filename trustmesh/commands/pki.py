@@ -40,7 +40,7 @@ from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
 from pki.renewal import RenewalPolicy
 from pki.rotation import bundle_add, bundle_remove, init_anchor, issue_issuer
-from pki.store import FileStore, StoreState, write_file_atomic
+from pki.store import FileStore, StoreState, write_file_atomic, write_files_atomic
 from pki.verify import verify_leaf
 from trustmesh.config import default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
@@ -476,10 +476,11 @@ def leaf(
     )
     verify_leaf(cert, issuer_cred.full_chain, fs_bundle, at=now, expected_identity=ident.dns_name)
     key_path = out.with_name(out.name + ".key")
+    files = [(out, b"".join(c.pem for c in (cert, *issuer_cred.full_chain)), 0o644)]
     if key is not None:
         Credential(cert, key)  # the key matches the certificate
-        write_file_atomic(key_path, key.to_pem(), mode=0o600)
-    write_file_atomic(out, b"".join(c.pem for c in (cert, *issuer_cred.full_chain)), mode=0o644)
+        files.insert(0, (key_path, key.to_pem(), 0o600))
+    write_files_atomic(files)  # both on disk before either replaces the old pair
     if output == "json":
         _emit_json(
             {
