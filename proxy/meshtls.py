@@ -15,7 +15,8 @@ applies to new connections while live ones keep their session.
 
 Both contexts run at OpenSSL security level 2 whatever the OpenSSL configuration says: a
 peer's keys need at least 112 bits of security (RSA 2048, ECC 224) and its chain no SHA-1
-signatures; our own leaf key is held to the same bar when the credentials load.
+signatures; our own chain is held to the same bar when the credentials load (the leaf's key
+by OpenSSL, the signatures here, since OpenSSL never checks the chain it sends).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _ossl
@@ -183,6 +185,7 @@ def _base_context(creds: MeshCredentials, *, server: bool) -> SSL.Context:
     _set_groups(ctx)
     ctx.set_cipher_list(SECURITY)  # before the certificates: ours must pass the level too
     chain = split_pem_certificates(creds.chain_pem)
+    _refuse_weak_signatures(chain)
     try:
         # A passphrase, so that OpenSSL never asks for one on the controlling terminal.
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, creds.key_pem, passphrase=b"")
@@ -211,6 +214,27 @@ def _base_context(creds: MeshCredentials, *, server: bool) -> SSL.Context:
         ctx.set_options(SSL.OP_NO_TICKET)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return ctx
+
+
+# Digests every peer at security level 2 refuses in a chain ("CA signature digest algorithm too
+# weak"). OpenSSL checks them only in the chains it verifies, never in the one it sends.
+_WEAK_DIGESTS = frozenset(("sha1", "md5"))
+
+
+def _refuse_weak_signatures(chain: list[crypto.X509]) -> None:
+    """Refuse our own chain when a certificate in it is signed with SHA-1 or MD5: every peer
+    would fail the handshake, so such credentials are unusable, like a key that is too small."""
+    for position, cert in enumerate(chain):
+        try:
+            digest = cert.to_cryptography().signature_hash_algorithm
+        except UnsupportedAlgorithm:  # not ours to judge: the peers' verification decides
+            continue
+        if digest is not None and digest.name in _WEAK_DIGESTS:
+            which = "the leaf" if position == 0 else f"chain certificate {position}"
+            raise ConfigError(
+                f"the certificate chain cannot be used: {which} is signed with "
+                f"{digest.name.upper()}, which every peer refuses"
+            )
 
 
 @dataclass(frozen=True, slots=True)

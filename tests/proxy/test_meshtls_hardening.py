@@ -235,6 +235,24 @@ def test_our_own_weak_certificate_is_a_credentials_error_and_the_last_good_stays
     assert tls.credentials is good
 
 
+def test_our_own_sha1_signed_certificate_is_a_credentials_error(pki, tmp_path) -> None:
+    """A leaf its CA signed with SHA-1 would load into OpenSSL (it checks only the chains it
+    verifies) and then fail every handshake at the peer; it is refused when the credentials
+    load instead, and the last good ones stay in use."""
+    weak = sha1_peer(pki, API, tmp_path / "sha1")
+    with pytest.raises(TLSError, match="cannot be used: the leaf is signed with SHA1"):
+        MeshTls(StaticCredentials(weak)).server_session()
+    good = pki.credentials("api")
+    source = StaticCredentials(good)
+    tls = MeshTls(source)
+    tls.server_session()
+    source.update(weak)
+    server = tls.server_session()
+    client = MeshTls(StaticCredentials(pki.credentials("web"))).client_session(API)
+    pump(client, server)
+    assert tls.credentials is good
+
+
 LOWERING_CONFIG = """openssl_conf = default_conf
 [default_conf]
 ssl_conf = ssl_sect
