@@ -180,6 +180,7 @@ class StoreInfo:
     issuer: ChainInfo | None
     renewal_action: str | None
     renew_at: datetime | None
+    staged_anchor: str | None = None  # in the bundle, waiting for 'pki anchor activate'
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +193,7 @@ class StoreInfo:
             "anchors": [a.to_dict() for a in self.anchors],
             "signing_anchor": self.signing_anchor,
             "anchor_key_present": self.anchor_key_present,
+            "staged_anchor": self.staged_anchor,
             "issuer": self.issuer.to_dict() if self.issuer else None,
             "renewal": None
             if self.renew_at is None
@@ -230,6 +232,7 @@ def describe_store(
         issuer=issuer_info,
         renewal_action=action,
         renew_at=renew_at,
+        staged_anchor=state.next_anchor.fingerprint if state.next_anchor else None,
     )
 
 

@@ -29,7 +29,17 @@ from pki.certs import (
 from pki.errors import BundleError, PKIError, StoreError
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.renewal import RenewalDecision, RenewalPolicy, decide
-from pki.store import ANCHOR, ANCHOR_KEY, BUNDLE, ISSUER, ISSUER_KEY, FileStore, StoreState
+from pki.store import (
+    ANCHOR,
+    ANCHOR_KEY,
+    BUNDLE,
+    ISSUER,
+    ISSUER_KEY,
+    NEXT_ANCHOR,
+    NEXT_ANCHOR_KEY,
+    FileStore,
+    StoreState,
+)
 from pki.verify import verify_chain
 
 ANCHOR_WARNING_WINDOW = timedelta(days=60)
@@ -121,17 +131,26 @@ def plan(
     lifetime = issuer.certificate.lifetime
     renewed_not_after = min(now + lifetime, anchor.not_after)
     actions: list[str] = []
+    rotate = "'trustmesh pki anchor create --staged', then 'trustmesh pki anchor activate'"
+    if state.next_anchor is not None:
+        rotate = (
+            f"anchor {state.next_anchor.fingerprint[:16]} is staged: activate it with "
+            "'trustmesh pki anchor activate' once every workload holds the bundle"
+        )
     if now >= anchor.not_after:
         status = AnchorStatus.EXPIRED
         actions.append(
             f"the trust anchor expired at {anchor.not_after.isoformat()}: create a new anchor "
             "('trustmesh pki anchor create --rotate'), distribute the bundle, then a new issuer"
+            if state.next_anchor is None
+            else f"the trust anchor expired at {anchor.not_after.isoformat()}; {rotate}"
         )
     elif anchor.not_after - now <= anchor_warning:
         status = AnchorStatus.WARNING
         actions.append(
             f"the trust anchor expires at {anchor.not_after.isoformat()} (within "
-            f"{anchor_warning.days} days): rotate it with 'trustmesh pki anchor create --rotate'"
+            f"{anchor_warning.days} days): "
+            + (f"rotate it: {rotate}" if state.next_anchor is None else rotate)
         )
     else:
         status = AnchorStatus.OK
@@ -168,25 +187,48 @@ def init_anchor(
     algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256,
     lifetime: timedelta = DEFAULT_ANCHOR_LIFETIME,
     rotate: bool = False,
+    stage: bool = False,
     common_name: str = "TrustMesh trust anchor",
 ) -> StoreState:
     """Create the trust anchor. With ``rotate``, add a new anchor beside the existing ones.
 
     The new anchor becomes the one that signs issuers; the old ones stay in the bundle until
-    removed with ``bundle remove`` once every workload trusts the new one.
+    removed with ``bundle remove`` once every workload trusts the new one. With ``stage`` (a
+    rotation in two steps) the new anchor only joins the bundle: the current anchor keeps
+    signing until :func:`activate_anchor`, so that no issuer chains to an anchor the workloads
+    have not received yet.
     """
     with store.lock():
         current = store.load() if store.current_version() is not None else None
-        if current is not None and current.anchor is not None and not rotate:
+        has_anchor = current is not None and current.anchor is not None
+        if has_anchor and not (rotate or stage):
+            assert current is not None and current.anchor is not None
             raise StoreError(
                 f"{store.root} already has a trust anchor ({current.anchor.fingerprint[:16]}…); "
                 "use --rotate to add a new one beside it"
+            )
+        if stage and not has_anchor:
+            raise StoreError(
+                f"{store.root} has no trust anchor to rotate from; create the first one with "
+                "'trustmesh pki anchor create'"
+            )
+        if current is not None and current.next_anchor is not None:
+            raise StoreError(
+                f"anchor {current.next_anchor.fingerprint[:16]}… is already staged; activate it "
+                "('trustmesh pki anchor activate') or discard it ('trustmesh pki bundle remove "
+                f"{current.next_anchor.fingerprint[:16]}') first"
             )
         key = PrivateKey.generate(algorithm)
         anchor = create_anchor(key, now=now, lifetime=lifetime, common_name=common_name)
         bundle = TrustBundle((anchor,))
         if current is not None and current.bundle is not None:
             bundle = current.bundle.add(anchor)
+        if stage:
+            return store.commit(
+                {BUNDLE: bundle.pem(), NEXT_ANCHOR: anchor.pem, NEXT_ANCHOR_KEY: key.to_pem()},
+                reason=f"anchor {anchor.fingerprint[:16]} staged (in the bundle, not signing)",
+                now=now,
+            )
         reason = "anchor rotated (new anchor added to bundle)" if current else "anchor created"
         return store.commit(
             {BUNDLE: bundle.pem(), ANCHOR: anchor.pem, ANCHOR_KEY: key.to_pem()},
@@ -195,11 +237,62 @@ def init_anchor(
         )
 
 
+def activate_anchor(store: FileStore, *, now: datetime) -> StoreState:
+    """Second step of a staged rotation: the staged anchor becomes the signing anchor and a new
+    issuer, signed by it, replaces the old one, in one store version.
+
+    Run it once every workload holds the bundle with the staged anchor (``trustmesh check``
+    and the identity service's bundle reports show which proxies do). The old anchor stays in
+    the bundle, trusted, until ``bundle remove`` once the leaves it signed have expired.
+    """
+    _require_store(store)
+    with store.lock():
+        state = store.load()
+        staged = state.next_anchor
+        if staged is None:
+            raise StoreError(
+                "no anchor is staged; stage one with 'trustmesh pki anchor create --staged'"
+            )
+        if state.next_anchor_key is None:
+            raise StoreError(
+                f"the staged anchor {staged.fingerprint[:16]}…'s private key is not in the store; "
+                "an issuer cannot be signed here"
+            )
+        if not staged.is_valid_at(now):
+            raise StoreError(
+                f"the staged anchor {staged.fingerprint[:16]}… is not valid at {now.isoformat()} "
+                f"(valid {staged.not_before.isoformat()} to {staged.not_after.isoformat()})"
+            )
+        signer = Credential(staged, state.next_anchor_key)
+        algorithm, lifetime = _issuer_parameters(state, None, None)
+        issuer = _new_issuer(state, now=now, algorithm=algorithm, lifetime=lifetime, signer=signer)
+        return store.commit(
+            {
+                ANCHOR: staged.pem,
+                ANCHOR_KEY: state.next_anchor_key.to_pem(),
+                NEXT_ANCHOR: None,
+                NEXT_ANCHOR_KEY: None,
+                ISSUER: issuer.chain_pem(),
+                ISSUER_KEY: issuer.key.to_pem(),
+            },
+            reason=f"staged anchor {staged.fingerprint[:16]} activated; issuer re-signed by it",
+            now=now,
+        )
+
+
 def _new_issuer(
-    state: StoreState, *, now: datetime, algorithm: KeyAlgorithm, lifetime: timedelta
+    state: StoreState,
+    *,
+    now: datetime,
+    algorithm: KeyAlgorithm,
+    lifetime: timedelta,
+    signer: Credential | None = None,
 ) -> Credential:
     issuer = create_issuer(
-        PrivateKey.generate(algorithm), state.anchor_credential(), now=now, lifetime=lifetime
+        PrivateKey.generate(algorithm),
+        signer or state.anchor_credential(),
+        now=now,
+        lifetime=lifetime,
     )
     verify_chain(issuer.certificate, issuer.chain, state.require_bundle(), at=now)
     return issuer
@@ -238,15 +331,22 @@ def _issue_locked(
     lifetime: timedelta | None,
     reason: str,
 ) -> StoreState:
-    if state.issuer is not None:
-        algorithm = algorithm or state.issuer.certificate.key_algorithm
-        lifetime = lifetime or state.issuer.certificate.lifetime - 2 * DEFAULT_CLOCK_SKEW
-    algorithm = algorithm or KeyAlgorithm.ECDSA_P256
-    lifetime = lifetime or DEFAULT_ISSUER_LIFETIME
+    algorithm, lifetime = _issuer_parameters(state, algorithm, lifetime)
     issuer = _new_issuer(state, now=now, algorithm=algorithm, lifetime=lifetime)
     return store.commit(
         {ISSUER: issuer.chain_pem(), ISSUER_KEY: issuer.key.to_pem()}, reason=reason, now=now
     )
+
+
+def _issuer_parameters(
+    state: StoreState, algorithm: KeyAlgorithm | None, lifetime: timedelta | None
+) -> tuple[KeyAlgorithm, timedelta]:
+    """A new issuer's algorithm and lifetime: as given, else the current issuer's, else the
+    defaults (ECDSA P-256, 48 h)."""
+    if state.issuer is not None:
+        algorithm = algorithm or state.issuer.certificate.key_algorithm
+        lifetime = lifetime or state.issuer.certificate.lifetime - 2 * DEFAULT_CLOCK_SKEW
+    return algorithm or KeyAlgorithm.ECDSA_P256, lifetime or DEFAULT_ISSUER_LIFETIME
 
 
 def rotate_if_due(
@@ -319,6 +419,14 @@ def bundle_remove(store: FileStore, fingerprint: str, *, now: datetime) -> Store
         state = store.load()
         bundle = state.require_bundle()
         target = bundle.find(fingerprint)
+        if state.next_anchor is not None and target == state.next_anchor:
+            # Discarding a staged anchor: it signed nothing, so it leaves the bundle with it.
+            return store.commit(
+                {BUNDLE: bundle.remove(target.fingerprint).pem(), NEXT_ANCHOR: None,
+                 NEXT_ANCHOR_KEY: None},
+                reason=f"staged anchor {target.fingerprint[:16]} discarded",
+                now=now,
+            )  # fmt: skip
         if state.anchor is not None and target == state.anchor:
             raise BundleError(
                 "refusing to remove the anchor that signs the current issuer; "

@@ -41,6 +41,10 @@ ANCHOR = "anchor.pem"
 ANCHOR_KEY = "anchor.key"
 ISSUER = "issuer.pem"
 ISSUER_KEY = "issuer.key"
+# A staged anchor rotation: the new anchor is in the bundle (so that workloads receive it) but
+# signs nothing until 'pki anchor activate' promotes it to ANCHOR.
+NEXT_ANCHOR = "next-anchor.pem"
+NEXT_ANCHOR_KEY = "next-anchor.key"
 META = "meta.json"
 _VERSION_DIGITS = 6
 DEFAULT_KEEP_VERSIONS = 20
@@ -172,6 +176,8 @@ class StoreState:
     anchor: Certificate | None
     anchor_key: PrivateKey | None
     issuer: Credential | None
+    next_anchor: Certificate | None = None  # staged: in the bundle, not yet signing
+    next_anchor_key: PrivateKey | None = None
 
     def anchor_credential(self) -> Credential:
         if self.anchor is None:
@@ -278,6 +284,21 @@ class FileStore:
             bundle = TrustBundle.from_pem(files[BUNDLE]) if BUNDLE in files else None
             anchor = Certificate.from_pem(files[ANCHOR]) if ANCHOR in files else None
             anchor_key = PrivateKey.load(files[ANCHOR_KEY]) if ANCHOR_KEY in files else None
+            next_anchor = Certificate.from_pem(files[NEXT_ANCHOR]) if NEXT_ANCHOR in files else None
+            next_key = PrivateKey.load(files[NEXT_ANCHOR_KEY]) if NEXT_ANCHOR_KEY in files else None
+            if next_anchor is None and next_key is not None:
+                raise StoreCorrupt(f"version {version} has {NEXT_ANCHOR_KEY} but no {NEXT_ANCHOR}")
+            if next_anchor is not None and (
+                bundle is None or next_anchor.fingerprint not in bundle.fingerprints
+            ):
+                raise StoreCorrupt(
+                    f"version {version} stages anchor {next_anchor.fingerprint[:16]}, which is not "
+                    "in its trust bundle"
+                )
+            if next_key and next_anchor and not next_key.matches(next_anchor.x509.public_key()):
+                raise StoreCorrupt(
+                    f"version {version}: {NEXT_ANCHOR_KEY} is not the key of {NEXT_ANCHOR}"
+                )
             issuer = None
             if ISSUER in files:
                 if ISSUER_KEY not in files:
@@ -298,6 +319,8 @@ class FileStore:
             anchor=anchor,
             anchor_key=anchor_key,
             issuer=issuer,
+            next_anchor=next_anchor,
+            next_anchor_key=next_key,
         )
 
     def trust_bundle(self) -> TrustBundle:

@@ -1,5 +1,6 @@
-"""A trust-anchor rotation under a running ``trustmesh proxy run``: the new anchor reaches the
-proxy through destination's trust-bundle stream, the destination service restarts with a
+"""A trust-anchor rotation under a running ``trustmesh proxy run`` (one step, ``--rotate``, and two,
+``--staged`` then ``activate``): the new anchor reaches the proxy through destination's
+trust-bundle stream, the destination service restarts with a
 certificate chaining only to the new anchor, and the proxy reconnects and keeps receiving
 updates (before the fix its channel kept the startup anchors and was refused forever)."""
 
@@ -14,7 +15,7 @@ from mesh_testkit import HOST, MeshKit, eventually, metric
 
 from pki.certs import utcnow
 from pki.errors import PKIError
-from pki.rotation import init_anchor, issue_issuer
+from pki.rotation import activate_anchor, init_anchor, issue_issuer
 from pki.verify import verify_chain
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -50,8 +51,9 @@ def kit(tmp_path: Path) -> Iterator[MeshKit]:
         kit.close()
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["rotate", "staged-then-activate"])
 def test_proxy_reconnects_to_destination_reissued_under_a_new_anchor(
-    kit: MeshKit, tmp_path: Path
+    kit: MeshKit, tmp_path: Path, staged: bool
 ) -> None:
     proxy = kit.proxy_ports(ECHO)
     echo_ports = kit.ports(2)
@@ -70,7 +72,11 @@ def test_proxy_reconnects_to_destination_reissued_under_a_new_anchor(
         return metric(admin, "trustmesh_destination_client_updates_total", stream="destination")
 
     # 1. A new anchor beside the old one: streamed to the proxy, whose channel moves to it.
-    init_anchor(store, now=utcnow(), rotate=True)
+    #    Staged, it signs nothing yet: the issuer still chains to the old anchor.
+    init_anchor(store, now=utcnow(), rotate=not staged, stage=staged)
+    if staged:
+        issuer = store.issuer()
+        verify_chain(issuer.certificate, issuer.chain, old, at=utcnow())
     eventually(
         lambda: metric(admin, "trustmesh_destination_client_channel_rebuilds_total") == 1,
         15,
@@ -78,7 +84,10 @@ def test_proxy_reconnects_to_destination_reissued_under_a_new_anchor(
     )
 
     # 2. Destination restarted with a certificate issued under the new anchor only.
-    issue_issuer(store, now=utcnow())
+    if staged:
+        activate_anchor(store, now=utcnow())
+    else:
+        issue_issuer(store, now=utcnow())
     issuer = store.issuer()
     with pytest.raises(PKIError):
         verify_chain(issuer.certificate, issuer.chain, old, at=utcnow())

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 from pki_testkit import T0, build_chain
 
-from pki.errors import BundleError, CertificateParseError, StoreError, StoreNotInitialized
+from pki.errors import (
+    BundleError,
+    CertificateParseError,
+    StoreCorrupt,
+    StoreError,
+    StoreNotInitialized,
+)
 from pki.keys import KeyAlgorithm
 from pki.renewal import RenewalAction, RenewalPolicy
 from pki.rotation import (
@@ -18,6 +24,7 @@ from pki.rotation import (
     Event,
     InvalidTransition,
     Stage,
+    activate_anchor,
     advance,
     bundle_add,
     bundle_remove,
@@ -26,7 +33,7 @@ from pki.rotation import (
     plan,
     rotate_if_due,
 )
-from pki.store import FileStore
+from pki.store import NEXT_ANCHOR, NEXT_ANCHOR_KEY, FileStore
 from pki.verify import verify_chain
 
 
@@ -119,6 +126,107 @@ def test_bundle_operations_keep_the_issuer_trusted(store: FileStore) -> None:
     issuer = state.require_issuer()
     path = verify_chain(issuer.certificate, issuer.chain, state.require_bundle(), at=T0)
     assert path[-1] == new_anchor
+
+
+def _anchor_of(state) -> object:  # the bundle anchor the issuer chains to
+    issuer = state.require_issuer()
+    at = issuer.certificate.not_before + timedelta(minutes=1)
+    return verify_chain(issuer.certificate, issuer.chain, state.require_bundle(), at=at)[-1]
+
+
+def test_staged_rotation_signs_nothing_until_activated(store: FileStore) -> None:
+    before = store.load()
+    old = before.anchor
+    staged = init_anchor(store, now=T0, stage=True, algorithm=KeyAlgorithm.ML_DSA_65)
+    new = staged.next_anchor
+    assert new is not None and staged.next_anchor_key is not None
+    # step 1: the new anchor is trusted, the old one still signs
+    assert staged.require_bundle().fingerprints == (old.fingerprint, new.fingerprint)  # type: ignore[union-attr]
+    assert staged.anchor == old
+    assert staged.require_issuer().certificate == before.require_issuer().certificate
+    renewed = rotate_if_due(store, RenewalPolicy(), now=T0 + timedelta(hours=40))[1]
+    assert renewed is not None and _anchor_of(renewed) == old  # the cron job keeps to the old
+    assert renewed.next_anchor == new  # and carries the staged anchor along
+    # step 2: the staged anchor signs, with a new issuer of the same shape, in one version
+    active = activate_anchor(store, now=T0 + timedelta(hours=41))
+    assert active.version == renewed.version + 1
+    assert active.anchor == new and active.next_anchor is None and active.next_anchor_key is None
+    assert active.anchor_key is not None and active.anchor_key.matches(new.x509.public_key())
+    assert NEXT_ANCHOR not in active.files and NEXT_ANCHOR_KEY not in active.files
+    issuer = active.require_issuer()
+    assert _anchor_of(active) == new and issuer.certificate != renewed.require_issuer().certificate
+    assert issuer.certificate.key_algorithm is KeyAlgorithm.ECDSA_P256
+    assert issuer.certificate.lifetime == before.require_issuer().certificate.lifetime
+    assert old in active.require_bundle()  # still trusted for the leaves it signed
+    # step 3: the old anchor can go now that nothing chains to it
+    done = bundle_remove(store, old.fingerprint, now=T0 + timedelta(days=2))  # type: ignore[union-attr]
+    assert done.require_bundle().fingerprints == (new.fingerprint,)
+
+
+def test_staged_rotation_refusals(store: FileStore) -> None:
+    with pytest.raises(StoreError, match="no anchor is staged"):
+        activate_anchor(store, now=T0)
+    staged = init_anchor(store, now=T0, stage=True).next_anchor
+    assert staged is not None
+    version = store.load().version
+    with pytest.raises(StoreError, match="already staged; activate it"):
+        init_anchor(store, now=T0, stage=True)
+    with pytest.raises(StoreError, match="already staged"):
+        init_anchor(store, now=T0, rotate=True)  # would make another anchor sign at once
+    with pytest.raises(StoreError, match="not valid at"):
+        activate_anchor(store, now=staged.not_after + timedelta(seconds=1))
+    with store.lock():
+        store.commit({NEXT_ANCHOR_KEY: None}, reason="staged key taken offline", now=T0)
+    with pytest.raises(StoreError, match="private key is not in the store"):
+        activate_anchor(store, now=T0)
+    assert store.load().anchor != staged and store.load().version == version + 1
+
+
+def test_a_staged_anchor_can_be_discarded(store: FileStore) -> None:
+    before = store.load()
+    staged = init_anchor(store, now=T0, stage=True).next_anchor
+    assert staged is not None
+    state = bundle_remove(store, staged.fingerprint, now=T0)
+    assert state.next_anchor is None and NEXT_ANCHOR_KEY not in state.files
+    assert state.require_bundle() == before.require_bundle() and state.anchor == before.anchor
+    assert init_anchor(store, now=T0, stage=True).next_anchor != staged  # a fresh one can follow
+
+
+def test_stage_needs_an_anchor_to_rotate_from(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no trust anchor to rotate from"):
+        init_anchor(FileStore(tmp_path / "s"), now=T0, stage=True)
+
+
+def test_a_staged_anchor_outside_the_bundle_is_refused(store: FileStore) -> None:
+    foreign = build_chain(KeyAlgorithm.ECDSA_P256).anchor
+    version = store.load().version
+    with store.lock(), pytest.raises(StoreCorrupt, match="not in its trust bundle"):
+        store.commit({NEXT_ANCHOR: foreign.certificate.pem}, reason="broken", now=T0)
+    other = build_chain(KeyAlgorithm.ECDSA_P256).anchor
+    with store.lock(), pytest.raises(StoreCorrupt, match="is not the key of"):
+        store.commit(
+            {
+                "bundle.pem": store.load().require_bundle().add(foreign.certificate).pem(),
+                NEXT_ANCHOR: foreign.certificate.pem,
+                NEXT_ANCHOR_KEY: other.key.to_pem(),
+            },
+            reason="broken",
+            now=T0,
+        )
+    assert store.load().version == version  # current never moved
+
+
+def test_plan_points_at_the_staged_anchor(store: FileStore) -> None:
+    anchor_end = store.load().anchor.not_after  # type: ignore[union-attr]
+    warn = plan(store.load(), RenewalPolicy(), anchor_end - timedelta(days=59))
+    assert any("anchor create --staged" in a for a in warn.human_actions)
+    staged = init_anchor(store, now=T0, stage=True).next_anchor
+    assert staged is not None
+    warn = plan(store.load(), RenewalPolicy(), anchor_end - timedelta(days=59))
+    assert any(
+        f"anchor {staged.fingerprint[:16]} is staged" in a and "pki anchor activate" in a
+        for a in warn.human_actions
+    )
 
 
 def test_bundle_add(store: FileStore) -> None:

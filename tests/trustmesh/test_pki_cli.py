@@ -430,3 +430,58 @@ def test_leaf_killed_before_it_replaces_the_pair_leaves_the_old_pair(
     key = PrivateKey.load((tmp_path / "leaf.pem.key").read_bytes())
     assert cert.fingerprint != load_pem_chain(old_cert)[0].fingerprint
     assert key.matches(cert.x509.public_key())
+
+
+def _openssl_verifies(store: Path, leaf: Path, anchors_pem: bytes, work: Path) -> bool:
+    """The system openssl's verdict on ``leaf`` (a leaf + chain file) against ``anchors_pem``."""
+    (work / "anchors.pem").write_bytes(anchors_pem)
+    (work / "issuer.pem").write_text(tm("pki", "--store", store, "issuer", "show").out)
+    out = subprocess.run(
+        [OPENSSL, "verify", "-CAfile", "anchors.pem", "-untrusted", "issuer.pem", str(leaf)],
+        cwd=work,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return out.returncode == 0
+
+
+@pytest.mark.skipif(not OPENSSL, reason="openssl is not installed")
+def test_staged_anchor_rotation_end_to_end(store: Path, tmp_path: Path) -> None:
+    old_bundle = tm("pki", "--store", store, "bundle", "show").out.encode()
+    before = tm("pki", "inspect", store, "-o", "json").json()
+    # stage: the bundle grows; the signing anchor and the issuer stay
+    staged = tm("pki", "--store", store, "anchor", "create", "--staged", "-o", "json")
+    assert staged.code == 0, staged.err
+    new = staged.json()["anchor"]
+    assert staged.json()["staged"] is True and staged.json()["bundle_size"] == 2
+    during = tm("pki", "inspect", store, "-o", "json").json()
+    assert during["staged_anchor"] == new
+    assert during["signing_anchor"] == before["signing_anchor"] != new
+    assert during["issuer"] == before["issuer"]
+    assert "staged (pki anchor activate)" in tm("pki", "inspect", store).out
+    again = tm("pki", "--store", store, "anchor", "create", "--staged")
+    assert again.code != 0 and "already staged" in again.err
+    # while staged, a workload that has not received the new bundle yet still verifies
+    # the certificates issued meanwhile: that is the point of the first step
+    leaf = tmp_path / "leaf.pem"
+    args = ("pki", "leaf", "--store", store, "--identity", WEB, "--generate", "--out", leaf)
+    assert tm(*args).code == 0
+    assert _openssl_verifies(store, leaf, old_bundle, tmp_path)
+    # activate: the staged anchor signs, through a new issuer
+    active = tm("pki", "--store", store, "anchor", "activate", "-o", "json")
+    assert active.code == 0, active.err
+    assert active.json()["anchor"] == new
+    assert active.json()["previous_anchor"] == before["signing_anchor"]
+    after = tm("pki", "inspect", store, "-o", "json").json()
+    assert after["signing_anchor"] == new and after["staged_anchor"] is None
+    assert after["issuer"]["verified"] and after["bundle_digest"] == during["bundle_digest"]
+    assert tm("pki", "--store", store, "anchor", "activate").code != 0  # nothing staged now
+    # leaves issued now verify against the distributed bundle, never against the old one alone
+    assert tm(*args).code == 0
+    new_bundle = tm("pki", "--store", store, "bundle", "show").out.encode()
+    assert _openssl_verifies(store, leaf, new_bundle, tmp_path)
+    assert not _openssl_verifies(store, leaf, old_bundle, tmp_path)
+    # and the old anchor can leave the bundle: nothing chains to it any more
+    removed = tm("pki", "--store", store, "bundle", "remove", before["signing_anchor"][:16])
+    assert removed.code == 0, removed.err

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pki.certs import utcnow
+from pki.rotation import init_anchor
 from pki.store import ANCHOR, ANCHOR_KEY, BUNDLE, ISSUER, ISSUER_KEY, FileStore
 from pki.verify import verify_chain
 
@@ -121,4 +122,31 @@ def test_sigkill_during_pki_anchor_and_issuer_rotation(make_store, command, poin
             assert state.version == before.version + (point == "flipped")
             rerun = subprocess.run(args, capture_output=True, timeout=60)
             assert rerun.returncode == 0, rerun.stderr.decode()
+    assert not [p for p in store.versions_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("point", ["write:anchor.key", "write:issuer.pem", "write:meta", "flip"])
+def test_sigkill_during_staged_anchor_activation(make_store, point):
+    # Activation changes the signing anchor and the issuer together: killed at any step, the
+    # store is either still staged (old anchor signing, the old issuer chained to it) or fully
+    # activated; never a new anchor with the old issuer. A re-run completes.
+    store = make_store(utcnow() - timedelta(hours=1))
+    staged = init_anchor(store, now=utcnow(), stage=True).next_anchor
+    old_anchor = store.load().anchor
+    args = [*TRUSTMESH, "pki", "--store", str(store.root), "anchor", "activate"]
+    crashed = subprocess.run(
+        args, env={**os.environ, "TRUSTMESH_CRASH_AT": point}, capture_output=True, timeout=60
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
+    state = store.load()
+    assert state.anchor == old_anchor and state.next_anchor == staged  # still staged
+    issuer = state.require_issuer()
+    path = verify_chain(issuer.certificate, issuer.chain, state.require_bundle(), at=utcnow())
+    assert path[-1] == old_anchor
+    rerun = subprocess.run(args, capture_output=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    state = store.load()
+    issuer = state.require_issuer()
+    path = verify_chain(issuer.certificate, issuer.chain, state.require_bundle(), at=utcnow())
+    assert state.anchor == staged and state.next_anchor is None and path[-1] == staged
     assert not [p for p in store.versions_dir.iterdir() if p.name.startswith(".tmp-")]

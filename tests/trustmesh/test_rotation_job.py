@@ -66,7 +66,7 @@ def test_anchor_in_warning_window_needs_a_human(make_store, t0):
     report = run_once(store, now=t0 + timedelta(days=40))  # 50 days left < 60-day window
     assert report.exit_code is ExitCode.HUMAN_ACTION
     assert report.renewed  # the issuer is still kept alive
-    assert any("anchor create --rotate" in a for a in report.human_actions)
+    assert any("anchor create --staged" in a for a in report.human_actions)
 
 
 def test_issuer_cut_short_by_anchor_needs_a_human(make_store, t0):

@@ -39,7 +39,7 @@ from pki.inspect import (
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
 from pki.renewal import RenewalPolicy
-from pki.rotation import bundle_add, bundle_remove, init_anchor, issue_issuer
+from pki.rotation import activate_anchor, bundle_add, bundle_remove, init_anchor, issue_issuer
 from pki.store import FileStore, StoreState, write_file_atomic, write_files_atomic
 from pki.verify import verify_leaf
 from trustmesh.config import default_store_path, duration_option
@@ -189,7 +189,13 @@ def _print_store(console: Console, info: StoreInfo) -> None:
     for col in ("fingerprint", "subject", "key", "not after", "signs issuers"):
         anchors.add_column(col)
     for a in info.anchors:
-        signing = "yes" if a.fingerprint == info.signing_anchor else ""
+        signing = (
+            "yes"
+            if a.fingerprint == info.signing_anchor
+            else "staged (pki anchor activate)"
+            if a.fingerprint == info.staged_anchor
+            else ""
+        )
         anchors.add_row(a.fingerprint[:16], a.subject, a.key_algorithm, _when(a), signing)
     console.print(anchors)
     if info.issuer is None:
@@ -254,23 +260,40 @@ def anchor() -> None:
 @anchor.command("create")
 @algorithm_option("ecdsa-p256")
 @click.option("--validity", default="365d", show_default=True, callback=_validity)
-@click.option("--rotate", is_flag=True, help="Add a new anchor beside the existing one(s).")
+@click.option(
+    "--rotate", is_flag=True, help="Add a new anchor beside the existing one(s); it signs at once."
+)
+@click.option(
+    "--staged",
+    is_flag=True,
+    help="Rotate in two steps: the new anchor joins the bundle but signs nothing until "
+    "'pki anchor activate'.",
+)
 @store_option
 @output_option
 def anchor_create(
-    algorithm: KeyAlgorithm, validity: timedelta, rotate: bool, store: Path | None, output: str
+    algorithm: KeyAlgorithm,
+    validity: timedelta,
+    rotate: bool,
+    staged: bool,
+    store: Path | None,
+    output: str,
 ) -> None:
-    """Create the trust anchor (or, with --rotate, a new one that joins the bundle)."""
+    """Create the trust anchor (or, with --rotate or --staged, a new one that joins the bundle)."""
     fs = _store(store)
-    state = init_anchor(fs, now=utcnow(), algorithm=algorithm, lifetime=validity, rotate=rotate)
-    assert state.anchor is not None and state.bundle is not None
+    state = init_anchor(
+        fs, now=utcnow(), algorithm=algorithm, lifetime=validity, rotate=rotate, stage=staged
+    )
+    created = state.next_anchor if staged else state.anchor
+    assert created is not None and state.bundle is not None
     if output == "json":
         _emit_json(
             {
                 "store": str(fs.root),
                 "version": state.version,
-                "anchor": state.anchor.fingerprint,
-                "not_after": state.anchor.not_after.isoformat(),
+                "anchor": created.fingerprint,
+                "staged": staged,
+                "not_after": created.not_after.isoformat(),
                 "algorithm": algorithm.value,
                 "bundle_digest": state.bundle.digest,
                 "bundle_size": len(state.bundle.anchors),
@@ -278,10 +301,51 @@ def anchor_create(
         )
         return
     console = _console()
-    _print_state(console, state, f"created trust anchor {state.anchor.fingerprint[:16]}")
+    what = "staged trust anchor" if staged else "created trust anchor"
+    _print_state(console, state, f"{what} {created.fingerprint[:16]}")
     console.print(
-        f"algorithm {algorithm.value}, valid until {state.anchor.not_after.isoformat()}; "
+        f"algorithm {algorithm.value}, valid until {created.not_after.isoformat()}; "
         f"bundle holds {len(state.bundle.anchors)} anchor(s), digest {state.bundle.digest[:16]}"
+    )
+    if staged:
+        console.print(
+            "it signs nothing yet: distribute the bundle, and once every workload holds it "
+            "('trustmesh check' shows the proxies' bundles), run 'trustmesh pki anchor activate'"
+        )
+
+
+@anchor.command("activate")
+@store_option
+@output_option
+def anchor_activate(store: Path | None, output: str) -> None:
+    """Make the staged anchor the signing anchor, with a new issuer signed by it."""
+    fs = _store(store)
+    previous = fs.load().anchor
+    state = activate_anchor(fs, now=utcnow())
+    assert state.anchor is not None and state.issuer is not None
+    if output == "json":
+        _emit_json(
+            {
+                "store": str(fs.root),
+                "version": state.version,
+                "anchor": state.anchor.fingerprint,
+                "previous_anchor": previous.fingerprint if previous else None,
+                "issuer": state.issuer.certificate.fingerprint,
+                "issuer_not_after": state.issuer.certificate.not_after.isoformat(),
+            }
+        )
+        return
+    console = _console()
+    _print_state(console, state, f"activated trust anchor {state.anchor.fingerprint[:16]}")
+    console.print(
+        f"new issuer {state.issuer.certificate.fingerprint[:16]} until "
+        f"{state.issuer.certificate.not_after.isoformat()}"
+        + (
+            f"; anchor {previous.fingerprint[:16]} stays trusted: remove it with 'trustmesh pki "
+            f"bundle remove {previous.fingerprint[:16]}' once the leaves it signed have expired"
+            if previous is not None
+            else ""
+        )
     )
 
 
