@@ -230,9 +230,12 @@ def control_plane_category(components: Sequence[tuple[str, AdminStatus]]) -> Cat
     return Category("trustmesh-control-plane", tuple(checks))
 
 
-def data_plane_category(proxies: Sequence[AdminStatus], bundle_digest: str | None) -> Category:
+def data_plane_category(
+    proxies: Sequence[AdminStatus], bundle_digest: str | None, *, staged_anchor: str | None = None
+) -> Category:
     """Proxies ready, and on the store's current trust bundle (Linkerd's "certificate match
-    CA", compared by bundle digest instead of by environment variable)."""
+    CA", compared by bundle digest instead of by environment variable). With an anchor staged
+    (``pki anchor create --staged``), this is the check that says whether it may be activated."""
     not_ready = [f"{p.address} ({p.error or 'not ready'})" for p in proxies if not p.ready]
     checks = [
         CheckResult("data plane proxies are ready")
@@ -264,7 +267,12 @@ def data_plane_category(proxies: Sequence[AdminStatus], bundle_digest: str | Non
                 WARNING,
                 "ProxyTrustBundleStale",
                 "Some proxies do not have the current trust bundle and must be restarted: "
-                + ", ".join(stale),
+                + ", ".join(stale)
+                + (
+                    f"; do not activate the staged anchor {staged_anchor[:16]} before they have it"
+                    if staged_anchor
+                    else ""
+                ),
             )
         )
     return Category("trustmesh-identity-data-plane", tuple(checks))

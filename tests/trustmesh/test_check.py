@@ -175,3 +175,29 @@ def test_cli_missing_store_is_a_fatal_error(
     report = json.loads(capsys.readouterr().out)
     (check,) = report["categories"][0]["checks"]
     assert check["result"] == "error" and "no TrustMesh store" in check["error"]
+
+
+def test_a_staged_anchor_waits_for_every_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The distribution step of a staged anchor rotation: a proxy still on the bundle without
+    # the staged anchor is named, with the warning not to activate yet; once it has the
+    # bundle, the check passes.
+    store = _store(tmp_path, datetime.now(UTC), timedelta(days=365))
+    before = store.trust_bundle().digest
+    staged = init_anchor(store, now=datetime.now(UTC), stage=True).next_anchor
+    assert staged is not None
+    with admin(True, before) as proxy:
+        code = run_cli(cli, ["check", "--store", str(store.root), "--proxy", proxy])
+    out = capsys.readouterr().out
+    assert code == 0  # a warning, not a failure
+    assert f"must be restarted: {proxy}; do not activate the staged anchor" in out
+    assert staged.fingerprint[:16] in out
+    with admin(True, store.trust_bundle().digest) as proxy:
+        code = run_cli(cli, ["check", "--store", str(store.root), "--proxy", proxy, "-o", "json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["categories"][-1]["checks"][-1] == {
+        "description": "data plane proxies certificate match CA",
+        "result": "success",
+    }

@@ -125,7 +125,12 @@ def check(
     if proxies:
         digest = state.bundle.digest if isinstance(state, StoreState) and state.bundle else None
         statuses = [probe_admin(p, timeout=timeout, metrics=True) for p in proxies]
-        categories.append(data_plane_category(statuses, digest))
+        staged = state.next_anchor if isinstance(state, StoreState) else None
+        categories.append(
+            data_plane_category(
+                statuses, digest, staged_anchor=staged.fingerprint if staged else None
+            )
+        )
     report = run(categories)
     if output == "json":
         click.echo(json.dumps(report.as_json(links), indent=2))
