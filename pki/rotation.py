@@ -243,7 +243,7 @@ def activate_anchor(store: FileStore, *, now: datetime) -> StoreState:
 
     Run it once every workload holds the bundle with the staged anchor (``trustmesh check``
     and the identity service's bundle reports show which proxies do). The old anchor stays in
-    the bundle, trusted, until ``bundle remove`` once the leaves it signed have expired.
+    the bundle, trusted, until ``bundle remove`` once the leaves issued under it have expired.
     """
     _require_store(store)
     with store.lock():

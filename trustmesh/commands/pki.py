@@ -342,7 +342,7 @@ def anchor_activate(store: Path | None, output: str) -> None:
         f"{state.issuer.certificate.not_after.isoformat()}"
         + (
             f"; anchor {previous.fingerprint[:16]} stays trusted: remove it with 'trustmesh pki "
-            f"bundle remove {previous.fingerprint[:16]}' once the leaves it signed have expired"
+            f"bundle remove {previous.fingerprint[:16]}' once the leaves issued under it have expired"
             if previous is not None
             else ""
         )
