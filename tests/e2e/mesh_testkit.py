@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pki.certs import utcnow
@@ -297,3 +298,42 @@ def fixture_kit(root: Path) -> Iterator[MeshKit]:
         yield kit
     finally:
         kit.close()
+
+
+# identity serve flags for 15 s workload certificates: NotAfter = now + lifetime + skew.
+SHORT_LIVED_CERTS = ("--issuance-lifetime", "14s", "--clock-skew", "1s")
+
+
+def short_lived_echo_pair(kit: MeshKit, root: Path, ns: str) -> dict[str, ProxyPorts]:
+    """Identity with 15 s workload certificates (the proxies renew every ~10.5 s), destination,
+    a TCP echo app, and two proxies: ``client-0`` (an upstream listener for the echo service)
+    and ``echo-0`` (in front of the app). Returns the proxies' ports by workload."""
+    echo = f"echo.{ns}.svc.cluster.local:7000"
+    (app,) = kit.ports(1)
+    proxies = {"client-0": kit.proxy_ports(echo), "echo-0": kit.proxy_ports()}
+    docs = [
+        workload_doc("client-0", ns, "client", proxies["client-0"].inbound, {}),
+        workload_doc("echo-0", ns, "echo", proxies["echo-0"].inbound, {"echo": app}, app),
+        service_doc("echo", ns, "echo", 7000, "echo"),
+    ]
+    mesh_file = root / "mesh.yaml"
+    mesh_file.write_text(yaml.safe_dump_all(docs))
+    with kit.together():
+        kit.start_identity(*SHORT_LIVED_CERTS)  # the proxies renew after ~10.5 s
+        kit.start_destination(mesh_file)
+    with kit.together():
+        kit.start_app("echo", "tcp-echo", "--listen", f"{HOST}:{app}")
+        kit.start_proxy("client-0", ns, "client", proxies["client-0"])
+        kit.start_proxy("echo-0", ns, "echo", proxies["echo-0"], (app,))
+    return proxies
+
+
+def roundtrip(sock: socket.socket, data: bytes) -> bytes:
+    """Send ``data`` on an open echo session and read the same number of bytes back."""
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed"
+        got += chunk
+    return got

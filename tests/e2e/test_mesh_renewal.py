@@ -11,17 +11,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import yaml
 from mesh_testkit import (
     HOST,
+    SHORT_LIVED_CERTS,
     MeshKit,
     ProxyPorts,
     echo_session,
     eventually,
     http_status,
     metric,
-    service_doc,
-    workload_doc,
+    roundtrip,
+    short_lived_echo_pair,
 )
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -37,40 +37,13 @@ def mesh(
     root = tmp_path_factory.mktemp("renew")
     kit = MeshKit(root / "home")
     try:
-        (app,) = kit.ports(1)
-        proxies = {"client-0": kit.proxy_ports(ECHO), "echo-0": kit.proxy_ports()}
-        docs = [
-            workload_doc("client-0", NS, "client", proxies["client-0"].inbound, {}),
-            workload_doc("echo-0", NS, "echo", proxies["echo-0"].inbound, {"echo": app}, app),
-            service_doc("echo", NS, "echo", 7000, "echo"),
-        ]
-        mesh_file = root / "mesh.yaml"
-        mesh_file.write_text(yaml.safe_dump_all(docs))
-        with kit.together():
-            # NotAfter = now + lifetime + skew = 15 s; proxies renew after ~10.5 s.
-            kit.start_identity("--issuance-lifetime", "14s", "--clock-skew", "1s")
-            kit.start_destination(mesh_file)
-        with kit.together():
-            kit.start_app("echo", "tcp-echo", "--listen", f"{HOST}:{app}")
-            kit.start_proxy("client-0", NS, "client", proxies["client-0"])
-            kit.start_proxy("echo-0", NS, "echo", proxies["echo-0"], (app,))
-        yield kit, proxies
+        yield kit, short_lived_echo_pair(kit, root, NS)
     finally:
         kit.close()
 
 
 def _refreshes(admin: str) -> float:
     return metric(admin, "identity_cert_refreshes_total", result="ok")
-
-
-def _roundtrip(sock: socket.socket, data: bytes) -> bytes:
-    sock.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = sock.recv(65536)
-        assert chunk, "the connection closed"
-        got += chunk
-    return got
 
 
 def test_renewal_during_a_long_lived_connection(
@@ -81,14 +54,14 @@ def test_renewal_during_a_long_lived_connection(
     before = {a: (_refreshes(a), metric(a, "identity_cert_expiration_timestamp_seconds"))
               for a in (client, server)}  # fmt: skip
     with socket.create_connection((HOST, proxies["client-0"].upstreams[ECHO]), timeout=10) as s:
-        assert _roundtrip(s, b"before renewal") == b"before renewal"
+        assert roundtrip(s, b"before renewal") == b"before renewal"
         eventually(
             lambda: all(_refreshes(a) > before[a][0] for a in (client, server)),
             30,
             "both proxies renewing their certificates",
         )
         payload = os.urandom(50_000)
-        assert _roundtrip(s, payload) == payload  # the same connection, across the renewal
+        assert roundtrip(s, payload) == payload  # the same connection, across the renewal
         s.shutdown(socket.SHUT_WR)
         assert s.recv(10) == b""
     for admin in (client, server):
@@ -120,7 +93,7 @@ def test_identity_away_current_certificate_used_while_renewal_retries(
     assert echo_session(upstream, b"identity is away") == b"identity is away"
     assert http_status(client, "/ready") == 200
 
-    kit.start_identity("--issuance-lifetime", "14s", "--clock-skew", "1s")
+    kit.start_identity(*SHORT_LIVED_CERTS)
     eventually(
         lambda: metric(client, "identity_cert_expiration_timestamp_seconds") > expiry,
         40,

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-import yaml
 from mesh_testkit import (
     HOST,
     MeshKit,
@@ -21,8 +20,8 @@ from mesh_testkit import (
     echo_session,
     eventually,
     metric,
-    service_doc,
-    workload_doc,
+    roundtrip,
+    short_lived_echo_pair,
 )
 
 from pki.certs import utcnow
@@ -42,36 +41,9 @@ def mesh(
     root = tmp_path_factory.mktemp("staged")
     kit = MeshKit(root / "home")
     try:
-        (app,) = kit.ports(1)
-        proxies = {"client-0": kit.proxy_ports(ECHO), "echo-0": kit.proxy_ports()}
-        docs = [
-            workload_doc("client-0", NS, "client", proxies["client-0"].inbound, {}),
-            workload_doc("echo-0", NS, "echo", proxies["echo-0"].inbound, {"echo": app}, app),
-            service_doc("echo", NS, "echo", 7000, "echo"),
-        ]
-        mesh_file = root / "mesh.yaml"
-        mesh_file.write_text(yaml.safe_dump_all(docs))
-        with kit.together():
-            # NotAfter = now + 14 s + 1 s of skew: the proxies renew every ~10.5 s.
-            kit.start_identity("--issuance-lifetime", "14s", "--clock-skew", "1s")
-            kit.start_destination(mesh_file)
-        with kit.together():
-            kit.start_app("echo", "tcp-echo", "--listen", f"{HOST}:{app}")
-            kit.start_proxy("client-0", NS, "client", proxies["client-0"])
-            kit.start_proxy("echo-0", NS, "echo", proxies["echo-0"], (app,))
-        yield kit, proxies
+        yield kit, short_lived_echo_pair(kit, root, NS)
     finally:
         kit.close()
-
-
-def _roundtrip(sock: socket.socket, data: bytes) -> bytes:
-    sock.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = sock.recv(65536)
-        assert chunk, "the connection closed"
-        got += chunk
-    return got
 
 
 def _bundle_in_use(admin: str, digest: str) -> bool:
@@ -112,7 +84,7 @@ def test_staged_rotation_end_to_end(mesh: tuple[MeshKit, dict[str, ProxyPorts]])
         return all(issuer in seen.get(name, set()) for name in identities)
 
     with socket.create_connection((HOST, upstream), timeout=10) as held:
-        assert _roundtrip(held, b"before") == b"before"
+        assert roundtrip(held, b"before") == b"before"
 
         # 1. Stage: every proxy takes the two-anchor bundle; renewals stay under the old issuer.
         staged = init_anchor(store, now=utcnow(), stage=True)
@@ -135,7 +107,7 @@ def test_staged_rotation_end_to_end(mesh: tuple[MeshKit, dict[str, ProxyPorts]])
         assert new_issuer != old_issuer and active.anchor == staged.next_anchor
         mark = len(kit.log("identity"))
         eventually(lambda: renewed_by(new_issuer, mark), 40, "renewals under the new issuer")
-        assert _roundtrip(held, b"after activation") == b"after activation"
+        assert roundtrip(held, b"after activation") == b"after activation"
         assert echo_session(upstream, b"new connection") == b"new connection"
 
         # 3. Once no leaf of the old issuer is left (15 s lives, renewed above), the old anchor
@@ -147,7 +119,7 @@ def test_staged_rotation_end_to_end(mesh: tuple[MeshKit, dict[str, ProxyPorts]])
             20,
             "both proxies using the bundle without the old anchor",
         )
-        assert _roundtrip(held, b"after removal") == b"after removal"
+        assert roundtrip(held, b"after removal") == b"after removal"
         assert echo_session(upstream, b"after removal") == b"after removal"
         held.shutdown(socket.SHUT_WR)
         assert held.recv(10) == b""
