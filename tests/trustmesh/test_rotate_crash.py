@@ -127,9 +127,9 @@ def test_sigkill_during_pki_anchor_and_issuer_rotation(make_store, command, poin
 
 @pytest.mark.parametrize("point", ["write:anchor.key", "write:issuer.pem", "write:meta", "flip"])
 def test_sigkill_during_staged_anchor_activation(make_store, point):
-    # Activation changes the signing anchor and the issuer together: killed at any step, the
-    # store is either still staged (old anchor signing, the old issuer chained to it) or fully
-    # activated; never a new anchor with the old issuer. A re-run completes.
+    # Activation changes the signing anchor and the issuer in one version: killed at any step
+    # before the flip, the store is still staged (the old anchor signing, the old issuer
+    # chained to it), never a new anchor with the old issuer. A re-run completes.
     store = make_store(utcnow() - timedelta(hours=1))
     staged = init_anchor(store, now=utcnow(), stage=True).next_anchor
     old_anchor = store.load().anchor
