@@ -198,6 +198,8 @@ def init_anchor(
     signing until :func:`activate_anchor`, so that no issuer chains to an anchor the workloads
     have not received yet.
     """
+    if stage:
+        _require_store(store)  # only a first 'anchor create' may create the store
     with store.lock():
         current = store.load() if store.current_version() is not None else None
         has_anchor = current is not None and current.anchor is not None

@@ -193,8 +193,14 @@ def test_a_staged_anchor_can_be_discarded(store: FileStore) -> None:
 
 
 def test_stage_needs_an_anchor_to_rotate_from(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s")
+    with pytest.raises(StoreNotInitialized, match="no TrustMesh store"):
+        init_anchor(store, now=T0, stage=True)
+    foreign = build_chain(KeyAlgorithm.ECDSA_P256).anchor.certificate
+    with store.lock():  # a store holding a bundle of foreign anchors only
+        store.commit({"bundle.pem": foreign.pem}, reason="bundle only", now=T0)
     with pytest.raises(StoreError, match="no trust anchor to rotate from"):
-        init_anchor(FileStore(tmp_path / "s"), now=T0, stage=True)
+        init_anchor(store, now=T0, stage=True)
 
 
 def test_a_staged_anchor_outside_the_bundle_is_refused(store: FileStore) -> None:
@@ -321,6 +327,8 @@ def test_operations_on_a_missing_store_create_nothing(tmp_path: Path) -> None:
             missing, build_chain(KeyAlgorithm.ECDSA_P256).anchor.certificate.pem, now=T0
         ),
         lambda: bundle_remove(missing, "00", now=T0),
+        lambda: init_anchor(missing, now=T0, stage=True),
+        lambda: activate_anchor(missing, now=T0),
     ]
     for operation in operations:
         with pytest.raises(StoreNotInitialized, match=str(missing.root)):
