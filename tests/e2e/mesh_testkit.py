@@ -300,6 +300,15 @@ def fixture_kit(root: Path) -> Iterator[MeshKit]:
         kit.close()
 
 
+def short_lived_mesh(root: Path, ns: str) -> Iterator[tuple[MeshKit, dict[str, ProxyPorts]]]:
+    """A fixture body: :func:`short_lived_echo_pair` in a kit under ``root``, closed afterwards."""
+    kit = MeshKit(root / "home")
+    try:
+        yield kit, short_lived_echo_pair(kit, root, ns)
+    finally:
+        kit.close()
+
+
 # identity serve flags for 15 s workload certificates: NotAfter = now + lifetime + skew.
 SHORT_LIVED_CERTS = ("--issuance-lifetime", "14s", "--clock-skew", "1s")
 

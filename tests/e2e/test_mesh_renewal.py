@@ -21,7 +21,7 @@ from mesh_testkit import (
     http_status,
     metric,
     roundtrip,
-    short_lived_echo_pair,
+    short_lived_mesh,
 )
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -34,12 +34,7 @@ ECHO = f"echo.{NS}.svc.cluster.local:7000"
 def mesh(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MeshKit, dict[str, ProxyPorts]]]:
-    root = tmp_path_factory.mktemp("renew")
-    kit = MeshKit(root / "home")
-    try:
-        yield kit, short_lived_echo_pair(kit, root, NS)
-    finally:
-        kit.close()
+    yield from short_lived_mesh(tmp_path_factory.mktemp("renew"), NS)
 
 
 def _refreshes(admin: str) -> float:

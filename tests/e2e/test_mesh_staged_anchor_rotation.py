@@ -21,7 +21,7 @@ from mesh_testkit import (
     eventually,
     metric,
     roundtrip,
-    short_lived_echo_pair,
+    short_lived_mesh,
 )
 
 from pki.certs import utcnow
@@ -38,12 +38,7 @@ ISSUED = re.compile(r"issued certificate for (\S+) serial=\S+ until \S+ issuer=(
 def mesh(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MeshKit, dict[str, ProxyPorts]]]:
-    root = tmp_path_factory.mktemp("staged")
-    kit = MeshKit(root / "home")
-    try:
-        yield kit, short_lived_echo_pair(kit, root, NS)
-    finally:
-        kit.close()
+    yield from short_lived_mesh(tmp_path_factory.mktemp("staged"), NS)
 
 
 def _bundle_in_use(admin: str, digest: str) -> bool:
