@@ -18,6 +18,7 @@ from pki.certs import Credential, issue_identity, utcnow
 from pki.keys import PrivateKey
 from pki.names import control_plane_identity
 from pki.store import FileStore
+from pki.verify import anchor_for
 
 RENEW_AT = 0.7
 
@@ -28,7 +29,9 @@ def issue_server_credential(store: FileStore, settings: MeshSettings) -> Credent
         control_plane_namespace=settings.control_plane_namespace,
         trust_domain=settings.trust_domain,
     )
-    return issue_identity(identity, PrivateKey.generate(), store.issuer(), now=utcnow())
+    issuer = store.issuer()
+    anchor = anchor_for(issuer.full_chain, store.trust_bundle())
+    return issue_identity(identity, PrivateKey.generate(), issuer, now=utcnow(), anchor=anchor)
 
 
 def server_credentials(directory: Path, settings: MeshSettings) -> grpc.ServerCredentials:

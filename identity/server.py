@@ -306,7 +306,7 @@ class ServingCertificate:
                 return False
             cred = issue_identity(
                 self._identity, PrivateKey.generate(), issuer.credential, now=now,
-                lifetime=SERVING_CERT_LIFETIME,
+                lifetime=SERVING_CERT_LIFETIME, anchor=self._certifier.anchor,
             )  # fmt: skip
             self._credential = cred
             self._issuer_fp = issuer.fingerprint

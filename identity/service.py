@@ -40,6 +40,7 @@ from pki.durations import format_duration
 from pki.errors import PKIError
 from pki.keys import KeyAlgorithm
 from pki.tokens import MAX_TOKEN_BYTES
+from pki.verify import anchor_for
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class _Active:
     """The issuer in use plus what every request needs from it, computed once per reload."""
 
     issuer: Issuer
+    anchor: Certificate | None  # the anchor whose key signed the chain's top certificate
     chain_der: tuple[bytes, ...]
     valid_from: datetime  # latest NotBefore along issuer → anchor
     valid_until: datetime  # earliest NotAfter along issuer → anchor
@@ -132,14 +134,22 @@ class Certifier:
         active = self._active
         return active.issuer if active is not None else None
 
+    @property
+    def anchor(self) -> Certificate | None:
+        """The trust anchor the current issuer chains to."""
+        active = self._active
+        return active.anchor if active is not None else None
+
     def set_issuer(self, issuer: Issuer) -> None:
         """Swap the issuer (one attribute store, so in-flight requests see old or new)."""
         cred = issuer.credential
-        top = cred.full_chain[-1]  # the certificate an anchor signed
-        anchors = [a for a in issuer.bundle.anchors if a.x509.subject == top.x509.issuer]
-        path = (*cred.full_chain, *anchors[:1])
+        # By signature: after a rotation the old and the new anchor often share their name,
+        # and the old one, still in the bundle, must not cap the new issuer's window.
+        anchor = anchor_for(cred.full_chain, issuer.bundle)
+        path = cred.full_chain if anchor is None else (*cred.full_chain, anchor)
         self._active = _Active(
             issuer=issuer,
+            anchor=anchor,
             chain_der=tuple(c.der for c in cred.full_chain),
             valid_from=max(c.not_before for c in path),
             valid_until=min(c.not_after for c in path),
@@ -191,6 +201,7 @@ class Certifier:
                 now=now,
                 lifetime=self.policy.lifetime,
                 skew=self.policy.clock_skew,
+                anchor=active.anchor,
             )
         except PKIError as e:
             raise IssuanceFailed(f"signing the certificate for {identity} failed: {e}") from None

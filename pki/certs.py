@@ -420,11 +420,14 @@ def issue_leaf(
     lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
     skew: timedelta = DEFAULT_CLOCK_SKEW,
     spiffe_id: str | None = None,
+    anchor: Certificate | None = None,
 ) -> Certificate:
     """A workload certificate for ``dns_name`` (CN and the one DNS SAN), server+client auth.
 
     ``public_key`` is the subject's public key object (from a validated CSR). NotAfter is
-    clamped to the issuer chain. ``spiffe_id`` adds a URI SAN when configured. The DER is
+    clamped to the issuer chain and to ``anchor``, the trust anchor that chain ends at (an
+    issuer's chain usually stops below it, and an issuer from outside, such as cert-manager's,
+    may outlive it). ``spiffe_id`` adds a URI SAN when configured. The DER is
     assembled by :mod:`pki.leafder` (the same bytes CertificateBuilder writes, in a third of
     the time).
     """
@@ -437,7 +440,8 @@ def issue_leaf(
         raise ValueError(f"leaf DNS name must be a non-empty ASCII string, got {dns_name!r}")
     if spiffe_id is not None and not spiffe_id.isascii():
         raise ValueError(f"SPIFFE ID must be ASCII, got {spiffe_id!r}")
-    not_before, not_after = _window(now, lifetime, skew, issuer.full_chain)
+    parents = issuer.full_chain if anchor is None else (*issuer.full_chain, anchor)
+    not_before, not_after = _window(now, lifetime, skew, parents)
     tbs = template.tbs(
         serial=random_serial(),
         not_before=not_before,
@@ -469,8 +473,10 @@ def issue_identity(
     lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
     skew: timedelta = DEFAULT_CLOCK_SKEW,
     with_spiffe_id: bool = False,
+    anchor: Certificate | None = None,
 ) -> Credential:
-    """Issue a leaf for ``identity`` directly (no CSR): for the control plane's own certificates."""
+    """Issue a leaf for ``identity`` directly (no CSR): for the control plane's own certificates.
+    ``anchor`` clamps NotAfter as in :func:`issue_leaf`."""
     cert = issue_leaf(
         key.public_key(),
         identity.dns_name,
@@ -479,6 +485,7 @@ def issue_identity(
         lifetime=lifetime,
         skew=skew,
         spiffe_id=identity.spiffe_id if with_spiffe_id else None,
+        anchor=anchor,
     )
     return Credential(cert, key, issuer.full_chain)
 

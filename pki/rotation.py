@@ -35,12 +35,14 @@ from pki.store import (
     BUNDLE,
     ISSUER,
     ISSUER_KEY,
+    ISSUER_SETTINGS,
     NEXT_ANCHOR,
     NEXT_ANCHOR_KEY,
     FileStore,
     StoreState,
+    issuer_settings,
 )
-from pki.verify import verify_chain
+from pki.verify import anchor_for, verify_chain
 
 ANCHOR_WARNING_WINDOW = timedelta(days=60)
 
@@ -276,6 +278,7 @@ def activate_anchor(store: FileStore, *, now: datetime) -> StoreState:
                 NEXT_ANCHOR_KEY: None,
                 ISSUER: issuer.chain_pem(),
                 ISSUER_KEY: issuer.key.to_pem(),
+                ISSUER_SETTINGS: issuer_settings(lifetime),
             },
             reason=f"staged anchor {staged.fingerprint[:16]} activated; issuer re-signed by it",
             now=now,
@@ -336,19 +339,39 @@ def _issue_locked(
     algorithm, lifetime = _issuer_parameters(state, algorithm, lifetime)
     issuer = _new_issuer(state, now=now, algorithm=algorithm, lifetime=lifetime)
     return store.commit(
-        {ISSUER: issuer.chain_pem(), ISSUER_KEY: issuer.key.to_pem()}, reason=reason, now=now
+        {
+            ISSUER: issuer.chain_pem(),
+            ISSUER_KEY: issuer.key.to_pem(),
+            ISSUER_SETTINGS: issuer_settings(lifetime),
+        },
+        reason=reason,
+        now=now,
     )
 
 
 def _issuer_parameters(
     state: StoreState, algorithm: KeyAlgorithm | None, lifetime: timedelta | None
 ) -> tuple[KeyAlgorithm, timedelta]:
-    """A new issuer's algorithm and lifetime: as given, else the current issuer's, else the
-    defaults (ECDSA P-256, 48 h)."""
+    """A new issuer's algorithm and lifetime: as given, else the current issuer's algorithm and
+    the lifetime recorded in the store, else the defaults (ECDSA P-256, 48 h)."""
     if state.issuer is not None:
         algorithm = algorithm or state.issuer.certificate.key_algorithm
-        lifetime = lifetime or state.issuer.certificate.lifetime - 2 * DEFAULT_CLOCK_SKEW
+    lifetime = lifetime or state.issuer_lifetime or _uncut_lifetime(state)
     return algorithm or KeyAlgorithm.ECDSA_P256, lifetime or DEFAULT_ISSUER_LIFETIME
+
+
+def _uncut_lifetime(state: StoreState) -> timedelta | None:
+    """The current issuer's lifetime as issued, for stores from before ``issuer.json``; None when
+    its anchor's NotAfter cut it short (an issuer renewed late in the anchor's life would
+    otherwise hand its shortened life to every issuer after it, across anchor rotations)."""
+    issuer = state.issuer
+    if issuer is None or state.bundle is None:
+        return None
+    anchor = anchor_for(issuer.full_chain, state.bundle)
+    if anchor is None or issuer.expires >= anchor.not_after:
+        return None
+    lifetime = issuer.certificate.lifetime - 2 * DEFAULT_CLOCK_SKEW
+    return lifetime if lifetime > timedelta(0) else None
 
 
 def rotate_if_due(

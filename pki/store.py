@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,12 @@ ISSUER_KEY = "issuer.key"
 # signs nothing until 'pki anchor activate' promotes it to ANCHOR.
 NEXT_ANCHOR = "next-anchor.pem"
 NEXT_ANCHOR_KEY = "next-anchor.key"
+# The lifetime new issuers are given. An issuer certificate can be cut short by its anchor's
+# NotAfter, so a certificate's own window is not a safe record of it.
+ISSUER_SETTINGS = "issuer.json"
 META = "meta.json"
 _VERSION_DIGITS = 6
+_MAX_ISSUER_LIFETIME_SECONDS = 100 * 366 * 86400
 DEFAULT_KEEP_VERSIONS = 20
 
 
@@ -178,6 +182,7 @@ class StoreState:
     issuer: Credential | None
     next_anchor: Certificate | None = None  # staged: in the bundle, not yet signing
     next_anchor_key: PrivateKey | None = None
+    issuer_lifetime: timedelta | None = None  # from issuer.json; None in older stores
 
     def anchor_credential(self) -> Credential:
         if self.anchor is None:
@@ -202,6 +207,30 @@ class StoreState:
         if self.issuer is None:
             raise StoreNotInitialized("the store has no issuer; run 'trustmesh pki issuer create'")
         return self.issuer
+
+
+def issuer_settings(lifetime: timedelta) -> bytes:
+    """The contents of ``issuer.json`` recording ``lifetime`` (whole seconds)."""
+    return json.dumps({"lifetime_seconds": int(lifetime.total_seconds())}).encode() + b"\n"
+
+
+def _parse_issuer_settings(data: bytes, version: int) -> timedelta:
+    try:
+        seconds = json.loads(data)["lifetime_seconds"]
+    except (ValueError, TypeError, KeyError):
+        raise StoreCorrupt(
+            f"version {version}: {ISSUER_SETTINGS} is not a JSON object with 'lifetime_seconds'"
+        ) from None
+    if (
+        not isinstance(seconds, int)
+        or isinstance(seconds, bool)
+        or not 0 < seconds <= _MAX_ISSUER_LIFETIME_SECONDS
+    ):
+        raise StoreCorrupt(
+            f"version {version}: {ISSUER_SETTINGS} has lifetime_seconds={seconds!r}; "
+            "expected a positive whole number of seconds"
+        )
+    return timedelta(seconds=seconds)
 
 
 class FileStore:
@@ -305,6 +334,9 @@ class FileStore:
                     raise StoreCorrupt(f"version {version} has {ISSUER} but no {ISSUER_KEY}")
                 chain = load_pem_chain(files[ISSUER])
                 issuer = Credential(chain[0], PrivateKey.load(files[ISSUER_KEY]), chain[1:])
+            issuer_lifetime = None
+            if ISSUER_SETTINGS in files:
+                issuer_lifetime = _parse_issuer_settings(files[ISSUER_SETTINGS], version)
         except StoreCorrupt:
             raise
         except PKIError as e:
@@ -321,6 +353,7 @@ class FileStore:
             issuer=issuer,
             next_anchor=next_anchor,
             next_anchor_key=next_key,
+            issuer_lifetime=issuer_lifetime,
         )
 
     def trust_bundle(self) -> TrustBundle:

@@ -54,6 +54,16 @@ def _signed_by(child: Certificate, parent: Certificate) -> bool:
     return True
 
 
+def anchor_for(chain: Sequence[Certificate], bundle: TrustBundle) -> Certificate | None:
+    """The anchor of ``bundle`` whose key signed the last certificate of ``chain`` (that
+    certificate itself when it is an anchor), or None. Matched by signature, not by name:
+    anchors made with the default name share their subject across rotations."""
+    top = chain[-1]
+    if top in bundle:
+        return top
+    return next((a for a in bundle.anchors if _signed_by(top, a)), None)
+
+
 def _key_id(cert: Certificate, cls: type[x509.ExtensionType]) -> bytes | None:
     try:
         value = cert.x509.extensions.get_extension_for_class(cls).value

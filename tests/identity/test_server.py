@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,8 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from identity.errors import StartupError
 from identity.server import IdentityServer, RefusalLog, ServerConfig, tune_gc
 from identity.sources import StoreSource
+from pki import tokens
+from pki.bundle import TrustBundle
 from pki.certs import Certificate, utcnow
 from pki.keys import PrivateKey
+from pki.rotation import activate_anchor, init_anchor, issue_issuer
+from pki.store import FileStore
 from pki.verify import verify_leaf
 from protos import identity_pb2, identity_pb2_grpc
 
@@ -99,6 +104,37 @@ async def test_not_ready_without_issuer(env: Env, tmp_path: object) -> None:
         assert err.code() is grpc.StatusCode.UNAVAILABLE and "not ready" in (err.details() or "")
         assert srv.readiness()[0] is False
         assert srv.reloads.counts()["error"] == 1
+    finally:
+        await srv.stop(0)
+
+
+async def test_an_expired_old_anchor_left_in_the_bundle_does_not_stop_issuance(
+    tmp_path: Path,
+) -> None:
+    # A staged rotation leaves the old anchor in the bundle until 'bundle remove'. Both anchors
+    # carry the default name; the server once picked the issuer's anchor by name, took the old
+    # one's NotAfter for the new issuer's, and refused every Certify once the old one expired.
+    store = FileStore(tmp_path / "store")
+    start = utcnow()
+    # the old anchor expires ~3 s from now (NotAfter = now + lifetime + the 20 s skew)
+    init_anchor(store, now=start - timedelta(seconds=20), lifetime=timedelta(seconds=3))
+    issue_issuer(store, now=start)
+    token_key = tokens.token_signing_key(store, now=start)
+    init_anchor(store, now=start, stage=True)
+    state = activate_anchor(store, now=start)
+    old, new = state.require_bundle().anchors
+    assert old.subject == new.subject and old.not_after < start + timedelta(seconds=4)
+    env = Env(store, token_key, start)
+    srv = IdentityServer(ServerConfig(), StoreSource(store), env.validator(utcnow), clock=utcnow)
+    await srv.start()
+    try:
+        await asyncio.sleep(max(0.0, (old.not_after - utcnow()).total_seconds()) + 0.5)
+        assert utcnow() > old.not_after
+        assert srv.readiness()[0] is True
+        response = await call(srv.port, request(env))
+        leaf = Certificate.from_der(response.leaf_certificate)
+        chain = [Certificate.from_der(d) for d in response.intermediate_certificates]
+        verify_leaf(leaf, chain, TrustBundle((new,)), at=utcnow(), expected_identity=identity())
     finally:
         await srv.stop(0)
 

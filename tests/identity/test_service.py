@@ -6,12 +6,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from identity_testkit import Env, csr_for, identity, make_env
 
 from identity import errors
 from identity.errors import status_of
-from identity.issuer import check_issuer
+from identity.issuer import Issuer, check_issuer
 from identity.service import Certifier, IssuancePolicy
+from pki.bundle import TrustBundle
+from pki.certs import Certificate, Credential, create_anchor, create_issuer
 from pki.csr import parse_csr, validate_csr
 from pki.errors import (
     CSRIdentityMismatch,
@@ -20,7 +24,7 @@ from pki.errors import (
     CSRSignatureInvalid,
     CSRTooLarge,
 )
-from pki.keys import KeyAlgorithm
+from pki.keys import KeyAlgorithm, PrivateKey
 from pki.tokens import TokenExpired
 from pki.verify import verify_leaf
 
@@ -255,3 +259,78 @@ async def test_a_renewal_resending_its_csr_skips_only_the_repeated_checks(
     await c.certify(web, tenv.token(), others[1])  # still there
     await c.certify(web, tenv.token(), csr)  # evicted: checked again
     assert checked == [parse_csr(x).signature for x in (*others, csr)]
+
+
+def _same_named_anchors(
+    old_left: timedelta, issuer_lifetime: timedelta = timedelta(hours=48)
+) -> tuple[Issuer, Certificate, Certificate]:
+    """An old anchor with ``old_left`` to live and a new one with the same (default) name, the
+    old one first in the bundle, and an issuer the new one signed."""
+    old_key, new_key = PrivateKey.generate(), PrivateKey.generate()
+    old = create_anchor(
+        old_key, now=T0 - timedelta(days=365) + old_left, lifetime=timedelta(days=365)
+    )
+    new = create_anchor(new_key, now=T0, lifetime=timedelta(days=365))
+    assert old.subject == new.subject
+    cred = create_issuer(
+        PrivateKey.generate(), Credential(new, new_key), now=T0, lifetime=issuer_lifetime
+    )
+    return check_issuer(cred, TrustBundle.of([old, new]), source="test", at=T0), old, new
+
+
+async def test_an_old_same_named_anchor_does_not_cap_the_new_issuer(tenv: Env) -> None:
+    # After a rotation the old anchor stays in the bundle until the proxies move over; with the
+    # default anchor name it has the new one's subject. Matched by name, its NotAfter capped
+    # the new issuer's window, and identity refused every Certify once it expired.
+    issuer, old, new = _same_named_anchors(old_left=timedelta(hours=2))
+    later = T0 + timedelta(hours=3)  # the old anchor has expired, the new issuer has 45 h left
+    assert issuer.bundle.anchors[0] == old and old.not_after < later
+    c = Certifier(IssuancePolicy(), tenv.validator(lambda: later), clock=lambda: later)
+    c.set_issuer(issuer)
+    assert c.anchor == new
+    assert c.is_ready(later)
+    name = identity()
+    issued = await c.certify(name, tenv.token(issued=later), csr_for(name))
+    assert issued.valid_until == later + timedelta(hours=24, seconds=20)
+    verify_leaf(issued.leaf, issued.chain, TrustBundle.of([new]), at=later, expected_identity=name)
+
+
+async def test_leaf_is_clamped_to_the_anchor_when_the_issuer_outlives_it(tenv: Env) -> None:
+    # An issuer from outside the store (cert-manager's, say) may be valid longer than its
+    # anchor; a leaf past the anchor would be reported valid when no peer can verify it.
+    key = PrivateKey.generate()
+    anchor = create_anchor(key, now=T0 - timedelta(days=365), lifetime=timedelta(days=365, hours=6))
+    cred = create_issuer(PrivateKey.generate(), Credential(anchor, key), now=T0)
+    # create_issuer clamps to its parent; rebuild it unclamped, as an outside CA may.
+    assert cred.certificate.not_after == anchor.not_after
+    unclamped = _issuer_outliving(anchor, key, T0 + timedelta(hours=48))
+    issuer = check_issuer(unclamped, TrustBundle.of([anchor]), source="test", at=T0)
+    at = T0 + timedelta(hours=1)
+    c = Certifier(IssuancePolicy(), tenv.validator(lambda: at), clock=lambda: at)
+    c.set_issuer(issuer)
+    name = identity()
+    issued = await c.certify(name, tenv.token(issued=at), csr_for(name))
+    assert issued.leaf.not_after == anchor.not_after
+    assert issued.valid_until == anchor.not_after
+    assert not c.is_ready(anchor.not_after + timedelta(seconds=1))
+
+
+def _issuer_outliving(
+    anchor: Certificate, anchor_key: PrivateKey, not_after: datetime
+) -> Credential:
+    key = PrivateKey.generate()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "outside issuer")]))
+        .issuer_name(anchor.x509.subject)
+        .public_key(key.key.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - timedelta(minutes=1))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(anchor_key.key, anchor_key.algorithm.signature_hash())  # type: ignore[arg-type]
+    )
+    return Credential(Certificate.from_x509(cert), key)

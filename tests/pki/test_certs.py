@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pki_testkit import T0, WEB, Chain, build_chain
 
+from pki.bundle import TrustBundle
 from pki.certs import (
     DEFAULT_CLOCK_SKEW,
     Certificate,
@@ -30,6 +31,7 @@ from pki.errors import (
 )
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
+from pki.verify import verify_chain
 
 
 def _ext(cert: Certificate, cls: type) -> x509.ExtensionType:
@@ -78,6 +80,25 @@ def test_leaf_is_clamped_to_the_issuer_chain(ecdsa_chain: Chain) -> None:
             ecdsa_chain.issuer,
             now=ecdsa_chain.issuer.certificate.not_after,
         )
+
+
+def test_leaf_is_clamped_to_the_anchor_it_is_given(ecdsa_chain: Chain) -> None:
+    # The issuer's chain stops below the anchor, so the anchor is passed in to clamp to. Here
+    # the anchor was re-issued on the same key with a shorter life: the 2-day issuer still
+    # verifies against it and outlives it.
+    anchor_key = ecdsa_chain.anchor.key
+    anchor = create_anchor(anchor_key, now=T0, lifetime=timedelta(hours=6))
+    verify_chain(ecdsa_chain.issuer.certificate, (), TrustBundle((anchor,)), at=T0)
+    assert ecdsa_chain.issuer.certificate.not_after > anchor.not_after
+    key = PrivateKey.generate().public_key()
+    at = T0 + timedelta(hours=1)
+    assert issue_leaf(key, WEB.dns_name, ecdsa_chain.issuer, now=at).not_after == at + timedelta(
+        hours=24, seconds=20
+    )
+    leaf = issue_leaf(key, WEB.dns_name, ecdsa_chain.issuer, now=at, anchor=anchor)
+    assert leaf.not_after == anchor.not_after
+    with pytest.raises(CertificateBuildError, match="expires"):
+        issue_leaf(key, WEB.dns_name, ecdsa_chain.issuer, now=anchor.not_after, anchor=anchor)
 
 
 def test_issuer_is_clamped_to_the_anchor(ecdsa_chain: Chain) -> None:

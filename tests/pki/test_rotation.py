@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pki_testkit import T0, build_chain
 
+from pki.certs import DEFAULT_CLOCK_SKEW, DEFAULT_ISSUER_LIFETIME
 from pki.errors import (
     BundleError,
     CertificateParseError,
@@ -33,7 +34,7 @@ from pki.rotation import (
     plan,
     rotate_if_due,
 )
-from pki.store import NEXT_ANCHOR, NEXT_ANCHOR_KEY, FileStore
+from pki.store import ISSUER_SETTINGS, NEXT_ANCHOR, NEXT_ANCHOR_KEY, FileStore
 from pki.verify import verify_chain
 
 
@@ -334,3 +335,61 @@ def test_operations_on_a_missing_store_create_nothing(tmp_path: Path) -> None:
         with pytest.raises(StoreNotInitialized, match=str(missing.root)):
             operation()
         assert not (tmp_path / "typo").exists()
+
+
+def test_an_issuer_cut_short_by_its_anchor_does_not_shorten_the_next_ones(tmp_path: Path) -> None:
+    # A 72 h issuer made 30 h before its anchor expires is cut to those 30 h. The new issuer
+    # that activating the next anchor makes, and every renewal after, must be 72 h again: the
+    # certificate's window used to be taken as the lifetime, so 30 h stuck for good.
+    fs = FileStore(tmp_path / "s")
+    init_anchor(fs, now=T0, lifetime=timedelta(hours=30))
+    cut = issue_issuer(fs, now=T0, lifetime=timedelta(hours=72))
+    assert cut.require_issuer().expires == cut.anchor.not_after  # type: ignore[union-attr]
+    assert cut.issuer_lifetime == timedelta(hours=72)
+    assert ISSUER_SETTINGS in cut.files
+    init_anchor(fs, now=T0 + timedelta(hours=1), stage=True, lifetime=timedelta(days=365))
+    active = activate_anchor(fs, now=T0 + timedelta(hours=2))
+    full = timedelta(hours=72) + 2 * DEFAULT_CLOCK_SKEW
+    assert active.require_issuer().certificate.lifetime == full
+    renewed = issue_issuer(fs, now=T0 + timedelta(hours=3))
+    assert renewed.require_issuer().certificate.lifetime == full
+    # the one-step rotation: the cron job's renewal under the new anchor is full length too
+    init_anchor(fs, now=T0 + timedelta(hours=4), rotate=True, lifetime=timedelta(days=365))
+    after = rotate_if_due(fs, RenewalPolicy(), now=T0 + timedelta(hours=60))[1]
+    assert after is not None and after.require_issuer().certificate.lifetime == full
+
+
+def test_stores_without_issuer_settings_infer_the_lifetime(tmp_path: Path) -> None:
+    # Stores written before issuer.json: the issuer certificate's own window, unless its
+    # anchor cut it short, in which case the 48 h default.
+    fs = FileStore(tmp_path / "s")
+    init_anchor(fs, now=T0, lifetime=timedelta(days=365))
+    issue_issuer(fs, now=T0, lifetime=timedelta(hours=72))
+    with fs.lock():
+        legacy = fs.commit({ISSUER_SETTINGS: None}, reason="as an older release wrote it", now=T0)
+    assert legacy.issuer_lifetime is None
+    renewed = issue_issuer(fs, now=T0 + timedelta(hours=50))
+    assert renewed.issuer_lifetime == timedelta(hours=72)
+    fs2 = FileStore(tmp_path / "s2")
+    init_anchor(fs2, now=T0, lifetime=timedelta(hours=10))
+    issue_issuer(fs2, now=T0, lifetime=timedelta(hours=72))  # cut to ~10 h
+    with fs2.lock():
+        fs2.commit({ISSUER_SETTINGS: None}, reason="as an older release wrote it", now=T0)
+    init_anchor(fs2, now=T0 + timedelta(hours=1), stage=True)
+    active = activate_anchor(fs2, now=T0 + timedelta(hours=2))
+    assert active.issuer_lifetime == DEFAULT_ISSUER_LIFETIME
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not json", b"[]", b'{"lifetime": 3600}', b'{"lifetime_seconds": -5}',
+     b'{"lifetime_seconds": 1.5}', b'{"lifetime_seconds": true}',
+     b'{"lifetime_seconds": 99999999999999}'],
+)  # fmt: skip
+def test_a_bad_issuer_settings_file_is_refused_and_nothing_moves(
+    store: FileStore, data: bytes
+) -> None:
+    before = store.load()
+    with store.lock(), pytest.raises(StoreCorrupt, match=r"issuer\.json"):
+        store.commit({ISSUER_SETTINGS: data}, reason="bad", now=T0)
+    assert store.load().version == before.version

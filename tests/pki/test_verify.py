@@ -27,7 +27,7 @@ from pki.errors import (
     UntrustedChain,
 )
 from pki.keys import KeyAlgorithm, PrivateKey
-from pki.verify import verify_chain, verify_leaf
+from pki.verify import anchor_for, verify_chain, verify_leaf
 
 
 def test_valid_chain(chain: Chain) -> None:
@@ -160,3 +160,16 @@ def test_spiffe_identity_and_multi_anchor_bundle(chain: Chain) -> None:
     cred = issue_identity(WEB, PrivateKey.generate(), chain.issuer, now=T0, with_spiffe_id=True)
     path = verify_leaf(cred.certificate, cred.chain, both, at=T0, expected_identity=WEB.spiffe_id)
     assert path[-1] == chain.anchor.certificate
+
+
+def test_anchor_for_matches_by_signature_not_name(ecdsa_chain: Chain) -> None:
+    # two anchors under the default name, as after a rotation; the issuer's is the second
+    other = build_chain(KeyAlgorithm.ECDSA_P256, T0 + timedelta(days=1)).anchor.certificate
+    mine = ecdsa_chain.anchor.certificate
+    assert other.subject == mine.subject
+    bundle = TrustBundle((other, mine))
+    issuer = ecdsa_chain.issuer.certificate
+    assert anchor_for((issuer,), bundle) == mine
+    assert anchor_for(ecdsa_chain.leaf.full_chain, bundle) == mine
+    assert anchor_for((mine,), bundle) == mine  # an anchor is its own
+    assert anchor_for((issuer,), TrustBundle((other,))) is None

@@ -41,7 +41,7 @@ from pki.names import Identity
 from pki.renewal import RenewalPolicy
 from pki.rotation import activate_anchor, bundle_add, bundle_remove, init_anchor, issue_issuer
 from pki.store import FileStore, StoreState, write_file_atomic, write_files_atomic
-from pki.verify import verify_leaf
+from pki.verify import anchor_for, verify_leaf
 from trustmesh.config import default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
 
@@ -537,6 +537,7 @@ def leaf(
         now=now,
         lifetime=validity,
         spiffe_id=ident.spiffe_id if spiffe else None,
+        anchor=anchor_for(issuer_cred.full_chain, fs_bundle),
     )
     verify_leaf(cert, issuer_cred.full_chain, fs_bundle, at=now, expected_identity=ident.dns_name)
     key_path = out.with_name(out.name + ".key")
