@@ -142,7 +142,15 @@ class Link(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.sink.resume_writing()
+        # Not from inside this callback: asyncio's selector transport calls it from its write
+        # handler, and a close() the sink makes here (a response finishing as it is decoded)
+        # is then completed twice, the second time on a torn-down transport. Rare (only after
+        # backpressure), so the one loop iteration costs nothing.
+        asyncio.get_running_loop().call_soon(self._resume_sink)
+
+    def _resume_sink(self) -> None:
+        if not self.closed and not self.write_paused:
+            self.sink.resume_writing()
 
     # -- what owners call -------------------------------------------------------------------
 

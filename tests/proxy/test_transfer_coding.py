@@ -136,6 +136,8 @@ async def test_decoding_follows_a_slow_http10_client(pki) -> None:
     """64 MiB that arrive as 64 KiB of gzip are decoded only as fast as the client reads:
     while it reads nothing the proxy's memory stays flat."""
     process = psutil.Process()
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
     async with behind_the_mesh(pki, _app) as mesh:
         reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
         try:
@@ -152,3 +154,6 @@ async def test_decoding_follows_a_slow_http10_client(pki) -> None:
             writer.close()
     assert total == 64 << 20
     assert grown < 16 << 20, f"the proxies grew by {grown >> 20} MiB"
+    # The response ends inside a resume_writing callback; asyncio's own transport once closed
+    # the client's connection twice there (an AttributeError the loop reported).
+    assert not loop_errors, [ctx.get("message") for ctx in loop_errors]
