@@ -293,6 +293,7 @@ def echo_session(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
 
 
 def fixture_kit(root: Path) -> Iterator[MeshKit]:
+    """A fixture body: a kit under ``root``, closed afterwards."""
     kit = MeshKit(root)
     try:
         yield kit

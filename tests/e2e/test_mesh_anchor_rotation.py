@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mesh_testkit import HOST, MeshKit, eventually, metric
+from mesh_testkit import HOST, MeshKit, eventually, fixture_kit, metric
 
 from pki.certs import utcnow
 from pki.errors import PKIError
@@ -44,11 +44,7 @@ SERVICE = {
 
 @pytest.fixture
 def kit(tmp_path: Path) -> Iterator[MeshKit]:
-    kit = MeshKit(tmp_path / "home")
-    try:
-        yield kit
-    finally:
-        kit.close()
+    yield from fixture_kit(tmp_path / "home")
 
 
 @pytest.mark.parametrize("staged", [False, True], ids=["rotate", "staged-then-activate"])
