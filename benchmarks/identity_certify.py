@@ -31,6 +31,7 @@ Run: ``.venv/bin/python benchmarks/identity_certify.py`` (about 2 minutes; QUICK
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -528,4 +529,9 @@ def one_csr(payload: bytes) -> bytes:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(  # --help only: a typo must not start two minutes of load
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="environment: QUICK=1 for a smoke run (1,000-identity storm, fewer requests)",
+    ).parse_args()
     asyncio.run(main())

@@ -26,6 +26,7 @@ Every process started here is stopped by PID at the end. Run: .venv/bin/python b
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -576,9 +577,21 @@ def main() -> int:
     return 0
 
 
+def parse_args(argv: list[str]) -> None:
+    """``--help`` describes the run; no other arguments (a typo must not start 3.5 minutes
+    of load)."""
+    argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="environment: BENCH_SECONDS (default 5) seconds per round, "
+        "BENCH_ROUNDS (default 3) interleaved rounds",
+    ).parse_args(argv)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--paced"]:  # the load generator's own process (see run_paced)
         port, rate, duration, conns = sys.argv[2:6]
         print(json.dumps(paced_load(int(port), float(rate), float(duration), int(conns))))
         sys.exit(0)
+    parse_args(sys.argv[1:])
     sys.exit(main())
