@@ -241,13 +241,17 @@ def init_anchor(
         )
 
 
-def activate_anchor(store: FileStore, *, now: datetime) -> StoreState:
+def activate_anchor(
+    store: FileStore, *, now: datetime, bundle_digest: str | None = None
+) -> StoreState:
     """Second step of a staged rotation: the staged anchor becomes the signing anchor and a new
     issuer, signed by it, replaces the old one, in one store version.
 
     Run it once every workload holds the bundle with the staged anchor (``trustmesh check``
     and the identity service's bundle reports show which proxies do). The old anchor stays in
     the bundle, trusted, until ``bundle remove`` once the leaves issued under it have expired.
+    With ``bundle_digest`` (the bundle the workloads were checked to hold) it refuses when the
+    bundle has changed since.
     """
     _require_store(store)
     with store.lock():
@@ -266,6 +270,12 @@ def activate_anchor(store: FileStore, *, now: datetime) -> StoreState:
             raise StoreError(
                 f"the staged anchor {staged.fingerprint[:16]}… is not valid at {now.isoformat()} "
                 f"(valid {staged.not_before.isoformat()} to {staged.not_after.isoformat()})"
+            )
+        current = state.require_bundle().digest
+        if bundle_digest is not None and current != bundle_digest:
+            raise StoreError(
+                f"the trust bundle changed since the workloads were checked (checked "
+                f"{bundle_digest[:16]}, now {current[:16]}); check again before activating"
             )
         signer = Credential(staged, state.next_anchor_key)
         algorithm, lifetime = _issuer_parameters(state, None, None)

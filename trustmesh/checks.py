@@ -10,14 +10,16 @@ JSON form is Linkerd's:
 ``{success, categories: [{categoryName, checks: [{description, result, hint?, error?}]}]}``.
 
 The functions here are pure (the facts are gathered by the caller: the store state, the HTTP
-answers of admin endpoints, the current time); :func:`probe_admin` is the one I/O helper.
+answers of admin endpoints, the current time); :func:`probe_admin` and
+:func:`probe_caller_bundles` are the I/O helpers. :func:`activation_blockers` is the gate of
+``pki anchor activate --proxy/--identity``.
 """
 
 from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -215,6 +217,82 @@ def probe_admin(address: str, *, timeout: float = 3.0, metrics: bool = False) ->
         except (urllib.error.URLError, OSError, ValueError) as e:
             error = error or f"cannot read {base}/metrics: {getattr(e, 'reason', e)}"
     return AdminStatus(address, ready, error, tuple(digests))
+
+
+@dataclass(frozen=True, slots=True)
+class CallerBundles:
+    """The identity service's ``identity_caller_trust_bundles``: how many identities reported
+    each trust-bundle digest at their latest renewal ('' = not reported)."""
+
+    address: str
+    counts: Mapping[str, int]
+    error: str = ""
+
+
+CALLER_BUNDLES = "identity_caller_trust_bundles"
+
+
+def probe_caller_bundles(address: str, *, timeout: float = 3.0) -> CallerBundles:
+    """GET ``/metrics`` on an identity service's admin HOST:PORT for the callers' bundles."""
+    url = f"http://{address}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode(errors="replace")
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return CallerBundles(address, {}, f"cannot read {url}: {getattr(e, 'reason', e)}")
+    family = families.get(CALLER_BUNDLES)
+    if family is None:
+        return CallerBundles(
+            address, {}, f"{url} has no {CALLER_BUNDLES} (is it a TrustMesh identity service?)"
+        )
+    counts: dict[str, int] = {}
+    for sample in family.samples:
+        digest = sample.labels.get("digest", "")
+        counts[digest] = counts.get(digest, 0) + int(sample.value)
+    return CallerBundles(address, counts)
+
+
+def activation_blockers(
+    digest: str, proxies: Sequence[AdminStatus], callers: CallerBundles | None
+) -> tuple[list[str], list[str]]:
+    """Why a staged anchor must not be activated yet, and warnings that do not stop it.
+
+    ``digest`` is the store's bundle (with the staged anchor). A proxy blocks when it does not
+    report that bundle, or cannot be asked. The identity service blocks while identities it
+    certified last reported another bundle ("other" and "invalid" included): their proxies
+    would refuse peers under the new issuer. Identities that report nothing (Linkerd's proxies)
+    only warn, since nothing here can tell what they hold.
+    """
+    blockers: list[str] = []
+    warnings: list[str] = []
+    for proxy in proxies:
+        if digest in proxy.bundle_digests:
+            continue
+        if proxy.bundle_digests:
+            held = ", ".join(d[:16] for d in proxy.bundle_digests)
+            blockers.append(f"proxy {proxy.address} holds trust bundle {held}")
+        else:
+            reason = proxy.error or "it reports no trust bundle"
+            blockers.append(f"proxy {proxy.address} cannot confirm its trust bundle ({reason})")
+    if callers is not None:
+        if callers.error:
+            blockers.append(f"identity service: {callers.error}")
+        stale = {d: n for d, n in callers.counts.items() if d not in (digest, "") and n > 0}
+        if stale:
+            listed = ", ".join(f"{n} on {d[:16]}" for d, n in sorted(stale.items()))
+            blockers.append(
+                f"identity service {callers.address}: {sum(stale.values())} identities last "
+                f"renewed holding another trust bundle ({listed}); each reports again at its "
+                "next renewal (70 % of its certificate's life) or restart"
+            )
+        unreported = callers.counts.get("", 0)
+        if unreported > 0:
+            warnings.append(
+                f"{unreported} identities certified by {callers.address} do not report their "
+                "trust bundle (Linkerd proxies); check those another way"
+            )
+    return blockers, warnings
 
 
 def control_plane_category(components: Sequence[tuple[str, AdminStatus]]) -> Category:

@@ -25,7 +25,7 @@ from mesh_testkit import (
 )
 
 from pki.certs import utcnow
-from pki.rotation import activate_anchor, bundle_remove, init_anchor
+from pki.rotation import bundle_remove, init_anchor
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -96,8 +96,18 @@ def test_staged_rotation_end_to_end(mesh: tuple[MeshKit, dict[str, ProxyPorts]])
         assert _issuers_since(kit, mark).keys() <= identities
         assert all(s == {old_issuer} for s in _issuers_since(kit, mark).values())
 
-        # 2. Activate: the identity service reloads and both proxies renew under the new issuer.
-        active = activate_anchor(store, now=utcnow())
+        # 2. Activate, by the CLI, gated on both proxies' admin endpoints and on the identity
+        #    service's reports (both renewed above, holding the new bundle): the identity
+        #    service reloads and both proxies renew under the new issuer.
+        activated = subprocess.run(
+            [sys.executable, "-m", "trustmesh", "pki", "--store", str(kit.home.root),
+             "anchor", "activate", "--proxy", admins[0], "--proxy", admins[1],
+             "--identity", f"{HOST}:{kit.id_admin}", "-o", "json"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert activated.returncode == 0, activated.stderr
+        assert activated.stderr == ""  # no warning: every identity reports its bundle
+        active = store.load()
         new_issuer = active.require_issuer().certificate.fingerprint[:16]
         assert new_issuer != old_issuer and active.anchor == staged.next_anchor
         mark = len(kit.log("identity"))

@@ -79,7 +79,13 @@ def _base_url(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     metavar="ADMIN_ADDR",
     help="A proxy's admin HOST:PORT (repeatable).",
 )
-@click.option("--timeout", default=3.0, show_default=True, help="Seconds per HTTP request.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True, max=300),
+    default=3.0,
+    show_default=True,
+    help="Seconds per HTTP request.",
+)
 @click.option(
     "--runbook-base-url",
     "runbook_base",

@@ -42,6 +42,7 @@ from pki.renewal import RenewalPolicy
 from pki.rotation import activate_anchor, bundle_add, bundle_remove, init_anchor, issue_issuer
 from pki.store import FileStore, StoreState, write_file_atomic, write_files_atomic
 from pki.verify import anchor_for, verify_leaf
+from trustmesh.checks import activation_blockers, probe_admin, probe_caller_bundles
 from trustmesh.config import default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
 
@@ -316,12 +317,66 @@ def anchor_create(
 
 @anchor.command("activate")
 @store_option
+@click.option(
+    "--proxy",
+    "proxies",
+    multiple=True,
+    metavar="ADMIN_ADDR",
+    help="First check that this proxy's admin HOST:PORT reports the bundle with the staged "
+    "anchor (repeatable).",
+)
+@click.option(
+    "--identity",
+    "identity_admin",
+    metavar="ADMIN_ADDR",
+    help="First check the identity service's admin HOST:PORT: no identity it certified may "
+    "have reported another bundle at its latest renewal.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True, max=300),
+    default=3.0,
+    show_default=True,
+    help="Seconds per HTTP request.",
+)
+@click.option("--force", is_flag=True, help="Activate even when those checks fail.")
 @output_option
-def anchor_activate(store: Path | None, output: str) -> None:
-    """Make the staged anchor the signing anchor, with a new issuer signed by it."""
+def anchor_activate(
+    store: Path | None,
+    proxies: tuple[str, ...],
+    identity_admin: str | None,
+    timeout: float,
+    force: bool,
+    output: str,
+) -> None:
+    """Make the staged anchor the signing anchor, with a new issuer signed by it.
+
+    With --proxy/--identity it first checks that the workloads hold the trust bundle with the
+    staged anchor, and refuses (exit 1, naming each one that does not) unless --force.
+    """
     fs = _store(store)
-    previous = fs.load().anchor
-    state = activate_anchor(fs, now=utcnow())
+    before = fs.load()
+    previous = before.anchor
+    checked: str | None = None
+    if (proxies or identity_admin) and before.next_anchor is not None:
+        checked = before.require_bundle().digest
+        blockers, warnings = activation_blockers(
+            checked,
+            [probe_admin(p, timeout=timeout, metrics=True) for p in proxies],
+            probe_caller_bundles(identity_admin, timeout=timeout) if identity_admin else None,
+        )
+        err = _console(err=True)
+        for warning in warnings:
+            err.print(f"warning: {warning}", markup=False, highlight=False)
+        if blockers and not force:
+            raise CLIError(
+                f"not activating the staged anchor {before.next_anchor.fingerprint[:16]}: not "
+                f"every workload holds trust bundle {checked[:16]}: " + "; ".join(blockers)
+                + ". Run again once they do, or pass --force."
+            )  # fmt: skip
+        for blocker in blockers:
+            err.print(f"warning (--force): {blocker}", markup=False, highlight=False)
+    state = activate_anchor(fs, now=utcnow(), bundle_digest=checked)
     assert state.anchor is not None and state.issuer is not None
     if output == "json":
         _emit_json(
