@@ -58,3 +58,11 @@ class Forbidden(ProxyError):
 
 class MalformedRequest(ProxyError, ValueError):
     """An HTTP request the proxy refuses to forward (answered 400 with the reason)."""
+
+    status = b"400 Bad Request"
+
+
+class HeaderFieldsTooLarge(MalformedRequest):
+    """A request head over the proxy's limits (answered 431)."""
+
+    status = b"431 Request Header Fields Too Large"

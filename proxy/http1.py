@@ -7,8 +7,10 @@ they arrive: nothing is buffered whole. Bodies are re-framed (chunked stays chun
 other transfer codings kept; Content-Length stays as is); hop-by-hop headers and those named in
 ``Connection`` are dropped. A request two parsers could frame or route differently (llhttp's
 strict checks: Content-Length with Transfer-Encoding, duplicate lengths, folded or malformed
-lines; and more than one Host) gets 400 naming the problem, a head over
-:data:`~proxy.http1_exchange.MAX_HEAD_BYTES` 431. A ``101 Switching Protocols`` answer to an ``Upgrade`` request
+lines; more than one Host, or none in HTTP/1.1) gets 400 naming the problem, a head over
+:data:`~proxy.http1_exchange.MAX_HEAD_BYTES` or with more than
+:data:`~proxy.http1_exchange.MAX_HEADERS` header fields 431. An absolute-form target's authority
+replaces Host. A ``101 Switching Protocols`` answer to an ``Upgrade`` request
 (WebSocket) hands both connections to an opaque :class:`~proxy.tcp.Relay`. Pipelined requests are answered
 in order, one upstream exchange at a time.
 
@@ -27,6 +29,7 @@ import httptools
 
 from proxy.errors import (
     Forbidden,
+    HeaderFieldsTooLarge,
     MalformedRequest,
     NoEndpoints,
     ProxyError,
@@ -37,6 +40,7 @@ from proxy.errors import (
 from proxy.http1_exchange import (
     HOP_BY_HOP,
     MAX_HEAD_BYTES,
+    MAX_HEADERS,
     Dispatcher,
     Exchange,
     without_headers,
@@ -49,6 +53,7 @@ from proxy.tcp import Relay
 # from here, with the server.
 __all__ = [
     "HEAD_TIMEOUT",
+    "MAX_HEADERS",
     "MAX_HEAD_BYTES",
     "MAX_PENDING_BODY",
     "Exchange",
@@ -76,6 +81,19 @@ def error_status(error: ProxyError) -> tuple[int, bytes]:
         if isinstance(error, cls):
             return status, phrase
     return 500, b"Internal Server Error"
+
+
+def _absolute_form(ex: Exchange) -> None:
+    """An absolute-form target (``GET http://host/path``): its authority wins, and the Host
+    field is replaced by it (RFC 9112 3.2.2), so that the proxy and the app see one authority."""
+    rest = ex.url.partition(b"://")[2]
+    authority = rest.partition(b"/")[0].partition(b"?")[0].partition(b"#")[0]
+    if not authority:
+        raise MalformedRequest("the absolute-form request target has no authority")
+    if b"@" in authority:
+        raise MalformedRequest("the request target carries user information (RFC 9110 4.2.4)")
+    ex.authority = authority.decode("latin-1")
+    ex.head = [*without_headers(ex.head, (b"host",)), b"Host", b": ", authority, b"\r\n"]
 
 
 class Http1Server:
@@ -122,7 +140,11 @@ class Http1Server:
             self.link.pause_reading()  # nothing more to parse until the upgrade is answered
             return
         except httptools.HttpParserCallbackError as e:
-            self._bad_request(str(e.__context__ or e))
+            cause = e.__context__
+            if isinstance(cause, MalformedRequest):
+                self._bad_request(str(cause), cause.status)
+            else:
+                self._bad_request(str(cause or e))
             return
         except httptools.HttpParserError as e:
             self._bad_request(str(e))
@@ -164,7 +186,10 @@ class Http1Server:
             if ex.authority:  # RFC 9112 3.2: the proxy and the app could disagree on which
                 raise MalformedRequest("more than one Host header")
             ex.authority = value.decode("latin-1")
-        ex.head += (name, b": ", value, b"\r\n")
+        head = ex.head
+        if len(head) >= 4 * MAX_HEADERS:
+            raise HeaderFieldsTooLarge(f"more than {MAX_HEADERS} header fields")
+        head += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -179,9 +204,9 @@ class Http1Server:
         ex.client_10 = parser.get_http_version() == "1.0"
         ex.upgrade = parser.should_upgrade()
         if ex.url[:1] != b"/" and b"://" in ex.url:
-            # absolute-form: its authority wins over Host (RFC 9112 3.2.2)
-            rest = ex.url.partition(b"://")[2]
-            ex.authority = rest.partition(b"/")[0].decode("latin-1")
+            _absolute_form(ex)
+        elif not ex.authority and not ex.client_10:
+            raise MalformedRequest("an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
         self.queue.append(ex)
         if len(self.queue) == 1:
             self._start(ex)

@@ -14,7 +14,7 @@ import pytest
 from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh, sample
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
-from proxy.http1 import HEAD_TIMEOUT, MAX_HEAD_BYTES
+from proxy.http1 import HEAD_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS
 from proxy.listener import serve
 from proxy.meshtls import MeshTls, StaticCredentials
 from proxy.policy import Authorization, DefaultPolicy, HttpRoute, InboundPolicy, Server
@@ -319,6 +319,7 @@ _SMUGGLING = [
     (b"Host: api\r\nHost: other\r\n\r\n", b"more than one Host header"),
     (b"Host: api\r\nX-A: a\x00b\r\n\r\n", b"header value char"),
     (b"Host: api\r\nContent-Length: -1\r\n\r\n", b"Content-Length"),
+    (b"Content-Length: 0\r\n\r\n", b"an HTTP/1.1 request needs a Host header"),
 ]  # fmt: skip
 
 
@@ -376,6 +377,45 @@ async def test_smuggling_and_ambiguous_requests_are_refused_by_name(pki) -> None
         )
         assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
     assert len(app.heads) == 1 and app.heads[0].startswith(b"GET /ok ")
+
+
+async def test_absolute_form_targets_and_the_header_count_limit(pki) -> None:
+    """An absolute-form target routes by its authority and the app gets that authority as the
+    one Host (RFC 9112 3.2.2), whatever Host came; user information in it, or more than
+    MAX_HEADERS header fields, is refused before anything reaches the app."""
+    app = _RawApp()
+    async with behind_the_mesh(pki, app) as mesh:
+        reply = await raw_exchange(
+            mesh.outbound,
+            b"GET http://api/abs?q=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+        )
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok"), reply
+        (head,) = app.heads
+        assert head.startswith(b"GET http://api/abs?q=1 HTTP/1.1\r\n")
+        hosts = [line for line in head.split(b"\r\n") if line.lower().startswith(b"host:")]
+        assert hosts == [b"Host: api"], head
+        refused = {
+            b"GET http://user:pw@api/ HTTP/1.1\r\nHost: api\r\n\r\n": (
+                b"400 Bad Request", b"the request target carries user information"),
+            b"GET http:///x HTTP/1.1\r\nHost: api\r\n\r\n": (
+                b"400 Bad Request", b"the absolute-form request target has no authority"),
+            b"GET /many HTTP/1.1\r\nHost: api\r\n"
+            + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS)) + b"\r\n": (
+                b"431 Request Header Fields Too Large",
+                b"more than %d header fields" % MAX_HEADERS),
+        }  # fmt: skip
+        for request, (status, named) in refused.items():
+            reply = await raw_exchange(mesh.outbound, request)
+            assert reply.startswith(b"HTTP/1.1 " + status), reply
+            assert named in reply.partition(b"\r\n\r\n")[0], reply
+        # exactly the limit passes: Host and 99 others (hop-by-hop fields are not counted)
+        fields = b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS - 1))
+        reply = await raw_exchange(
+            mesh.outbound,
+            b"GET /limit HTTP/1.1\r\nHost: api\r\n" + fields + b"Connection: close\r\n\r\n",
+        )
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert len(app.heads) == 2 and app.heads[1].startswith(b"GET /limit ")
 
 
 async def test_transfer_codings_are_forwarded_as_they_came(pki) -> None:
