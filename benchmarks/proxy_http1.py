@@ -594,4 +594,7 @@ if __name__ == "__main__":
         print(json.dumps(paced_load(int(port), float(rate), float(duration), int(conns))))
         sys.exit(0)
     parse_args(sys.argv[1:])
+    # `timeout` and supervisors stop with SIGTERM: exit through the finally blocks, which stop
+    # every server started here, instead of leaving them running into the next measurement.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

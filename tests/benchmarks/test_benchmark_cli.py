@@ -28,3 +28,42 @@ def test_help_describes_the_run_and_a_typo_starts_nothing(script: str, mentions:
     )
     assert typo.returncode == 2
     assert "unrecognized arguments: --duraton 5" in typo.stderr
+
+
+def test_sigterm_stops_every_process_the_proxy_benchmark_started() -> None:
+    # `timeout` ends a run with SIGTERM; the backend, the proxies and haproxy must not outlive
+    # it (they would hold ports and CPU into the next measurement).
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    env = {**os.environ, "BENCH_SECONDS": "1", "BENCH_ROUNDS": "1"}
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "proxy_http1.py")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        parent = psutil.Process(bench.pid)
+        # the backend, two haproxy pairs' processes and two proxies: wait for all five
+        while len(started) < 5:
+            assert time.monotonic() < deadline, f"only {len(started)} children started"
+            assert bench.poll() is None, "the benchmark ended before it started its servers"
+            started |= {c.pid for c in parent.children(recursive=True)}
+            time.sleep(0.2)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(30) == 143
+        left = [
+            p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+        ]
+        assert left == [], f"still running after SIGTERM: {left}"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        for pid in started:
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()
