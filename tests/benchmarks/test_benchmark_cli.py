@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -33,12 +38,6 @@ def test_help_describes_the_run_and_a_typo_starts_nothing(script: str, mentions:
 def test_sigterm_stops_every_process_the_proxy_benchmark_started() -> None:
     # `timeout` ends a run with SIGTERM; the backend, the proxies and haproxy must not outlive
     # it (they would hold ports and CPU into the next measurement).
-    import os
-    import signal
-    import time
-
-    import psutil
-
     env = {**os.environ, "BENCH_SECONDS": "1", "BENCH_ROUNDS": "1"}
     bench = subprocess.Popen(
         [sys.executable, str(BENCHMARKS / "proxy_http1.py")],
@@ -56,14 +55,19 @@ def test_sigterm_stops_every_process_the_proxy_benchmark_started() -> None:
             time.sleep(0.2)
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(30) == 143
-        left = [
-            p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-        ]
+        left = [pid for pid in started if _running(pid)]
         assert left == [], f"still running after SIGTERM: {left}"
     finally:
         if bench.poll() is None:
             bench.kill()
             bench.wait()
         for pid in started:
-            if psutil.pid_exists(pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
