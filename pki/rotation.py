@@ -107,7 +107,7 @@ class RotationPlan:
     anchor_status: AnchorStatus
     anchor_expires: datetime
     renewed_issuer_not_after: datetime  # NotAfter a renewal now would get (after clamping)
-    issuer_lifetime: timedelta
+    issuer_lifetime: timedelta  # what a renewal asks for (issuer.json), not the current window
     human_actions: tuple[str, ...]
 
     @property
@@ -130,8 +130,11 @@ def plan(
     decision = decide(
         issuer.certificate, policy, now, jitter_sample=jitter_sample, not_after=issuer.expires
     )
-    lifetime = issuer.certificate.lifetime
-    renewed_not_after = min(now + lifetime, anchor.not_after)
+    # The lifetime a renewal asks for: the current certificate's window may have been cut
+    # short by the anchor, and would hide that the next one will be too.
+    lifetime = _issuer_parameters(state, None, None)[1]
+    wanted_not_after = now + lifetime + DEFAULT_CLOCK_SKEW  # as create_issuer sets it
+    renewed_not_after = min(wanted_not_after, anchor.not_after)
     actions: list[str] = []
     rotate = "'trustmesh pki anchor create --staged', then 'trustmesh pki anchor activate'"
     if state.next_anchor is not None:
@@ -156,7 +159,7 @@ def plan(
         )
     else:
         status = AnchorStatus.OK
-    if status is not AnchorStatus.EXPIRED and renewed_not_after < now + lifetime:
+    if status is not AnchorStatus.EXPIRED and renewed_not_after < wanted_not_after:
         actions.append(
             f"a renewed issuer would be cut short to {renewed_not_after.isoformat()} by the "
             "anchor's expiry: rotate the anchor"

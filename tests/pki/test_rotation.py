@@ -88,6 +88,19 @@ def test_plan_anchor_warning_and_expiry(store: FileStore) -> None:
     assert gone.anchor_status is AnchorStatus.EXPIRED and not gone.renew_issuer
 
 
+def test_plan_judges_a_renewal_by_the_lifetime_asked_for(tmp_path: Path) -> None:
+    # The current issuer was cut to the anchor's last 30 h; the plan speaks of the 48 h a
+    # renewal asks for (issuer.json), and that it would be cut short again.
+    fs = FileStore(tmp_path / "s")
+    init_anchor(fs, now=T0, lifetime=timedelta(hours=40))
+    state = issue_issuer(fs, now=T0 + timedelta(hours=10), lifetime=timedelta(hours=48))
+    assert state.require_issuer().expires == state.anchor.not_after  # type: ignore[union-attr]
+    later = plan(state, RenewalPolicy(), T0 + timedelta(hours=11))
+    assert later.issuer_lifetime == timedelta(hours=48)
+    assert later.renewed_issuer_not_after == state.anchor.not_after  # type: ignore[union-attr]
+    assert any("cut short" in a for a in later.human_actions)
+
+
 def test_rotate_if_due(store: FileStore) -> None:
     policy = RenewalPolicy()
     p, new = rotate_if_due(store, policy, now=T0 + timedelta(hours=1))
