@@ -26,6 +26,7 @@ from pki.certs import Certificate, Credential, load_pem_chain
 from pki.errors import CertificateParseError, EndpointError, PKIError, VerificationError
 from pki.keys import KeyAlgorithm
 from pki.renewal import RenewalPolicy, decide
+from pki.rotation import next_issuer_lifetime
 from pki.store import FileStore
 from pki.verify import verify_chain
 
@@ -181,6 +182,7 @@ class StoreInfo:
     renewal_action: str | None
     renew_at: datetime | None
     staged_anchor: str | None = None  # in the bundle, waiting for 'pki anchor activate'
+    next_issuer_lifetime: timedelta | None = None  # what a renewal asks for (issuer.json)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +200,9 @@ class StoreInfo:
             "renewal": None
             if self.renew_at is None
             else {"action": self.renewal_action, "renew_at": _iso(self.renew_at)},
+            "next_issuer_lifetime_seconds": None
+            if self.next_issuer_lifetime is None
+            else int(self.next_issuer_lifetime.total_seconds()),
         }
 
 
@@ -233,6 +238,7 @@ def describe_store(
         renewal_action=action,
         renew_at=renew_at,
         staged_anchor=state.next_anchor.fingerprint if state.next_anchor else None,
+        next_issuer_lifetime=next_issuer_lifetime(state) if state.issuer is not None else None,
     )
 
 

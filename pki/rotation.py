@@ -132,7 +132,7 @@ def plan(
     )
     # The lifetime a renewal asks for: the current certificate's window may have been cut
     # short by the anchor, and would hide that the next one will be too.
-    lifetime = _issuer_parameters(state, None, None)[1]
+    lifetime = next_issuer_lifetime(state)
     wanted_not_after = now + lifetime + DEFAULT_CLOCK_SKEW  # as create_issuer sets it
     renewed_not_after = min(wanted_not_after, anchor.not_after)
     actions: list[str] = []
@@ -371,6 +371,11 @@ def _issuer_parameters(
         algorithm = algorithm or state.issuer.certificate.key_algorithm
     lifetime = lifetime or state.issuer_lifetime or _uncut_lifetime(state)
     return algorithm or KeyAlgorithm.ECDSA_P256, lifetime or DEFAULT_ISSUER_LIFETIME
+
+
+def next_issuer_lifetime(state: StoreState) -> timedelta:
+    """The lifetime the next issuer of ``state`` will ask for (before any clamping)."""
+    return _issuer_parameters(state, None, None)[1]
 
 
 def _uncut_lifetime(state: StoreState) -> timedelta | None:

@@ -89,6 +89,8 @@ def test_describe_store(tmp_path: Path) -> None:
     )
     assert due.renewal_action == "renew"
     assert json.loads(json.dumps(due.to_dict()))["renewal"]["action"] == "renew"
+    assert due.next_issuer_lifetime == timedelta(hours=48)
+    assert due.to_dict()["next_issuer_lifetime_seconds"] == 48 * 3600
 
 
 @pytest.mark.parametrize(

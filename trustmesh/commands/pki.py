@@ -208,6 +208,8 @@ def _print_store(console: Console, info: StoreInfo) -> None:
     console.print(f"issuer chain: {verdict}")
     if info.renew_at is not None:
         console.print(f"renewal: {info.renewal_action} (renewal point {info.renew_at.isoformat()})")
+    if info.next_issuer_lifetime is not None:
+        console.print(f"next issuer lifetime: {format_duration(info.next_issuer_lifetime)}")
 
 
 def _print_endpoint(console: Console, info: EndpointInfo) -> None:
