@@ -43,3 +43,13 @@ def duration_option(
         return parse_duration(value)
     except InvalidDuration as e:
         raise click.BadParameter(str(e)) from None
+
+
+# Seconds per HTTP request to an admin endpoint (check, pki anchor activate).
+admin_timeout_option = click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True, max=300),
+    default=3.0,
+    show_default=True,
+    help="Seconds per HTTP request.",
+)

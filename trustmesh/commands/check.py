@@ -25,7 +25,7 @@ from trustmesh.checks import (
     probe_admin,
     run,
 )
-from trustmesh.config import default_store_path
+from trustmesh.config import admin_timeout_option, default_store_path
 
 EPILOG = """\b
 Exit codes:
@@ -79,13 +79,7 @@ def _base_url(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     metavar="ADMIN_ADDR",
     help="A proxy's admin HOST:PORT (repeatable).",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True, max=300),
-    default=3.0,
-    show_default=True,
-    help="Seconds per HTTP request.",
-)
+@admin_timeout_option
 @click.option(
     "--runbook-base-url",
     "runbook_base",

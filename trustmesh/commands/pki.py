@@ -43,7 +43,7 @@ from pki.rotation import activate_anchor, bundle_add, bundle_remove, init_anchor
 from pki.store import FileStore, StoreState, write_file_atomic, write_files_atomic
 from pki.verify import anchor_for, verify_leaf
 from trustmesh.checks import activation_blockers, probe_admin, probe_caller_bundles
-from trustmesh.config import default_store_path, duration_option
+from trustmesh.config import admin_timeout_option, default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -334,13 +334,7 @@ def anchor_create(
     help="First check the identity service's admin HOST:PORT: no identity it certified may "
     "have reported another bundle at its latest renewal.",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True, max=300),
-    default=3.0,
-    show_default=True,
-    help="Seconds per HTTP request.",
-)
+@admin_timeout_option
 @click.option("--force", is_flag=True, help="Activate even when those checks fail.")
 @output_option
 def anchor_activate(
