@@ -16,13 +16,10 @@ from datetime import datetime
 
 from identity.errors import IssuerRejected, IssuerSourceError
 from pki.bundle import TrustBundle
-from pki.certs import Credential, issue_leaf, load_pem_chain
+from pki.certs import Credential, load_pem_chain
 from pki.errors import PKIError
 from pki.keys import PrivateKey
-from pki.verify import verify_chain, verify_leaf
-
-# The name on the probe leaf issued (and thrown away) when an issuer is checked.
-_PROBE_NAME = "issuer-check.trustmesh.invalid"
+from pki.verify import check_can_issue, verify_chain
 
 # Linkerd's scheme linkerd.io/tls, and kubernetes.io/tls as cert-manager writes it.
 LINKERD_CRT, LINKERD_KEY = "crt.pem", "key.pem"
@@ -79,8 +76,7 @@ def check_issuer(
             f"{len(bundle.anchors)} trust anchor(s): {e}"
         ) from None
     try:
-        probe = issue_leaf(PrivateKey.generate().public_key(), _PROBE_NAME, credential, now=at)
-        verify_leaf(probe, credential.full_chain, bundle, at=at, expected_identity=_PROBE_NAME)
+        check_can_issue(credential, bundle, at=at)
     except (PKIError, ValueError) as e:
         raise IssuerRejected(
             f"issuer from {source} ({cert.subject}) cannot issue a certificate that verifies "

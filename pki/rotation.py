@@ -42,7 +42,7 @@ from pki.store import (
     StoreState,
     issuer_settings,
 )
-from pki.verify import anchor_for, verify_chain
+from pki.verify import anchor_for, check_can_issue, verify_chain
 
 ANCHOR_WARNING_WINDOW = timedelta(days=60)
 
@@ -110,9 +110,15 @@ class RotationPlan:
     issuer_lifetime: timedelta  # what a renewal asks for (issuer.json), not the current window
     human_actions: tuple[str, ...]
 
+    anchor_key_present: bool = True
+
     @property
     def renew_issuer(self) -> bool:
-        return self.issuer.due and self.anchor_status is not AnchorStatus.EXPIRED
+        return (
+            self.issuer.due
+            and self.anchor_status is not AnchorStatus.EXPIRED
+            and self.anchor_key_present
+        )
 
 
 def plan(
@@ -159,6 +165,13 @@ def plan(
         )
     else:
         status = AnchorStatus.OK
+    if state.anchor_key is None and decision.due and status is not AnchorStatus.EXPIRED:
+        actions.append(
+            f"the issuer is due ({decision.action.value}; it expires "
+            f"{issuer.expires.isoformat()}) and the anchor's key is kept offline: sign a new "
+            "issuer where the key is ('trustmesh pki issuer sign') and 'trustmesh pki issuer "
+            "import' it"
+        )
     if status is not AnchorStatus.EXPIRED and renewed_not_after < wanted_not_after:
         actions.append(
             f"a renewed issuer would be cut short to {renewed_not_after.isoformat()} by the "
@@ -172,6 +185,7 @@ def plan(
         renewed_issuer_not_after=renewed_not_after,
         issuer_lifetime=lifetime,
         human_actions=tuple(actions),
+        anchor_key_present=state.anchor_key is not None,
     )
 
 
@@ -194,6 +208,8 @@ def init_anchor(
     rotate: bool = False,
     stage: bool = False,
     common_name: str = "TrustMesh trust anchor",
+    key: PrivateKey | None = None,
+    store_key: bool = True,
 ) -> StoreState:
     """Create the trust anchor. With ``rotate``, add a new anchor beside the existing ones.
 
@@ -202,6 +218,11 @@ def init_anchor(
     rotation in two steps) the new anchor only joins the bundle: the current anchor keeps
     signing until :func:`activate_anchor`, so that no issuer chains to an anchor the workloads
     have not received yet.
+
+    ``key`` is the anchor's key (default: a new one of ``algorithm``). With ``store_key=False``
+    the key stays out of the store (kept offline by the caller, who wrote it elsewhere first):
+    issuers are then signed with :func:`pki.certs.create_issuer` where the key is, and brought
+    in with :func:`import_issuer`.
     """
     if stage:
         _require_store(store)  # only a first 'anchor create' may create the store
@@ -225,21 +246,24 @@ def init_anchor(
                 "('trustmesh pki anchor activate') or discard it ('trustmesh pki bundle remove "
                 f"{current.next_anchor.fingerprint[:16]}') first"
             )
-        key = PrivateKey.generate(algorithm)
+        key = key or PrivateKey.generate(algorithm)
         anchor = create_anchor(key, now=now, lifetime=lifetime, common_name=common_name)
         bundle = TrustBundle((anchor,))
         if current is not None and current.bundle is not None:
             bundle = current.bundle.add(anchor)
+        key_pem = key.to_pem() if store_key else None  # None also drops a previous anchor's key
+        offline = "" if store_key else "; its key is kept offline"
         if stage:
             return store.commit(
-                {BUNDLE: bundle.pem(), NEXT_ANCHOR: anchor.pem, NEXT_ANCHOR_KEY: key.to_pem()},
-                reason=f"anchor {anchor.fingerprint[:16]} staged (in the bundle, not signing)",
+                {BUNDLE: bundle.pem(), NEXT_ANCHOR: anchor.pem, NEXT_ANCHOR_KEY: key_pem},
+                reason=f"anchor {anchor.fingerprint[:16]} staged (in the bundle, not signing)"
+                + offline,
                 now=now,
             )
         reason = "anchor rotated (new anchor added to bundle)" if current else "anchor created"
         return store.commit(
-            {BUNDLE: bundle.pem(), ANCHOR: anchor.pem, ANCHOR_KEY: key.to_pem()},
-            reason=reason,
+            {BUNDLE: bundle.pem(), ANCHOR: anchor.pem, ANCHOR_KEY: key_pem},
+            reason=reason + offline,
             now=now,
         )
 
@@ -267,7 +291,8 @@ def activate_anchor(
         if state.next_anchor_key is None:
             raise StoreError(
                 f"the staged anchor {staged.fingerprint[:16]}…'s private key is not in the store; "
-                "an issuer cannot be signed here"
+                "sign an issuer with it where the key is ('trustmesh pki issuer sign') and "
+                "'trustmesh pki issuer import' it here: that activates the staged anchor"
             )
         if not staged.is_valid_at(now):
             raise StoreError(
@@ -360,6 +385,53 @@ def _issue_locked(
         reason=reason,
         now=now,
     )
+
+
+def import_issuer(store: FileStore, issuer: Credential, *, now: datetime) -> StoreState:
+    """Install an issuer signed elsewhere (by an anchor whose key is kept offline).
+
+    It must be a CA that chains, by signature, to the store's signing anchor or to its staged
+    one, be valid at ``now``, and sign leaves that verify against the bundle. An issuer under
+    the staged anchor activates it, in the same store version (the anchor's key, if the store
+    has it, moves along). Anything else is refused and nothing is written.
+    """
+    _require_store(store)
+    cert = issuer.certificate
+    if not cert.is_ca:
+        raise StoreError(f"{cert.subject} is not a CA certificate; an issuer must be one")
+    with store.lock():
+        state = store.load()
+        bundle = state.require_bundle()
+        anchor = anchor_for(issuer.full_chain, bundle)
+        if anchor is None:
+            raise StoreError(
+                f"issuer {cert.subject} ({cert.fingerprint[:16]}…) is not signed by any of the "
+                f"{len(bundle.anchors)} anchor(s) of {store.root}'s trust bundle"
+            )
+        if anchor not in (state.anchor, state.next_anchor):
+            raise StoreError(
+                f"issuer {cert.fingerprint[:16]}… chains to anchor {anchor.fingerprint[:16]}…, "
+                "which is neither the signing anchor nor the staged one"
+            )
+        verify_chain(cert, issuer.chain, bundle, at=now)
+        check_can_issue(issuer, bundle, at=now)
+        changes: dict[str, bytes | None] = {
+            ISSUER: issuer.chain_pem(),
+            ISSUER_KEY: issuer.key.to_pem(),
+        }
+        reason = (
+            f"issuer {cert.fingerprint[:16]} imported (signed by anchor {anchor.fingerprint[:16]})"
+        )
+        if anchor == state.next_anchor:
+            staged_key = state.next_anchor_key
+            changes.update({
+                ANCHOR: anchor.pem,
+                ANCHOR_KEY: staged_key.to_pem() if staged_key is not None else None,
+                NEXT_ANCHOR: None,
+                NEXT_ANCHOR_KEY: None,
+            })  # fmt: skip
+            reason += "; the staged anchor is activated"
+        return store.commit(changes, reason=reason, now=now)
 
 
 def _issuer_parameters(

@@ -120,6 +120,27 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def write_new_file(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Create ``path`` (it must not exist: FileExistsError), write ``data``, fsync the file and
+    its directory. For a key that exists nowhere else: never over another file, and on disk
+    before anything that depends on it is committed. A failed write removes the file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+
+
 def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace``."""
     write_files_atomic([(path, data, mode)])
@@ -191,8 +212,9 @@ class StoreState:
             )
         if self.anchor_key is None:
             raise StoreError(
-                "the anchor's private key is not in the store (kept offline); "
-                "an issuer cannot be signed here"
+                "the anchor's private key is not in the store (kept offline); sign the issuer "
+                "where the key is ('trustmesh pki issuer sign') and 'trustmesh pki issuer "
+                "import' it"
             )
         return Credential(self.anchor, self.anchor_key)
 

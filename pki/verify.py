@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 
 from pki.bundle import TrustBundle
-from pki.certs import Certificate
+from pki.certs import Certificate, Credential, issue_leaf
 from pki.errors import (
     CertificateExpired,
     CertificateNotYetValid,
@@ -25,6 +25,7 @@ from pki.errors import (
     InvalidSignature,
     UntrustedChain,
 )
+from pki.keys import PrivateKey
 
 MAX_DEPTH = 5
 
@@ -62,6 +63,18 @@ def anchor_for(chain: Sequence[Certificate], bundle: TrustBundle) -> Certificate
     if top in bundle:
         return top
     return next((a for a in bundle.anchors if _signed_by(top, a)), None)
+
+
+# The name on the probe leaf issued (and thrown away) when an issuer is checked.
+PROBE_NAME = "issuer-check.trustmesh.invalid"
+
+
+def check_can_issue(issuer: Credential, bundle: TrustBundle, *, at: datetime) -> None:
+    """Raise unless a leaf that ``issuer`` signs verifies against ``bundle`` at ``at``: a CA
+    whose key usage, path length or algorithm stops it from signing verifiable leaves is
+    refused before it is installed, not after every renewal has failed."""
+    probe = issue_leaf(PrivateKey.generate().public_key(), PROBE_NAME, issuer, now=at)
+    verify_leaf(probe, issuer.full_chain, bundle, at=at, expected_identity=PROBE_NAME)
 
 
 def _key_id(cert: Certificate, cls: type[x509.ExtensionType]) -> bytes | None:

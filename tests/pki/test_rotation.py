@@ -7,17 +7,26 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from pki_testkit import T0, build_chain
 
-from pki.certs import DEFAULT_CLOCK_SKEW, DEFAULT_ISSUER_LIFETIME
+from pki.certs import (
+    DEFAULT_CLOCK_SKEW,
+    DEFAULT_ISSUER_LIFETIME,
+    Certificate,
+    Credential,
+    create_issuer,
+)
 from pki.errors import (
     BundleError,
     CertificateParseError,
+    PKIError,
     StoreCorrupt,
     StoreError,
     StoreNotInitialized,
 )
-from pki.keys import KeyAlgorithm
+from pki.keys import KeyAlgorithm, PrivateKey
 from pki.renewal import RenewalAction, RenewalPolicy
 from pki.rotation import (
     TRANSITIONS,
@@ -29,12 +38,13 @@ from pki.rotation import (
     advance,
     bundle_add,
     bundle_remove,
+    import_issuer,
     init_anchor,
     issue_issuer,
     plan,
     rotate_if_due,
 )
-from pki.store import ISSUER_SETTINGS, NEXT_ANCHOR, NEXT_ANCHOR_KEY, FileStore
+from pki.store import ANCHOR_KEY, ISSUER_SETTINGS, NEXT_ANCHOR, NEXT_ANCHOR_KEY, FileStore
 from pki.verify import verify_chain
 
 
@@ -406,3 +416,92 @@ def test_a_bad_issuer_settings_file_is_refused_and_nothing_moves(
     with store.lock(), pytest.raises(StoreCorrupt, match=r"issuer\.json"):
         store.commit({ISSUER_SETTINGS: data}, reason="bad", now=T0)
     assert store.load().version == before.version
+
+
+def _offline_store(tmp_path: Path) -> tuple[FileStore, Credential]:
+    """A store whose anchor key is kept outside it, and that anchor as a credential."""
+    fs = FileStore(tmp_path / "offline")
+    key = PrivateKey.generate()
+    state = init_anchor(fs, now=T0, key=key, store_key=False)
+    assert state.anchor is not None and state.anchor_key is None
+    assert ANCHOR_KEY not in state.files
+    return fs, Credential(state.anchor, key)
+
+
+def test_an_issuer_signed_offline_is_imported(tmp_path: Path) -> None:
+    fs, root = _offline_store(tmp_path)
+    with pytest.raises(StoreError, match=r"kept offline.*'trustmesh pki issuer sign'"):
+        issue_issuer(fs, now=T0)
+    issuer = create_issuer(PrivateKey.generate(), root, now=T0, lifetime=timedelta(days=30))
+    state = import_issuer(fs, issuer, now=T0 + timedelta(minutes=1))
+    assert state.require_issuer().certificate == issuer.certificate
+    assert state.anchor == root.certificate and state.anchor_key is None
+    # the cron job cannot renew it: a planned human step once due
+    due = plan(state, RenewalPolicy(), T0 + timedelta(days=25))
+    assert due.issuer.due and not due.renew_issuer
+    assert any("kept offline" in a for a in due.human_actions)
+    assert not plan(state, RenewalPolicy(), T0 + timedelta(days=1)).human_actions
+
+
+def test_an_issuer_signed_by_the_staged_offline_anchor_activates_it(tmp_path: Path) -> None:
+    fs, root = _offline_store(tmp_path)
+    import_issuer(fs, create_issuer(PrivateKey.generate(), root, now=T0), now=T0)
+    next_key = PrivateKey.generate()
+    staged = init_anchor(fs, now=T0, stage=True, key=next_key, store_key=False)
+    new = staged.next_anchor
+    assert new is not None and staged.next_anchor_key is None
+    with pytest.raises(StoreError, match="'trustmesh pki issuer import' it here"):
+        activate_anchor(fs, now=T0)
+    issuer = create_issuer(PrivateKey.generate(), Credential(new, next_key), now=T0)
+    active = import_issuer(fs, issuer, now=T0 + timedelta(minutes=1))
+    assert active.anchor == new and active.next_anchor is None and active.anchor_key is None
+    assert {ANCHOR_KEY, NEXT_ANCHOR, NEXT_ANCHOR_KEY}.isdisjoint(active.files)
+    assert root.certificate in active.require_bundle()  # still trusted until removed
+
+
+def test_import_refusals_write_nothing(tmp_path: Path) -> None:
+    fs, root = _offline_store(tmp_path)
+    good = create_issuer(PrivateKey.generate(), root, now=T0)
+    import_issuer(fs, good, now=T0)
+    # an old anchor (still in the bundle, no longer signing) after a one-step rotation
+    init_anchor(fs, now=T0, rotate=True, key=PrivateKey.generate(), store_key=False)
+    version = fs.current_version()
+    stranger = build_chain(KeyAlgorithm.ECDSA_P256)
+    leaf = stranger.leaf
+    cases = [
+        (create_issuer(PrivateKey.generate(), stranger.anchor, now=T0),
+         "is not signed by any of the 2 anchor"),
+        (create_issuer(PrivateKey.generate(), root, now=T0),
+         "which is neither the signing anchor nor the staged one"),
+        (Credential(leaf.certificate, leaf.key), "is not a CA certificate"),
+    ]  # fmt: skip
+    for credential, message in cases:
+        with pytest.raises(StoreError, match=message):
+            import_issuer(fs, credential, now=T0)
+    assert fs.current_version() == version
+
+
+def test_import_refuses_an_expired_issuer_and_one_that_cannot_sign_leaves(tmp_path: Path) -> None:
+    fs, root = _offline_store(tmp_path)
+    short = create_issuer(PrivateKey.generate(), root, now=T0, lifetime=timedelta(hours=1))
+    with pytest.raises(PKIError, match="expired"):
+        import_issuer(fs, short, now=T0 + timedelta(hours=2))
+    key = PrivateKey.generate()
+    no_cert_sign = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd issuer")]))
+        .issuer_name(root.certificate.x509.subject)
+        .public_key(key.key.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - timedelta(minutes=1))
+        .not_valid_after(T0 + timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, True, False, False),
+            critical=True,
+        )
+        .sign(root.key.key, root.key.algorithm.signature_hash())  # type: ignore[arg-type]
+    )
+    with pytest.raises(PKIError, match="keyCertSign"):
+        import_issuer(fs, Credential(Certificate.from_x509(no_cert_sign), key), now=T0)
+    assert fs.load().issuer is None

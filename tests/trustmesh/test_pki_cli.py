@@ -486,3 +486,88 @@ def test_staged_anchor_rotation_end_to_end(store: Path, tmp_path: Path) -> None:
     # and the old anchor can leave the bundle: nothing chains to it any more
     removed = tm("pki", "--store", store, "bundle", "remove", before["signing_anchor"][:16])
     assert removed.code == 0, removed.err
+
+
+@pytest.mark.skipif(not OPENSSL, reason="openssl is not installed")
+def test_offline_anchor_key_sign_and_import(tmp_path: Path) -> None:
+    """The anchor key never enters the store: issuers are signed where the key is and
+    imported; the leaves they sign pass the system openssl."""
+    root, key = tmp_path / "store", tmp_path / "offline" / "anchor.key"
+    key.parent.mkdir()
+    made = tm("pki", "--store", root, "anchor", "create", "--key-out", key)
+    assert made.code == 0, made.err
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" in key.read_bytes()
+    files = {p.name for p in (root / "current").iterdir()}
+    assert "anchor.key" not in files and "anchor.pem" in files
+    assert b"PRIVATE KEY" not in b"".join(p.read_bytes() for p in (root / "current").iterdir())
+    refused = tm("pki", "--store", root, "issuer", "create")
+    assert refused.code == 1 and "'trustmesh pki issuer sign'" in refused.err
+    anchor_pem = tmp_path / "offline" / "anchor.pem"
+    anchor_pem.write_text(tm("pki", "--store", root, "bundle", "show").out)
+    out = tmp_path / "offline" / "issuer.pem"
+    signed = tm("pki", "issuer", "sign", "--anchor", anchor_pem, "--anchor-key", key,
+                "--validity", "30d", "--out", out, "-o", "json")  # fmt: skip
+    assert signed.code == 0, signed.err
+    issuer_key = Path(signed.json()["key"])
+    assert issuer_key == out.with_name("issuer.pem.key")
+    assert issuer_key.stat().st_mode & 0o777 == 0o600
+    imported = tm("pki", "--store", root, "issuer", "import", out, "--key", issuer_key,
+                  "-o", "json")  # fmt: skip
+    assert imported.code == 0, imported.err
+    assert imported.json()["issuer"] == signed.json()["issuer"]
+    leaf = tmp_path / "web.pem"
+    assert (
+        tm("pki", "leaf", "--store", root, "--identity", WEB, "--generate", "--out", leaf).code == 0
+    )
+    assert _openssl_verifies(root, leaf, anchor_pem.read_bytes(), tmp_path)
+    view = tm("pki", "inspect", root)
+    assert "yes (key offline: pki issuer sign)" in view.out
+    assert tm("pki", "inspect", root, "-o", "json").json()["anchor_key_present"] is False
+
+
+def test_key_out_never_overwrites_and_goes_when_the_anchor_is_refused(
+    store: Path, tmp_path: Path
+) -> None:
+    existing = tmp_path / "existing.key"
+    existing.write_bytes(b"keep me")
+    clash = tm("pki", "--store", tmp_path / "new", "anchor", "create", "--key-out", existing)
+    assert clash.code == 2 and f"{existing} exists" in clash.err
+    assert existing.read_bytes() == b"keep me"
+    assert not (tmp_path / "new" / "current").exists()
+    # the store has an anchor: without --rotate the new one is refused, and so is its key file
+    orphan = tmp_path / "orphan.key"
+    refused = tm("pki", "--store", store, "anchor", "create", "--key-out", orphan)
+    assert refused.code == 1 and "already has a trust anchor" in refused.err
+    assert not orphan.exists()
+
+
+def test_issuer_sign_and_import_refusals(store: Path, tmp_path: Path) -> None:
+    anchor_pem = tmp_path / "anchor.pem"
+    anchor_pem.write_text(tm("pki", "--store", store, "bundle", "show").out)
+    stranger = tmp_path / "stranger.key"
+    stranger.write_bytes(PrivateKey.generate().to_pem())
+    out = tmp_path / "issuer.pem"
+    wrong_key = tm("pki", "issuer", "sign", "--anchor", anchor_pem, "--anchor-key", stranger,
+                   "--out", out)  # fmt: skip
+    assert wrong_key.code == 1 and "does not match" in wrong_key.err
+    assert not out.exists() and not out.with_name("issuer.pem.key").exists()
+    (tmp_path / "two.pem").write_text(anchor_pem.read_text() * 2)
+    two = tm("pki", "issuer", "sign", "--anchor", tmp_path / "two.pem", "--anchor-key", stranger,
+             "--out", out)  # fmt: skip
+    assert two.code == 1 and "holds 2 certificates" in two.err
+    # an issuer signed by another installation's anchor is refused by the store
+    other = tmp_path / "other"
+    other_key = tmp_path / "other-anchor.key"
+    assert tm("pki", "--store", other, "anchor", "create", "--key-out", other_key).code == 0
+    other_pem = tmp_path / "other-anchor.pem"
+    other_pem.write_text(tm("pki", "--store", other, "bundle", "show").out)
+    assert tm("pki", "issuer", "sign", "--anchor", other_pem, "--anchor-key", other_key,
+              "--out", out).code == 0  # fmt: skip
+    before = tm("pki", "inspect", store, "-o", "json").json()["version"]
+    foreign = tm("pki", "--store", store, "issuer", "import", out, "--key",
+                 out.with_name("issuer.pem.key"))  # fmt: skip
+    assert foreign.code == 1 and "is not signed by any of the 1 anchor(s)" in foreign.err
+    mismatched = tm("pki", "--store", store, "issuer", "import", out, "--key", stranger)
+    assert mismatched.code == 1 and "does not match" in mismatched.err
+    assert tm("pki", "inspect", store, "-o", "json").json()["version"] == before

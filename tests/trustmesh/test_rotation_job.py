@@ -87,14 +87,22 @@ def test_expired_anchor_is_never_replaced(make_store, t0):
     assert any("expired" in a for a in report.human_actions)
 
 
-def test_offline_anchor_key_fails_the_rotation(make_store, t0):
+def test_offline_anchor_key_hands_the_renewal_to_a_human(make_store, t0):
+    # With the anchor's key kept offline a due renewal is a planned human step (sign and
+    # import), not a failure of the job: exit 3 with the commands to run, nothing written.
     store = make_store(t0)
     with store.lock():
         store.commit({ANCHOR_KEY: None}, reason="anchor key moved offline", now=t0)
+    version = store.current_version()
+    assert run_once(store, now=t0 + timedelta(hours=10)).exit_code is ExitCode.OK  # not due
     report = run_once(store, now=t0 + timedelta(hours=40))
-    assert report.exit_code is ExitCode.FAILED
-    assert "offline" in (report.error or "")
-    assert report.stages[-1] is Stage.FAILED
+    assert report.exit_code is ExitCode.HUMAN_ACTION
+    assert not report.renewed and report.error is None
+    assert store.current_version() == version
+    (action,) = report.human_actions
+    assert "the anchor's key is kept offline" in action
+    assert "'trustmesh pki issuer sign'" in action and "'trustmesh pki issuer import'" in action
+    assert report.stages[-1] is Stage.NEEDS_HUMAN
 
 
 def test_missing_store_is_a_configuration_error(tmp_path, t0):

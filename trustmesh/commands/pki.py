@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pki import kem
-from pki.certs import Credential, issue_leaf, load_pem_chain, utcnow
+from pki.bundle import TrustBundle
+from pki.certs import Credential, create_issuer, issue_leaf, load_pem_chain, utcnow
 from pki.csr import validate_csr
 from pki.durations import format_duration
 from pki.errors import InvalidName, PKIError
@@ -39,9 +40,22 @@ from pki.inspect import (
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
 from pki.renewal import RenewalPolicy
-from pki.rotation import activate_anchor, bundle_add, bundle_remove, init_anchor, issue_issuer
-from pki.store import FileStore, StoreState, write_file_atomic, write_files_atomic
-from pki.verify import anchor_for, verify_leaf
+from pki.rotation import (
+    activate_anchor,
+    bundle_add,
+    bundle_remove,
+    import_issuer,
+    init_anchor,
+    issue_issuer,
+)
+from pki.store import (
+    FileStore,
+    StoreState,
+    write_file_atomic,
+    write_files_atomic,
+    write_new_file,
+)
+from pki.verify import anchor_for, check_can_issue, verify_leaf
 from trustmesh.checks import activation_blockers, probe_admin, probe_caller_bundles
 from trustmesh.config import admin_timeout_option, default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
@@ -191,7 +205,7 @@ def _print_store(console: Console, info: StoreInfo) -> None:
         anchors.add_column(col)
     for a in info.anchors:
         signing = (
-            "yes"
+            ("yes" if info.anchor_key_present else "yes (key offline: pki issuer sign)")
             if a.fingerprint == info.signing_anchor
             else "staged (pki anchor activate)"
             if a.fingerprint == info.staged_anchor
@@ -272,6 +286,13 @@ def anchor() -> None:
     help="Rotate in two steps: the new anchor joins the bundle but signs nothing until "
     "'pki anchor activate'.",
 )
+@click.option(
+    "--key-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep the anchor's private key out of the store: write it to this new file (0600) "
+    "instead. Issuers are then signed with 'pki issuer sign' where the key is, and brought in "
+    "with 'pki issuer import'.",
+)
 @store_option
 @output_option
 def anchor_create(
@@ -279,14 +300,34 @@ def anchor_create(
     validity: timedelta,
     rotate: bool,
     staged: bool,
+    key_out: Path | None,
     store: Path | None,
     output: str,
 ) -> None:
     """Create the trust anchor (or, with --rotate or --staged, a new one that joins the bundle)."""
     fs = _store(store)
-    state = init_anchor(
-        fs, now=utcnow(), algorithm=algorithm, lifetime=validity, rotate=rotate, stage=staged
-    )
+    key: PrivateKey | None = None
+    if key_out is not None:
+        # The key is on disk before the anchor exists: a crash in between leaves a spare key
+        # file, never an anchor whose key is lost.
+        key = PrivateKey.generate(algorithm)
+        try:
+            write_new_file(key_out, key.to_pem(), mode=0o600)
+        except FileExistsError:
+            raise CLIError(
+                f"{key_out} exists; an anchor key is only written to a new file", EXIT_USAGE
+            ) from None
+        except OSError as e:
+            raise CLIError(f"cannot write the anchor key to {key_out}: {e.strerror}") from None
+    try:
+        state = init_anchor(
+            fs, now=utcnow(), algorithm=algorithm, lifetime=validity, rotate=rotate,
+            stage=staged, key=key, store_key=key is None,
+        )  # fmt: skip
+    except BaseException:
+        if key_out is not None and key is not None and not _anchor_in_store(fs, key):
+            key_out.unlink(missing_ok=True)  # refused: no anchor has this key
+        raise
     created = state.next_anchor if staged else state.anchor
     assert created is not None and state.bundle is not None
     if output == "json":
@@ -310,11 +351,33 @@ def anchor_create(
         f"algorithm {algorithm.value}, valid until {created.not_after.isoformat()}; "
         f"bundle holds {len(state.bundle.anchors)} anchor(s), digest {state.bundle.digest[:16]}"
     )
+    if key_out is not None:
+        console.print(
+            f"its private key is in {key_out} (0600), not in the store: keep it offline; sign "
+            "issuers with 'trustmesh pki issuer sign' and 'trustmesh pki issuer import' them"
+        )
     if staged:
         console.print(
             "it signs nothing yet: distribute the bundle, and once every workload holds it "
             "('trustmesh check' shows the proxies' bundles), run 'trustmesh pki anchor activate'"
+            + (
+                " (with the key offline: 'pki issuer import' of an issuer it signed)"
+                if key_out
+                else ""
+            )
         )
+
+
+def _anchor_in_store(fs: FileStore, key: PrivateKey) -> bool:
+    """Whether the store's bundle holds an anchor with ``key`` (True when it cannot be read:
+    a key is only ever deleted when it is certain that nothing depends on it)."""
+    try:
+        if fs.current_version() is None:
+            return False
+        bundle = fs.load().bundle
+    except (PKIError, OSError):
+        return True
+    return bundle is not None and any(key.matches(a.x509.public_key()) for a in bundle.anchors)
 
 
 @anchor.command("activate")
@@ -466,6 +529,109 @@ def issuer_rotate(
 def issuer_show(store: Path | None) -> None:
     """Print the issuer's certificate chain (PEM, issuer first, no anchor)."""
     click.echo(_store(store).issuer().chain_pem().decode(), nl=False)
+
+
+@issuer.command("sign")
+@click.option(
+    "--anchor",
+    "anchor_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The anchor's certificate (PEM; 'trustmesh pki bundle show' holds it).",
+)
+@click.option(
+    "--anchor-key",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The anchor's private key (PEM), as 'anchor create --key-out' wrote it.",
+)
+@algorithm_option("ecdsa-p256")
+@click.option("--validity", default="48h", show_default=True, callback=_validity)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The issuer's certificate (PEM); its new key goes to OUT.key (0600).",
+)
+@output_option
+def issuer_sign(
+    anchor_file: Path,
+    anchor_key: Path,
+    algorithm: KeyAlgorithm,
+    validity: timedelta,
+    out: Path,
+    output: str,
+) -> None:
+    """Sign a new issuer with an anchor whose key is kept offline (no store is used).
+
+    Run it where the anchor key is; then 'trustmesh pki issuer import OUT --key OUT.key' on
+    the store's machine.
+    """
+    certs = load_pem_chain(read_target(anchor_file))
+    if len(certs) != 1:
+        raise CLIError(f"{anchor_file} holds {len(certs)} certificates; give the one anchor")
+    try:
+        key = PrivateKey.load(anchor_key.read_bytes())
+    except OSError as e:
+        raise CLIError(f"cannot read {anchor_key}: {e.strerror}") from None
+    anchor = Credential(certs[0], key)  # refuses a key that is not this anchor's
+    if not anchor.certificate.is_ca:
+        raise CLIError(f"{anchor_file} ({anchor.certificate.subject}) is not a CA certificate")
+    now = utcnow()
+    issuer = create_issuer(PrivateKey.generate(algorithm), anchor, now=now, lifetime=validity)
+    check_can_issue(issuer, TrustBundle((anchor.certificate,)), at=now)
+    key_path = out.with_name(out.name + ".key")
+    write_files_atomic([(key_path, issuer.key.to_pem(), 0o600), (out, issuer.chain_pem(), 0o644)])
+    cert = issuer.certificate
+    if output == "json":
+        _emit_json(
+            {
+                "certificate": str(out),
+                "key": str(key_path),
+                "issuer": cert.fingerprint,
+                "anchor": anchor.certificate.fingerprint,
+                "not_after": cert.not_after.isoformat(),
+                "algorithm": cert.key_algorithm.value,
+            }
+        )
+        return
+    _console().print(
+        f"issuer {cert.fingerprint[:16]} signed by anchor {anchor.certificate.fingerprint[:16]}, "
+        f"valid until {cert.not_after.isoformat()}: {out}, key {key_path} (0600); import both "
+        "with 'trustmesh pki issuer import', then delete the key file"
+    )
+
+
+@issuer.command("import")
+@click.argument(
+    "cert_file", metavar="CERT", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--key",
+    "key_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The issuer's private key (PEM).",
+)
+@store_option
+@output_option
+def issuer_import(cert_file: Path, key_file: Path, store: Path | None, output: str) -> None:
+    """Install an issuer signed elsewhere ('pki issuer sign' with an offline anchor key).
+
+    It must chain to the store's signing anchor, or to its staged one (which this activates).
+    """
+    chain = load_pem_chain(read_target(cert_file))
+    try:
+        key = PrivateKey.load(key_file.read_bytes())
+    except OSError as e:
+        raise CLIError(f"cannot read {key_file}: {e.strerror}") from None
+    fs = _store(store)
+    staged = fs.load().next_anchor
+    state = import_issuer(fs, Credential(chain[0], key, chain[1:]), now=utcnow())
+    activated = staged is not None and state.anchor == staged
+    _report_issuer(
+        fs, state, "staged anchor activated; imported" if activated else "imported", output
+    )
 
 
 # --- bundles ---------------------------------------------------------------------------------
