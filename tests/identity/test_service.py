@@ -6,9 +6,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from identity_testkit import Env, csr_for, identity, make_env
+from pki_testkit import hand_built_issuer
 
 from identity import errors
 from identity.errors import status_of
@@ -303,7 +302,11 @@ async def test_leaf_is_clamped_to_the_anchor_when_the_issuer_outlives_it(tenv: E
     cred = create_issuer(PrivateKey.generate(), Credential(anchor, key), now=T0)
     # create_issuer clamps to its parent; rebuild it unclamped, as an outside CA may.
     assert cred.certificate.not_after == anchor.not_after
-    unclamped = _issuer_outliving(anchor, key, T0 + timedelta(hours=48))
+    unclamped = hand_built_issuer(
+        Credential(anchor, key),
+        not_before=T0 - timedelta(minutes=1),
+        not_after=T0 + timedelta(hours=48),
+    )
     issuer = check_issuer(unclamped, TrustBundle.of([anchor]), source="test", at=T0)
     at = T0 + timedelta(hours=1)
     c = Certifier(IssuancePolicy(), tenv.validator(lambda: at), clock=lambda: at)
@@ -313,24 +316,3 @@ async def test_leaf_is_clamped_to_the_anchor_when_the_issuer_outlives_it(tenv: E
     assert issued.leaf.not_after == anchor.not_after
     assert issued.valid_until == anchor.not_after
     assert not c.is_ready(anchor.not_after + timedelta(seconds=1))
-
-
-def _issuer_outliving(
-    anchor: Certificate, anchor_key: PrivateKey, not_after: datetime
-) -> Credential:
-    key = PrivateKey.generate()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "outside issuer")]))
-        .issuer_name(anchor.x509.subject)
-        .public_key(key.key.public_key())  # type: ignore[arg-type]
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(T0 - timedelta(minutes=1))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
-        .sign(anchor_key.key, anchor_key.algorithm.signature_hash())  # type: ignore[arg-type]
-    )
-    return Credential(Certificate.from_x509(cert), key)

@@ -11,16 +11,61 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from pki.bundle import TrustBundle
-from pki.certs import Credential, create_anchor, create_issuer, issue_identity, utcnow
+from pki.certs import (
+    Certificate,
+    Credential,
+    create_anchor,
+    create_issuer,
+    issue_identity,
+    utcnow,
+)
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
 
 # Every test works at explicit times around this instant.
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 WEB = Identity("web", "default")
+
+
+def hand_built_issuer(
+    anchor: Credential,
+    *,
+    not_before: datetime,
+    not_after: datetime,
+    key_cert_sign: bool = True,
+    name: str = "hand-built issuer",
+) -> Credential:
+    """An intermediate CA made with CertificateBuilder directly, past pki.certs' own rules (its
+    window is not clamped to the anchor's, its key usage is as given): the issuers that come
+    from outside (cert-manager, another tool) and that the checks must cope with."""
+    key = PrivateKey.generate()
+    public = key.key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(anchor.certificate.x509.subject)
+        .public_key(public)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, key_cert_sign, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)  # type: ignore[arg-type]
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(anchor.key.key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(anchor.key.key, anchor.key.algorithm.signature_hash())  # type: ignore[arg-type]
+    )
+    return Credential(Certificate.from_x509(cert), key)
 
 
 @dataclass(frozen=True)

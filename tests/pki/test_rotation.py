@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from pki_testkit import T0, build_chain
+from pki_testkit import T0, build_chain, hand_built_issuer
 
 from pki.certs import (
     DEFAULT_CLOCK_SKEW,
     DEFAULT_ISSUER_LIFETIME,
-    Certificate,
     Credential,
     create_issuer,
 )
@@ -279,9 +278,7 @@ def test_issuer_needs_the_anchor_key(store: FileStore) -> None:
 
 
 def _self_signed_ca(key: object, *, serial: int, not_before: datetime, days: int = 30) -> bytes:
-    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "foreign anchor")])
     cert = (
@@ -486,22 +483,10 @@ def test_import_refuses_an_expired_issuer_and_one_that_cannot_sign_leaves(tmp_pa
     short = create_issuer(PrivateKey.generate(), root, now=T0, lifetime=timedelta(hours=1))
     with pytest.raises(PKIError, match="expired"):
         import_issuer(fs, short, now=T0 + timedelta(hours=2))
-    key = PrivateKey.generate()
-    no_cert_sign = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd issuer")]))
-        .issuer_name(root.certificate.x509.subject)
-        .public_key(key.key.public_key())  # type: ignore[arg-type]
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(T0 - timedelta(minutes=1))
-        .not_valid_after(T0 + timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, True, False, False),
-            critical=True,
-        )
-        .sign(root.key.key, root.key.algorithm.signature_hash())  # type: ignore[arg-type]
-    )
+    no_cert_sign = hand_built_issuer(
+        root, not_before=T0 - timedelta(minutes=1), not_after=T0 + timedelta(days=2),
+        key_cert_sign=False,
+    )  # fmt: skip
     with pytest.raises(PKIError, match="keyCertSign"):
-        import_issuer(fs, Credential(Certificate.from_x509(no_cert_sign), key), now=T0)
+        import_issuer(fs, no_cert_sign, now=T0)
     assert fs.load().issuer is None

@@ -570,11 +570,7 @@ def issuer_sign(
     certs = load_pem_chain(read_target(anchor_file))
     if len(certs) != 1:
         raise CLIError(f"{anchor_file} holds {len(certs)} certificates; give the one anchor")
-    try:
-        key = PrivateKey.load(anchor_key.read_bytes())
-    except OSError as e:
-        raise CLIError(f"cannot read {anchor_key}: {e.strerror}") from None
-    anchor = Credential(certs[0], key)  # refuses a key that is not this anchor's
+    anchor = Credential(certs[0], _read_key(anchor_key))  # refuses a key that is not this anchor's
     if not anchor.certificate.is_ca:
         raise CLIError(f"{anchor_file} ({anchor.certificate.subject}) is not a CA certificate")
     now = utcnow()
@@ -602,6 +598,13 @@ def issuer_sign(
     )
 
 
+def _read_key(path: Path) -> PrivateKey:
+    try:
+        return PrivateKey.load(path.read_bytes())
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror}") from None
+
+
 @issuer.command("import")
 @click.argument(
     "cert_file", metavar="CERT", type=click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -621,10 +624,7 @@ def issuer_import(cert_file: Path, key_file: Path, store: Path | None, output: s
     It must chain to the store's signing anchor, or to its staged one (which this activates).
     """
     chain = load_pem_chain(read_target(cert_file))
-    try:
-        key = PrivateKey.load(key_file.read_bytes())
-    except OSError as e:
-        raise CLIError(f"cannot read {key_file}: {e.strerror}") from None
+    key = _read_key(key_file)
     fs = _store(store)
     staged = fs.load().next_anchor
     state = import_issuer(fs, Credential(chain[0], key, chain[1:]), now=utcnow())
