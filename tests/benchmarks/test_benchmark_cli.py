@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def test_help_describes_the_run_and_a_typo_starts_nothing(script: str, mentions:
 def test_sigterm_stops_every_process_the_proxy_benchmark_started() -> None:
     # `timeout` ends a run with SIGTERM; the backend, the proxies and haproxy must not outlive
     # it (they would hold ports and CPU into the next measurement).
+    temp = Path(tempfile.gettempdir())
+    dirs_before = set(temp.glob("tm-bench-*"))
     env = {**os.environ, "BENCH_SECONDS": "1", "BENCH_ROUNDS": "1"}
     bench = subprocess.Popen(
         [sys.executable, str(BENCHMARKS / "proxy_http1.py")],
@@ -57,6 +60,7 @@ def test_sigterm_stops_every_process_the_proxy_benchmark_started() -> None:
         assert bench.wait(30) == 143
         left = [pid for pid in started if _running(pid)]
         assert left == [], f"still running after SIGTERM: {left}"
+        assert set(temp.glob("tm-bench-*")) <= dirs_before, "its temporary directory is left"
     finally:
         if bench.poll() is None:
             bench.kill()
