@@ -66,6 +66,9 @@ class Reading:
 
     certificates: tuple[tuple[Certificate, str], ...] = ()
     bundle_digest: str | None = None
+    # Parts of the source that could not be read (one bad file in a directory): the source
+    # counts as failed, but the certificates it did yield are still watched.
+    errors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,5 +118,9 @@ def build_inventory(
             certs.setdefault((role, times.fingerprint, source), times)
         if result.bundle_digest is not None:
             bundles.append((result.bundle_digest, source))
-        statuses.append(SourceStatus(source, certificates=len(result.certificates)))
+        statuses.append(
+            SourceStatus(
+                source, error="; ".join(result.errors), certificates=len(result.certificates)
+            )
+        )
     return Inventory(taken_at, tuple(certs.values()), tuple(bundles), tuple(statuses))

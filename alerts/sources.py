@@ -77,8 +77,12 @@ class StoreSource:
 
 
 def _load_file(path: Path) -> tuple[Certificate, ...]:
+    """The certificates in ``path``; () for a PEM file without any (a private key, a CSR),
+    whose blocks are then never decoded."""
     data = path.read_bytes()
     if b"-----BEGIN" in data:
+        if b"-----BEGIN CERTIFICATE-----" not in data:
+            return ()
         return load_pem_chain(data)
     return (Certificate.load(data),)
 
@@ -86,7 +90,9 @@ def _load_file(path: Path) -> tuple[Certificate, ...]:
 @dataclass(frozen=True, slots=True)
 class FileSource:
     """A certificate file (PEM, possibly several certificates, or DER) or a directory of them
-    (``*.pem``, ``*.crt``, ``*.cer``, ``*.der``, not recursive). Private keys are never read."""
+    (``*.pem``, ``*.crt``, ``*.cer``, ``*.der``, not recursive). PEM files without a
+    certificate (``key.pem`` beside ``crt.pem``, CSRs) are skipped undecoded. In a directory, a
+    file that cannot be read fails the source but not the certificates of the other files."""
 
     path: Path
     role: str | None = None
@@ -104,13 +110,20 @@ class FileSource:
 
     def read(self) -> Reading:
         certs: list[tuple[Certificate, str]] = []
-        for file in self._files():
+        errors: list[str] = []
+        files = self._files()
+        for file in files:
             try:
                 loaded = _load_file(file)
             except (PKIError, OSError) as e:
-                raise SourceError(f"{file} holds no readable certificate: {e}") from None
+                errors.append(f"{file} holds no readable certificate: {e}")
+                continue
+            if not loaded and file == self.path:
+                errors.append(f"{file} holds no certificate")
             certs.extend((c, self.role or classify(c)) for c in loaded)
-        return Reading(tuple(certs))
+        if errors and not certs:
+            raise SourceError("; ".join(errors))
+        return Reading(tuple(certs), errors=tuple(errors))
 
 
 def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[str, int]:

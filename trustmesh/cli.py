@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -79,6 +80,11 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
     from trustmesh.errors import run_cli
+
+    # Public CA bundles hold a few certificates with a zero or negative serial; cryptography
+    # warns on each as it parses them (a Python warning on the user's terminal). Adding such
+    # an anchor is refused by name ('pki bundle add'); watching one for expiry is fine.
+    warnings.filterwarnings("ignore", message="Parsed a serial number which wasn't positive")
 
     code = run_cli(cli, argv if argv is not None else sys.argv[1:])
     if argv is None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -144,3 +147,26 @@ def test_check_posts_absolute_runbook_links(
     ((_, posted),) = receiver.received
     (sent,) = posted["alerts"]  # type: ignore[index]
     assert sent["annotations"]["runbook_url"] == f"{base}/runbooks/IssuerExpiringSoon.md"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_a_zero_serial_in_a_scanned_bundle_is_watched_without_python_warnings(
+    tmp_path: Path,
+) -> None:
+    # Public CA bundles hold such certificates; cryptography warns on each one it parses, and
+    # that used to reach the user's terminal.
+    cert = tmp_path / "zero-serial.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(tmp_path / "zero.key"), "-out", str(cert), "-days", "400",
+         "-subj", "/CN=zero serial", "-set_serial", "0"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "trustmesh", "alerts", "check", "--scan", str(tmp_path),
+         "-o", "json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
+    assert [c["subject"] for c in json.loads(done.stdout)["certificates"]] == ["CN=zero serial"]

@@ -8,6 +8,7 @@ import pytest
 from alerts_testkit import NOW, Chain, http_server, silent_server, tls_server
 
 from alerts.errors import SourceError
+from alerts.inventory import build_inventory
 from alerts.sources import (
     FileSource,
     ProbeSource,
@@ -61,6 +62,34 @@ def test_file_source_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(SourceError, match=r"bad\.pem holds no readable certificate"):
         FileSource(tmp_path / "bad.pem").read()
+
+
+def test_a_key_beside_its_certificate_is_skipped_and_a_bad_file_spares_the_others(
+    tmp_path: Path, chain: Chain
+) -> None:
+    # Linkerd's issuer directory: crt.pem and key.pem. The key file used to fail the whole
+    # directory, so the issuer beside it went unwatched; likewise one unreadable file.
+    (tmp_path / "crt.pem").write_bytes(chain.issuer.certificate.pem)
+    (tmp_path / "key.pem").write_bytes(chain.issuer.key.to_pem())
+    linkerd = FileSource(tmp_path).read()
+    assert [c for c, _ in linkerd.certificates] == [chain.issuer.certificate]
+    assert linkerd.errors == ()
+    with pytest.raises(SourceError, match=r"key\.pem holds no certificate"):
+        FileSource(tmp_path / "key.pem").read()  # named on its own, it is a mistake
+    (tmp_path / "broken.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"
+    )
+    partial = FileSource(tmp_path).read()
+    assert [c for c, _ in partial.certificates] == [chain.issuer.certificate]
+    (error,) = partial.errors
+    assert "broken.pem holds no readable certificate" in error
+    inventory = build_inventory(0.0, [("file:dir", partial)])
+    (status,) = inventory.sources
+    assert not status.ok and "broken.pem" in status.error and status.certificates == 1
+    assert [c.fingerprint for c in inventory.certs] == [chain.issuer.certificate.fingerprint]
+    (tmp_path / "crt.pem").unlink()
+    with pytest.raises(SourceError, match=r"broken\.pem holds no readable certificate"):
+        FileSource(tmp_path).read()  # nothing readable at all: the source fails outright
 
 
 def test_probe_reads_the_presented_chain_over_real_tls(chain: Chain) -> None:
