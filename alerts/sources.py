@@ -82,6 +82,10 @@ def _load_file(path: Path) -> tuple[Certificate, ...]:
     data = path.read_bytes()
     if b"-----BEGIN" in data:
         if b"-----BEGIN CERTIFICATE-----" not in data:
+            # Other certificate encodings ("TRUSTED CERTIFICATE", "X509 CERTIFICATE") are not
+            # skipped in silence: a certificate nobody watches is what this module prevents.
+            if b"CERTIFICATE-----" in data.replace(b"CERTIFICATE REQUEST-----", b""):
+                raise SourceError("its certificates are not in 'BEGIN CERTIFICATE' PEM blocks")
             return ()
         return load_pem_chain(data)
     return (Certificate.load(data),)
@@ -111,11 +115,10 @@ class FileSource:
     def read(self) -> Reading:
         certs: list[tuple[Certificate, str]] = []
         errors: list[str] = []
-        files = self._files()
-        for file in files:
+        for file in self._files():
             try:
                 loaded = _load_file(file)
-            except (PKIError, OSError) as e:
+            except (PKIError, OSError, SourceError) as e:
                 errors.append(f"{file} holds no readable certificate: {e}")
                 continue
             if not loaded and file == self.path:

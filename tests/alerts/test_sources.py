@@ -87,6 +87,11 @@ def test_a_key_beside_its_certificate_is_skipped_and_a_bad_file_spares_the_other
     (status,) = inventory.sources
     assert not status.ok and "broken.pem" in status.error and status.certificates == 1
     assert [c.fingerprint for c in inventory.certs] == [chain.issuer.certificate.fingerprint]
+    trusted = chain.anchor.certificate.pem.replace(b"CERTIFICATE", b"TRUSTED CERTIFICATE")
+    (tmp_path / "trusted.pem").write_bytes(trusted)  # OpenSSL's trusted form: named, not skipped
+    with pytest.raises(SourceError, match="not in 'BEGIN CERTIFICATE' PEM blocks"):
+        FileSource(tmp_path / "trusted.pem").read()
+    (tmp_path / "trusted.pem").unlink()
     (tmp_path / "crt.pem").unlink()
     with pytest.raises(SourceError, match=r"broken\.pem holds no readable certificate"):
         FileSource(tmp_path).read()  # nothing readable at all: the source fails outright
