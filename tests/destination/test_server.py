@@ -83,6 +83,16 @@ async def test_port_defaults_to_80_and_unknown_service_is_not_found(
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await read(stub.Get(d.GetDestination(path=bad)))
             assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT, bad
+        # A long path is refused by its length, and no message repeats it whole: the reason
+        # used to exceed gRPC's metadata limit and reach the client as RESOURCE_EXHAUSTED.
+        for length in (300, 20_000):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await read(stub.Get(d.GetDestination(path="a" * length)))
+            assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details() == (
+                f"the destination path is {length} characters; a service name and port take "
+                "at most 259"
+            )
 
 
 async def test_invalid_change_is_refused_and_last_good_state_served(
