@@ -12,21 +12,13 @@ import json
 from dataclasses import dataclass
 
 from destination.errors import InvalidTarget
+from pki.errors import quoted
 from pki.names import is_dns1123_label
 
 DEFAULT_PORT = 80
 # A DNS name is at most 253 characters; with ":65535" an authority is at most 259. Longer paths
-# are refused before parsing, and no error message repeats more than _SHOWN characters of what
-# a client sent (a status message over gRPC's metadata limit reaches the client as
-# RESOURCE_EXHAUSTED "Stream removed", not as the reason).
+# are refused before parsing, and error messages quote requests with pki.errors.quoted.
 MAX_PATH = 259
-_SHOWN = 80
-
-
-def _shown(text: object) -> str:
-    """``repr(text)``, cut to :data:`_SHOWN` characters for an error message."""
-    shown = repr(text)
-    return shown if len(shown) <= _SHOWN else f"{shown[:_SHOWN]}… ({len(str(text))} characters)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,20 +57,20 @@ def parse_authority(path: str, cluster_domain: str = "cluster.local") -> Target:
     except ValueError:
         pass
     else:
-        raise InvalidTarget(f"{_shown(path)}: IP queries are not supported; ask for a service name")
+        raise InvalidTarget(f"{quoted(path)}: IP queries are not supported; ask for a service name")
     suffix = f".svc.{cluster_domain}"
     if not host.endswith(suffix):
-        raise InvalidTarget(f"{_shown(path)} is not a service name ending in {suffix}")
+        raise InvalidTarget(f"{quoted(path)} is not a service name ending in {suffix}")
     labels = host[: -len(suffix)].split(".")
     if len(labels) == 2:
         instance, (service, namespace) = None, labels
     elif len(labels) == 3:
         instance, service, namespace = labels
     else:
-        raise InvalidTarget(f"{_shown(path)} is not of the form <svc>.<ns>{suffix}[:<port>]")
+        raise InvalidTarget(f"{quoted(path)} is not of the form <svc>.<ns>{suffix}[:<port>]")
     for label in (service, namespace, instance):
         if label is not None and not is_dns1123_label(label):
-            raise InvalidTarget(f"{_shown(path)}: {_shown(label)} is not a DNS-1123 label")
+            raise InvalidTarget(f"{quoted(path)}: {quoted(label)} is not a DNS-1123 label")
     return Target(namespace, service, port, cluster_domain, instance)
 
 
@@ -87,7 +79,7 @@ def _split_port(path: str) -> tuple[str, int]:
     if not sep or "]" in port_text:
         return path, DEFAULT_PORT
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise InvalidTarget(f"{_shown(path)}: port {_shown(port_text)} is not a number in 1..65535")
+        raise InvalidTarget(f"{quoted(path)}: port {quoted(port_text)} is not a number in 1..65535")
     return host, int(port_text)
 
 
@@ -117,7 +109,7 @@ def parse_workload_ref(text: str) -> WorkloadRef:
         try:
             data = json.loads(text)
         except ValueError:
-            raise InvalidTarget(f"context token {_shown(text)} is not valid JSON") from None
+            raise InvalidTarget(f"context token {quoted(text)} is not valid JSON") from None
         if not isinstance(data, dict):
             raise InvalidTarget("context token JSON must be an object")
         ns = data.get("ns")
@@ -126,11 +118,11 @@ def parse_workload_ref(text: str) -> WorkloadRef:
     else:
         first, sep, second = text.partition(":")
         if not sep:
-            raise InvalidTarget(f"workload {_shown(text)} is neither JSON nor <ns>:<name>")
+            raise InvalidTarget(f"workload {quoted(text)} is neither JSON nor <ns>:<name>")
         ns, name, node = (second, None, None) if first == "ns" else (first, second, None)
     for field, value in (("ns", ns), ("pod", name)):
         if value is not None and (not isinstance(value, str) or not is_dns1123_label(value)):
-            raise InvalidTarget(f"workload {field} {_shown(value)} is not a DNS-1123 label")
+            raise InvalidTarget(f"workload {field} {quoted(value)} is not a DNS-1123 label")
     if node is not None and not isinstance(node, str):
         raise InvalidTarget("context token nodeName must be a string")
     return WorkloadRef(ns or None, name or None, node or None)

@@ -24,6 +24,7 @@ from pki.errors import (
     CSRSubjectAltNameError,
     CSRTooLarge,
     UnsupportedAlgorithm,
+    quoted,
 )
 from pki.keys import KeyAlgorithm, PrivateKey, PublicKeyTypes, algorithm_of
 
@@ -114,11 +115,11 @@ def validate_csr(
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns and cns[0].value != dns_name:
         raise CSRIdentityMismatch(
-            f"CSR subject CN {cns[0].value!r} differs from its DNS SAN {dns_name!r}"
+            f"CSR subject CN {quoted(cns[0].value)} differs from its DNS SAN {quoted(dns_name)}"
         )
     if expected_name is not None and dns_name != expected_name:
         raise CSRIdentityMismatch(
-            f"CSR names {dns_name!r}, but the requested identity is {expected_name!r}"
+            f"CSR names {quoted(dns_name)}, but the requested identity is {quoted(expected_name)}"
         )
     return ValidatedCSR(dns_name, public_key, algorithm)  # type: ignore[arg-type]
 

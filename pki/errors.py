@@ -7,6 +7,18 @@ the offending field and never contain key material.
 
 from __future__ import annotations
 
+# How much of a value a client sent an error message repeats: a status message over gRPC's
+# metadata limit reaches the client as RESOURCE_EXHAUSTED "Stream removed", not as the reason.
+QUOTE_LIMIT = 80
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters when longer."""
+    shown = repr(value)
+    if len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}… ({len(str(value))} characters)"
+
 
 class PKIError(Exception):
     """Base class of every error raised by pki."""

@@ -152,6 +152,17 @@ def test_cn_differs_from_san() -> None:
     assert validate_csr(raw_csr(ECDSA.key, [x509.DNSName(WEB)], cn=None, algorithm=hashes.SHA256()))
 
 
+def test_refusals_quote_at_most_80_characters_of_a_name() -> None:
+    # A 12,000-character SAN fits in a CSR under the 16 KiB limit; quoted whole, the reason
+    # would pass gRPC's metadata limit and reach the caller as RESOURCE_EXHAUSTED instead.
+    long_name = "a" * 12_000 + ".example"
+    der = raw_csr(ECDSA.key, [x509.DNSName(long_name)], cn=None, algorithm=hashes.SHA256())
+    with pytest.raises(CSRIdentityMismatch) as e:
+        validate_csr(parse_csr(der), expected_name=WEB)
+    message = str(e.value)
+    assert len(message) < 300 and "… (12008 characters)" in message and WEB in message
+
+
 def test_one_mib_of_garbage() -> None:
     with pytest.raises(CSRTooLarge, match="over the limit"):
         validate_csr(os.urandom(1024 * 1024))
