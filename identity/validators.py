@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from identity.errors import TokenInvalid, TokenNotAuthenticated, TokenReviewFailed
 from pki import tokens
+from pki.errors import quoted
 from pki.keys import PrivateKey
 from pki.names import Identity, is_dns1123_label
 from pki.store import FileStore
@@ -76,14 +77,16 @@ def identity_from_username(username: str, domain: Domain) -> Identity:
     parts = username.split(":") if isinstance(username, str) else []
     if len(parts) != 4 or parts[0] != "system":
         raise TokenInvalid(
-            f"token username {username!r} is not of the form system:<type>:<namespace>:<name>"
+            f"token username {quoted(username)} is not of the form system:<type>:<namespace>:<name>"
         )
     _, kind, namespace, name = parts
     for field, value in (("type", kind), ("namespace", namespace), ("name", name)):
         if not is_dns1123_label(value):
-            raise TokenInvalid(f"token username {username!r} has an invalid {field} {value!r}")
+            raise TokenInvalid(
+                f"token username {quoted(username)} has an invalid {field} {quoted(value)}"
+            )
     if kind != "serviceaccount":
-        raise TokenInvalid(f"token username {username!r} is a {kind}, not a serviceaccount")
+        raise TokenInvalid(f"token username {quoted(username)} is a {kind}, not a serviceaccount")
     return Identity(name, namespace, domain.control_plane_namespace, domain.trust_domain)
 
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from pki.errors import StoreNotInitialized, TokenError
+from pki.errors import StoreNotInitialized, TokenError, quoted
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.store import FileStore
 
@@ -246,11 +246,11 @@ class TokenVerifier:
         header = _json_object(parts[0], "header")
         if header.get("alg") != "ES256":
             raise TokenMalformed(
-                f"token algorithm {header.get('alg')!r} is not allowed; only ES256"
+                f"token algorithm {quoted(header.get('alg'))} is not allowed; only ES256"
             )
         if header.get("kid") != self._kid:
             raise TokenSignatureInvalid(
-                f"token was signed by key {header.get('kid')!r}, not this control plane's key"
+                f"token was signed by key {quoted(header.get('kid'))}, not this control plane's key"
             )
         payload = _json_object(parts[1], "payload")
         signature = _unb64(parts[2], "signature")
@@ -268,11 +268,11 @@ class TokenVerifier:
         claims = _claims(payload)
         if claims.issuer != self.issuer:
             raise TokenIssuerMismatch(
-                f"token issuer is {claims.issuer!r}, expected {self.issuer!r}"
+                f"token issuer is {quoted(claims.issuer)}, expected {self.issuer!r}"
             )
         if claims.audience != self.audience:
             raise TokenAudienceMismatch(
-                f"token audience is {claims.audience!r}, expected {self.audience!r}"
+                f"token audience is {quoted(claims.audience)}, expected {self.audience!r}"
             )
         return claims
 

@@ -76,6 +76,11 @@ def test_wrong_audience_and_issuer(key: PrivateKey) -> None:
     token = tokens.sign_token(claims(issuer="someone-else"), key)
     with pytest.raises(tokens.TokenIssuerMismatch, match="someone-else"):
         tokens.verify_token(token, key, audience=AUD, now=T0)
+    # a 5,000-character audience (the token is under its 8 KiB limit) is quoted, not echoed
+    token = tokens.sign_token(claims(audience="x" * 5000), key)
+    with pytest.raises(tokens.TokenAudienceMismatch) as e:
+        tokens.verify_token(token, key, audience=AUD, now=T0)
+    assert len(str(e.value)) < 200 and "(5000 characters)" in str(e.value)
 
 
 def test_forged_signature_and_foreign_key(key: PrivateKey) -> None:
