@@ -17,7 +17,7 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     shown = repr(value)
     if len(shown) <= limit:
         return shown
-    return f"{shown[:limit]}… ({len(str(value))} characters)"
+    return f"{shown[:limit]}... ({len(str(value))} characters)"  # ASCII: it may become a header
 
 
 class PKIError(Exception):

@@ -14,6 +14,7 @@ import asyncio
 import random
 from dataclasses import dataclass
 
+from pki.errors import quoted
 from proxy.balancer import PeakEwmaBalancer
 from proxy.detect import Detected, Proto
 from proxy.errors import ProxyError, UnknownRoute
@@ -62,7 +63,7 @@ class OutboundHttp:
             resolving = getattr(self.outbound.routes, "resolving", None)
             pending = resolving(ex.authority) if resolving is not None else None
             if pending is None:
-                raise UnknownRoute(f"no service is known for authority {ex.authority!r}")
+                raise UnknownRoute(f"no service is known for authority {quoted(ex.authority)}")
             ex.target = pending
             return
         self._choose(ex, svc, now)
@@ -90,7 +91,7 @@ class OutboundHttp:
             ex.target = None
             svc = self._service(ex)
             if svc is None:
-                raise UnknownRoute(f"no service is known for authority {ex.authority!r}")
+                raise UnknownRoute(f"no service is known for authority {quoted(ex.authority)}")
             self._choose(ex, svc, self.outbound.clock())
         return await self.outbound.connector.connect(ex.target.endpoint, SessionProtocol.HTTP1)
 

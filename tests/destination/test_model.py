@@ -87,4 +87,4 @@ def test_paths_and_tokens() -> None:
     # messages quote at most 80 characters of what the client sent
     with pytest.raises(InvalidTarget, match=r"is not a DNS-1123 label$") as e:
         parse_workload_ref(f'{{"ns": "shop", "pod": "{"X" * 5000}"}}')
-    assert "… (5000 characters)" in str(e.value) and len(str(e.value)) < 200
+    assert "... (5000 characters)" in str(e.value) and len(str(e.value)) < 200

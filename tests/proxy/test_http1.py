@@ -408,6 +408,13 @@ async def test_absolute_form_targets_and_the_header_count_limit(pki) -> None:
             reply = await raw_exchange(mesh.outbound, request)
             assert reply.startswith(b"HTTP/1.1 " + status), reply
             assert named in reply.partition(b"\r\n\r\n")[0], reply
+        # an unknown authority is named in the 404, quoted (not a 60 KB header sent back)
+        reply = await raw_exchange(
+            mesh.outbound, b"GET / HTTP/1.1\r\nHost: " + b"h" * 60_000 + b"\r\n\r\n"
+        )
+        head = reply.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 404") and len(head) < 400, head[:200]
+        assert b"... (60000 characters)" in head
         # exactly the limit passes: Host and 99 others (hop-by-hop fields are not counted)
         fields = b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS - 1))
         reply = await raw_exchange(
