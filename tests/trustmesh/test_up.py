@@ -12,12 +12,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
+from pki.certs import utcnow
+from pki.rotation import init_anchor, issue_issuer
+from pki.store import FileStore
 from trustmesh.supervisor import free_ports
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -88,6 +92,52 @@ def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
         assert summary["tls_groups"] == {"X25519MLKEM768": 1}
         _, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+
+def _issuer_not_after(admin: str) -> float:
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("identity_issuer_not_after_timestamp_seconds "):
+            return float(line.split()[1])
+    raise AssertionError("identity publishes no issuer NotAfter")
+
+
+def test_a_running_up_renews_a_due_issuer_and_identity_takes_it(tmp_path: Path) -> None:
+    web_app, web_in, client_in, upstream = free_ports(4)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(yaml.safe_dump_all(_mesh(web_app, web_in, client_in, upstream)))
+    home = tmp_path / "home"
+    store = FileStore(home)
+    made = utcnow() - timedelta(hours=40)  # a 48 h issuer 40 h old: valid, and due
+    init_anchor(store, now=made, lifetime=timedelta(days=365))
+    old = issue_issuer(store, now=made).require_issuer().certificate
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trustmesh", "up", "--mesh-file", str(mesh_file), "-o", "json"],
+        cwd=ROOT, env={**os.environ, "TRUSTMESH_HOME": str(home)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        info = json.loads(_read_line(proc, 60))
+        identity_admin = info["control_plane"]["admin"]["identity"]
+        deadline = time.monotonic() + 30
+        while store.issuer().certificate == old:
+            assert time.monotonic() < deadline, "up did not renew the due issuer"
+            time.sleep(0.2)
+        new = store.issuer().certificate
+        while _issuer_not_after(identity_admin) != new.not_after.timestamp():
+            assert time.monotonic() < deadline, "identity did not load the renewed issuer"
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{upstream}/", timeout=10) as r:
+            assert json.loads(r.read())["service"] == "web"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"issuer renewed: {new.fingerprint[:16]}" in err
     finally:
         if proc.poll() is None:
             proc.kill()

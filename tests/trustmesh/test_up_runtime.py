@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 import trustmesh.up.runtime as runtime
+from pki.certs import utcnow
+from pki.rotation import init_anchor, issue_issuer
+from pki.store import ANCHOR_KEY, FileStore
 from trustmesh.supervisor import Supervisor
 from trustmesh.up.demo import demo_mesh
 from trustmesh.up.runtime import Mesh, UpOptions
@@ -34,3 +38,42 @@ def test_ports_up_chooses_never_collide_with_ports_the_mesh_file_names(
     control = set(mesh._control_ports)
     assert len(control) == 4 and not control & named
     assert not (tmp_path / "home" / "current").exists()  # prepare() creates nothing
+
+
+def test_a_running_up_renews_the_issuer_when_due(tmp_path: Path) -> None:
+    # 'up' replaced an expired issuer only when it started; a mesh left up past the 48 h issuer
+    # lost its CA. It now runs the rotation job itself, once a minute.
+    home = tmp_path / "home"
+    store = FileStore(home)
+    start = utcnow()
+    init_anchor(store, now=start - timedelta(hours=40), lifetime=timedelta(days=365))
+    old = issue_issuer(store, now=start - timedelta(hours=40)).require_issuer().certificate
+    mesh = Mesh(UpOptions(tmp_path / "unused.yaml", home), Supervisor(tmp_path / "logs"))
+    (said,) = mesh.renew_issuer(start)  # 40 h of 48: past the renewal point
+    new = store.issuer().certificate
+    assert new != old and new.not_before <= start < new.not_after
+    assert (
+        said == f"issuer renewed: {new.fingerprint[:16]} until {new.not_after:%Y-%m-%d %H:%M} UTC"
+    )
+    assert mesh.renew_issuer(start + timedelta(seconds=30)) == []  # checked once a minute
+    assert mesh.renew_issuer(start + runtime.ISSUER_CHECK) == []  # not due again
+    assert store.issuer().certificate == new
+
+
+def test_what_a_running_up_cannot_renew_is_said_once(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    store = FileStore(home)
+    start = utcnow()
+    init_anchor(store, now=start - timedelta(hours=40), lifetime=timedelta(days=365))
+    issue_issuer(store, now=start - timedelta(hours=40))
+    with store.lock():
+        store.commit({ANCHOR_KEY: None}, reason="anchor key moved offline", now=start)
+    mesh = Mesh(UpOptions(tmp_path / "unused.yaml", home), Supervisor(tmp_path / "logs"))
+    (said,) = mesh.renew_issuer(start)
+    assert said.startswith("action needed: the issuer is due") and "kept offline" in said
+    assert mesh.renew_issuer(start + 2 * runtime.ISSUER_CHECK) == []  # not repeated
+    # a 'trustmesh rotate' of the user's holds the store: that run does the work, nothing said
+    fresh = Mesh(UpOptions(tmp_path / "unused.yaml", home), Supervisor(tmp_path / "logs"))
+    with store.lock():
+        assert fresh.renew_issuer(start) == []
+    assert fresh.renew_issuer(start + runtime.ISSUER_CHECK) == [said]

@@ -181,6 +181,8 @@ def _run(
             nonlocal last_scrape
             now = time.monotonic()
             mesh.refresh_tokens(utcnow())
+            for message in mesh.renew_issuer(utcnow()):
+                progress(message)
             if live is not None and now - last_scrape >= SCRAPE_EVERY:
                 last_scrape = now
                 rows = workload_rows(_scrape_all(mesh, scrape), time.time())

@@ -18,11 +18,12 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from destination.errors import InvalidMeshFile
 from destination.meshfile import load_mesh_text
+from trustmesh.rotation_job import ExitCode, run_once
 from trustmesh.supervisor import (
     ChildSpec,
     ReadyCheck,
@@ -44,6 +45,10 @@ from trustmesh.up.plan import (
 )
 
 CHILD_ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+# How often a running 'up' checks whether the issuer is due (the renewal point is hours away).
+ISSUER_CHECK = timedelta(minutes=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,8 @@ class Mesh:
         self.admin: dict[str, str] = {}  # component or workload key -> admin HOST:PORT
         self.pki_action = ""
         self._tokens_at: datetime | None = None
+        self._issuer_checked_at: datetime | None = None
+        self._issuer_reported: set[str] = set()  # messages already said, each said once
         self._control_ports: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def prepare(self) -> None:
@@ -233,6 +240,30 @@ class Mesh:
             write_token(self.home, namespace, service_account, now=now)
         self._tokens_at = now
         return True
+
+    def renew_issuer(self, now: datetime) -> list[str]:
+        """The rotation job, run by ``up`` itself once a minute: the issuer (48 h) is renewed
+        when due, as ``trustmesh rotate`` from cron would, so a mesh left up for days keeps
+        certifying. The identity service picks the new issuer up from the store. Returns what
+        to tell the user: a renewal, and once each, a failure or a human action (an anchor
+        near its end)."""
+        if self._issuer_checked_at is not None and now - self._issuer_checked_at < ISSUER_CHECK:
+            return []
+        self._issuer_checked_at = now
+        report = run_once(self.home.store, now=now)
+        if report.exit_code is ExitCode.LOCKED:
+            return []  # a 'trustmesh rotate' of the user's holds the store: it does the work
+        said: list[str] = []
+        if report.new_state is not None:
+            issuer = report.new_state.require_issuer().certificate
+            said.append(
+                f"issuer renewed: {issuer.fingerprint[:16]} until {issuer.not_after:%Y-%m-%d %H:%M} UTC"
+            )
+        problems = [f"issuer renewal failed: {report.error}"] if report.error else []
+        problems += [f"action needed: {a}" for a in report.human_actions]
+        said += [m for m in problems if m not in self._issuer_reported]
+        self._issuer_reported.update(problems)
+        return said
 
     def upstream(self, key: str, authority_prefix: str) -> tuple[str, int]:
         """The local address of workload ``key``'s upstream listener for a service whose
