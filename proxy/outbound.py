@@ -27,6 +27,18 @@ from proxy.tcp import Relay
 from proxy.transport_header import SessionProtocol
 from proxy.upstream import Connector, Pool
 
+# The raw authorities (Host spellings) whose series are remembered per endpoint; past this the
+# map starts over. The series themselves are bounded by authority_label.
+MAX_SPELLINGS = 4096
+
+
+def authority_label(svc: Service, authority: str) -> str:
+    """The ``authority`` label of a request routed to ``svc``: the authority as asked, when it
+    is one of the service's own names (in lower case), else the service's name. Case, port and
+    short-name variants that a client can make up without end do not each get a series."""
+    spelled = authority.lower().rstrip(".")
+    return spelled if spelled == svc.name or spelled in svc.authorities else svc.name
+
 
 @dataclass(slots=True)
 class _Choice:
@@ -75,8 +87,12 @@ class OutboundHttp:
         key = (ex.authority, ep)
         series = out.series.get(key)
         if series is None:
-            labels = ("outbound", ex.authority, "true" if ep.meshed else "no_identity", "", ep.identity or "")  # fmt: skip
-            series = out.series[key] = out.metrics.http_series(labels)
+            label = authority_label(svc, ex.authority)
+            labels = ("outbound", label, "true" if ep.meshed else "no_identity", "", ep.identity or "")  # fmt: skip
+            series = out.metrics.http_series(labels)
+            if len(out.series) >= MAX_SPELLINGS:
+                out.series.clear()  # clients' spellings of authorities, not series: refilled
+            out.series[key] = series
         series.requests.n += 1
         ex.target = _Choice(balancer, ep, series)
 
@@ -97,8 +113,8 @@ class OutboundHttp:
 
     def response_head(self, ex: Exchange, status: int, now: float) -> None:
         choice: _Choice | None = ex.target
-        if choice is None:  # refused before routing
-            series = self.outbound.metrics.http_series(("outbound", ex.authority, "", "", ""))
+        if choice is None:  # refused before routing: one series, whatever authority was asked
+            series = self.outbound.metrics.http_series(("outbound", "", "", "", ""))
             series.requests.n += 1
         else:
             series = choice.series

@@ -51,6 +51,33 @@ async def test_get_keepalive_pooling_and_client_id(pki) -> None:
         assert f'client_id="{web.identity}"' in server_text
 
 
+async def test_clients_cannot_make_metrics_series_without_end(pki) -> None:
+    """The authority label came from the Host header as sent: every case or port variant of a
+    service name, and every unknown name refused with 404, made a new series (memory and
+    Prometheus cardinality without bound). Now: the service's own names, and one series for
+    what was refused before routing."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        async with aiohttp.ClientSession() as http:
+            for i in range(60):
+                variant = "".join(
+                    c.upper() if (i >> n) & 1 else c for n, c in enumerate("api.local")
+                )
+                for host in (variant, f"api.local:{1000 + i}", f"unknown-{i}.example"):
+                    async with http.get(
+                        f"http://127.0.0.1:{mesh.outbound}/echo", headers={"Host": host}
+                    ) as resp:
+                        assert resp.status == (404 if host.startswith("unknown") else 200)
+        text = mesh.client.metrics.render()
+        lines = [
+            ln for ln in text.splitlines() if ln.startswith('request_total{direction="outbound"')
+        ]
+        assert len(lines) == 3, lines
+        assert 'request_total{direction="outbound"} 60' in lines  # refused: no authority label
+        assert any('authority="api.local"' in ln and ln.endswith(" 60") for ln in lines)
+        assert any('authority="api",' in ln and ln.endswith(" 60") for ln in lines)
+
+
 async def test_streamed_bodies_both_framings(pki) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
     body = os.urandom(3 * 1024 * 1024 + 17)
