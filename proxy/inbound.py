@@ -43,6 +43,8 @@ from proxy.transport_header import ALPN, SessionProtocol, decode
 from proxy.upstream import Connector, Pool
 
 log = logging.getLogger(__name__)
+# Distinct inbound authority label values per proxy (the Hosts an app is asked for).
+MAX_AUTHORITY_LABELS = 256
 
 # Seconds between checks of open relays (TCP, upgraded HTTP) against the policy.
 REAUTHORIZE_INTERVAL = 1.0
@@ -51,7 +53,9 @@ REAUTHORIZE_INTERVAL = 1.0
 class InboundHttp:
     """The HTTP dispatcher for one inbound connection: policy per request, local target."""
 
-    __slots__ = ("allowed", "conn", "decision", "inbound", "policy_seen", "routed", "series")
+    __slots__ = (
+        "allowed", "conn", "decision", "inbound", "policy_seen", "routed", "series", "series_for",
+    )  # fmt: skip
 
     def __init__(self, inbound: Inbound, conn: _Conn) -> None:
         self.inbound = inbound
@@ -61,6 +65,7 @@ class InboundHttp:
         self.allowed: Count | None = None  # the decision's allow counter, when it allows
         self.routed: Server | None = None  # the port's server, when its routes decide
         self.series: HttpSeries | None = None  # this connection's latest label set
+        self.series_for = ""  # the Host it was chosen for
 
     def begin(self, ex: Exchange, now: float) -> None:
         inbound, conn = self.inbound, self.conn
@@ -87,8 +92,9 @@ class InboundHttp:
                         (*conn.authz_labels(decision.server), "", decision.authorization or "")
                     )
         series = self.series
-        if series is None or series.labels[1] != ex.authority:
+        if series is None or self.series_for != ex.authority:
             series = self.series = self._series(ex)
+            self.series_for = ex.authority
         series.requests.n += 1
         if self.routed is not None:
             self._authorize_route(self.routed, ex)
@@ -129,8 +135,26 @@ class InboundHttp:
 
     def _series(self, ex: Exchange) -> HttpSeries:
         conn = self.conn
-        labels = ("inbound", ex.authority, conn.tls, conn.client_id or "", "")
+        labels = (
+            "inbound",
+            self._authority_label(ex.authority),
+            conn.tls,
+            conn.client_id or "",
+            "",
+        )
         return self.inbound.metrics.http_series(labels)
+
+    def _authority_label(self, authority: str) -> str:
+        """The Host as the app is asked for it, in lower case; once MAX_AUTHORITY_LABELS are in
+        use, further ones count without an authority label (any client that reaches the port
+        can make Host values up)."""
+        label = authority.lower()
+        known = self.inbound.authorities
+        if label not in known:
+            if len(known) >= MAX_AUTHORITY_LABELS:
+                return ""
+            known.add(label)
+        return label
 
     def take(self, ex: Exchange) -> Link | None:
         return self.inbound.pool.take(self.conn.port)
@@ -272,6 +296,7 @@ class Inbound:
         self.loop = asyncio.get_running_loop()
         self.connector = Connector(None, metrics, direction="inbound")
         self.pool = Pool(clock=self.loop.time)
+        self.authorities: set[str] = set()  # authority label values in use (bounded)
         self._apps: dict[int, Endpoint] = {}
         # The proxy's own listeners as the application host reaches them (see listener_ports):
         # never a target, or a meshed client could relay through the outbound listener with

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh, sample
 
+import proxy.inbound as inbound_module
 from destination.policy import HttpMatch, PathMatch, ValueMatch
 from proxy.http1 import HEAD_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS
 from proxy.listener import serve
@@ -51,11 +52,15 @@ async def test_get_keepalive_pooling_and_client_id(pki) -> None:
         assert f'client_id="{web.identity}"' in server_text
 
 
-async def test_clients_cannot_make_metrics_series_without_end(pki) -> None:
+async def test_clients_cannot_make_metrics_series_without_end(
+    pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The authority label came from the Host header as sent: every case or port variant of a
     service name, and every unknown name refused with 404, made a new series (memory and
-    Prometheus cardinality without bound). Now: the service's own names, and one series for
-    what was refused before routing."""
+    Prometheus cardinality without bound). Now outbound: the service's own names, and one
+    series for what was refused before routing; inbound: lower case, and a bounded number of
+    values (the app may serve any Host), the rest counted without the label."""
+    monkeypatch.setattr(inbound_module, "MAX_AUTHORITY_LABELS", 10)
     web, api = pki.credentials("web"), pki.credentials("api")
     async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
         async with aiohttp.ClientSession() as http:
@@ -76,6 +81,16 @@ async def test_clients_cannot_make_metrics_series_without_end(pki) -> None:
         assert 'request_total{direction="outbound"} 60' in lines  # refused: no authority label
         assert any('authority="api.local"' in ln and ln.endswith(" 60") for ln in lines)
         assert any('authority="api",' in ln and ln.endswith(" 60") for ln in lines)
+        served = [
+            ln for ln in mesh.server.metrics.render().splitlines()
+            if ln.startswith('request_total{direction="inbound"')
+        ]  # fmt: skip
+        labels = {
+            ln.split('authority="')[1].split('"')[0] if "authority=" in ln else "" for ln in served
+        }
+        assert len(labels) == 11 and "" in labels and "api.local" in labels, labels
+        assert all(label == label.lower() for label in labels)
+        assert sum(float(ln.rsplit(" ", 1)[1]) for ln in served) == 120
 
 
 async def test_streamed_bodies_both_framings(pki) -> None:
