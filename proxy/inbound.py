@@ -19,11 +19,13 @@ import contextlib
 import ipaddress
 import logging
 
+from pki.errors import quoted
 from proxy.detect import Detected, Proto
 from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError, UnknownRoute
 from proxy.http1 import HEAD_TIMEOUT, Exchange, Http1Server
 from proxy.link import NULL_SINK, Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
+from proxy.lograte import PeerLog
 from proxy.meshtls import HandshakeInfo, MeshTls, canonical_identity
 from proxy.metrics import Count, HttpSeries, ProxyMetrics
 from proxy.policy import (
@@ -43,6 +45,7 @@ from proxy.transport_header import ALPN, SessionProtocol, decode
 from proxy.upstream import Connector, Pool
 
 log = logging.getLogger(__name__)
+peer_log = PeerLog(log)  # lines a peer can cause, one per connection: rate limited
 # Distinct inbound authority label values per proxy (the Hosts an app is asked for).
 MAX_AUTHORITY_LABELS = 256
 
@@ -255,7 +258,7 @@ class _HeaderReader(NullSink):
         try:
             parsed = decode(self.buffer)
         except TransportHeaderError as e:
-            log.info("closing inbound connection: %s", e)
+            peer_log.info("closing inbound connection: %s", e)
             self.conn.link.abort()
             return
         if parsed is None:
@@ -332,7 +335,7 @@ class Inbound:
                 raise TLSError(f"SNI {verdict.sni} is not this proxy's identity {identity}")
             session = self.tls.server_session()
         except TLSError as e:
-            log.info("refusing inbound TLS: %s", e)
+            peer_log.info("refusing inbound TLS: %s", e)
             self.metrics.tls_handshakes_total.inc(("inbound", "none", "refused"))
             link.abort()
             return
@@ -374,7 +377,9 @@ class Inbound:
         if (
             self.allowed_ports is not None and conn.port not in self.allowed_ports
         ) or conn.port in self.own_ports:
-            log.info("closing inbound connection for port %d: not an application port", conn.port)
+            peer_log.info(
+                "closing inbound connection for port %d: not an application port", conn.port
+            )
             conn.link.abort()
             return
         if proto is Proto.HTTP1:
@@ -433,14 +438,14 @@ class Inbound:
                 continue
             request, labels = conn.request, conn.authz_labels(decision.server)
             if request is None:
-                log.info("closing inbound TCP connection: %s", decision.reason)
+                peer_log.info("closing inbound TCP connection: %s", decision.reason)
                 self.metrics.inbound_tcp_authz_deny_total.inc(labels)
             else:
                 # The path without the query, which may carry credentials.
-                log.info(
+                peer_log.info(
                     "closing inbound upgraded HTTP connection (%s %s): %s",
                     request.method,
-                    request.target.partition("?")[0],
+                    quoted(request.target.partition("?")[0]),
                     decision.reason,
                 )
                 count_http_denial(self.metrics, labels, decision)
@@ -452,7 +457,7 @@ class Inbound:
         try:
             upstream = await self.connector.connect(self.app(conn.port), None)
         except ProxyError as e:
-            log.info("inbound TCP to port %d failed: %s", conn.port, e)
+            peer_log.info("inbound TCP to port %d failed: %s", conn.port, e)
             conn.link.abort()
             return
         if conn.link.closed:

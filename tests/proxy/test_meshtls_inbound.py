@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
+import time
 
 import pytest
 from OpenSSL import SSL
@@ -116,6 +119,29 @@ async def test_a_foreign_sni_is_refused_and_counted(pki) -> None:
             http_request(app_port),
         )
         assert reply.startswith(b"HTTP/1.1 200"), reply
+
+
+async def test_a_flood_of_refused_handshakes_logs_a_bounded_number_of_lines(
+    pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One log line per refused connection let any client fill the proxy's log (a file under
+    'trustmesh up'); they are rate limited now, and every refusal is still counted."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        inbound = mesh.server.port("inbound")
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="proxy.inbound"):
+            for _ in range(60):
+                with contextlib.suppress(ConnectionError, SSL.Error):
+                    await tls_exchange(
+                        inbound, RawClient(pki.bundle.pem(), creds=web), web.identity,
+                        http_request(9),
+                    )  # fmt: skip
+        windows = math.ceil(time.monotonic() - started) + 1
+        text = mesh.server.metrics.render()
+    assert 'tls_handshakes_total{direction="inbound",group="none",result="refused"} 60' in text
+    lines = [r for r in caplog.records if r.getMessage().startswith("refusing inbound TLS")]
+    assert 1 <= len(lines) <= min(59, 20 * windows), (len(lines), windows)  # 20 a second
 
 
 async def test_handshakes_are_counted_by_group_under_each_policy(pki) -> None:
