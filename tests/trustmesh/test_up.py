@@ -58,16 +58,26 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     raise AssertionError(f"trustmesh up printed nothing within {timeout}s")
 
 
-def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def _mesh_file(tmp_path: Path) -> tuple[Path, int]:
+    """The two-workload mesh file on free ports; returns it and shell-0's upstream port."""
     web_app, web_in, client_in, upstream = free_ports(4)
     mesh_file = tmp_path / "mesh.yaml"
     mesh_file.write_text(yaml.safe_dump_all(_mesh(web_app, web_in, client_in, upstream)))
-    home = tmp_path / "home"
-    proc = subprocess.Popen(
+    return mesh_file, upstream
+
+
+def _start_up(mesh_file: Path, home: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-m", "trustmesh", "up", "--mesh-file", str(mesh_file), "-o", "json"],
         cwd=ROOT, env={**os.environ, "TRUSTMESH_HOME": str(home)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    mesh_file, upstream = _mesh_file(tmp_path)
+    home = tmp_path / "home"
+    proc = _start_up(mesh_file, home)
     try:
         info = json.loads(_read_line(proc, 60))
         assert info["ready"] is True
@@ -108,19 +118,13 @@ def _issuer_not_after(admin: str) -> float:
 
 
 def test_a_running_up_renews_a_due_issuer_and_identity_takes_it(tmp_path: Path) -> None:
-    web_app, web_in, client_in, upstream = free_ports(4)
-    mesh_file = tmp_path / "mesh.yaml"
-    mesh_file.write_text(yaml.safe_dump_all(_mesh(web_app, web_in, client_in, upstream)))
+    mesh_file, upstream = _mesh_file(tmp_path)
     home = tmp_path / "home"
     store = FileStore(home)
     made = utcnow() - timedelta(hours=40)  # a 48 h issuer 40 h old: valid, and due
     init_anchor(store, now=made, lifetime=timedelta(days=365))
     old = issue_issuer(store, now=made).require_issuer().certificate
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trustmesh", "up", "--mesh-file", str(mesh_file), "-o", "json"],
-        cwd=ROOT, env={**os.environ, "TRUSTMESH_HOME": str(home)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _start_up(mesh_file, home)
     try:
         info = json.loads(_read_line(proc, 60))
         identity_admin = info["control_plane"]["admin"]["identity"]
