@@ -14,6 +14,7 @@ hundred then crashed (SIGSEGV or SIGABRT on a closed epoll descriptor) before it
 from __future__ import annotations
 
 import ctypes
+import functools
 import http.client
 import logging
 import os
@@ -33,25 +34,35 @@ log = logging.getLogger("trustmesh.up")
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # the supervisor died before the death signal was set
+        os._exit(143)
 
 
 _SETPRIV = shutil.which("setpriv")
+_SH = shutil.which("sh")
+# Run by setpriv once the death signal is set: a supervisor that died before that (a SIGKILL
+# right after the fork) would never send it, so the child checks that its parent is still the
+# supervisor, else it exits; then it becomes the real command (same pid).
+_PARENT_GUARD = 'test "$PPID" = "$1" || exit 143; shift; exec "$@"'
 
 
 def _with_death_signal(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """``argv`` made to receive SIGTERM when the supervisor dies: through setpriv, else through
-    a ``preexec_fn`` when grpc is not loaded here (see the module docstring), else not at all."""
+    """``argv`` made to receive SIGTERM when the supervisor dies: through setpriv (and a shell
+    that checks the parent, see _PARENT_GUARD), else through a ``preexec_fn`` when grpc is not
+    loaded here (see the module docstring), else not at all."""
+    parent = os.getpid()
     if _SETPRIV is not None:
-        return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv], None
+        guard = [_SH, "-c", _PARENT_GUARD, "sh", str(parent)] if _SH is not None else []
+        return [_SETPRIV, "--pdeathsig", "TERM", "--", *guard, *argv], None
     if "grpc" in sys.modules:
         return argv, None
-    return argv, _die_with_parent
+    return argv, functools.partial(_die_with_parent, parent)
 
 
 @dataclass(frozen=True, slots=True)

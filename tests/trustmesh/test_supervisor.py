@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import trustmesh.supervisor as S
 from trustmesh.supervisor import (
     ChildSpec,
     ReadyCheck,
@@ -84,15 +85,38 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
     parent.wait()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        try:
-            os.kill(child_pid, 0)
-        except ProcessLookupError:
+        # Dead, or a zombie waiting for init (which here may reap late) to collect it.
+        if not _alive(child_pid):
             break
-        # Reap if it became our zombie (it is re-parented to init, normally).
         time.sleep(0.05)
     else:
         os.kill(child_pid, signal.SIGKILL)
         pytest.fail("child outlived its killed supervisor")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_child_whose_supervisor_died_before_the_death_signal_was_set_exits(tmp_path):
+    # The window the death signal cannot cover: the supervisor killed between the fork and
+    # setpriv's prctl. The child's parent check (the supervisor's pid, passed in) then sees
+    # another parent and exits. Simulated by giving the check a pid that is not the parent.
+    argv, _ = S._with_death_signal([sys.executable, "-c", "print('ran')"])
+    if S._SETPRIV is None or S._SH is None:
+        pytest.skip("setpriv or sh is not installed")
+    guard = argv.index(S._PARENT_GUARD)
+    assert argv[guard + 2] == str(os.getpid())
+    argv[guard + 2] = "1"  # not our pid: as if the supervisor had died and init adopted us
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 143 and "ran" not in done.stdout
+    argv[guard + 2] = str(os.getpid())
+    ok = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and ok.stdout == "ran\n"
 
 
 # Spawns 600 children from a process that has used grpc, the way `trustmesh up` and the e2e
