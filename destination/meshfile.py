@@ -145,6 +145,14 @@ def _derive_slices(svc: Service, workloads: list[Workload], source: str) -> list
     return out
 
 
+def _has_resources(state: ClusterState) -> bool:
+    return any(
+        (state.workloads, state.services, state.slices, state.servers,
+         state.authorization_policies, state.mesh_tls, state.network_authentications,
+         state.http_routes)
+    )  # fmt: skip
+
+
 class MeshFileSource:
     """Watches a mesh file; every valid change goes to ``publish``, an invalid one is refused.
 
@@ -166,6 +174,7 @@ class MeshFileSource:
         self._poll_interval = poll_interval
         self._digest: str | None = None
         self._refused_digest: str | None = None
+        self._serving_resources = False  # the last published state had resources
         self.last_error: str | None = None
 
     def _read(self) -> bytes:
@@ -183,6 +192,7 @@ class MeshFileSource:
         data = self._read()
         state = self._parse(data)
         self._digest = hashlib.sha256(data).hexdigest()
+        self._serving_resources = _has_resources(state)
         return state
 
     def _parse(self, data: bytes) -> ClusterState:
@@ -200,6 +210,9 @@ class MeshFileSource:
             return self._refuse(str(e), None)
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._digest:
+            if self.last_error is not None:  # put back as it was: nothing is refused any more
+                self._refused_digest, self.last_error = None, None
+                log.info("mesh file %s is back to the state in use", self.path)
             return "unchanged"
         if digest == self._refused_digest:
             return "unchanged"  # the same bad content again: already reported
@@ -207,7 +220,15 @@ class MeshFileSource:
             state = self._parse(data)
         except (InvalidMeshFile, InvalidResource) as e:
             return self._refuse(str(e), digest)
+        if self._serving_resources and not _has_resources(state):
+            return self._refuse(
+                f"{self.path}: no resources (empty, or only comments); a file being written, or "
+                "truncated by mistake, looks like this, so the mesh is not emptied by a reload. "
+                "To serve an empty mesh, restart the destination service with this file",
+                digest,
+            )
         self._digest, self._refused_digest, self.last_error = digest, None, None
+        self._serving_resources = _has_resources(state)
         self._publish(state)
         self._on_reload("applied", None)
         log.info("mesh file %s applied", self.path)

@@ -117,6 +117,22 @@ async def test_invalid_change_is_refused_and_last_good_state_served(
     await eventually(lambda: server.mesh_source.last_error is None)  # type: ignore[union-attr]
 
 
+async def test_an_emptied_mesh_file_does_not_remove_every_service(
+    server: DestinationServer, mesh_file: Path
+) -> None:
+    # An empty file (a write in progress, a '>' by mistake) used to be applied as a mesh
+    # without resources: every service vanished and every lookup answered NOT_FOUND.
+    for emptied in ("", "# only a comment\n", "---\n"):
+        mesh_file.write_text(emptied)  # not atomic on purpose: what a careless writer does
+        await eventually(lambda: server.mesh_source and server.mesh_source.last_error)
+        assert "no resources" in server.mesh_source.last_error  # type: ignore[union-attr,operator]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            msg = await read(dg.DestinationStub(ch).Get(d.GetDestination(path=AUTHORITY)))
+            assert addr(msg.add.addrs[0].addr) == ("127.0.0.1", 18080)
+        write_atomic(mesh_file, WEB)
+        await eventually(lambda: server.mesh_source.last_error is None)  # type: ignore[union-attr]
+
+
 async def test_server_refuses_to_start_on_invalid_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {}\n")
