@@ -212,6 +212,7 @@ class MeshFileSource:
         if digest == self._digest:
             if self.last_error is not None:  # put back as it was: nothing is refused any more
                 self._refused_digest, self.last_error = None, None
+                self._on_reload("unchanged", None)
                 log.info("mesh file %s is back to the state in use", self.path)
             return "unchanged"
         if digest == self._refused_digest:

@@ -129,8 +129,17 @@ async def test_an_emptied_mesh_file_does_not_remove_every_service(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             msg = await read(dg.DestinationStub(ch).Get(d.GetDestination(path=AUTHORITY)))
             assert addr(msg.add.addrs[0].addr) == ("127.0.0.1", 18080)
-        write_atomic(mesh_file, WEB)
+        ok = {"source": "mesh-file"}
+        assert (
+            server.metrics.registry.get_sample_value("trustmesh_destination_last_reload_ok", ok)
+            == 0
+        )
+        write_atomic(mesh_file, WEB)  # the content in use, put back
         await eventually(lambda: server.mesh_source.last_error is None)  # type: ignore[union-attr]
+        assert (
+            server.metrics.registry.get_sample_value("trustmesh_destination_last_reload_ok", ok)
+            == 1
+        )
 
 
 async def test_server_refuses_to_start_on_invalid_file(tmp_path: Path) -> None:
