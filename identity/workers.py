@@ -26,6 +26,8 @@ from typing import Any
 from identity.bundlereports import BundleReports
 
 STATS_INTERVAL = 0.5
+RESTART_BACKOFF = 1.0  # seconds before a dead worker is started again, doubling while it
+MAX_RESTART_BACKOFF = 30.0  # keeps dying within a minute of its start
 log = logging.getLogger(__name__)
 
 
@@ -74,7 +76,13 @@ def build_validator(
 
 
 class WorkerPool:
-    """Starts, feeds and stops the worker processes; collects their counters."""
+    """Starts, feeds and stops the worker processes; collects their counters.
+
+    A worker that dies (killed, out of memory, a crash) is logged with its exit code and
+    started again, after 1 s doubling to 30 s while it keeps dying within a minute of its start;
+    until then the kernel sends its connections to the processes that remain. Its counters are
+    kept, so the service's totals never go back.
+    """
 
     def __init__(self, count: int, spec: WorkerSpec, reports: BundleReports) -> None:
         self._count = count
@@ -83,27 +91,21 @@ class WorkerPool:
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._stats: dict[int, Mapping[str, object]] = {}
+        self._retired: list[Mapping[str, object]] = []  # last counters of workers that died
         self._lock = threading.Lock()
         self._readers: list[threading.Thread] = []
         self._ready = threading.Semaphore(0)
+        self._issuer: Any = None
+        self._stopping = False
+        self.restarts = 0
 
     def start(self, issuer: Any, timeout: float = 30.0) -> None:
-        ctx = multiprocessing.get_context("spawn")
+        self._issuer = issuer
         for i in range(self._count):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker_main,
-                args=(self._spec, child),
-                name=f"identity-worker-{i}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            if issuer is not None:
-                parent.send(_issuer_message(issuer))
+            proc, parent = self._spawn(i)
             self._procs.append(proc)
             self._conns.append(parent)
-            reader = threading.Thread(target=self._read, args=(i, parent), daemon=True)
+            reader = threading.Thread(target=self._read, args=(i,), daemon=True)
             reader.start()
             self._readers.append(reader)
         deadline = time.monotonic() + timeout
@@ -112,20 +114,67 @@ class WorkerPool:
                 self.stop()
                 raise RuntimeError("identity workers did not start in time")
 
-    def _read(self, index: int, conn: multiprocessing.connection.Connection) -> None:
+    def _spawn(
+        self, index: int
+    ) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=worker_main,
+            args=(self._spec, child),
+            name=f"identity-worker-{index}",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        if self._issuer is not None:
+            parent.send(_issuer_message(self._issuer))
+        return proc, parent
+
+    def _read(self, index: int) -> None:
+        backoff = RESTART_BACKOFF
         while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
+            conn = self._conns[index]
+            started = time.monotonic()
+            while True:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    break
+                if message[0] == "ready":
+                    self._ready.release()
+                elif message[0] == "stats":
+                    with self._lock:
+                        self._stats[index] = message[1]
+                    self._reports.merge(message[2])
+            if self._stopping:
                 return
-            if message[0] == "ready":
-                self._ready.release()
-            elif message[0] == "stats":
-                with self._lock:
-                    self._stats[index] = message[1]
-                self._reports.merge(message[2])
+            proc = self._procs[index]
+            proc.join(1.0)
+            backoff = RESTART_BACKOFF if time.monotonic() - started > 60 else backoff
+            log.error(
+                "identity worker %d (pid %s) exited with code %s; starting it again in %.0f s",
+                index, proc.pid, proc.exitcode, backoff,
+            )  # fmt: skip
+            with self._lock:
+                last = self._stats.pop(index, None)
+                if last is not None:
+                    self._retired.append(last)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
+            if self._stopping:
+                return
+            with contextlib.suppress(OSError):
+                conn.close()
+            sent = self._issuer
+            self._procs[index], self._conns[index] = self._spawn(index)
+            if self._issuer is not sent:  # published while the worker was being started
+                with contextlib.suppress(OSError):
+                    self._conns[index].send(_issuer_message(self._issuer))
+            self.restarts += 1
 
     def publish(self, issuer: Any) -> None:
+        self._issuer = issuer
         message = _issuer_message(issuer)
         for conn in self._conns:
             with contextlib.suppress(OSError):
@@ -133,9 +182,10 @@ class WorkerPool:
 
     def snapshots(self) -> list[Mapping[str, object]]:
         with self._lock:
-            return list(self._stats.values())
+            return [*self._retired, *self._stats.values()]
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.send(("stop",))

@@ -237,6 +237,64 @@ async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
         await srv.stop(0)
 
 
+async def test_a_worker_that_dies_is_started_again_and_its_counts_are_kept(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A killed worker used to stay dead (a zombie, nothing logged, /ready still 200): the
+    # service lost a process's capacity without a word.
+    import psutil
+
+    from identity import workers
+    from identity.validators import DEFAULT_AUDIENCE
+    from identity.workers import ValidatorSpec
+
+    monkeypatch.setattr(workers, "RESTART_BACKOFF", 0.1)
+    spec = ValidatorSpec("local", DEFAULT_AUDIENCE, local_key_pem=env.token_key.to_pem())
+    srv = IdentityServer(
+        ServerConfig(reload_interval=0.05, admin_listen=None),
+        StoreSource(env.store),
+        env.validator(utcnow),
+        clock=utcnow,
+        workers=2,
+        worker_validator=spec,
+    )
+    await srv.start()
+    try:
+        pool = srv._pool
+        assert pool is not None
+
+        def issued() -> float:
+            ok = srv.registry.get_sample_value("identity_issuance_total", {"result": "ok"})
+            return ok or 0.0
+
+        async def certify_many(count: int, offset: int) -> None:
+            for i in range(count):
+                await certify_issuer(srv.port, env, own_connection=True, sa=f"sa{offset + i}")
+
+        await certify_many(24, 0)
+        deadline = time.monotonic() + 5
+        while issued() < 24:  # worker counters reach the main process every 0.5 s
+            assert time.monotonic() < deadline, "worker counters did not arrive"
+            await asyncio.sleep(0.05)
+        worker = pool._procs[0]
+        with caplog.at_level("ERROR", logger="identity.workers"):
+            psutil.Process(worker.pid).kill()
+            deadline = time.monotonic() + 30
+            while pool.restarts < 1 or not pool._procs[0].is_alive():
+                assert time.monotonic() < deadline, "the dead worker was not started again"
+                await asyncio.sleep(0.05)
+        assert pool._procs[0].pid != worker.pid
+        assert any("exited with code -9" in r.getMessage() for r in caplog.records)
+        assert issued() >= 24  # the dead worker's counts are kept
+        await certify_many(24, 100)  # served again by both processes
+        deadline = time.monotonic() + 10
+        while issued() < 48:
+            assert time.monotonic() < deadline, "the new worker's counters did not arrive"
+            await asyncio.sleep(0.05)
+    finally:
+        await srv.stop(0)
+
+
 def test_refused_issuer_is_retried_without_a_new_revision(env: Env, tmp_path: Path) -> None:
     # cert-manager writes an issuer valid from "now" by its own clock; an identity service whose
     # clock lags refuses it as not yet valid. Nothing changes in the Secret afterwards, so the
