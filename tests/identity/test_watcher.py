@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -189,9 +191,9 @@ async def test_store_rotation_and_unchanged(env: Env) -> None:
     assert stats.counts()["unchanged"] == 1
 
 
-async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
-    # --workers 2: the main process and one worker serve the same port (SO_REUSEPORT); after
-    # the issuer rotates, both issue from the new one only.
+@contextlib.asynccontextmanager
+async def two_processes(env: Env) -> AsyncIterator[IdentityServer]:
+    """A plain-gRPC identity server with --workers 2: the main process and one worker."""
     from identity.validators import DEFAULT_AUDIENCE
     from identity.workers import ValidatorSpec
 
@@ -206,6 +208,24 @@ async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
     )
     await srv.start()
     try:
+        yield srv
+    finally:
+        await srv.stop(0)
+
+
+async def issued_reaches(srv: IdentityServer, count: int, within: float = 5.0) -> None:
+    """Wait until the service's ok issuances (workers' included: they report every 0.5 s)
+    reach ``count``."""
+    deadline = time.monotonic() + within
+    while (srv.registry.get_sample_value("identity_issuance_total", {"result": "ok"}) or 0) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} issuances counted"
+        await asyncio.sleep(0.05)
+
+
+async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
+    # --workers 2: the main process and one worker serve the same port (SO_REUSEPORT); after
+    # the issuer rotates, both issue from the new one only.
+    async with two_processes(env) as srv:
         issue_issuer(env.store, now=utcnow())
         new = env.store.load().require_issuer().certificate.fingerprint
         deadline = time.monotonic() + 10
@@ -218,23 +238,13 @@ async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
             await certify_issuer(srv.port, env, own_connection=True, sa=f"sa{i}") for i in range(24)
         ]
         assert set(seen) == {new}
-
-        def issued() -> float:
-            ok = srv.registry.get_sample_value("identity_issuance_total", {"result": "ok"})
-            return ok or 0.0
-
-        deadline = time.monotonic() + 5
-        while issued() < 24:  # worker counters reach the main process every 0.5 s
-            assert time.monotonic() < deadline, "worker counters did not arrive"
-            await asyncio.sleep(0.05)
+        await issued_reaches(srv, 24)
         assert 0 < srv.stats.results["ok"] < 24  # the main process served some, the worker the rest
         # the worker's trust-bundle reports reach the main process too: 24 identities
         reported = srv.registry.get_sample_value(
             "identity_caller_trust_bundles", {"digest": "", "current": "false"}
         )
         assert reported == 24
-    finally:
-        await srv.stop(0)
 
 
 async def test_a_worker_that_dies_is_started_again_and_its_counts_are_kept(
@@ -245,37 +255,14 @@ async def test_a_worker_that_dies_is_started_again_and_its_counts_are_kept(
     import psutil
 
     from identity import workers
-    from identity.validators import DEFAULT_AUDIENCE
-    from identity.workers import ValidatorSpec
 
     monkeypatch.setattr(workers, "RESTART_BACKOFF", 0.1)
-    spec = ValidatorSpec("local", DEFAULT_AUDIENCE, local_key_pem=env.token_key.to_pem())
-    srv = IdentityServer(
-        ServerConfig(reload_interval=0.05, admin_listen=None),
-        StoreSource(env.store),
-        env.validator(utcnow),
-        clock=utcnow,
-        workers=2,
-        worker_validator=spec,
-    )
-    await srv.start()
-    try:
+    async with two_processes(env) as srv:
         pool = srv._pool
         assert pool is not None
-
-        def issued() -> float:
-            ok = srv.registry.get_sample_value("identity_issuance_total", {"result": "ok"})
-            return ok or 0.0
-
-        async def certify_many(count: int, offset: int) -> None:
-            for i in range(count):
-                await certify_issuer(srv.port, env, own_connection=True, sa=f"sa{offset + i}")
-
-        await certify_many(24, 0)
-        deadline = time.monotonic() + 5
-        while issued() < 24:  # worker counters reach the main process every 0.5 s
-            assert time.monotonic() < deadline, "worker counters did not arrive"
-            await asyncio.sleep(0.05)
+        for i in range(24):
+            await certify_issuer(srv.port, env, own_connection=True, sa=f"sa{i}")
+        await issued_reaches(srv, 24)
         worker = pool._procs[0]
         with caplog.at_level("ERROR", logger="identity.workers"):
             psutil.Process(worker.pid).kill()
@@ -285,14 +272,10 @@ async def test_a_worker_that_dies_is_started_again_and_its_counts_are_kept(
                 await asyncio.sleep(0.05)
         assert pool._procs[0].pid != worker.pid
         assert any("exited with code -9" in r.getMessage() for r in caplog.records)
-        assert issued() >= 24  # the dead worker's counts are kept
-        await certify_many(24, 100)  # served again by both processes
-        deadline = time.monotonic() + 10
-        while issued() < 48:
-            assert time.monotonic() < deadline, "the new worker's counters did not arrive"
-            await asyncio.sleep(0.05)
-    finally:
-        await srv.stop(0)
+        await issued_reaches(srv, 24, within=0)  # the dead worker's counts are kept
+        for i in range(24):  # served again by both processes
+            await certify_issuer(srv.port, env, own_connection=True, sa=f"sa{100 + i}")
+        await issued_reaches(srv, 48, within=10)
 
 
 def test_refused_issuer_is_retried_without_a_new_revision(env: Env, tmp_path: Path) -> None:
