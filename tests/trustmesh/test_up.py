@@ -138,10 +138,17 @@ def test_a_running_up_renews_a_due_issuer_and_identity_takes_it(tmp_path: Path) 
             time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{upstream}/", timeout=10) as r:
             assert json.loads(r.read())["service"] == "web"
+        # a staged anchor reaches the anchors file a restarted proxy would start from
+        bundle = init_anchor(store, now=utcnow(), stage=True).require_bundle().pem()
+        anchors = home / "up" / "trust-anchors.pem"
+        while anchors.read_bytes() != bundle:
+            assert time.monotonic() < deadline + 10, "the anchors file did not follow the store"
+            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert f"issuer renewed: {new.fingerprint[:16]}" in err
+        assert "trust anchors file updated from store version" in err
     finally:
         if proc.poll() is None:
             proc.kill()

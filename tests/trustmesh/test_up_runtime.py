@@ -13,6 +13,7 @@ from pki.rotation import init_anchor, issue_issuer
 from pki.store import ANCHOR_KEY, FileStore
 from trustmesh.supervisor import Supervisor
 from trustmesh.up.demo import demo_mesh
+from trustmesh.up.home import ensure_pki
 from trustmesh.up.runtime import Mesh, UpOptions
 
 # Below the ephemeral range, so no port picked by the kernel for someone else lands here.
@@ -77,3 +78,22 @@ def test_what_a_running_up_cannot_renew_is_said_once(tmp_path: Path) -> None:
     with store.lock():
         assert fresh.renew_issuer(start) == []
     assert fresh.renew_issuer(start + runtime.ISSUER_CHECK) == [said]
+
+
+def test_the_anchors_file_proxies_start_from_follows_the_store(tmp_path: Path) -> None:
+    # 'up' wrote it once, at start; after an anchor rotation (and the old anchor's removal) a
+    # proxy restarted by the supervisor would have trusted only the old anchor, and could not
+    # have reached identity or destination again.
+    home = tmp_path / "home"
+    mesh = Mesh(UpOptions(tmp_path / "unused.yaml", home), Supervisor(tmp_path / "logs"))
+    ensure_pki(mesh.home, now=utcnow())
+    store = mesh.home.store
+    assert mesh.home.anchors.read_bytes() == store.trust_bundle().pem()
+    assert mesh.sync_trust_anchors() is None  # in step already
+    issue_issuer(store, now=utcnow())  # a new store version, the same bundle
+    assert mesh.sync_trust_anchors() is None
+    staged = init_anchor(store, now=utcnow(), stage=True)
+    said = mesh.sync_trust_anchors()
+    assert said is not None and f"store version {staged.version}" in said
+    assert mesh.home.anchors.read_bytes() == staged.require_bundle().pem()
+    assert mesh.sync_trust_anchors() is None

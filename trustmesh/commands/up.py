@@ -183,6 +183,9 @@ def _run(
             mesh.refresh_tokens(utcnow())
             for message in mesh.renew_issuer(utcnow()):
                 progress(message)
+            synced = mesh.sync_trust_anchors()
+            if synced:
+                progress(synced)
             if live is not None and now - last_scrape >= SCRAPE_EVERY:
                 last_scrape = now
                 rows = workload_rows(_scrape_all(mesh, scrape), time.time())

@@ -134,6 +134,20 @@ def ensure_pki(home: Home, *, now: datetime) -> str:
     return action
 
 
+def sync_anchors(home: Home) -> bool:
+    """Rewrite the anchors file the proxies start from when the store's bundle differs from it
+    (a rotation while ``up`` runs): a proxy restarted later must trust the anchors in use, not
+    the ones of ``up``'s start. True when it was rewritten."""
+    bundle = home.store.trust_bundle().pem()
+    try:
+        if home.anchors.read_bytes() == bundle:
+            return False
+    except FileNotFoundError:
+        pass
+    write_file_atomic(home.anchors, bundle)
+    return True
+
+
 def write_token(
     home: Home,
     namespace: str,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from destination.errors import InvalidMeshFile
 from destination.meshfile import load_mesh_text
+from pki.errors import PKIError
 from trustmesh.rotation_job import ExitCode, run_once
 from trustmesh.supervisor import (
     ChildSpec,
@@ -32,7 +33,7 @@ from trustmesh.supervisor import (
     free_ports,
     trustmesh_argv,
 )
-from trustmesh.up.home import TOKEN_REFRESH, Home, ensure_pki, write_token
+from trustmesh.up.home import TOKEN_REFRESH, Home, ensure_pki, sync_anchors, write_token
 from trustmesh.up.plan import (
     HOST,
     ControlPlane,
@@ -130,6 +131,7 @@ class Mesh:
         self.pki_action = ""
         self._tokens_at: datetime | None = None
         self._issuer_checked_at: datetime | None = None
+        self._store_version: int | None = None  # the store version the anchors file follows
         self._issuer_reported: set[str] = set()  # messages already said, each said once
         self._control_ports: tuple[int, int, int, int] = (0, 0, 0, 0)
 
@@ -264,6 +266,20 @@ class Mesh:
         said += [m for m in problems if m not in self._issuer_reported]
         self._issuer_reported.update(problems)
         return said
+
+    def sync_trust_anchors(self) -> str | None:
+        """Keep the anchors file that proxies start from in step with the store (checked on
+        every call, cheaply: only a new store version is read). A message when rewritten."""
+        version = self.home.store.current_version()
+        if version is None or version == self._store_version:
+            return None
+        self._store_version = version
+        try:
+            if not sync_anchors(self.home):
+                return None
+        except (PKIError, OSError) as e:
+            return f"cannot update {self.home.anchors} from the store: {e}"
+        return f"trust anchors file updated from store version {version} ({self.home.anchors})"
 
     def upstream(self, key: str, authority_prefix: str) -> tuple[str, int]:
         """The local address of workload ``key``'s upstream listener for a service whose
