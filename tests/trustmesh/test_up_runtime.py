@@ -97,3 +97,14 @@ def test_the_anchors_file_proxies_start_from_follows_the_store(tmp_path: Path) -
     assert said is not None and f"store version {staged.version}" in said
     assert mesh.home.anchors.read_bytes() == staged.require_bundle().pem()
     assert mesh.sync_trust_anchors() is None
+
+
+def test_a_store_the_anchors_file_cannot_follow_is_said_once(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    mesh = Mesh(UpOptions(tmp_path / "unused.yaml", home), Supervisor(tmp_path / "logs"))
+    ensure_pki(mesh.home, now=utcnow())
+    (home / "current").unlink()
+    (home / "current").write_text("not a link")  # what a careless hand leaves behind
+    said = mesh.sync_trust_anchors()
+    assert said is not None and "cannot update" in said and "not a symlink" in said
+    assert mesh.sync_trust_anchors() is None  # not again on every tick

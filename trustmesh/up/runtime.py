@@ -132,7 +132,7 @@ class Mesh:
         self._tokens_at: datetime | None = None
         self._issuer_checked_at: datetime | None = None
         self._store_version: int | None = None  # the store version the anchors file follows
-        self._issuer_reported: set[str] = set()  # messages already said, each said once
+        self._issuer_reported: set[str] = set()  # PKI messages already said, each said once
         self._control_ports: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def prepare(self) -> None:
@@ -270,15 +270,19 @@ class Mesh:
     def sync_trust_anchors(self) -> str | None:
         """Keep the anchors file that proxies start from in step with the store (checked on
         every call, cheaply: only a new store version is read). A message when rewritten."""
-        version = self.home.store.current_version()
-        if version is None or version == self._store_version:
-            return None
-        self._store_version = version
         try:
+            version = self.home.store.current_version()
+            if version is None or version == self._store_version:
+                return None
+            self._store_version = version  # tried once per version: a failure is said once
             if not sync_anchors(self.home):
                 return None
         except (PKIError, OSError) as e:
-            return f"cannot update {self.home.anchors} from the store: {e}"
+            message = f"cannot update {self.home.anchors} from the store: {e}"
+            if message in self._issuer_reported:
+                return None  # said once already
+            self._issuer_reported.add(message)
+            return message
         return f"trust anchors file updated from store version {version} ({self.home.anchors})"
 
     def upstream(self, key: str, authority_prefix: str) -> tuple[str, int]:
