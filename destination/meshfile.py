@@ -221,7 +221,8 @@ class MeshFileSource:
             state = self._parse(data)
         except (InvalidMeshFile, InvalidResource) as e:
             return self._refuse(str(e), digest)
-        if self._serving_resources and not _has_resources(state):
+        has_resources = _has_resources(state)
+        if self._serving_resources and not has_resources:
             return self._refuse(
                 f"{self.path}: no resources (empty, or only comments); a file being written, or "
                 "truncated by mistake, looks like this, so the mesh is not emptied by a reload. "
@@ -229,7 +230,7 @@ class MeshFileSource:
                 digest,
             )
         self._digest, self._refused_digest, self.last_error = digest, None, None
-        self._serving_resources = _has_resources(state)
+        self._serving_resources = has_resources
         self._publish(state)
         self._on_reload("applied", None)
         log.info("mesh file %s applied", self.path)

@@ -130,7 +130,7 @@ def ensure_pki(home: Home, *, now: datetime) -> str:
         else:
             action = "existing"
     home.run_dir.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(home.anchors, store.trust_bundle().pem())
+    sync_anchors(home)
     return action
 
 

@@ -132,7 +132,7 @@ class Mesh:
         self._tokens_at: datetime | None = None
         self._issuer_checked_at: datetime | None = None
         self._store_version: int | None = None  # the store version the anchors file follows
-        self._issuer_reported: set[str] = set()  # PKI messages already said, each said once
+        self._said: set[str] = set()  # problems already reported: each is said once
         self._control_ports: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def prepare(self) -> None:
@@ -263,9 +263,13 @@ class Mesh:
             )
         problems = [f"issuer renewal failed: {report.error}"] if report.error else []
         problems += [f"action needed: {a}" for a in report.human_actions]
-        said += [m for m in problems if m not in self._issuer_reported]
-        self._issuer_reported.update(problems)
-        return said
+        return said + self._once(problems)
+
+    def _once(self, problems: list[str]) -> list[str]:
+        """The problems not reported yet (each is said once per run, not at every check)."""
+        new = [m for m in problems if m not in self._said]
+        self._said.update(new)
+        return new
 
     def sync_trust_anchors(self) -> str | None:
         """Keep the anchors file that proxies start from in step with the store (checked on
@@ -278,11 +282,8 @@ class Mesh:
             if not sync_anchors(self.home):
                 return None
         except (PKIError, OSError) as e:
-            message = f"cannot update {self.home.anchors} from the store: {e}"
-            if message in self._issuer_reported:
-                return None  # said once already
-            self._issuer_reported.add(message)
-            return message
+            said = self._once([f"cannot update {self.home.anchors} from the store: {e}"])
+            return said[0] if said else None
         return f"trust anchors file updated from store version {version} ({self.home.anchors})"
 
     def upstream(self, key: str, authority_prefix: str) -> tuple[str, int]:
