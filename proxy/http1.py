@@ -10,9 +10,10 @@ strict checks: Content-Length with Transfer-Encoding, duplicate lengths, folded 
 lines; more than one Host, or none in HTTP/1.1) gets 400 naming the problem, a head over
 :data:`~proxy.http1_exchange.MAX_HEAD_BYTES` or with more than
 :data:`~proxy.http1_exchange.MAX_HEADERS` header fields 431. An absolute-form target's authority
-replaces Host. A ``101 Switching Protocols`` answer to an ``Upgrade`` request
-(WebSocket) hands both connections to an opaque :class:`~proxy.tcp.Relay`. Pipelined requests are answered
-in order, one upstream exchange at a time.
+replaces Host, and so does a CONNECT's ``host:port``. A ``101 Switching Protocols`` answer to an
+``Upgrade`` request (WebSocket), or a 2xx answer to a CONNECT, hands both connections to an
+opaque :class:`~proxy.tcp.Relay`. Pipelined requests are answered in order, one upstream
+exchange at a time.
 
 This module is the client (request) side and the one other code imports from. The upstream
 side, which parses the response and relays it back, is :mod:`proxy.http1_response`; what both
@@ -27,6 +28,7 @@ from collections import deque
 
 import httptools
 
+from pki.errors import quoted
 from proxy.errors import (
     Forbidden,
     HeaderFieldsTooLarge,
@@ -94,6 +96,26 @@ def _absolute_form(ex: Exchange) -> None:
         raise MalformedRequest("the request target carries user information (RFC 9110 4.2.4)")
     ex.authority = authority.decode("latin-1")
     ex.head = [*without_headers(ex.head, (b"host",)), b"Host", b": ", authority, b"\r\n"]
+
+
+def _authority_form(ex: Exchange) -> None:
+    """A CONNECT target is ``host:port`` (RFC 9112 3.2.3), the authority the request goes to:
+    as with absolute form, it replaces Host, so that the proxy and the app see one authority."""
+    target = ex.url
+    host, colon, port = target.rpartition(b":")
+    if (
+        not colon
+        or not host
+        or not (port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536)
+        or any(c in target for c in b"/?#@")
+        or (host.startswith(b"[") != host.endswith(b"]"))
+    ):
+        raise MalformedRequest(
+            f"a CONNECT request target must be host:port (RFC 9112 3.2.3), "
+            f"not {quoted(target.decode('latin-1'))}"
+        )
+    ex.authority = target.decode("latin-1")
+    ex.head = [*without_headers(ex.head, (b"host",)), b"Host", b": ", target, b"\r\n"]
 
 
 class Http1Server:
@@ -203,7 +225,9 @@ class Http1Server:
         ex.keep_alive = parser.should_keep_alive()
         ex.client_10 = parser.get_http_version() == "1.0"
         ex.upgrade = parser.should_upgrade()
-        if ex.url[:1] != b"/" and b"://" in ex.url:
+        if ex.upgrade and ex.method == b"CONNECT":
+            _authority_form(ex)
+        elif ex.url[:1] != b"/" and b"://" in ex.url:
             _absolute_form(ex)
         elif not ex.authority and not ex.client_10:
             raise MalformedRequest("an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
@@ -417,7 +441,7 @@ class Http1Server:
             self.link.close()
 
     def switch(self, ex: Exchange, upstream: Link, tail: bytes) -> None:
-        """101 Switching Protocols: both sides become an opaque relay."""
+        """101 Switching Protocols (or 2xx to a CONNECT): both sides become an opaque relay."""
         self.queue.clear()
         self.dispatcher.finish(ex, None, reusable=False)
         self.link.resume_reading()

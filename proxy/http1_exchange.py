@@ -22,9 +22,9 @@ HOP_BY_HOP = frozenset(
 # refused: httptools buffers a header until it ends, so without a bound one endless header line
 # would grow the proxy's memory without limit.
 MAX_HEAD_BYTES = 64 * 1024
-# End-to-end request header fields forwarded at most (hop-by-hop ones are not counted): each
-# costs a parser callback here and work at the app; Linkerd's proxy (hyper) and Envoy stop at
-# 100 too.
+# End-to-end header fields of a request (431 beyond) or response (502 beyond) forwarded at
+# most (hop-by-hop ones are not counted): each costs a parser callback here and work at the
+# other end; Linkerd's proxy (hyper) and Envoy stop at 100 too.
 MAX_HEADERS = 100
 
 

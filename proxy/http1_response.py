@@ -5,7 +5,9 @@ A :class:`Response` is the sink of an upstream link while the link carries the a
 the body as they arrive, one client write per upstream read; chunked bodies are re-chunked,
 and transfer codings an HTTP/1.0 client cannot take are decoded. It hands the exchange back
 to the client side (:class:`Client`, i.e. :class:`proxy.http1.Http1Server`) when the response
-is complete, broken, or a ``101 Switching Protocols`` turns both links into a relay.
+is complete, broken, or a ``101 Switching Protocols`` (or a 2xx answer to a CONNECT) turns both
+links into a relay. More than :data:`~proxy.http1_exchange.MAX_HEADERS` header fields, or a
+head over :data:`~proxy.http1_exchange.MAX_HEAD_BYTES`, make the response a 502.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from proxy.errors import ProxyError, UpstreamError
 from proxy.http1_exchange import (
     HOP_BY_HOP,
     MAX_HEAD_BYTES,
+    MAX_HEADERS,
     Dispatcher,
     Exchange,
     without_headers,
@@ -41,13 +44,18 @@ class Client(Protocol):
     _loop: asyncio.AbstractEventLoop
 
     def switch(self, ex: Exchange, upstream: Link, tail: bytes) -> None:
-        """101 Switching Protocols: relay ``upstream`` and the client link opaquely."""
+        """101 Switching Protocols, or 2xx to a CONNECT: relay ``upstream`` and the client link
+        opaquely, ``tail`` (what followed the answer's head) first."""
 
     def complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The response to ``ex`` has been fully written: move on to the next request."""
 
     def fail(self, ex: Exchange, error: ProxyError, link: Link | None = None) -> None:
         """Answer ``ex`` with the error's status (nothing of the response was written)."""
+
+
+class _TunnelEstablished(Exception):
+    """Raised through the parser after a 2xx answer to CONNECT, to stop it at the head."""
 
 
 class Response:
@@ -59,8 +67,8 @@ class Response:
 
     __slots__ = (
         "body_mode", "chunked", "decoder", "done", "ex", "has_length", "head", "head_at",
-        "head_bytes", "head_sent", "out", "parser", "reason", "reusable", "server", "stray",
-        "switching", "te", "tokens", "unaccounted", "upgrade_to",
+        "head_bytes", "head_sent", "out", "parser", "raw", "reason", "reusable", "server",
+        "stray", "switching", "te", "tokens", "unaccounted", "upgrade_to",
     )  # fmt: skip
 
     server: Client
@@ -84,8 +92,12 @@ class Response:
         self.unaccounted = 0  # status of a head written but not yet reported to the dispatcher
         self.head_at = 0.0
         self.head_bytes = 0
+        # For a CONNECT: the bytes received until its final head, to find where a tunnel starts.
+        self.raw: bytes | None = b"" if ex.upgrade and ex.method == b"CONNECT" else None
 
     def data_received(self, data: bytes) -> None:
+        if self.raw is not None and not self.head_sent:
+            self.raw += data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -99,6 +111,9 @@ class Response:
             self._flush()
             if self.unaccounted:
                 self._account()
+            if self.switching:  # a 2xx answer to CONNECT: the parser was stopped after its head
+                self._tunnel()
+                return
             self.done = True  # answered here: the link's close that follows must not answer again
             why = e.__context__ if isinstance(e.__context__, UpstreamError) else None
             self._broken(str(why or "the upstream sent a malformed HTTP response"))
@@ -152,7 +167,12 @@ class Response:
             return
         if lname == b"content-length":
             self.has_length = True
-        self.head += (name, b": ", value, b"\r\n")
+        head = self.head
+        if len(head) >= 4 * MAX_HEADERS:  # raised through the parser: answered 502
+            raise UpstreamError(
+                f"the upstream's response has more than {MAX_HEADERS} header fields"
+            )
+        head += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -160,20 +180,27 @@ class Response:
         ex = self.ex
         parts = [_STATUS_LINE.get(status) or b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
         tokens = self.tokens
+        # 101 to an Upgrade, or 2xx to a CONNECT (RFC 9110 9.3.6): HTTP ends on both links.
+        self.switching = switching = ex.upgrade and (
+            status == 101 or (200 <= status < 300 and ex.method == b"CONNECT")
+        )
+        if switching and status != 101:
+            # A successful CONNECT answer has no content: framing headers in it are ignored.
+            tokens += (b"content-length",)
         if tokens and not HOP_BY_HOP.issuperset(tokens):
             parts += without_headers(self.head, tokens)  # ``Connection`` names more headers to drop
         else:
             parts += self.head
-        self.switching = status == 101 and ex.upgrade
         # Read here: httptools forgets keep-alive once the message is complete.
         self.reusable = parser.should_keep_alive()
         if 100 <= status < 200 and not self.switching:
             parts.append(b"\r\n")
             self.out.append(b"".join(parts))  # interim: the final one follows
             return
-        no_body = ex.is_head or status in (204, 304) or self.switching
-        if self.switching:
-            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade_to, b"\r\n")
+        no_body = ex.is_head or status in (204, 304) or switching
+        if switching:
+            if status == 101:
+                parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade_to, b"\r\n")
         elif self.chunked and not ex.client_10:
             parts += (b"transfer-encoding: ", self.te, b"\r\n")  # codings kept, chunks remade
             self.body_mode = 1
@@ -199,7 +226,10 @@ class Response:
         self.head_at = self.server._loop.time()
         self.out.append(b"".join(parts))
         self.head_sent = True
-        if no_body and not self.switching:
+        if switching and status != 101:
+            # llhttp would take what follows for a body: stop it here (see _tunnel).
+            raise _TunnelEstablished
+        if no_body and not switching:
             self.done = True
 
     def on_body(self, body: bytes) -> None:
@@ -261,6 +291,21 @@ class Response:
             # After a HEAD answer the parser still expects the body the headers announce.
             link.codec = self
         self.server.complete(ex, link, reusable)
+
+    def _tunnel(self) -> None:
+        """The CONNECT was answered 2xx: relay what followed its final head, and the links."""
+        raw = self.raw
+        assert raw is not None
+        # llhttp accepted every head (CRLF line ends, no folding) and 1xx heads have no body,
+        # so each head ends at the first blank line after the previous one.
+        start = 0
+        while True:
+            end = raw.index(b"\r\n\r\n", start) + 4
+            if raw[start + 9 : start + 10] != b"1":  # the status of "HTTP/1.1 NNN"
+                break
+            start = end
+        self.raw = None
+        self.server.switch(self.ex, self._link(), raw[end:])
 
     def _link(self) -> Link:
         link = self.ex.link

@@ -8,8 +8,9 @@ protocol; otherwise (and for plaintext clients) the configured default port is t
 the protocol is detected. The port's policy then decides: a denied TCP connection is closed,
 a denied HTTP request gets 403 with ``l5d-proxy-error``; authorized HTTP requests carry
 ``l5d-client-id``. Connections that outlive a decision (TCP relays, and HTTP connections an
-``Upgrade`` answered with 101 turned into relays, e.g. WebSocket) are decided again when the
-policy changes, and closed once it no longer authorizes them.
+``Upgrade`` answered with 101 or a CONNECT answered with 2xx turned into relays, e.g.
+WebSocket) are decided again when the policy changes, and closed once it no longer authorizes
+them.
 """
 
 from __future__ import annotations
@@ -176,9 +177,9 @@ class InboundHttp:
             else:
                 link.close()
         elif ex.upgrade and ex.resp is not None and ex.resp.head_sent:
-            # Only the switch to a relay after a 101 ends an exchange whose answer was
-            # written without handing its upstream link back: from here on no request is
-            # seen, so the upgrade request is what the connection stays authorized as.
+            # Only the switch to a relay (after a 101, or a 2xx to CONNECT) ends an exchange
+            # whose answer was written without handing its upstream link back: from here on no
+            # request is seen, so the upgrade request is what the connection stays authorized as.
             facts = RequestFacts(
                 ex.method.decode("latin-1"), request_path(ex.url), tuple(request_headers(ex))
             )

@@ -390,6 +390,11 @@ class _RawApp:
                     for _ in range(100):
                         writer.write(b"b" * 4096)
                         await writer.drain()
+                elif b"/fields/" in target:  # a response with that many header fields
+                    n = int(target.rpartition(b"/")[2])
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                                 + b"".join(b"X-%d: v\r\n" % i for i in range(n - 1))
+                                 + b"\r\nok")  # fmt: skip
                 elif target.endswith(b"/eof"):
                     writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz")
                     writer.close()
@@ -515,7 +520,7 @@ async def test_a_malformed_response_is_answered_once_and_the_connection_goes_on(
 async def test_heads_over_the_limit_are_refused_without_growing_memory(pki) -> None:
     """A request head that keeps coming (one endless header, or URL) gets 431 once it passes
     MAX_HEAD_BYTES and the connection closes; a large head under the limit is forwarded; an
-    upstream response head over it becomes a 502."""
+    upstream response head over it, or with more than MAX_HEADERS fields, becomes a 502."""
     app = _RawApp()
 
     async def endless(start: bytes) -> bytes:
@@ -560,6 +565,14 @@ async def test_heads_over_the_limit_are_refused_without_growing_memory(pki) -> N
         )
         assert reply.startswith(b"HTTP/1.1 502 Bad Gateway"), reply[:200]
         assert b"response head is over" in reply
+        # the response's header fields are bounded as the request's are (hyper does so too)
+        for fields, status in ((MAX_HEADERS, b"200"), (MAX_HEADERS + 1, b"502")):
+            reply = await raw_exchange(
+                mesh.outbound,
+                b"GET /fields/%d HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n" % fields,
+            )
+            assert reply.startswith(b"HTTP/1.1 " + status), reply[:200]
+        assert b"the upstream's response has more than %d header fields" % MAX_HEADERS in reply
 
 
 async def test_a_refusal_behind_pipelined_requests_waits_for_their_answers(pki) -> None:
