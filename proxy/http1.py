@@ -60,6 +60,7 @@ __all__ = [
     "MAX_PENDING_BODY",
     "Exchange",
     "Http1Server",
+    "LingeringClose",
     "error_status",
 ]
 
@@ -98,6 +99,16 @@ def _absolute_form(ex: Exchange) -> None:
     ex.head = [*without_headers(ex.head, (b"host",)), b"Host", b": ", authority, b"\r\n"]
 
 
+def _decline_h2c(ex: Exchange) -> None:
+    """Drop ``h2c`` from an upgrade offer, as Linkerd's proxy does: after it the connection
+    would carry HTTP/2 the proxy could only relay, with no request after the first authorized.
+    With nothing else offered the request goes on as plain HTTP/1.1 (a client must accept
+    that), its ``HTTP2-Settings`` dropped as the ``Connection`` header names it."""
+    offered = [t for t in ex.upgrade_to.split(b",") if t.strip().lower() != b"h2c"]
+    ex.upgrade_to = b",".join(offered).strip()
+    ex.upgrade = bool(ex.upgrade_to)
+
+
 def _authority_form(ex: Exchange) -> None:
     """A CONNECT target is ``host:port`` (RFC 9112 3.2.3), the authority the request goes to:
     as with absolute form, it replaces Host, so that the proxy and the app see one authority."""
@@ -122,8 +133,8 @@ class Http1Server:
     """Serves HTTP/1 requests arriving on ``link`` by forwarding them through ``dispatcher``."""
 
     __slots__ = (
-        "_loop", "dispatcher", "head_timeout", "head_timer", "link", "parser", "parsing",
-        "paused", "queue", "refusal",
+        "_loop", "declined", "dispatcher", "head_timeout", "head_timer", "link", "parser",
+        "parsing", "paused", "queue", "refusal",
     )  # fmt: skip
 
     def __init__(
@@ -143,6 +154,7 @@ class Http1Server:
         self.parsing: Exchange | None = None
         self.paused = False
         self.refusal = b""  # a refusal waiting for the answers to the requests before it
+        self.declined = False  # the request being parsed offered only h2c (see on_headers_complete)
         link.sink = self
         if early:
             self.data_received(early)
@@ -150,27 +162,34 @@ class Http1Server:
     # -- client side: httptools request callbacks -------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.refusal:
-            return  # refused: nothing after the bad request is parsed
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            if not self.queue:
-                return  # the upgrade request was refused and answered: nothing to tunnel
-            ex = self.queue[-1]
-            ex.tunnel_tail = data[e.args[0] :]
-            self.link.pause_reading()  # nothing more to parse until the upgrade is answered
-            return
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, MalformedRequest):
-                self._bad_request(str(cause), cause.status)
-            else:
-                self._bad_request(str(cause or e))
-            return
-        except httptools.HttpParserError as e:
-            self._bad_request(str(e))
-            return
+        while True:
+            if self.refusal:
+                return  # refused: nothing after the bad request is parsed
+            try:
+                self.parser.feed_data(data)
+                break
+            except httptools.HttpParserUpgrade as e:
+                rest = data[e.args[0] :]
+            except httptools.HttpParserCallbackError as e:
+                cause = e.__context__
+                if isinstance(cause, MalformedRequest):
+                    self._bad_request(str(cause), cause.status)
+                else:
+                    self._bad_request(str(cause or e))
+                return
+            except httptools.HttpParserError as e:
+                self._bad_request(str(e))
+                return
+            if not self.declined:  # llhttp stopped after an Upgrade or CONNECT request
+                if self.queue:  # else refused and answered: nothing to tunnel
+                    self.queue[-1].tunnel_tail = rest
+                    self.link.pause_reading()  # nothing more to parse until it is answered
+                return
+            # A declined h2c offer: llhttp stopped after that request, which is complete. The
+            # requests after it go to a fresh parser (one turn of the loop per declined offer).
+            self.declined = False
+            self.parser = httptools.HttpRequestParser(self)
+            data = rest
         parsing = self.parsing
         if parsing is not None and not parsing.method:  # the head is still arriving
             if self.head_timer is None:
@@ -225,6 +244,10 @@ class Http1Server:
         ex.keep_alive = parser.should_keep_alive()
         ex.client_10 = parser.get_http_version() == "1.0"
         ex.upgrade = parser.should_upgrade()
+        if ex.upgrade and ex.method != b"CONNECT":
+            _decline_h2c(ex)
+            if not ex.upgrade:
+                self.declined = True
         if ex.upgrade and ex.method == b"CONNECT":
             _authority_form(ex)
         elif ex.url[:1] != b"/" and b"://" in ex.url:
@@ -416,7 +439,7 @@ class Http1Server:
 
     def _refuse(self) -> None:
         self.link.write(self.refusal)
-        _LingeringClose(self.link)
+        LingeringClose(self.link)
 
     def complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The response to ``ex`` has been fully written: move on to the next request."""
@@ -428,7 +451,7 @@ class Http1Server:
             # Answered before the whole request came (an early 413, a failure): the client
             # may still be sending it, and closing with its bytes unread would reset the
             # connection under the answer.
-            _LingeringClose(self.link)
+            LingeringClose(self.link)
             return
         if ex.close_after or not ex.keep_alive or ex.upgrade:
             self.link.close()
@@ -448,7 +471,7 @@ class Http1Server:
         Relay(self.link, upstream, early_a=ex.tunnel_tail, early_b=tail)
 
 
-class _LingeringClose:
+class LingeringClose:
     """After a refusal or an answer to an unfinished request: half-close, then read and drop
     what the client still sends (bounded in bytes and time) before closing. Closing at once
     with unread input would reset the connection, and a client still sending (a request head

@@ -184,6 +184,8 @@ class Response:
         self.switching = switching = ex.upgrade and (
             status == 101 or (200 <= status < 300 and ex.method == b"CONNECT")
         )
+        if status == 101 and not switching:  # raised through the parser: answered 502
+            raise UpstreamError("the upstream switched protocols on a request that offered none")
         if switching and status != 101:
             # A successful CONNECT answer has no content: framing headers in it are ignored.
             tokens += (b"content-length",)

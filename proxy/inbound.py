@@ -74,14 +74,6 @@ class InboundHttp:
     def begin(self, ex: Exchange, now: float) -> None:
         inbound, conn = self.inbound, self.conn
         policy = inbound.policy.current()
-        if ex.upgrade and b"h2c" in ex.upgrade_to.lower():
-            # After an h2c upgrade the application reads HTTP/2 requests from bytes the proxy
-            # only relays: none of them would be authorized (nor carry l5d-client-id).
-            name = server_for(policy, conn.port).name
-            inbound.metrics.inbound_http_authz_deny_total.inc(
-                (*conn.authz_labels(name), "", "h2c_upgrade")
-            )
-            raise Forbidden("an h2c upgrade is refused: requests after it could not be authorized")
         if policy is not self.policy_seen:  # re-decide only when the policy changed
             self.policy_seen = policy
             server = server_for(policy, conn.port)

@@ -205,7 +205,7 @@ class ProxyMetrics:
         )
         # Policy decisions, in the families Linkerd's proxy reports them in, with the labels of
         # Linkerd's that this proxy has (target port, server, route, authorization, client);
-        # ``reason`` is ours: why an HTTP request was denied (unauthorized, h2c_upgrade).
+        # ``reason`` is ours: why an HTTP request was denied (unauthorized).
         self.inbound_http_authz_allow_total = Family(
             "inbound_http_authz_allow_total",
             "counter",

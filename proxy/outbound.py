@@ -18,7 +18,7 @@ from pki.errors import quoted
 from proxy.balancer import PeakEwmaBalancer
 from proxy.detect import Detected, Proto
 from proxy.errors import ProxyError, UnknownRoute
-from proxy.http1 import HEAD_TIMEOUT, Exchange, Http1Server
+from proxy.http1 import HEAD_TIMEOUT, Exchange, Http1Server, LingeringClose
 from proxy.link import Link, NullSink
 from proxy.listener import DETECT_TIMEOUT, Detector
 from proxy.metrics import HttpSeries, ProxyMetrics
@@ -186,11 +186,30 @@ class Outbound:
     def _detected_outbound_port(self, link: Link, verdict: Detected, buffered: bytes) -> None:
         if verdict.proto is Proto.HTTP1:
             Http1Server(link, self.http, buffered, self.head_timeout)
+        elif verdict.proto is Proto.HTTP2:
+            # Not routed by authority here (yet): say so in HTTP/2's own terms, so that the
+            # client names the reason, and clients that can retry over HTTP/1.1 do.
+            link.write(H2_HTTP_1_1_REQUIRED)
+            LingeringClose(link)
         else:
             link.close()  # no original destination to send opaque bytes to
 
     def upstream_listener(self, service: str) -> UpstreamListener:
         return UpstreamListener(self, service)
+
+
+def _h2_goaway(error_code: int, debug: bytes) -> bytes:
+    """A server's connection preface (an empty SETTINGS frame) and a GOAWAY that processed no
+    stream (RFC 9113 4.1, 6.5, 6.8)."""
+    settings = b"\x00\x00\x00" + b"\x04\x00" + b"\x00\x00\x00\x00"
+    payload = b"\x00\x00\x00\x00" + error_code.to_bytes(4, "big") + debug
+    return settings + len(payload).to_bytes(3, "big") + b"\x07\x00" + b"\x00\x00\x00\x00" + payload
+
+
+# HTTP_1_1_REQUIRED (0xd, RFC 9113 7): what an HTTP/2 client on the outbound port is told.
+H2_HTTP_1_1_REQUIRED = _h2_goaway(
+    0xD, b"the TrustMesh proxy routes HTTP/1.1 only on its outbound port; use HTTP/1.1"
+)
 
 
 class UpstreamListener:

@@ -707,3 +707,49 @@ async def test_an_early_answer_during_an_upload_reaches_the_client(pki) -> None:
         for _ in range(3):
             reply = await asyncio.to_thread(upload, mesh.outbound)
             assert reply.startswith(b"HTTP/1.1 413 ") and reply.endswith(b"big!"), reply
+
+
+async def test_h2c_offers_are_declined_and_the_requests_served_as_http1(pki) -> None:
+    """``curl --http2`` offers ``Upgrade: h2c`` on a cleartext request; the proxy drops the
+    offer (as Linkerd's does) and the request is served over HTTP/1.1. Offers pipelined in one
+    write are each declined in turn (a loop, not a recursion per offer)."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-i", "--http2", "--max-time", "10", "-H", "Host: api",
+            f"http://127.0.0.1:{mesh.outbound}/echo?x=1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await curl.communicate()
+        assert curl.returncode == 0, err
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n"), out
+        assert b"\r\nx-method: GET\r\n" in out
+
+        offers = 2_000
+        offer = (
+            b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        )
+        reply = await raw_exchange(
+            mesh.outbound,
+            offer * offers + b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        )
+        assert reply.count(b"HTTP/1.1 200 OK\r\n") == offers + 1, reply[-300:]
+        assert b"101" not in reply
+
+
+async def test_http2_on_the_outbound_port_is_told_to_use_http1(pki) -> None:
+    """HTTP/2 is not routed on the outbound port: a client gets a GOAWAY with
+    HTTP_1_1_REQUIRED and a reason (RFC 9113), which nghttp (a real HTTP/2 client) reports,
+    instead of a bare close."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        nghttp = await asyncio.create_subprocess_exec(
+            "nghttp", "-v", "-t", "10", f"http://127.0.0.1:{mesh.outbound}/echo",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await nghttp.communicate()
+    text = out.decode()
+    assert "recv GOAWAY frame" in text, text
+    assert "last_stream_id=0, error_code=HTTP_1_1_REQUIRED(0x0d)" in text, text
+    assert "routes HTTP/1.1 only on its outbound port" in text, text

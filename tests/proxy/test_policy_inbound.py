@@ -207,26 +207,32 @@ async def test_a_revoked_authorization_closes_open_tcp_connections(pki) -> None:
         server.close()
 
 
-async def test_an_h2c_upgrade_cannot_tunnel_requests_past_the_routes(pki, caplog) -> None:
-    """After ``Upgrade: h2c`` an application speaks HTTP/2 on the connection and the proxy
-    only relays bytes: every request after the first would escape per-request authorization.
-    The proxy refuses the upgrade (Linkerd does not proxy h2c either), cleanly: the refused
-    upgrade request leaves nothing to tunnel, which is no error."""
+async def test_an_h2c_offer_is_declined_and_every_request_after_it_is_authorized(
+    pki, caplog
+) -> None:
+    """After an upgrade to h2c an application speaks HTTP/2 on the connection and the proxy
+    would only relay bytes: every request after the first would escape per-request
+    authorization. The proxy drops the offer, as Linkerd's does: the request goes on as plain
+    HTTP/1.1 (the app never sees ``Upgrade``), and the request pipelined behind it is judged
+    on its own. An app that switches protocols anyway, on a request that offered no upgrade,
+    gets its answer turned into a 502, not relayed."""
     web, api = pki.credentials("web"), pki.credentials("api")
-    seen = bytearray()
+    heads: list[bytes] = []
 
-    async def upgrading_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
-        )
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.5):
-                while chunk := await reader.read(65536):
-                    seen.extend(chunk)
+    async def app_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                heads.append(head)
+                if head.startswith(b"GET /public/switch "):  # switches whatever was asked
+                    writer.write(
+                        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: h2c\r\n\r\n"
+                    )
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         writer.close()
 
-    app = await asyncio.start_server(upgrading_app, "127.0.0.1", 0)
+    app = await asyncio.start_server(app_handler, "127.0.0.1", 0)
     app_port = app.sockets[0].getsockname()[1]
     server = Server(
         "app",
@@ -247,29 +253,38 @@ async def test_an_h2c_upgrade_cannot_tunnel_requests_past_the_routes(pki, caplog
     )
     client = RawClient(pki.bundle.pem(), creds=web)
     header = TransportHeader(app_port, None, SessionProtocol.HTTP1).encode()
-    upgrade = (
+    offer = (
         b"GET /public HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\n"
         b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
     )
-    smuggled = b"GET /admin HTTP/1.1\r\nHost: api\r\n\r\n"
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
     try:
         policy = InboundPolicy(DefaultPolicy.DENY, (server,))
         async with run_mesh(web, api, app_port=app_port, policy=policy) as mesh:
             inbound = mesh.server.port("inbound")
-            try:
-                reply = await tls_exchange(
-                    inbound, client, api.identity, header + upgrade + smuggled
-                )
-            except ConnectionError:
-                reply = b""
-            assert b"/admin" not in seen, bytes(seen)
-            assert reply.startswith(b"HTTP/1.1 403"), reply
-            assert b"l5d-proxy-error: an h2c upgrade is refused" in reply
+            reply = await tls_exchange(inbound, client, api.identity, header + offer + smuggled)
+            first, _, second = reply.partition(b"ok")
+            assert first.startswith(b"HTTP/1.1 200 OK\r\n"), reply
+            assert second.startswith(b"HTTP/1.1 403 Forbidden\r\n"), reply
+            (forwarded,) = heads
+            assert forwarded.startswith(b"GET /public HTTP/1.1\r\n"), forwarded
+            assert b"h2c" not in forwarded.lower() and b"http2-settings" not in forwarded.lower()
             text = mesh.server.metrics.render()
-            assert (
-                sample(text, "inbound_http_authz_deny_total", srv_name="app", reason="h2c_upgrade")
-                == 1
+            assert sample(text, "inbound_http_route_not_found_total") == 0
+            denied = sample(
+                text, "inbound_http_authz_deny_total", route_name="admin", reason="unauthorized"
             )
+            assert denied == 1
+
+            reply = await tls_exchange(
+                inbound,
+                client,
+                api.identity,
+                header + b"GET /public/switch HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+            )
+            assert reply.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), reply
+            assert b"the upstream switched protocols on a request that offered none" in reply
+            assert b"101" not in reply
             errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
             assert errors == [], errors
     finally:
