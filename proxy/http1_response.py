@@ -58,6 +58,12 @@ class _TunnelEstablished(Exception):
     """Raised through the parser after a 2xx answer to CONNECT, to stop it at the head."""
 
 
+class _Stray(Exception):
+    """Raised through the parser when the upstream sends more than the one response asked:
+    a body after a head that has none, or another response. The client must never see it
+    (it would take it for the answer to its next request), and the link is not reused."""
+
+
 class Response:
     """The sink of an upstream link while it carries the response to one exchange.
 
@@ -86,7 +92,7 @@ class Response:
         self.done = False
         self.switching = False
         self.reusable = False
-        self.stray = False  # bytes followed the response: the parser is mid-message
+        self.stray = False  # bytes followed the complete response: the link is not reused
         self.body_mode = 0  # 0 raw (length or close-delimited), 1 re-chunk, 2 decode
         self.decoder: TransferDecoder | None = None  # body_mode 2: for an HTTP/1.0 client
         self.unaccounted = 0  # status of a head written but not yet reported to the dispatcher
@@ -114,6 +120,10 @@ class Response:
             if self.switching:  # a 2xx answer to CONNECT: the parser was stopped after its head
                 self._tunnel()
                 return
+            if self.stray:  # the response was whole; what followed it goes with the link
+                self.reusable = False
+                self._finish()
+                return
             self.done = True  # answered here: the link's close that follows must not answer again
             why = e.__context__ if isinstance(e.__context__, UpstreamError) else None
             self._broken(str(why or "the upstream sent a malformed HTTP response"))
@@ -139,8 +149,9 @@ class Response:
         self.server.dispatcher.response_head(self.ex, status, self.head_at)
 
     def on_message_begin(self) -> None:
-        if self.done:
+        if self.done:  # a second response to one request: never the client's
             self.stray = True
+            raise _Stray
         # The end-to-end headers as they will be written: name, b": ", value, b"\r\n".
         self.head: list[bytes] = []
         self.reason = b""
@@ -222,8 +233,6 @@ class Response:
         if ex.close_after or not ex.keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        if self.unaccounted:
-            self._account()  # a second head in one read (stray bytes): keep the order
         self.unaccounted = status
         self.head_at = self.server._loop.time()
         self.out.append(b"".join(parts))
@@ -235,6 +244,9 @@ class Response:
             self.done = True
 
     def on_body(self, body: bytes) -> None:
+        if self.done:  # a body after a head that has none (HEAD, 204, 304): never the client's
+            self.stray = True
+            raise _Stray
         if not self.body_mode:
             self.out.append(body)
         elif self.decoder is None:
@@ -289,7 +301,7 @@ class Response:
         link = ex.link
         assert link is not None
         reusable = self.reusable and not ex.close_after
-        if reusable and not (ex.is_head or self.stray):
+        if reusable and not ex.is_head:
             # After a HEAD answer the parser still expects the body the headers announce.
             link.codec = self
         self.server.complete(ex, link, reusable)

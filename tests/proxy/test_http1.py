@@ -379,7 +379,13 @@ class _RawApp:
                 if b"chunked" in head.lower():
                     await reader.readuntil(b"0\r\n\r\n")
                 target = head.split(b" ")[1]  # origin- or absolute-form
-                if target.endswith(b"/te"):
+                if head.startswith(b"HEAD "):  # with a body, which a HEAD answer must not have
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"4\r\nEVIL\r\n0\r\n\r\n")  # fmt: skip
+                elif target.endswith(b"/two"):  # two responses to one request
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")  # fmt: skip
+                elif target.endswith(b"/te"):
                     writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
                                  b"3\r\nabc\r\n0\r\n\r\n")  # fmt: skip
                 elif target.endswith(b"/both"):  # a response two parsers frame differently
@@ -515,6 +521,35 @@ async def test_a_malformed_response_is_answered_once_and_the_connection_goes_on(
             assert second.startswith(b"HTTP/1.1 200") and second.endswith(b"ok"), second
         finally:
             writer.close()
+
+
+async def test_what_an_upstream_sends_beyond_its_one_response_never_reaches_the_client(
+    pki,
+) -> None:
+    """Bytes after a complete response (a body after a HEAD answer, a second response) were
+    relayed: the client took them for the answer to its next request. They are dropped with
+    the upstream connection, and the next request gets its own answer."""
+    app = _RawApp()
+    async with behind_the_mesh(pki, app) as mesh:
+        for first in (b"GET /two", b"HEAD /head"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+            try:
+                writer.write(first + b" HTTP/1.1\r\nHost: api\r\n\r\n")
+                async with asyncio.timeout(10):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    if first.startswith(b"GET"):
+                        assert await reader.readexactly(2) == b"ok"
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+                writer.write(b"GET /next HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+                async with asyncio.timeout(10):
+                    rest = await reader.read(-1)
+                assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nok")
+                assert b"EVIL" not in rest, rest
+            finally:
+                writer.close()
+    assert [h.split(b"\r\n")[0] for h in app.heads] == [
+        b"GET /two HTTP/1.1", b"GET /next HTTP/1.1", b"HEAD /head HTTP/1.1", b"GET /next HTTP/1.1"
+    ]  # fmt: skip
 
 
 async def test_heads_over_the_limit_are_refused_without_growing_memory(pki) -> None:
