@@ -74,11 +74,17 @@ def parse_authority(path: str, cluster_domain: str = "cluster.local") -> Target:
     return Target(namespace, service, port, cluster_domain, instance)
 
 
+def _is_port(text: str) -> bool:
+    """ASCII digits of a plausible length: ``str.isdigit`` also takes ``²``, which ``int``
+    refuses, and ``int`` refuses strings of more than 4,300 digits."""
+    return text.isascii() and text.isdigit() and len(text) <= 5
+
+
 def _split_port(path: str) -> tuple[str, int]:
     host, sep, port_text = path.rpartition(":")
     if not sep or "]" in port_text:
         return path, DEFAULT_PORT
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not _is_port(port_text) or not 1 <= int(port_text) <= 65535:
         raise InvalidTarget(f"{quoted(path)}: port {quoted(port_text)} is not a number in 1..65535")
     return host, int(port_text)
 

@@ -29,7 +29,7 @@ from destination.resources import (
     Server,
 )
 from pki.durations import parse_duration
-from pki.errors import PKIError
+from pki.errors import PKIError, quoted
 
 
 def parse_server(obj: Doc) -> Server:
@@ -136,10 +136,12 @@ def parse_status_codes(text: str, field: str) -> tuple[tuple[int, int], ...]:
                 rng = (int(lo), int(hi or lo))
             except ValueError:
                 raise InvalidResource(
-                    f"{item!r} is not a status code, range, 5xx or gateway-error", field=field
+                    f"{quoted(item)} is not a status code, range, 5xx or gateway-error", field=field
                 ) from None
             if not 100 <= rng[0] <= rng[1] <= 599:
-                raise InvalidResource(f"status range {item!r} is outside 100..599", field=field)
+                raise InvalidResource(
+                    f"status range {quoted(item)} is outside 100..599", field=field
+                )
             out.append(rng)
     return tuple(out)
 
@@ -177,8 +179,8 @@ def parse_retry_annotations(meta: Meta) -> RouteRetry | None:
     codes = parse_status_codes(http, field.format("http")) if http else None
     attempts = None
     if limit is not None:
-        if not limit.isdigit():
-            raise InvalidResource(f"{limit!r} is not a number", field=field.format("limit"))
+        if not (limit.isascii() and limit.isdigit()) or len(limit) > 9:
+            raise InvalidResource(f"{quoted(limit)} is not a number", field=field.format("limit"))
         attempts = int(limit)
     dur = None
     if timeout is not None:

@@ -59,7 +59,11 @@ class ServeOptions:
 
 def split_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if (
+        not sep
+        or not (port.isascii() and port.isdigit() and len(port) <= 5)
+        or not 0 <= int(port) <= 65535
+    ):
         raise ValueError(f"address {text!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
 

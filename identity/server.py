@@ -62,7 +62,12 @@ def grpc_target(addr: str) -> str:
 def split_hostport(addr: str) -> tuple[str, int]:
     """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` → host and port; a clear error otherwise."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if (
+        not sep
+        or not host
+        or not (port.isascii() and port.isdigit() and len(port) <= 5)
+        or int(port) > 65535
+    ):
         raise ValueError(f"address {addr!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 

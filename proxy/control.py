@@ -172,7 +172,11 @@ def canonical_authority(
     if not sep or "]" in port:
         host, port = text, "80"
     host = host.rstrip(".")
-    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    if (
+        not (port.isascii() and port.isdigit() and len(port) <= 5)
+        or not 0 < int(port) < 65536
+        or not host
+    ):
         return None
     try:
         ipaddress.ip_address(host.strip("[]"))

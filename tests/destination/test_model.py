@@ -81,6 +81,10 @@ def test_paths_and_tokens() -> None:
     assert parse_workload_ref('{"ns":"shop","pod":"api-0","nodeName":"n1"}').name == "api-0"
     assert parse_workload_ref("ns:shop").namespace == "shop"
     assert parse_workload_ref("shop:api-0").name == "api-0"
+    # str.isdigit() takes these; int() does not (a ValueError escaped the handler before)
+    for port in ("\u00b2", "0" * 40 + "80"):
+        with pytest.raises(InvalidTarget, match=r"is not a number in 1\.\.65535"):
+            parse_authority(f"web.default.svc.cluster.local:{port}")
     for bad in ("{not json", "justtext", '{"ns": "Bad_NS"}'):
         with pytest.raises(InvalidTarget):
             parse_workload_ref(bad)

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from destination_testlib import WEB
 
-from destination.errors import NotFound
+from destination.errors import InvalidResource, NotFound
 from destination.meshfile import load_mesh_text
 from destination.outbound import resolve_outbound
 from destination.paths import parse_authority
@@ -54,6 +54,14 @@ def test_weighted_routes_timeouts_and_retries() -> None:
     fallback = p.route_for("POST", "/api/items")
     assert fallback is not None and fallback.timeouts.request is None
     assert outbound_from_proto(outbound_to_proto(p)) == p  # the wire round trip is lossless
+
+
+@pytest.mark.parametrize("limit", ["x", "\u00b2", "9" * 5000])
+def test_a_retry_limit_that_is_not_a_number_is_refused_by_name(limit: str) -> None:
+    text = WEB + ROUTE.replace('retry.linkerd.io/limit: "3"', f'retry.linkerd.io/limit: "{limit}"')
+    with pytest.raises(InvalidResource, match=r"retry\.linkerd\.io/limit\]: .* is not a number"):
+        st = load_mesh_text(text)
+        resolve_outbound(st, MeshSettings(), parse_authority("web.default.svc.cluster.local:8080"))
 
 
 def test_default_route_opaque_and_unknown() -> None:

@@ -45,6 +45,9 @@ OTHER = "db.shop.serviceaccount.identity.trustmesh.cluster.local"
         ("web:99999", None),
         ("web:", None),
         ("", None),
+        # str.isdigit() takes these; int() does not (a ValueError escaped before)
+        ("web:\u00b2", None),
+        ("web:" + "1" * 5000, None),
     ],
 )
 def test_canonical_authority(authority: str, expected: str | None) -> None:

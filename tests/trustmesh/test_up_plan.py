@@ -69,6 +69,13 @@ def test_plan_reads_the_workload_and_its_up_annotations() -> None:
         ),
         ("{up.trustmesh.io/upstreams: '127.0.0.1:1=a'}", "", "need a proxy"),
         ("{up.trustmesh.io/admin-port: 'x'}", "inboundProxyPort: 14143,", "not a port number"),
+        # str.isdigit() takes these; int() does not (a ValueError escaped before)
+        ("{up.trustmesh.io/admin-port: '\u00b2'}", "inboundProxyPort: 14143,", "not a port number"),
+        (
+            f"{{up.trustmesh.io/outbound-port: '{'1' * 5000}'}}",
+            "inboundProxyPort: 14143,",
+            "not a port number",
+        ),
         ("{up.trustmesh.io/command: 'a \"b'}", "inboundProxyPort: 14143,", "does not parse"),
     ],
 )

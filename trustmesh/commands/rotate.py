@@ -113,7 +113,7 @@ def _run_schedule(
     status = ScheduleStatus(schedule, fs.root / "rotate-status.json")
     if status_listen:
         host, _, port = status_listen.rpartition(":")
-        if not port.isdigit():
+        if not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
             raise click.BadParameter("expected HOST:PORT", param_hint="--status-listen")
         server = serve_status(status, host.strip("[]") or "127.0.0.1", int(port))
         logging.getLogger("trustmesh.rotate").info(

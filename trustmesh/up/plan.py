@@ -37,7 +37,11 @@ class PlanError(ValueError):
 def parse_listen(text: str, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); raises ValueError naming ``what``."""
     host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if (
+        not sep
+        or not (port.isascii() and port.isdigit() and len(port) <= 5)
+        or not 0 <= int(port) < 65536
+    ):
         raise ValueError(f"{what} {text!r} is not HOST:PORT with a port in 0..65535")
     return host.strip("[]") or HOST, int(port)
 
@@ -77,7 +81,11 @@ def _port(workload: Workload, key: str, free: Iterator[int]) -> int:
     raw = workload.meta.annotation(ANNOTATION + key)
     if raw is None:
         return next(free)
-    if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
+    digits = raw.strip()
+    if (
+        not (digits.isascii() and digits.isdigit() and len(digits) <= 5)
+        or not 0 < int(digits) < 65536
+    ):
         raise PlanError(
             f"workload {workload.meta.namespace}/{workload.meta.name}: annotation "
             f"{ANNOTATION}{key} {raw!r} is not a port number"
