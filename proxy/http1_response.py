@@ -232,6 +232,8 @@ class Response:
                 parts += (b"transfer-encoding: ", self.te, b"\r\n")  # e.g. gzip, to EOF
         if ex.close_after or not ex.keep_alive:
             parts.append(b"connection: close\r\n")
+        elif ex.client_10:  # an HTTP/1.0 client keeps the connection only when told so
+            parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         self.unaccounted = status
         self.head_at = self.server._loop.time()

@@ -788,3 +788,25 @@ async def test_http2_on_the_outbound_port_is_told_to_use_http1(pki) -> None:
     assert "recv GOAWAY frame" in text, text
     assert "last_stream_id=0, error_code=HTTP_1_1_REQUIRED(0x0d)" in text, text
     assert "routes HTTP/1.1 only on its outbound port" in text, text
+
+
+async def test_an_http10_client_that_asks_for_keep_alive_is_told_it_has_it(pki) -> None:
+    """An HTTP/1.0 client keeps its connection only if the answer says ``keep-alive``; the
+    proxy kept it open but did not say so, so such clients (ab -k) opened one per request."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+        try:
+            for _ in range(3):
+                writer.write(b"GET /echo HTTP/1.0\r\nHost: api\r\nConnection: keep-alive\r\n\r\n")
+                async with asyncio.timeout(10):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                assert b"\r\nconnection: keep-alive\r\n" in head, head
+                assert b"content-length: 0\r\n" in head.lower(), head
+            writer.write(b"GET /echo HTTP/1.0\r\nHost: api\r\n\r\n")  # no keep-alive: closed
+            async with asyncio.timeout(10):
+                last = await reader.read(-1)
+            assert last.startswith(b"HTTP/1.1 200") and b"connection: close\r\n" in last, last
+        finally:
+            writer.close()
