@@ -99,6 +99,18 @@ def _absolute_form(ex: Exchange) -> None:
     ex.head = [*without_headers(ex.head, (b"host",)), b"Host", b": ", authority, b"\r\n"]
 
 
+def _bodyless(ex: Exchange) -> bool:
+    """Whether the request has no body: no chunked coding and no Content-Length above 0
+    (RFC 9112 6.3). Read only when a request is refused, off the forwarding path."""
+    if ex.te:
+        return False
+    head = ex.head
+    for i in range(0, len(head), 4):
+        if head[i].lower() == b"content-length":
+            return head[i + 2].strip(b" \t0") == b""
+    return True
+
+
 def _decline_h2c(ex: Exchange) -> None:
     """Drop ``h2c`` from an upgrade offer, as Linkerd's proxy does: after it the connection
     would carry HTTP/2 the proxy could only relay, with no request after the first authorized.
@@ -381,6 +393,9 @@ class Http1Server:
         status, phrase = error_status(error)
         self.dispatcher.response_head(ex, status, self._loop.time())
         reason = str(error).replace("\r", " ").replace("\n", " ").encode("latin-1", "replace")
+        if not ex.req_done and _bodyless(ex):
+            # Refused at its head (routing, policy): its end follows at once, nothing to drain.
+            ex.req_done = True
         # A request whose body we did not read cannot be followed by another on this connection.
         close = not ex.req_done or not ex.keep_alive
         self.link.write(

@@ -463,7 +463,8 @@ async def test_absolute_form_targets_and_the_header_count_limit(pki) -> None:
             assert named in reply.partition(b"\r\n\r\n")[0], reply
         # an unknown authority is named in the 404, quoted (not a 60 KB header sent back)
         reply = await raw_exchange(
-            mesh.outbound, b"GET / HTTP/1.1\r\nHost: " + b"h" * 60_000 + b"\r\n\r\n"
+            mesh.outbound,
+            b"GET / HTTP/1.1\r\nHost: " + b"h" * 60_000 + b"\r\nConnection: close\r\n\r\n",
         )
         head = reply.partition(b"\r\n\r\n")[0]
         assert head.startswith(b"HTTP/1.1 404") and len(head) < 400, head[:200]
@@ -810,3 +811,31 @@ async def test_an_http10_client_that_asks_for_keep_alive_is_told_it_has_it(pki) 
             assert last.startswith(b"HTTP/1.1 200") and b"connection: close\r\n" in last, last
         finally:
             writer.close()
+
+
+async def test_a_refused_request_without_a_body_keeps_both_connections(pki) -> None:
+    """A request refused at its head (unknown authority, policy) that has no body is complete:
+    the client connection and the pooled mesh connection stay open. Each 403 used to close
+    the mesh connection, so every denied request cost both proxies a new handshake. A refused
+    request with a body still closes the client connection (the body is not read)."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        mesh.server_policy.update(InboundPolicy(DefaultPolicy.DENY))
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+        try:
+            for host, status in ((b"api", b"403"), (b"nowhere", b"404")) * 3:
+                writer.write(b"GET /echo HTTP/1.1\r\nHost: %b\r\n\r\n" % host)
+                async with asyncio.timeout(10):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 " + status), head
+                assert b"connection: close" not in head.lower(), head
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 5\r\n\r\nhello")
+            async with asyncio.timeout(10):
+                last = await reader.read(-1)
+            assert last.startswith(b"HTTP/1.1 404") and b"connection: close\r\n" in last, last
+        finally:
+            writer.close()
+        text = mesh.client.metrics.render()
+        assert sample(text, "tls_handshakes_total", direction="outbound", result="ok") == 1
+        denied = sample(mesh.server.metrics.render(), "inbound_http_authz_deny_total")
+        assert denied == 3
