@@ -230,8 +230,10 @@ class Http1Server:
                 ex.conn_tokens += tuple(t.strip().lower() for t in value.split(b","))
             elif lname == b"transfer-encoding":
                 # llhttp refuses a request whose last coding is not chunked, and one that
-                # also has Content-Length (no request smuggling through the proxy).
-                ex.te = value.strip()
+                # also has Content-Length (no request smuggling through the proxy). Codings
+                # in several fields are one list, in order (RFC 9110 5.3).
+                te = value.strip()
+                ex.te = b"%b, %b" % (ex.te, te) if ex.te else te
             elif lname == b"upgrade":
                 ex.upgrade_to = value
             return

@@ -492,6 +492,13 @@ async def test_transfer_codings_are_forwarded_as_they_came(pki) -> None:
         assert head.startswith(b"HTTP/1.1 200"), reply
         assert b"transfer-encoding: gzip, chunked" in head.lower()
         assert body == b"3\r\nabc\r\n0\r\n\r\n"
+        # codings split over two fields are one list: gzip was lost when the last field won
+        reply = await raw_exchange(
+            mesh.outbound,
+            b"POST /te HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\ngzip\r\n0\r\n\r\n",
+        )
+        assert reply.startswith(b"HTTP/1.1 200"), reply
         # absolute-form: the target's authority routes, whatever Host says
         reply = await raw_exchange(
             mesh.outbound,
@@ -501,7 +508,9 @@ async def test_transfer_codings_are_forwarded_as_they_came(pki) -> None:
         assert head.startswith(b"HTTP/1.1 200"), reply
         assert b"transfer-encoding: gzip" in head.lower() and body == b"xyz"
     assert b"transfer-encoding: gzip, chunked" in app.heads[0].lower()
-    assert app.heads[1].startswith(b"GET http://api/eof ")
+    te = [ln for ln in app.heads[1].lower().split(b"\r\n") if ln.startswith(b"transfer-encoding")]
+    assert te == [b"transfer-encoding: gzip, chunked"], app.heads[1]
+    assert app.heads[2].startswith(b"GET http://api/eof ")
 
 
 async def test_a_malformed_response_is_answered_once_and_the_connection_goes_on(pki) -> None:
