@@ -10,12 +10,15 @@ the last :class:`~alerts.inventory.Inventory`. Metric names are listed in the RE
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -25,6 +28,29 @@ from alerts.sources import Source
 
 CERT_LABELS = ("role", "subject", "fingerprint", "source")
 DEFAULT_INTERVAL = 30.0
+# Seconds a scrape connection may stay silent. prometheus_client's own server has no limit,
+# so each connection opened and left idle held a thread for ever.
+CLIENT_TIMEOUT = 10.0
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape on stderr otherwise
+
+
+def _serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+    """``/metrics`` of ``registry`` on host:port, one daemon thread per connection."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_Handler)
+    threading.Thread(target=server.serve_forever, name="alerts-metrics", daemon=True).start()
+    return server
 
 
 def scan(sources: Sequence[Source], now: float, *, workers: int = 8) -> Inventory:
@@ -158,7 +184,7 @@ class Exporter:
     def start(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on host:port (0 picks a free port) and start refreshing; returns
         the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        server = _serve(host, port, self.registry)
         self._server = server
         self._thread = threading.Thread(target=self._run, name="alerts-exporter", daemon=True)
         self._thread.start()

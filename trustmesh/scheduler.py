@@ -121,10 +121,17 @@ class ScheduleStatus:
         return "\n".join(lines) + "\n"
 
 
+# Seconds a status connection may stay silent: without a limit each one opened and left idle
+# held a thread for ever.
+STATUS_CLIENT_TIMEOUT = 10.0
+
+
 def serve_status(status: ScheduleStatus, host: str, port: int) -> ThreadingHTTPServer:
     """Serve ``/status`` and ``/metrics`` from a daemon thread; returns the bound server."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = STATUS_CLIENT_TIMEOUT
+
         def do_GET(self) -> None:
             if self.path == "/status":
                 body, ctype = json.dumps(status.to_json()).encode(), "application/json"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from pathlib import Path
 from alerts_testkit import NOW, silent_server
 from prometheus_client.parser import text_string_to_metric_families
 
+import alerts.exporter as exporter_module
 from alerts.exporter import Exporter, scan
 from alerts.sources import ProbeSource, StoreSource
 from pki.rotation import init_anchor, issue_issuer
@@ -94,3 +96,28 @@ def test_refresh_follows_a_rotation(tmp_path: Path) -> None:
 
 def test_scan_without_sources_is_empty() -> None:
     assert scan([], 7.0).certs == ()
+
+
+def test_a_silent_scrape_connection_is_closed_and_ipv6_is_served(monkeypatch, tmp_path) -> None:
+    """prometheus_client's server waited for ever on a connection that sent nothing, one
+    thread each; now the server closes it after CLIENT_TIMEOUT and scrapes go on."""
+    monkeypatch.setattr(exporter_module._Handler, "timeout", 0.5)
+    exporter = Exporter([], clock=lambda: 1.0, interval=60)
+    port = exporter.start("127.0.0.1", 0)
+    try:
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        for sock in silent:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server, not by our 5 s limit
+            sock.close()
+        assert "trustmesh_exporter_last_refresh_timestamp_seconds" in _scrape(port)[1]
+    finally:
+        exporter.stop()
+    if socket.has_ipv6:
+        six = Exporter([], clock=lambda: 1.0, interval=60)
+        port = six.start("::1", 0)
+        try:
+            with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5) as r:
+                assert r.status == 200
+        finally:
+            six.stop()

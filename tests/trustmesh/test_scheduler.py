@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from apscheduler.triggers.cron import CronTrigger
 
+import trustmesh.scheduler as scheduler_module
 from pki.certs import utcnow
 from trustmesh.rotation_job import ExitCode, run_once
 from trustmesh.scheduler import (
@@ -53,6 +55,26 @@ def test_jitter_delays_runs_within_bound():
             <= nxt
             <= datetime(2026, 11, 21, 13, 2, tzinfo=UTC)
         )
+
+
+def test_a_silent_status_connection_is_closed(monkeypatch, tmp_path) -> None:
+    """Each connection that sent nothing held a server thread for ever; now it is closed
+    after STATUS_CLIENT_TIMEOUT, and /status still answers."""
+    monkeypatch.setattr(scheduler_module, "STATUS_CLIENT_TIMEOUT", 0.5)
+    status = ScheduleStatus("* * * * *", tmp_path / "status.json")
+    server = serve_status(status, "127.0.0.1", 0)
+    port = server.server_address[1]
+    try:
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        for sock in silent:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server, not by our 5 s limit
+            sock.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_scheduled_runs_record_status_and_serve_it(make_store, tmp_path):
