@@ -58,6 +58,8 @@ class Link(asyncio.Protocol):
         "on_handshake",
         "parked",
         "peer",
+        "retire_timer",
+        "retired",
         "sink",
         "tls",
         "tracker",
@@ -79,6 +81,9 @@ class Link(asyncio.Protocol):
         self.parked: Any = None  # the pool's entry for this link, kept for its next visit
         self.write_paused = False
         self.tracker: Any = None  # metrics: told once when the connection closes
+        # Retired: it may finish what it carries, but takes no new exchange (see retire_at).
+        self.retired = False
+        self.retire_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -128,6 +133,9 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
+        if self.retire_timer is not None:
+            self.retire_timer.cancel()  # else it would keep the closed link alive until then
+            self.retire_timer = None
         if self.tracker is not None:
             self.tracker.closed(self, _errno(exc))
             self.tracker = None
@@ -153,6 +161,20 @@ class Link(asyncio.Protocol):
             self.sink.resume_writing()
 
     # -- what owners call -------------------------------------------------------------------
+
+    def retire_at(self, when: float) -> None:
+        """From loop time ``when`` on (the peer certificate's expiry), the link is retired: an
+        idle owner is told (``link_retired()``, e.g. the pool, which closes it) and a busy one
+        sees ``retired`` when it would hand the link on."""
+        loop = asyncio.get_running_loop()
+        self.retire_timer = loop.call_at(when, self._retire)
+
+    def _retire(self) -> None:
+        self.retire_timer = None
+        self.retired = True
+        retired = getattr(self.sink, "link_retired", None)
+        if retired is not None:
+            retired()
 
     def start_tls(self, session: TlsSession, buffered: bytes = b"") -> None:
         """Run ``session`` over this link from now on; ``buffered`` is data already read.

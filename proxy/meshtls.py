@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -244,6 +245,8 @@ class HandshakeInfo:
     group: str
     peer_identity: str | None
     alpn: bytes | None
+    # The peer's certificate NotAfter (seconds since the epoch; inf without a certificate).
+    peer_not_after: float = math.inf
 
 
 class MeshTls:
@@ -525,7 +528,8 @@ class TlsSession:
         identity = self.expected if self.expected is not None else (names[0] if names else None)
         if identity is not None and not _IDENTITY.fullmatch(identity):
             raise TLSError(f"the peer's certificate names {identity!r}: not a valid identity name")
-        return HandshakeInfo(group, identity, alpn)
+        not_after = peer.not_valid_after_utc.timestamp() if peer is not None else math.inf
+        return HandshakeInfo(group, identity, alpn, not_after)
 
     @property
     def group(self) -> str | None:

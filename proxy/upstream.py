@@ -12,6 +12,7 @@ idle timeout (Linkerd: 3 s) or as soon as the peer closes one.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,9 @@ class Connector:
                     assert self.tls is not None and endpoint.identity is not None
                     info = await self._handshake(link, endpoint.identity)
                     link.write(TransportHeader(endpoint.port, None, protocol).encode())
+                    # Requests are not sent over a connection whose peer certificate has
+                    # expired, however busy it keeps: a new one verifies the peer again.
+                    link.retire_at(loop.time() + info.peer_not_after - time.time())
         except TimeoutError:
             raise UpstreamError(
                 f"connecting to {endpoint.host}:{port} timed out after {self.connect_timeout}s"
@@ -111,6 +115,9 @@ class _IdleSink:
     def connection_lost(self, exc: BaseException | None) -> None:
         self.pool.evict(self)
 
+    def link_retired(self) -> None:
+        self.pool.evict(self)
+
     def pause_writing(self) -> None:
         pass
 
@@ -140,14 +147,14 @@ class Pool:
         while stack:
             entry = stack.pop()
             link = entry.link
-            if not link.closed and not link.eof:
+            if not link.closed and not link.eof and not link.retired:
                 link.sink = NULL_SINK
                 return link
         return None
 
     def put(self, key: Any, link: Link) -> None:
         """Return a link whose last exchange completed cleanly."""
-        if link.closed or link.eof:
+        if link.closed or link.eof or link.retired:
             self._close(link)
             return
         stack = self._idle.get(key)

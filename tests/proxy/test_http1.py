@@ -8,6 +8,8 @@ import os
 import socket
 import struct
 import threading
+import time
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
@@ -15,9 +17,12 @@ from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh, sample
 
 import proxy.inbound as inbound_module
 from destination.policy import HttpMatch, PathMatch, ValueMatch
+from pki.certs import issue_identity
+from pki.keys import KeyAlgorithm, PrivateKey
+from pki.names import Identity
 from proxy.http1 import HEAD_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS
 from proxy.listener import serve
-from proxy.meshtls import MeshTls, StaticCredentials
+from proxy.meshtls import MeshCredentials, MeshTls, StaticCredentials
 from proxy.policy import Authorization, DefaultPolicy, HttpRoute, InboundPolicy, Server
 from proxy.routes import Endpoint, Service
 
@@ -848,3 +853,34 @@ async def test_a_refused_request_without_a_body_keeps_both_connections(pki) -> N
         assert sample(text, "tls_handshakes_total", direction="outbound", result="ok") == 1
         denied = sample(mesh.server.metrics.render(), "inbound_http_authz_deny_total")
         assert denied == 3
+
+
+async def test_no_request_goes_over_a_connection_whose_peer_certificate_expired(pki) -> None:
+    """A pooled mesh connection kept busy is never idle long enough to be dropped; without a
+    limit it carried requests long after the server's certificate expired. Now the client
+    proxy retires it at that NotAfter: the next request verifies the peer again on a new
+    connection (here the server proxy has renewed meanwhile, so it succeeds)."""
+    web = pki.credentials("web")
+    # A server certificate that expires 4 s from now.
+    ident, key = Identity("api", "default"), PrivateKey.generate(KeyAlgorithm.ECDSA_P256)
+    soon = datetime.now(UTC) - timedelta(hours=24) + timedelta(seconds=4)
+    short = issue_identity(ident, key, pki.issuer, now=soon, skew=timedelta(0))
+    api_short = MeshCredentials(ident.dns_name, short.chain_pem(), key.to_pem(), pki.bundle.pem())
+    async with run_app() as app_port, run_mesh(web, api_short, app_port=app_port) as mesh:
+        assert short.certificate.not_after > datetime.now(UTC)
+        async with aiohttp.ClientSession() as http:
+
+            async def get() -> None:
+                async with http.get(
+                    f"http://127.0.0.1:{mesh.outbound}/echo", headers={"Host": "api"}
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+
+            await get()
+            mesh.server.credentials.update(pki.credentials("api"))  # renewed: for new sessions
+            deadline = short.certificate.not_after.timestamp() + 1.5
+            while time.time() < deadline:  # busy: the pooled connection is never idle 3 s
+                await get()
+                await asyncio.sleep(0.2)
+        text = mesh.client.metrics.render()
+    assert sample(text, "tls_handshakes_total", direction="outbound", result="ok") == 2
