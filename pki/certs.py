@@ -183,8 +183,24 @@ def load_pem_chain(data: bytes) -> tuple[Certificate, ...]:
     try:
         certs = x509.load_pem_x509_certificates(bytes(data))
     except (ValueError, x509.InvalidVersion) as e:
-        raise CertificateParseError(f"no valid PEM certificate found: {e}") from None
+        raise CertificateParseError(f"no valid PEM certificate found: {_pem_problem(e)}") from None
     return tuple(Certificate.from_x509(c) for c in certs)
+
+
+_FAQ = (
+    "Unable to load PEM file. See https://cryptography.io/en/latest/faq/"
+    "#why-can-t-i-import-my-pem-file for more details."
+)
+
+
+def _pem_problem(e: Exception) -> str:
+    """cryptography's reason without its FAQ link, in words where it is a bare code."""
+    text = str(e).replace(_FAQ, "").strip()
+    if text == "MalformedFraming":
+        return "no complete BEGIN/END CERTIFICATE block"
+    if text.startswith("InvalidData("):
+        return f"a certificate block is not valid base64 DER ({text[12:-1]})"
+    return text or str(e)
 
 
 def _check_parses(cert: X509Certificate) -> None:

@@ -40,6 +40,7 @@ from identity.client import IdentityClient
 from identity.metrics import bundle_family, certificate_families
 from pki.bundle import TrustBundle
 from pki.errors import PKIError
+from proxy.errors import ConfigError
 from proxy.meshtls import MeshCredentials
 from proxy.metrics import ProxyMetrics
 from proxy.policy import (
@@ -84,8 +85,13 @@ class TrustAnchors:
         self.clock = clock
         self.watch_file = watch_file
         self.interval = interval
-        self._stamp = os.stat(path).st_mtime_ns
-        self._bundle = TrustBundle.from_pem(path.read_bytes())
+        try:
+            self._stamp = os.stat(path).st_mtime_ns
+            self._bundle = TrustBundle.from_pem(path.read_bytes())
+        except (OSError, PKIError) as e:
+            raise ConfigError(
+                f"trust anchors {path}: {getattr(e, 'strerror', None) or e}"
+            ) from None
         self._checked = clock()
         self.source = "file"
 

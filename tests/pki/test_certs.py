@@ -168,6 +168,23 @@ def test_load_round_trips(chain: Chain) -> None:
         Certificate.from_pem(chain.leaf.chain_pem())
 
 
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"hello", "no complete BEGIN/END CERTIFICATE block"),
+        (b"-----BEGIN CERTIFICATE-----\nAAAA\n", "no complete BEGIN/END CERTIFICATE block"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----\n",
+            "a certificate block is not valid base64 DER (Invalid padding)",
+        ),
+    ],
+)
+def test_pem_errors_say_what_is_wrong_without_a_link(data: bytes, problem: str) -> None:
+    with pytest.raises(CertificateParseError) as e:
+        load_pem_chain(data)
+    assert str(e.value) == f"no valid PEM certificate found: {problem}"
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=2000))
 def test_random_bytes_only_raise_parse_errors(data: bytes) -> None:

@@ -22,6 +22,7 @@ from proxy.control import (
     server_of,
     service_of,
 )
+from proxy.errors import ConfigError
 from proxy.policy import InboundPolicy, authorize, authorize_request
 from proxy.routes import ServiceProtocol
 
@@ -139,6 +140,20 @@ def test_trust_anchors_follow_the_file_and_keep_the_last_good_bundle(
     assert anchors.current().digest == second.digest
     anchors.replace(TrustBundle.from_pem(first.pem()), "destination")
     assert anchors.current().digest == first.digest and anchors.source == "destination"
+
+
+def test_trust_anchors_that_cannot_be_read_at_start_are_named(tmp_path: Path) -> None:
+    """The proxy's startup error named neither the file nor the problem in words (it was
+    cryptography's FAQ link and ``MalformedFraming``)."""
+    garbage = tmp_path / "anchors.pem"
+    garbage.write_bytes(b"not a certificate")
+    for path, problem in (
+        (garbage, "no valid PEM certificate found: no complete BEGIN/END CERTIFICATE block"),
+        (tmp_path / "missing.pem", "No such file or directory"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            TrustAnchors(path, clock=lambda: 0.0)
+        assert str(e.value) == f"trust anchors {path}: {problem}"
 
 
 def test_httproutes_from_destination_decide_per_request() -> None:
