@@ -95,9 +95,12 @@ def _stage(path: Path, data: bytes, mode: int) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         _write_synced(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), data, mode)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            # Named by the file the caller asked for, not by our temporary one.
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return tmp
 
@@ -107,7 +110,7 @@ def _remove_stale_temps(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(path.parent):
             pid = entry.name[len(prefix) :]
-            if not entry.name.startswith(prefix) or not pid.isdigit():
+            if not entry.name.startswith(prefix) or not (pid.isascii() and pid.isdigit()):
                 continue
             if int(pid) != os.getpid() and not _process_exists(int(pid)):
                 with contextlib.suppress(FileNotFoundError):
@@ -286,7 +289,11 @@ class FileStore:
     def versions(self) -> list[int]:
         if not self.versions_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit())
+        return sorted(
+            int(p.name)
+            for p in self.versions_dir.iterdir()
+            if p.name.isascii() and p.name.isdigit()
+        )
 
     def read_version(self, version: int) -> dict[str, bytes]:
         """All files of ``version``, checked against its ``meta.json`` digests."""
@@ -427,7 +434,9 @@ class FileStore:
         current = self.current_version() or 0
         if self.versions_dir.is_dir():
             for p in self.versions_dir.iterdir():
-                if p.name.startswith(".tmp-") or (p.name.isdigit() and int(p.name) > current):
+                if p.name.startswith(".tmp-") or (
+                    p.name.isascii() and p.name.isdigit() and int(p.name) > current
+                ):
                     shutil.rmtree(p, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             (self.root / ".current.tmp").unlink()

@@ -228,8 +228,27 @@ def test_temporary_files_of_a_dead_writer_are_removed_by_the_next(tmp_path: Path
     alive.write_bytes(b"in progress")
     other = tmp_path / f".other.key.tmp-{dead.pid}"  # nor another target's
     other.write_bytes(b"x")
+    odd = tmp_path / ".k.key.tmp-\u00b2"  # isdigit() says yes, int() says no: ignored
+    odd.write_bytes(b"x")
     write_file_atomic(target, b"key", mode=0o600)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["k.key", alive.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["k.key", alive.name, other.name, odd.name]
+    )
+
+
+def test_a_write_that_cannot_start_names_the_file_asked_for(tmp_path: Path) -> None:
+    """The error named our temporary file (.k.key.tmp-PID), which the user never asked for."""
+    target = tmp_path / "missing-dir" / "k.key"
+    with pytest.raises(FileNotFoundError) as e:
+        write_file_atomic(target, b"key", mode=0o600)
+    assert e.value.filename == str(target) and ".tmp-" not in str(e.value)
+
+
+def test_version_directories_with_odd_digit_names_are_ignored(store: FileStore) -> None:
+    (store.versions_dir / "\u00b2").mkdir()  # isdigit() says yes, int() says no
+    assert store.load().version == 2
+    with store.lock():
+        pass
 
 
 def test_a_private_key_readable_by_others_is_refused_on_load(store: FileStore) -> None:
