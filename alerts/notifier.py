@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -81,10 +82,35 @@ def webhook_payload(alerts: Sequence[Alert], now: float, valid_for: float) -> di
     }
 
 
+def check_url(url: str, *, what: str, base: bool = False) -> str:
+    """``url`` if it can be posted to, else :class:`NotifyError` naming ``what`` is wrong.
+
+    Checked before anything is evaluated, so a cron job with a mistyped URL fails on its
+    first run, not on the day an alert first fires. A ``base`` (Alertmanager's) gets a path
+    appended, so it may carry no query or fragment.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise NotifyError(f"{what} URL {url!r} is not an absolute http(s) URL")
+    if any(c.isspace() or ord(c) < 0x20 for c in url):
+        raise NotifyError(f"{what} URL {url!r} contains whitespace or a control character")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number in range
+    except ValueError:
+        raise NotifyError(
+            f"{what} URL {url!r} has a port that is not a number in 0..65535"
+        ) from None
+    if base and (parts.query or parts.fragment):
+        raise NotifyError(
+            f"{what} URL {url!r} must not carry a query or fragment: "
+            "'/api/v2/alerts' is appended to it"
+        )
+    return url
+
+
 def post_json(url: str, payload: Any, *, timeout: float = DEFAULT_TIMEOUT) -> None:
     """POST ``payload`` as JSON; raise :class:`NotifyError` unless the answer is 2xx."""
-    if not url.startswith(("http://", "https://")):
-        raise NotifyError(f"{url!r} is not an http(s) URL")
+    check_url(url, what="notification")
     request = urllib.request.Request(
         url,
         data=json.dumps(payload).encode(),
@@ -111,6 +137,7 @@ def notify_alertmanager(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> None:
     """Post ``alerts`` to the Alertmanager at ``base_url`` (e.g. ``http://127.0.0.1:9093``)."""
+    check_url(base_url, what="Alertmanager", base=True)
     url = base_url.rstrip("/") + "/api/v2/alerts"
     post_json(url, alertmanager_payload(alerts, now, valid_for), timeout=timeout)
 

@@ -100,6 +100,28 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert run_cli(cli, ["alerts", "exporter", "--listen", "nowhere"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("option", "url", "problem"),
+    [
+        ("--alertmanager", "alertmanager:9093", "is not an absolute http(s) URL"),
+        ("--alertmanager", "http://", "is not an absolute http(s) URL"),
+        ("--alertmanager", "http://am:99999", "has a port that is not a number"),
+        ("--alertmanager", "http://am:9093/?x=1", "must not carry a query or fragment"),
+        ("--webhook", "http://hook /x", "contains whitespace"),
+        ("--webhook", "ftp://hook/x", "is not an absolute http(s) URL"),
+    ],
+)
+def test_a_notification_url_that_cannot_work_is_a_usage_error_while_nothing_fires(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, url: str, problem: str
+) -> None:
+    """It was only tried once an alert fired: a cron job with a mistyped URL ran green until
+    the day it had something to say."""
+    store = _store(tmp_path, timedelta(days=1))
+    assert run_cli(cli, ["alerts", "check", "--store", str(store.root), option, url]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and repr(url) in err, err
+
+
 def test_rules_command_writes_clickable_runbook_links(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

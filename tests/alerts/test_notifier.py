@@ -86,5 +86,7 @@ def test_notify_errors_are_named() -> None:
         notify_webhook(receiver.url, [_alert()], 0.0, valid_for=60)
     with pytest.raises(NotifyError, match="cannot reach"):
         notify_webhook(receiver.url, [_alert()], 0.0, valid_for=60)  # closed now
-    with pytest.raises(NotifyError, match="not an http"):
+    with pytest.raises(NotifyError, match="not an absolute http"):
         notify_webhook("ftp://x", [_alert()], 0.0, valid_for=60)
+    with pytest.raises(NotifyError, match="must not carry a query"):
+        notify_alertmanager("http://am/?q", [_alert()], 0.0, valid_for=60)

@@ -19,7 +19,7 @@ from rich.table import Table
 from alerts.checker import EXIT_ERROR, CheckReport, check
 from alerts.errors import AlertsError
 from alerts.exporter import DEFAULT_INTERVAL, Exporter, scan
-from alerts.notifier import notify_alertmanager, notify_webhook
+from alerts.notifier import check_url, notify_alertmanager, notify_webhook
 from alerts.rulebook import RULES_DIR, load_rules, write_rules
 from alerts.sources import DEFAULT_PROBE_TIMEOUT, Source, parse_address, sources_from
 from alerts.templating import humanize_duration
@@ -245,10 +245,30 @@ def rules_command(output_dir: Path, rules_dir: Path, runbook_base: str | None) -
         click.echo(f"wrote {path}")
 
 
+def _notify_url(value: str | None, what: str, *, base: bool = False) -> str | None:
+    """A usage error now for a URL that could never be posted to (see ``check_url``)."""
+    if value is None:
+        return None
+    try:
+        return check_url(value, what=what, base=base)
+    except AlertsError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @alerts.command("check", epilog=CHECK_EXIT_CODES)
 @_source_options
-@click.option("--alertmanager", metavar="URL", help="Post firing alerts to this Alertmanager.")
-@click.option("--webhook", metavar="URL", help="Post firing alerts to this webhook instead.")
+@click.option(
+    "--alertmanager",
+    metavar="URL",
+    callback=lambda _c, _p, v: _notify_url(v, "Alertmanager", base=True),
+    help="Post firing alerts to this Alertmanager.",
+)
+@click.option(
+    "--webhook",
+    metavar="URL",
+    callback=lambda _c, _p, v: _notify_url(v, "webhook"),
+    help="Post firing alerts to this webhook instead.",
+)
 @click.option(
     "--valid-for",
     default="1h",
