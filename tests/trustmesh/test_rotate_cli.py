@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -54,6 +55,31 @@ def test_schedule_jitter_out_of_range_is_a_usage_error(make_store, value):
     run = tm("rotate", "--store", str(store.root), "--schedule", "*/15 * * * *", "--jitter", value)
     assert run.code == ExitCode.USAGE, run.err
     assert "--jitter" in run.err and "at most 1d" in run.err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--status-listen", "127.0.0.1:0"), ("--jitter", "10s")]
+)
+def test_scheduled_only_options_without_a_schedule_are_a_usage_error(make_store, option, value):
+    # They were ignored: a one-shot run with --status-listen never served anything.
+    store = make_store(utcnow() - timedelta(hours=40))  # due: nothing may be done either
+    before = store.current_version()
+    run = tm("rotate", "--store", str(store.root), option, value)
+    assert run.code == ExitCode.USAGE, run.err
+    assert f"{option} needs --schedule" in run.err
+    assert store.current_version() == before
+
+
+def test_a_status_port_in_use_is_named_and_exit_2(make_store):
+    store = make_store()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+        run = tm("rotate", "--store", str(store.root), "--schedule", "0 0 1 1 *",
+                 "--status-listen", addr)  # fmt: skip
+    assert run.code == ExitCode.USAGE, run.err
+    assert f"error: cannot serve status on {addr}: Address already in use" in run.err
 
 
 def test_json_output_is_one_line_per_run(make_store):

@@ -19,6 +19,7 @@ from pki.durations import format_duration
 from pki.store import FileStore
 from trustmesh.commands.pki import MAX_VALIDITY, bounded_duration
 from trustmesh.config import default_store_path
+from trustmesh.errors import EXIT_USAGE, CLIError
 from trustmesh.rotation_job import ExitCode, RunReport, run_once
 
 # A start delay past a day stops being jitter; unbounded, it overflowed the scheduler's clock.
@@ -81,6 +82,12 @@ def rotate(
     """
     fs = FileStore(store)
     if schedule is None:
+        # Only a scheduled process serves status or waits a jitter: said now, rather than
+        # leaving the user to find the status port never answered.
+        if status_listen:
+            raise click.UsageError("--status-listen needs --schedule")
+        if jitter:
+            raise click.UsageError("--jitter needs --schedule")
         report = run_once(fs, now=utcnow(), renew_before=renew_before, dry_run=dry_run)
         _print(report, output)
         sys.exit(int(report.exit_code))
@@ -114,8 +121,16 @@ def _run_schedule(
     if status_listen:
         host, _, port = status_listen.rpartition(":")
         if not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
-            raise click.BadParameter("expected HOST:PORT", param_hint="--status-listen")
-        server = serve_status(status, host.strip("[]") or "127.0.0.1", int(port))
+            raise click.BadParameter(
+                f"{status_listen!r} is not HOST:PORT with a port in 0..65535",
+                param_hint="--status-listen",
+            )
+        try:
+            server = serve_status(status, host.strip("[]") or "127.0.0.1", int(port))
+        except OSError as e:
+            raise CLIError(
+                f"cannot serve status on {status_listen}: {e.strerror}", EXIT_USAGE
+            ) from None
         logging.getLogger("trustmesh.rotate").info(
             "status on http://%s:%d/status", *server.server_address[:2]
         )
