@@ -50,6 +50,9 @@ peer_log = PeerLog(log)  # lines a peer can cause, one per connection: rate limi
 # Distinct inbound authority label values per proxy (the Hosts an app is asked for).
 MAX_AUTHORITY_LABELS = 256
 
+# Seconds a mesh client has from its ClientHello to the end of its transport header: a
+# handshake left unfinished held its connection and TLS state for ever.
+SETUP_TIMEOUT = 10.0
 # Seconds between checks of open relays (TCP, upgraded HTTP) against the policy.
 REAUTHORIZE_INTERVAL = 1.0
 
@@ -218,7 +221,9 @@ def request_path(url: bytes) -> str:
 class _Conn:
     """What the inbound side knows about one client connection."""
 
-    __slots__ = ("checked", "client_header", "client_id", "ip", "link", "port", "request", "tls")
+    __slots__ = (
+        "checked", "client_header", "client_id", "ip", "link", "port", "request", "timer", "tls",
+    )  # fmt: skip
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -231,6 +236,8 @@ class _Conn:
         # the policy it was last authorized under.
         self.request: RequestFacts | None = None
         self.checked: object = None
+        # From the ClientHello until the connection is dispatched (see Inbound.setup_timeout).
+        self.timer: asyncio.TimerHandle | None = None
 
     def authz_labels(self, server: str) -> tuple[str, str, str, str]:
         """This connection's labels in the authorization families (metrics.AUTHZ_LABELS)."""
@@ -280,6 +287,7 @@ class Inbound:
         allowed_ports: frozenset[int] | None = None,
         detect_timeout: float = DETECT_TIMEOUT,
         head_timeout: float = HEAD_TIMEOUT,
+        setup_timeout: float = SETUP_TIMEOUT,
     ) -> None:
         self.tls = tls
         self.policy = policy
@@ -289,6 +297,7 @@ class Inbound:
         self.allowed_ports = allowed_ports
         self.detect_timeout = detect_timeout
         self.head_timeout = head_timeout
+        self.setup_timeout = setup_timeout
         self.loop = asyncio.get_running_loop()
         self.connector = Connector(None, metrics, direction="inbound")
         self.pool = Pool(clock=self.loop.time)
@@ -333,13 +342,38 @@ class Inbound:
             link.abort()
             return
         link.on_handshake = lambda lk, info, err: self._handshaken(conn, info, err)
+        conn.timer = self.loop.call_later(self.setup_timeout, self._stalled, conn)
         link.start_tls(session, buffered)
+
+    def _stalled(self, conn: _Conn) -> None:
+        """The client did not finish its handshake (or send its transport header) in time."""
+        conn.timer = None
+        link = conn.link
+        if link.closed:
+            return
+        if link.tls is not None and link.tls.info is None:
+            stage = "the TLS handshake"
+            self.metrics.tls_handshakes_total.inc(("inbound", link.tls.group or "none", "timeout"))
+        else:
+            stage = "the transport header"
+        peer_log.info(
+            "closing inbound connection from %s: %s was not complete within %gs",
+            conn.ip, stage, self.setup_timeout,
+        )  # fmt: skip
+        link.abort()
+
+    @staticmethod
+    def _set_up(conn: _Conn) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
 
     def _handshaken(
         self, conn: _Conn, info: HandshakeInfo | None, error: ProxyError | None
     ) -> None:
         link = conn.link
         if info is None:
+            self._set_up(conn)
             group = (link.tls.group if link.tls else None) or "none"
             result = "kex_refused" if type(error).__name__ == "KexRefused" else "error"
             self.metrics.tls_handshakes_total.inc(("inbound", group, result))
@@ -353,6 +387,7 @@ class Inbound:
         if info.alpn == ALPN:
             link.sink = _HeaderReader(self, conn)
         else:
+            self._set_up(conn)  # the detector has its own timeout
             Detector(link, lambda lk, v, buf: self._plain(conn, v, buf), self.detect_timeout)
 
     def _opened(self, conn: _Conn) -> None:
@@ -367,6 +402,7 @@ class Inbound:
 
     def dispatch(self, conn: _Conn, proto: Proto | None, early: bytes) -> None:
         """Hand an identified connection to HTTP/1 forwarding or the opaque relay."""
+        self._set_up(conn)
         if (
             self.allowed_ports is not None and conn.port not in self.allowed_ports
         ) or conn.port in self.own_ports:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from OpenSSL import SSL
-from proxy_mesh import run_app, run_mesh
+from proxy_mesh import run_app, run_mesh, sample
 from test_meshtls_protocol import RawClient
 
 from proxy.meshtls import KexPolicy
@@ -168,3 +168,57 @@ async def test_handshakes_are_counted_by_group_under_each_policy(pki) -> None:
             assert reply.startswith(b"HTTP/1.1 200")
             text = mesh.server.metrics.render()
             assert 'direction="inbound",group="x25519",result="ok"} 1' in text
+
+
+async def _read_or_reset(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.read(65536)
+    except ConnectionResetError:
+        return b""
+
+
+async def _stall(port: int, client: RawClient, sni: str, *, finish: bool) -> float:
+    """Send a ClientHello (and with ``finish`` complete the handshake), then nothing more;
+    return how long the proxy took to close the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = SSL.Connection(client.ctx, None)
+    conn.set_tlsext_host_name(sni.encode())
+    conn.set_alpn_protos([ALPN])
+    conn.set_connect_state()
+    started = time.monotonic()
+    try:
+        with contextlib.suppress(SSL.WantReadError):
+            conn.do_handshake()
+        writer.write(conn.bio_read(65536))
+        async with asyncio.timeout(10):
+            while data := await _read_or_reset(reader):
+                if finish:
+                    conn.bio_write(data)
+                    with contextlib.suppress(SSL.WantReadError):
+                        conn.do_handshake()
+                    with contextlib.suppress(SSL.WantReadError):
+                        writer.write(conn.bio_read(65536))
+        return time.monotonic() - started
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_stalls_before_its_transport_header_is_closed(pki) -> None:
+    """A ClientHello and then silence held the connection and its TLS state for ever (the
+    detect timeout ends before the handshake starts); so did a finished handshake without the
+    transport header. Both are closed after the setup timeout, and counted; others go on."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        inbound = mesh.server.inbound
+        assert inbound is not None
+        inbound.setup_timeout = 0.5
+        port = mesh.server.port("inbound")
+        client = RawClient(pki.bundle.pem(), creds=web)
+        for finish in (False, True):
+            took = await _stall(port, client, api.identity, finish=finish)
+            assert 0.4 < took < 5, (finish, took)
+        text = mesh.server.metrics.render()
+        assert sample(text, "tls_handshakes_total", direction="inbound", result="timeout") == 1
+        assert sample(text, "tls_handshakes_total", direction="inbound", result="ok") == 1
+        reply = await tls_exchange(port, client, api.identity, http_request(app_port))
+        assert reply.startswith(b"HTTP/1.1 200"), reply
