@@ -241,10 +241,7 @@ class Http1Server:
             if ex.authority:  # RFC 9112 3.2: the proxy and the app could disagree on which
                 raise MalformedRequest("more than one Host header")
             ex.authority = value.decode("latin-1")
-        head = ex.head
-        if len(head) >= 4 * MAX_HEADERS:
-            raise HeaderFieldsTooLarge(f"more than {MAX_HEADERS} header fields")
-        head += (name, b": ", value, b"\r\n")
+        ex.head += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -252,6 +249,8 @@ class Http1Server:
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
+        if len(ex.head) > 4 * MAX_HEADERS:  # counted once here: MAX_HEAD_BYTES bounds the list
+            raise HeaderFieldsTooLarge(f"more than {MAX_HEADERS} header fields")
         parser = self.parser
         ex.method = parser.get_method()
         ex.is_head = ex.method == b"HEAD"

@@ -178,14 +178,13 @@ class Response:
             return
         if lname == b"content-length":
             self.has_length = True
-        head = self.head
-        if len(head) >= 4 * MAX_HEADERS:  # raised through the parser: answered 502
+        self.head += (name, b": ", value, b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        if len(self.head) > 4 * MAX_HEADERS:  # raised through the parser: answered 502
             raise UpstreamError(
                 f"the upstream's response has more than {MAX_HEADERS} header fields"
             )
-        head += (name, b": ", value, b"\r\n")
-
-    def on_headers_complete(self) -> None:
         parser = self.parser
         status = parser.get_status_code()
         ex = self.ex
