@@ -410,6 +410,13 @@ class DestinationClient:
         self._stale_changed()
         return watch
 
+    async def forget(self, watch: Watch[Any]) -> None:
+        """Close ``watch`` and stop tracking it (a watch its owner no longer needs)."""
+        await watch.close()
+        if watch in self._watches:
+            self._watches.remove(watch)
+            self._stale_changed()
+
     def resolve(self, authority: str) -> Watch[EndpointSet]:
         """Endpoints of ``authority`` (``<svc>.<ns>.svc.<domain>:<port>``)."""
         request = dpb.GetDestination(

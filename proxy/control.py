@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 # the proxy remember or subscribe to.
 MAX_AUTHORITY_CACHE = 4096
 MAX_WATCHED_SERVICES = 512
+# A service watch no request used for this long (one to two periods) is closed, so that the
+# bound above is on services in use: without it, a proxy that had once resolved 512 names
+# (typos and removed services included) could never reach another.
+WATCH_IDLE_TIMEOUT = 60.0
 
 
 # --- trust anchors ---------------------------------------------------------------------------
@@ -233,14 +237,20 @@ class DestinationRoutes:
         namespace: str,
         cluster_domain: str = "cluster.local",
         first_answer_timeout: float = 3.0,
+        idle_timeout: float = WATCH_IDLE_TIMEOUT,
     ) -> None:
         self.client = client
         self.first_answer_timeout = first_answer_timeout
+        self.idle_timeout = idle_timeout
         self.namespace = namespace
         self.cluster_domain = cluster_domain
         self._names: dict[str, str | None] = {}
         self._watches: dict[str, Watch[EndpointSet]] = {}
         self._services: dict[str, tuple[EndpointSet, Service]] = {}
+        self._used: set[str] = set()  # names looked up since the last sweep
+        self._pinned: set[str] = set()  # prefetched (upstream listeners): never idle
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _canonical(self, authority: str) -> str | None:
         known = self._names.get(authority, "")
@@ -266,13 +276,35 @@ class DestinationRoutes:
                 )
                 return None
             watch = self._watches[name] = self.client.resolve(name)
+            if self._sweeper is None:
+                loop = asyncio.get_running_loop()
+                self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
+        self._used.add(name)
         return watch
+
+    def _sweep(self) -> None:
+        """Close the watches no lookup used since the last sweep (prefetched ones stay)."""
+        self._sweeper = None
+        idle = [n for n in self._watches if n not in self._used and n not in self._pinned]
+        self._used.clear()
+        for name in idle:
+            watch = self._watches.pop(name)
+            self._services.pop(name, None)
+            task = asyncio.ensure_future(self.client.forget(watch))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        if idle:
+            log.info("closed %d service watch(es) idle for %gs", len(idle), self.idle_timeout)
+        if self._watches:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
 
     async def prefetch(self, authorities: Iterable[str], timeout: float) -> list[str]:
         """Start watches and wait up to ``timeout`` for their first answers; returns the
         authorities still unresolved (they keep resolving in the background)."""
         watches = {a: self.watch(a) for a in authorities}
         pending = [a for a, w in watches.items() if w is None]
+        self._pinned.update(n for n in map(self._canonical, authorities) if n is not None)
 
         async def first(authority: str, watch: Watch[EndpointSet]) -> None:
             try:

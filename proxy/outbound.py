@@ -30,6 +30,8 @@ from proxy.upstream import Connector, Pool
 # The raw authorities (Host spellings) whose series are remembered per endpoint; past this the
 # map starts over. The series themselves are bounded by authority_label.
 MAX_SPELLINGS = 4096
+# Balancers by service name; past this many (services come and go) the map starts over.
+MAX_BALANCERS = 1024
 
 
 def authority_label(svc: Service, authority: str) -> str:
@@ -166,6 +168,8 @@ class Outbound:
         """The balancer of ``svc``, following endpoint changes (a new Service value)."""
         known = self._balancers.get(svc.name)
         if known is None:
+            if len(self._balancers) >= MAX_BALANCERS:
+                self._balancers.clear()  # services come and go; their latency estimates regrow
             bal = PeakEwmaBalancer(svc.endpoints, now=now, rng=self._rng)
             self._balancers[svc.name] = (svc, bal)
             return bal

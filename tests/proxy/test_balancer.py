@@ -9,8 +9,13 @@ from collections import Counter
 
 import pytest
 
+import proxy.outbound as outbound_module
 from proxy.balancer import DEFAULT_DECAY, DEFAULT_RTT, EndpointLoad, PeakEwmaBalancer
 from proxy.errors import ConfigError, NoEndpoints
+from proxy.metrics import ProxyMetrics
+from proxy.outbound import Outbound
+from proxy.routes import Endpoint, Service, StaticRoutes
+from proxy.upstream import Connector
 
 
 def simulate(
@@ -110,3 +115,15 @@ def test_complete_matches_endpoint_load_observe() -> None:
         ref[ep].observe(max(0.0, now - started), now, DEFAULT_DECAY)
         assert bal.state(ep).rtt == ref[ep].rtt and bal.state(ep).updated_at == now
         assert bal.state(ep).pending == 0
+
+
+async def test_the_outbound_side_keeps_a_bounded_number_of_balancers(monkeypatch) -> None:
+    """One balancer per service name routed to, for the proxy's life: with services coming
+    and going that grew without end. Past MAX_BALANCERS the map starts over."""
+    monkeypatch.setattr(outbound_module, "MAX_BALANCERS", 8)
+    out = Outbound(StaticRoutes(), Connector(None, ProxyMetrics(), direction="outbound"),
+                   ProxyMetrics())  # fmt: skip
+    for n in range(20):
+        svc = Service(f"svc-{n}", (Endpoint("127.0.0.1", 1000 + n),))
+        assert out.balancer(svc, 0.0) is out.balancer(svc, 1.0)  # kept while in use
+        assert len(out._balancers) <= 8

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from destination_testlib import eventually, free_port, quick_client, write_atomic
 
+import proxy.control as control_module
 from destination.client import DestinationClient
 from destination.paths import WorkloadRef
 from destination.service import DestinationServer, ServeOptions
-from proxy.control import DestinationPolicy
+from proxy.control import DestinationPolicy, DestinationRoutes
 from proxy.policy import DefaultPolicy, authorize
 
 pytestmark = pytest.mark.timeout(30)
@@ -99,3 +100,39 @@ async def test_a_cluster_default_without_configured_networks_uses_linkerds_clust
         assert not authorize(current, 18080, WEB_ID, outside).allowed
     finally:
         await client.close()
+
+
+async def test_idle_service_watches_are_closed_so_new_services_stay_reachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every authority a proxy had once resolved kept its watch (a stream to the destination)
+    for ever, so after MAX_WATCHED_SERVICES distinct names (typos and removed services count)
+    no new service could be reached. Watches no lookup used for an idle period are closed;
+    prefetched ones (upstream listeners) stay; a name used again resolves again."""
+    monkeypatch.setattr(control_module, "MAX_WATCHED_SERVICES", 4)
+    mesh = tmp_path / "mesh.yaml"
+    service = (
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\n"
+        "spec: {selector: {app: api}, ports: [{port: 8080, targetPort: 18080}]}\n"
+    )
+    write_atomic(mesh, MESH + GRANT + service)
+    port = free_port()
+    options = ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
+    server = DestinationServer(options)
+    await server.start()
+    client = quick_client(port, WorkloadRef("shop", "web-0"))
+    try:
+        routes = DestinationRoutes(client, "shop", idle_timeout=0.3)
+        assert await routes.prefetch(["api:8080"], 5) == []  # pinned
+        for n in range(3):  # names that resolve to nothing fill the table
+            wait = routes.resolving(f"gone-{n}:80")
+            assert wait is not None
+            await wait
+        assert routes.watch("new-0:80") is None  # the bound: nothing more is resolved
+        # two sweeps later the unused names are gone, and a new one can be watched
+        await eventually(lambda: routes.watch("new-1:80") is not None, timeout=5)
+        assert routes.by_authority("api:8080") is not None  # the prefetched one is kept
+        await eventually(lambda: len(client._watches) == 2, timeout=5)  # closed and forgotten
+    finally:
+        await client.close()
+        await server.stop()
