@@ -72,6 +72,19 @@ def silent_server() -> Iterator[str]:
         listener.close()
 
 
+def assert_silent_connections_closed(port: int, count: int = 20, within: float = 5.0) -> None:
+    """Open ``count`` connections to 127.0.0.1:``port`` that send nothing: the server must
+    close each one by itself, before our own ``within`` seconds run out."""
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    try:
+        for sock in silent:
+            sock.settimeout(within)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 class Receiver:
     """A real HTTP server on 127.0.0.1 that records JSON POST bodies (a webhook receiver)."""
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from alerts_testkit import NOW, silent_server
+from alerts_testkit import NOW, assert_silent_connections_closed, silent_server
 from prometheus_client.parser import text_string_to_metric_families
 
 import alerts.exporter as exporter_module
@@ -105,11 +105,7 @@ def test_a_silent_scrape_connection_is_closed_and_ipv6_is_served(monkeypatch, tm
     exporter = Exporter([], clock=lambda: 1.0, interval=60)
     port = exporter.start("127.0.0.1", 0)
     try:
-        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
-        for sock in silent:
-            sock.settimeout(5)
-            assert sock.recv(1) == b""  # closed by the server, not by our 5 s limit
-            sock.close()
+        assert_silent_connections_closed(port)
         assert "trustmesh_exporter_last_refresh_timestamp_seconds" in _scrape(port)[1]
     finally:
         exporter.stop()

@@ -4,7 +4,9 @@ policy instead of falling back to the permissive default."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -48,17 +50,31 @@ spec:
 """
 
 
+@contextlib.asynccontextmanager
+async def _destination(
+    mesh: Path, workload: WorkloadRef
+) -> AsyncIterator[tuple[DestinationServer, DestinationClient]]:
+    """A plaintext destination service on ``mesh`` and a quick client of it, both stopped
+    afterwards (stopping the server earlier is fine)."""
+    port = free_port()
+    server = DestinationServer(
+        ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
+    )
+    await server.start()
+    client = quick_client(port, workload)
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        await server.stop()
+
+
 async def test_revocation_reaches_the_proxy_and_an_outage_keeps_the_last_policy(
     tmp_path: Path,
 ) -> None:
     mesh = tmp_path / "mesh.yaml"
     write_atomic(mesh, MESH + GRANT)
-    port = free_port()
-    options = ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
-    server = DestinationServer(options)
-    await server.start()
-    client = quick_client(port, WorkloadRef("shop", "api-0"))
-    try:
+    async with _destination(mesh, WorkloadRef("shop", "api-0")) as (server, client):
         policy = DestinationPolicy(client, [18080], DefaultPolicy.ALL_UNAUTHENTICATED)
         assert await policy.wait_ready(5) == []
 
@@ -80,9 +96,6 @@ async def test_revocation_reaches_the_proxy_and_an_outage_keeps_the_last_policy(
         # the destination is away: still the revoked policy, not the permissive default
         assert not web_allowed()
         assert not authorize(policy.current(), 18080, None, CLIENT).allowed
-    finally:
-        await client.close()
-        await server.stop()
 
 
 async def test_a_cluster_default_without_configured_networks_uses_linkerds_cluster_networks() -> (
@@ -116,12 +129,7 @@ async def test_idle_service_watches_are_closed_so_new_services_stay_reachable(
         "spec: {selector: {app: api}, ports: [{port: 8080, targetPort: 18080}]}\n"
     )
     write_atomic(mesh, MESH + GRANT + service)
-    port = free_port()
-    options = ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
-    server = DestinationServer(options)
-    await server.start()
-    client = quick_client(port, WorkloadRef("shop", "web-0"))
-    try:
+    async with _destination(mesh, WorkloadRef("shop", "web-0")) as (_, client):
         routes = DestinationRoutes(client, "shop", idle_timeout=0.3)
         assert await routes.prefetch(["api:8080"], 5) == []  # pinned
         for n in range(3):  # names that resolve to nothing fill the table
@@ -133,6 +141,3 @@ async def test_idle_service_watches_are_closed_so_new_services_stay_reachable(
         await eventually(lambda: routes.watch("new-1:80") is not None, timeout=5)
         assert routes.by_authority("api:8080") is not None  # the prefetched one is kept
         await eventually(lambda: len(client._watches) == 2, timeout=5)  # closed and forgotten
-    finally:
-        await client.close()
-        await server.stop()

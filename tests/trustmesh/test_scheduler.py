@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from alerts_testkit import assert_silent_connections_closed
 from apscheduler.triggers.cron import CronTrigger
 
 import trustmesh.scheduler as scheduler_module
@@ -65,11 +65,7 @@ def test_a_silent_status_connection_is_closed(monkeypatch, tmp_path) -> None:
     server = serve_status(status, "127.0.0.1", 0)
     port = server.server_address[1]
     try:
-        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
-        for sock in silent:
-            sock.settimeout(5)
-            assert sock.recv(1) == b""  # closed by the server, not by our 5 s limit
-            sock.close()
+        assert_silent_connections_closed(port)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
             assert r.status == 200
     finally:
