@@ -58,6 +58,7 @@ __all__ = [
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
     "MAX_PENDING_BODY",
+    "MAX_PIPELINED",
     "Exchange",
     "Http1Server",
     "LingeringClose",
@@ -65,6 +66,9 @@ __all__ = [
 ]
 
 MAX_PENDING_BODY = 1 << 20  # pause the client while this much body waits for an upstream
+# Requests of one client connection parsed ahead of their answers at most (pipelining);
+# reading resumes once half have been answered.
+MAX_PIPELINED = 64
 # A client that starts a request head and does not finish it within this many seconds gets
 # 408 (slowloris): each stalled head would otherwise hold a connection and its buffer forever.
 HEAD_TIMEOUT = 30.0
@@ -146,7 +150,7 @@ class Http1Server:
 
     __slots__ = (
         "_loop", "declined", "dispatcher", "head_timeout", "head_timer", "link", "parser",
-        "parsing", "paused", "queue", "refusal",
+        "parsing", "paused", "piped", "queue", "refusal",
     )  # fmt: skip
 
     def __init__(
@@ -164,7 +168,8 @@ class Http1Server:
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
-        self.paused = False
+        self.paused = False  # reading held: a body waits for its upstream connection
+        self.piped = False  # reading held: MAX_PIPELINED requests wait for their answers
         self.refusal = b""  # a refusal waiting for the answers to the requests before it
         self.declined = False  # the request being parsed offered only h2c (see on_headers_complete)
         link.sink = self
@@ -174,6 +179,7 @@ class Http1Server:
     # -- client side: httptools request callbacks -------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        before = self.parsing  # a head this read continues, if any
         while True:
             if self.refusal:
                 return  # refused: nothing after the bad request is parsed
@@ -206,6 +212,11 @@ class Http1Server:
         if parsing is not None and not parsing.method:  # the head is still arriving
             if self.head_timer is None:
                 self.head_timer = self._loop.call_later(self.head_timeout, self._head_timed_out)
+            if parsing is not before:
+                # It began in this read, after the requests pipelined before it: where is not
+                # known, so this read is not counted (it bounds itself). Counting it whole made
+                # a client that pipelines over 64 KiB of small requests get a 431.
+                return
             parsing.head_bytes += len(data)
             if parsing.head_bytes > MAX_HEAD_BYTES:
                 self._bad_request(
@@ -267,9 +278,15 @@ class Http1Server:
             _absolute_form(ex)
         elif not ex.authority and not ex.client_10:
             raise MalformedRequest("an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
-        self.queue.append(ex)
-        if len(self.queue) == 1:
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) == 1:
             self._start(ex)
+        elif len(queue) >= MAX_PIPELINED and not self.piped:
+            # Answered one at a time: read no more requests until these drain, or a client
+            # that pipelines without reading the answers grows the queue without end.
+            self.piped = True
+            self.link.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -318,6 +335,9 @@ class Http1Server:
         if not self.queue:
             return
         ex = self.queue[0]
+        if not ex.started:  # held back by complete() while the client was not reading
+            self._start(ex)
+            return
         if ex.resp is not None and ex.resp.decoder is not None:
             ex.resp.decode_more()  # what is decoded already goes first
             if self.link.write_paused or not self.queue or self.queue[0] is not ex:
@@ -371,7 +391,7 @@ class Http1Server:
         link.write(b"".join(head))
         if self.paused:
             self.paused = False
-            self.link.resume_reading()
+            self._resume_reading()
         if link.closed or link.eof:  # the pooled link died while we were choosing it
             resp.eof_received()
 
@@ -472,12 +492,30 @@ class Http1Server:
         if ex.close_after or not ex.keep_alive or ex.upgrade:
             self.link.close()
             return
+        if self.piped and len(self.queue) <= MAX_PIPELINED // 2:
+            self.piped = False
+            self._resume_reading()
         if self.queue:
+            if self.link.write_paused:
+                # The client is not reading its answers: the next one waits (resume_writing),
+                # or pipelined answers would pile up in its write buffer without end.
+                return
             self._start(self.queue[0])
         elif self.refusal:
             self._refuse()
         elif self.link.eof:
             self.link.close()
+
+    def _resume_reading(self) -> None:
+        """Read the client again, unless something else still holds it: a body waiting for
+        its upstream, too many requests waiting for answers, or an upgrade request (nothing
+        after it is read until it is answered)."""
+        if self.paused or self.piped:
+            return
+        queue = self.queue
+        if queue and queue[-1].upgrade:
+            return
+        self.link.resume_reading()
 
     def switch(self, ex: Exchange, upstream: Link, tail: bytes) -> None:
         """101 Switching Protocols (or 2xx to a CONNECT): both sides become an opaque relay."""
