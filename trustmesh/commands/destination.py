@@ -114,9 +114,14 @@ def serve(
         # generations, so that a full collection does not stall a fan-out to 1,000 streams.
         gc.freeze()
         loop = asyncio.get_running_loop()
+        stopping: set[asyncio.Future[None]] = set()  # the loop keeps only weak references
+
+        def stop() -> None:
+            stopping.add(asyncio.ensure_future(server.stop()))
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+                loop.add_signal_handler(sig, stop)
         click.echo(
             f"destination service listening on {listen.rsplit(':', 1)[0]}:{server.port} "
             f"(admin :{server.admin_port})",
