@@ -55,6 +55,7 @@ from proxy.tcp import Relay
 # from here, with the server.
 __all__ = [
     "HEAD_TIMEOUT",
+    "MAX_DROPPED_BODY",
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
     "MAX_PENDING_BODY",
@@ -69,6 +70,9 @@ MAX_PENDING_BODY = 1 << 20  # pause the client while this much body waits for an
 # Requests of one client connection parsed ahead of their answers at most (pipelining);
 # reading resumes once half have been answered.
 MAX_PIPELINED = 64
+# A request refused before its end whose body is at most this long is read and dropped, and
+# its connection kept; a longer one (or a chunked one) closes the connection.
+MAX_DROPPED_BODY = 64 * 1024
 # A client that starts a request head and does not finish it within this many seconds gets
 # 408 (slowloris): each stalled head would otherwise hold a connection and its buffer forever.
 HEAD_TIMEOUT = 30.0
@@ -103,16 +107,22 @@ def _absolute_form(ex: Exchange) -> None:
     ex.head = [*without_headers(ex.head, (b"host",)), b"Host", b": ", authority, b"\r\n"]
 
 
-def _bodyless(ex: Exchange) -> bool:
-    """Whether the request has no body: no chunked coding and no Content-Length above 0
-    (RFC 9112 6.3). Read only when a request is refused, off the forwarding path."""
+def _body_to_drop(ex: Exchange) -> int | None:
+    """The length of a refused request's body, when reading and dropping it keeps the
+    connection: 0 without a body (RFC 9112 6.3), None when it is chunked, over
+    MAX_DROPPED_BODY, or may never come (``Expect: 100-continue``: the client waits for an
+    answer it has had). Read only when a request is refused, off the forwarding path."""
     if ex.te:
-        return False
+        return None
+    length = 0
     head = ex.head
     for i in range(0, len(head), 4):
-        if head[i].lower() == b"content-length":
-            return head[i + 2].strip(b" \t0") == b""
-    return True
+        name = head[i].lower()
+        if name == b"content-length":
+            length = int(head[i + 2])  # llhttp accepted it: digits
+        elif name == b"expect" and head[i + 2].strip().lower() == b"100-continue":
+            return None
+    return length if length <= MAX_DROPPED_BODY else None
 
 
 def _decline_h2c(ex: Exchange) -> None:
@@ -303,8 +313,9 @@ class Http1Server:
 
     def _send_body(self, ex: Exchange, data: bytes) -> None:
         if ex.pending is None:
-            assert ex.link is not None
-            ex.link.write(data)
+            link = ex.link
+            if link is not None:  # else the request was answered and its body is dropped
+                link.write(data)
             return
         ex.pending.append(data)
         ex.pending_size += len(data)
@@ -414,11 +425,18 @@ class Http1Server:
         status, phrase = error_status(error)
         self.dispatcher.response_head(ex, status, self._loop.time())
         reason = str(error).replace("\r", " ").replace("\n", " ").encode("latin-1", "replace")
-        if not ex.req_done and _bodyless(ex):
-            # Refused at its head (routing, policy): its end follows at once, nothing to drain.
-            ex.req_done = True
-        # A request whose body we did not read cannot be followed by another on this connection.
-        close = not ex.req_done or not ex.keep_alive
+        if not ex.req_done:
+            # Refused before its end (routing, policy): if its body is small, read and drop it,
+            # so that the connection, and the pooled mesh connection behind it, stay open.
+            length = _body_to_drop(ex)
+            if length == 0:
+                ex.req_done = True  # its end follows its head at once
+            elif length is not None:
+                ex.dropping = True
+                ex.pending = None  # what still comes of it goes nowhere (see _send_body)
+        # A request whose body we will not read cannot be followed by another on this
+        # connection.
+        close = not (ex.req_done or ex.dropping) or not ex.keep_alive
         self.link.write(
             b"HTTP/1.1 %d %b\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\n%b\r\n"
             % (status, phrase, reason, b"connection: close\r\n" if close else b"")
@@ -483,7 +501,7 @@ class Http1Server:
         ex.link = None
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
-        if not ex.req_done and not ex.upgrade:
+        if not ex.req_done and not ex.upgrade and not ex.dropping:
             # Answered before the whole request came (an early 413, a failure): the client
             # may still be sending it, and closing with its bytes unread would reset the
             # connection under the answer.

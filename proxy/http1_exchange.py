@@ -53,7 +53,7 @@ class Exchange:
     """One request/response pair as it moves through the proxy."""
 
     __slots__ = (
-        "authority", "client_10", "close_after", "conn_tokens", "extra_headers",
+        "authority", "client_10", "close_after", "conn_tokens", "dropping", "extra_headers",
         "head", "head_bytes", "is_head", "keep_alive", "link", "method", "pending",
         "pending_size", "req_done", "resp", "started", "target", "te", "tunnel_tail", "upgrade",
         "upgrade_to", "url",
@@ -76,6 +76,7 @@ class Exchange:
         self.keep_alive = True
         self.client_10 = False
         self.req_done = False
+        self.dropping = False  # answered before its end: the rest of its body is dropped
         self.close_after = False
         self.pending: list[bytes] | None = []
         self.pending_size = 0

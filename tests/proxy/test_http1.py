@@ -21,7 +21,14 @@ from destination.policy import HttpMatch, PathMatch, ValueMatch
 from pki.certs import issue_identity
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
-from proxy.http1 import HEAD_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS, MAX_PIPELINED, Http1Server
+from proxy.http1 import (
+    HEAD_TIMEOUT,
+    MAX_DROPPED_BODY,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    MAX_PIPELINED,
+    Http1Server,
+)
 from proxy.listener import serve
 from proxy.meshtls import MeshCredentials, MeshTls, StaticCredentials
 from proxy.policy import Authorization, DefaultPolicy, HttpRoute, InboundPolicy, Server
@@ -832,32 +839,54 @@ async def test_an_http10_client_that_asks_for_keep_alive_is_told_it_has_it(pki) 
             writer.close()
 
 
-async def test_a_refused_request_without_a_body_keeps_both_connections(pki) -> None:
-    """A request refused at its head (unknown authority, policy) that has no body is complete:
-    the client connection and the pooled mesh connection stay open. Each 403 used to close
-    the mesh connection, so every denied request cost both proxies a new handshake. A refused
-    request with a body still closes the client connection (the body is not read)."""
+async def test_a_refused_request_keeps_both_connections_unless_its_body_is_large(pki) -> None:
+    """A request refused before its end (unknown authority, policy) used to close the client
+    connection, and at the inbound proxy the pooled mesh connection with it, so every denied
+    request cost both proxies a new handshake. Now a request without a body, or with one of
+    at most MAX_DROPPED_BODY bytes (read and dropped), keeps both. A larger body, a chunked
+    one, or one the client holds back for 100-continue still closes the client connection."""
     web, api = pki.credentials("web"), pki.credentials("api")
     async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
         mesh.server_policy.update(InboundPolicy(DefaultPolicy.DENY))
-        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
-        try:
-            for host, status in ((b"api", b"403"), (b"nowhere", b"404")) * 3:
-                writer.write(b"GET /echo HTTP/1.1\r\nHost: %b\r\n\r\n" % host)
-                async with asyncio.timeout(10):
-                    head = await reader.readuntil(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 " + status), head
-                assert b"connection: close" not in head.lower(), head
-            writer.write(b"POST /echo HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 5\r\n\r\nhello")
-            async with asyncio.timeout(10):
-                last = await reader.read(-1)
-            assert last.startswith(b"HTTP/1.1 404") and b"connection: close\r\n" in last, last
-        finally:
-            writer.close()
+
+        async def refused(request: bytes, status: bytes, *, closes: bool) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+            try:
+                for _ in range(3):
+                    writer.write(request)
+                    async with asyncio.timeout(10):
+                        head = await reader.readuntil(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 " + status), (request, head)
+                    if closes:
+                        assert b"connection: close\r\n" in head, head
+                        async with asyncio.timeout(10):
+                            assert await reader.read(-1) == b""
+                        return
+                    assert b"connection: close" not in head.lower(), head
+            finally:
+                writer.close()
+
+        small = b"POST /echo HTTP/1.1\r\nHost: %b\r\nContent-Length: 5\r\n\r\nhello"
+        for host, status in ((b"api", b"403"), (b"nowhere", b"404")):
+            await refused(b"GET /echo HTTP/1.1\r\nHost: %b\r\n\r\n" % host, status, closes=False)
+            await refused(small % host, status, closes=False)
+        dropped = b"x" * MAX_DROPPED_BODY
+        await refused(
+            b"POST / HTTP/1.1\r\nHost: nowhere\r\nContent-Length: %d\r\n\r\n%b"
+            % (len(dropped), dropped), b"404", closes=False,
+        )  # fmt: skip
+        for request in (
+            b"POST / HTTP/1.1\r\nHost: nowhere\r\nContent-Length: %d\r\n\r\n"
+            % (MAX_DROPPED_BODY + 1),
+            b"POST / HTTP/1.1\r\nHost: nowhere\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello",
+            b"POST / HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n",
+        ):
+            await refused(request, b"404", closes=True)
         text = mesh.client.metrics.render()
         assert sample(text, "tls_handshakes_total", direction="outbound", result="ok") == 1
         denied = sample(mesh.server.metrics.render(), "inbound_http_authz_deny_total")
-        assert denied == 3
+        assert denied == 6
 
 
 async def test_no_request_goes_over_a_connection_whose_peer_certificate_expired(pki) -> None:
