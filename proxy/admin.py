@@ -14,6 +14,9 @@ from proxy.listener import listen_error
 from proxy.metrics import ProxyMetrics
 
 _MAX_HEAD = 8192
+# Seconds to hand an answer to a client: one that never reads a large /metrics must not
+# hold its handler (and the answer) for ever.
+WRITE_TIMEOUT = 10.0
 
 
 class AdminServer:
@@ -71,7 +74,12 @@ class AdminServer:
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
                 + (b"" if parts[0] == "HEAD" else body)
             )
-            await writer.drain()
+            try:  # bounded: a client that never reads its answer must not hold this handler
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await writer.drain()
+            except TimeoutError:
+                writer.transport.abort()
+                return
         except (TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.write(
                 b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+import socket
 
+import proxy.admin as admin_module
+from proxy.admin import AdminServer
 from proxy.metrics import ProxyMetrics
 
 
@@ -58,3 +63,33 @@ def test_unused_counters_are_not_shown() -> None:
     m.inbound_http_authz_allow_total.count(("8080", "srv", "true", "", "", "authz"))
     text = m.render()
     assert "request_total{" not in text and "inbound_http_authz_allow_total{" not in text
+
+
+async def test_an_admin_client_that_never_reads_does_not_hold_its_handler(monkeypatch) -> None:
+    """The answer was written and drained without a limit: a client that asked for a
+    /metrics larger than the socket buffers and never read it held the handler, and the
+    answer, for ever. Now the connection is reset after WRITE_TIMEOUT."""
+    monkeypatch.setattr(admin_module, "WRITE_TIMEOUT", 0.5)
+    certificate = b"c" * (64 * 1024 * 1024)  # bigger than any socket buffer on the way
+    admin = AdminServer(ProxyMetrics(), ready=lambda: True, certificate=lambda: certificate)
+    server = await admin.start("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"GET /certificate HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(2)  # read nothing meanwhile
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(10):
+                while data := await loop.sock_recv(sock, 1 << 20):
+                    got += len(data)
+        # the kernel's buffers, then the end: the rest was dropped with the connection
+        assert 0 < got < len(certificate) // 2, got
+    finally:
+        sock.close()
+        server.close()
+        await server.wait_closed()
