@@ -48,3 +48,22 @@ def test_an_admin_address_in_use_is_one_line_naming_the_listener(
         assert run_cli(cli, args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: cannot listen on 127.0.0.1:{port} (admin): Address already in use"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--identity-addr", "identity"), ("--identity-addr", "identity:0"),
+     ("--destination-addr", ":8086"), ("--destination-addr", "dest:99999")],
+)  # fmt: skip
+def test_control_plane_addresses_must_name_a_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """A bare host was taken as a gRPC target on port 443, and the proxy retried it for ever
+    with a warning per attempt; now it is a usage error naming the flag."""
+    anchors, token = tmp_path / "anchors.pem", tmp_path / "token"
+    anchors.write_text("")
+    token.write_text("")
+    args = ["proxy", "run", "--workload", "w-0", "--token-file", str(token),
+            "--trust-anchors", str(anchors), flag, value]  # fmt: skip
+    assert run_cli(cli, args) == 2
+    assert f"error: {flag} {value!r} is not HOST:PORT" in capsys.readouterr().err

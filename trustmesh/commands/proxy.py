@@ -27,6 +27,27 @@ from trustmesh.up.plan import parse_listen, parse_upstream
 ENV = "TRUSTMESH_PROXY_"
 
 
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
+def _control_plane_addr(value: str, flag: str) -> str:
+    """``value`` if it names a server: HOST:PORT, or a gRPC target with its scheme. A bare
+    host was taken as a gRPC target on port 443 and retried for ever with warnings."""
+    if value.startswith(_GRPC_SCHEMES):
+        return value
+    host, sep, port = value.rpartition(":")
+    if (
+        not sep
+        or not host.strip("[]")
+        or not (port.isascii() and port.isdigit() and len(port) <= 5)
+        or not 0 < int(port) < 65536
+    ):
+        raise ValueError(
+            f"{flag} {value!r} is not HOST:PORT (or a gRPC target such as dns:///HOST:PORT)"
+        )
+    return value
+
+
 def _split(values: tuple[str, ...]) -> list[str]:
     return [v for value in values for v in value.split(",") if v.strip()]
 
@@ -164,9 +185,9 @@ def run(**o: Any) -> None:
             service_account=o["service_account"],
             token_file=o["token_file"],
             trust_anchors=o["trust_anchors"],
-            identity_addr=o["identity_addr"],
+            identity_addr=_control_plane_addr(o["identity_addr"], "--identity-addr"),
             identity_name=names["identity"],
-            destination_addr=o["destination_addr"],
+            destination_addr=_control_plane_addr(o["destination_addr"], "--destination-addr"),
             destination_name=names["destination"],
             outbound=Listen(*parse_listen(o["outbound_listen"], "--outbound-listen")),
             inbound=Listen(*parse_listen(o["inbound_listen"], "--inbound-listen")),
