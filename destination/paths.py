@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from destination.errors import InvalidTarget
 from pki.errors import quoted
-from pki.names import is_dns1123_label
+from pki.names import is_dns1123_label, port_number
 
 DEFAULT_PORT = 80
 # A DNS name is at most 253 characters; with ":65535" an authority is at most 259. Longer paths
@@ -74,19 +74,14 @@ def parse_authority(path: str, cluster_domain: str = "cluster.local") -> Target:
     return Target(namespace, service, port, cluster_domain, instance)
 
 
-def _is_port(text: str) -> bool:
-    """ASCII digits of a plausible length: ``str.isdigit`` also takes ``²``, which ``int``
-    refuses, and ``int`` refuses strings of more than 4,300 digits."""
-    return text.isascii() and text.isdigit() and len(text) <= 5
-
-
 def _split_port(path: str) -> tuple[str, int]:
     host, sep, port_text = path.rpartition(":")
     if not sep or "]" in port_text:
         return path, DEFAULT_PORT
-    if not _is_port(port_text) or not 1 <= int(port_text) <= 65535:
+    port = port_number(port_text)
+    if port is None:
         raise InvalidTarget(f"{quoted(path)}: port {quoted(port_text)} is not a number in 1..65535")
-    return host, int(port_text)
+    return host, port
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from destination.meshfile import MeshFileSource
 from destination.metrics import ServiceMetrics
 from destination.resources import ClusterState, MeshSettings
 from destination.server import add_services
+from pki.names import port_number
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,11 @@ class ServeOptions:
 
 
 def split_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if (
-        not sep
-        or not (port.isascii() and port.isdigit() and len(port) <= 5)
-        or not 0 <= int(port) <= 65535
-    ):
+    host, sep, port_text = text.rpartition(":")
+    port = port_number(port_text, lowest=0)
+    if not sep or port is None:
         raise ValueError(f"address {text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "0.0.0.0", port
 
 
 def _bind_failure(host: str, port: int) -> str:

@@ -33,6 +33,16 @@ def is_dns1123_subdomain(value: str) -> bool:
     )
 
 
+def port_number(text: str, *, lowest: int = 1) -> int | None:
+    """``text`` as a TCP port in ``lowest``..65535, or None. Only ASCII digits, at most five:
+    ``str.isdigit`` also takes ``²``, which ``int`` refuses, and ``int`` refuses strings of
+    more than 4,300 digits (a ValueError where a clear refusal belongs)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5):
+        return None
+    number = int(text)
+    return number if lowest <= number <= 65535 else None
+
+
 def check_label(field: str, value: str) -> str:
     """Return ``value`` if it is a DNS-1123 label, else raise :class:`InvalidName` naming ``field``."""
     if not isinstance(value, str):

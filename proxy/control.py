@@ -40,6 +40,7 @@ from identity.client import IdentityClient
 from identity.metrics import bundle_family, certificate_families
 from pki.bundle import TrustBundle
 from pki.errors import PKIError
+from pki.names import port_number
 from proxy.errors import ConfigError
 from proxy.meshtls import MeshCredentials
 from proxy.metrics import ProxyMetrics
@@ -182,11 +183,8 @@ def canonical_authority(
     if not sep or "]" in port:
         host, port = text, "80"
     host = host.rstrip(".")
-    if (
-        not (port.isascii() and port.isdigit() and len(port) <= 5)
-        or not 0 < int(port) < 65536
-        or not host
-    ):
+    number = port_number(port)
+    if number is None or not host:
         return None
     try:
         ipaddress.ip_address(host.strip("[]"))
@@ -205,7 +203,7 @@ def canonical_authority(
         fqdn = f"{host}.{cluster_domain}"
     else:
         return None
-    return f"{fqdn}:{int(port)}"
+    return f"{fqdn}:{number}"
 
 
 def service_of(endpoints: EndpointSet) -> Service:

@@ -29,6 +29,7 @@ from collections import deque
 import httptools
 
 from pki.errors import quoted
+from pki.names import port_number
 from proxy.errors import (
     Forbidden,
     HeaderFieldsTooLarge,
@@ -143,7 +144,7 @@ def _authority_form(ex: Exchange) -> None:
     if (
         not colon
         or not host
-        or not (port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536)
+        or port_number(port.decode("latin-1")) is None
         or any(c in target for c in b"/?#@")
         or (host.startswith(b"[") != host.endswith(b"]"))
     ):

@@ -15,6 +15,7 @@ from pki.names import (
     is_dns1123_label,
     is_dns1123_subdomain,
     namespace_wildcard,
+    port_number,
 )
 
 labels = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
@@ -118,3 +119,15 @@ def test_identity_matching() -> None:
     assert not identity_matches(wildcard, web.replace("default", "prod"))
     assert identity_matches("*", web) and identity_matches(web, web)
     assert not identity_matches(web, "api" + web[3:])
+
+
+@pytest.mark.parametrize(
+    ("text", "lowest", "expected"),
+    [("80", 1, 80), ("65535", 1, 65535), ("0", 0, 0), ("00080", 1, 80), ("0", 1, None),
+     ("65536", 1, None), ("", 1, None), ("-1", 0, None), (" 80", 1, None), ("8_0", 1, None),
+     ("\u00b2", 1, None), ("\u0663", 1, None), ("0" * 40 + "80", 1, None), ("9" * 5000, 1, None)],
+)  # fmt: skip
+def test_port_number_takes_ascii_digits_in_range_only(
+    text: str, lowest: int, expected: int | None
+) -> None:
+    assert port_number(text, lowest=lowest) == expected

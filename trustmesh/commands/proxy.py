@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from pki.names import port_number
 from proxy.http1 import HEAD_TIMEOUT
 from proxy.listener import DETECT_TIMEOUT
 from proxy.policy import DefaultPolicy
@@ -36,12 +37,7 @@ def _control_plane_addr(value: str, flag: str) -> str:
     if value.startswith(_GRPC_SCHEMES):
         return value
     host, sep, port = value.rpartition(":")
-    if (
-        not sep
-        or not host.strip("[]")
-        or not (port.isascii() and port.isdigit() and len(port) <= 5)
-        or not 0 < int(port) < 65536
-    ):
+    if not sep or not host.strip("[]") or port_number(port) is None:
         raise ValueError(
             f"{flag} {value!r} is not HOST:PORT (or a gRPC target such as dns:///HOST:PORT)"
         )

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from pki.certs import utcnow
 from pki.durations import format_duration
+from pki.names import port_number
 from pki.store import FileStore
 from trustmesh.commands.pki import MAX_VALIDITY, bounded_duration
 from trustmesh.config import default_store_path
@@ -119,14 +120,15 @@ def _run_schedule(
         raise click.BadParameter(str(e), param_hint="--schedule") from None
     status = ScheduleStatus(schedule, fs.root / "rotate-status.json")
     if status_listen:
-        host, _, port = status_listen.rpartition(":")
-        if not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
+        host, _, port_text = status_listen.rpartition(":")
+        port = port_number(port_text, lowest=0)
+        if port is None:
             raise click.BadParameter(
                 f"{status_listen!r} is not HOST:PORT with a port in 0..65535",
                 param_hint="--status-listen",
             )
         try:
-            server = serve_status(status, host.strip("[]") or "127.0.0.1", int(port))
+            server = serve_status(status, host.strip("[]") or "127.0.0.1", port)
         except OSError as e:
             raise CLIError(
                 f"cannot serve status on {status_listen}: {e.strerror}", EXIT_USAGE

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from destination.resources import ClusterState, Workload
+from pki.names import port_number
 
 ANNOTATION = "up.trustmesh.io/"
 HOST = "127.0.0.1"
@@ -37,13 +38,10 @@ class PlanError(ValueError):
 def parse_listen(text: str, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); raises ValueError naming ``what``."""
     host, sep, port = text.strip().rpartition(":")
-    if (
-        not sep
-        or not (port.isascii() and port.isdigit() and len(port) <= 5)
-        or not 0 <= int(port) < 65536
-    ):
+    number = port_number(port, lowest=0)
+    if not sep or number is None:
         raise ValueError(f"{what} {text!r} is not HOST:PORT with a port in 0..65535")
-    return host.strip("[]") or HOST, int(port)
+    return host.strip("[]") or HOST, number
 
 
 def parse_upstream(text: str) -> tuple[tuple[str, int], str]:
@@ -81,16 +79,13 @@ def _port(workload: Workload, key: str, free: Iterator[int]) -> int:
     raw = workload.meta.annotation(ANNOTATION + key)
     if raw is None:
         return next(free)
-    digits = raw.strip()
-    if (
-        not (digits.isascii() and digits.isdigit() and len(digits) <= 5)
-        or not 0 < int(digits) < 65536
-    ):
+    port = port_number(raw.strip())
+    if port is None:
         raise PlanError(
             f"workload {workload.meta.namespace}/{workload.meta.name}: annotation "
             f"{ANNOTATION}{key} {raw!r} is not a port number"
         )
-    return int(raw)
+    return port
 
 
 def plan_workload(workload: Workload, free: Iterator[int]) -> WorkloadPlan:
