@@ -15,6 +15,15 @@ from trustmesh.cli import cli
 from trustmesh.errors import run_cli
 
 
+def _proxy_run(tmp_path: Path, *options: str, anchors: bytes = b"", token: str = "") -> int:
+    """``trustmesh proxy run`` for workload w-0 with these files and ``options``: exit code."""
+    anchors_file, token_file = tmp_path / "anchors.pem", tmp_path / "token"
+    anchors_file.write_bytes(anchors)
+    token_file.write_text(token)
+    return run_cli(cli, ["proxy", "run", "--workload", "w-0", "--token-file", str(token_file),
+                         "--trust-anchors", str(anchors_file), *options])  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--head-timeout", "0"), ("--head-timeout", "-1"), ("--detect-timeout", "soon")],
@@ -22,12 +31,7 @@ from trustmesh.errors import run_cli
 def test_timeouts_must_be_positive_seconds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
 ) -> None:
-    anchors, token = tmp_path / "anchors.pem", tmp_path / "token"
-    anchors.write_text("")
-    token.write_text("")
-    args = ["proxy", "run", "--workload", "w-0", "--token-file", str(token),
-            "--trust-anchors", str(anchors), flag, value]  # fmt: skip
-    assert run_cli(cli, args) == 2
+    assert _proxy_run(tmp_path, flag, value) == 2
     assert f"Invalid value for '{flag}'" in capsys.readouterr().err
 
 
@@ -36,16 +40,15 @@ def test_an_admin_address_in_use_is_one_line_naming_the_listener(
 ) -> None:
     store = FileStore(tmp_path / "store")
     init_anchor(store, now=datetime.now(UTC))
-    anchors, token = tmp_path / "anchors.pem", tmp_path / "token"
-    anchors.write_bytes(store.trust_bundle().pem())
-    token.write_text("t")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = ["proxy", "run", "--workload", "w-0", "--token-file", str(token),
-                "--trust-anchors", str(anchors), "--admin-listen", f"127.0.0.1:{port}"]  # fmt: skip
-        assert run_cli(cli, args) == 1
+        code = _proxy_run(
+            tmp_path, "--admin-listen", f"127.0.0.1:{port}",
+            anchors=store.trust_bundle().pem(), token="t",
+        )  # fmt: skip
+        assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: cannot listen on 127.0.0.1:{port} (admin): Address already in use"
 
@@ -60,10 +63,5 @@ def test_control_plane_addresses_must_name_a_port(
 ) -> None:
     """A bare host was taken as a gRPC target on port 443, and the proxy retried it for ever
     with a warning per attempt; now it is a usage error naming the flag."""
-    anchors, token = tmp_path / "anchors.pem", tmp_path / "token"
-    anchors.write_text("")
-    token.write_text("")
-    args = ["proxy", "run", "--workload", "w-0", "--token-file", str(token),
-            "--trust-anchors", str(anchors), flag, value]  # fmt: skip
-    assert run_cli(cli, args) == 2
+    assert _proxy_run(tmp_path, flag, value) == 2
     assert f"error: {flag} {value!r} is not HOST:PORT" in capsys.readouterr().err
