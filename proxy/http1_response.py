@@ -196,7 +196,8 @@ class Response:
         )
         if status == 101 and not switching:  # raised through the parser: answered 502
             raise UpstreamError("the upstream switched protocols on a request that offered none")
-        if switching and status != 101:
+        tunnel = switching and status != 101  # a 2xx answer to CONNECT
+        if tunnel:
             # A successful CONNECT answer has no content: framing headers in it are ignored.
             tokens += (b"content-length",)
         if tokens and not HOP_BY_HOP.issuperset(tokens):
@@ -205,7 +206,7 @@ class Response:
             parts += self.head
         # Read here: httptools forgets keep-alive once the message is complete.
         self.reusable = parser.should_keep_alive()
-        if 100 <= status < 200 and not self.switching:
+        if 100 <= status < 200 and not switching:
             parts.append(b"\r\n")
             self.out.append(b"".join(parts))  # interim: the final one follows
             return
@@ -238,7 +239,7 @@ class Response:
         self.head_at = self.server._loop.time()
         self.out.append(b"".join(parts))
         self.head_sent = True
-        if switching and status != 101:
+        if tunnel:
             # llhttp would take what follows for a body: stop it here (see _tunnel).
             raise _TunnelEstablished
         if no_body and not switching:
