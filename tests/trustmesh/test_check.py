@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -201,3 +202,36 @@ def test_a_staged_anchor_waits_for_every_proxy(
         "description": "data plane proxies certificate match CA",
         "result": "success",
     }
+
+
+def test_cli_checks_the_mesh_a_running_up_published(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trustmesh.up.home import Home
+
+    store = _store(tmp_path, datetime.now(UTC), timedelta(days=365))
+    home = Home(store.root)
+    home.run_dir.mkdir()
+    digest = store.trust_bundle().digest
+    with admin(True) as identity, admin(True) as destination, admin(False, digest) as proxy:
+        home.publish(  # as 'up' does once ready (this test's process stands for 'up')
+            {
+                "control_plane": {"admin": {"identity": identity, "destination": destination}},
+                "workloads": [{"workload": "shop/web-0", "admin": proxy}],
+            }
+        )
+        assert run_cli(cli, ["check", "--store", str(store.root)]) == 1
+        captured = capsys.readouterr()
+        assert "√ identity service is ready" in captured.out
+        assert f"proxies are not ready: shop/web-0 ({proxy}) (" in captured.out
+        assert f"running on {store.root} (pid {os.getpid()})" in captured.err
+        # Addresses given on the command line are checked instead.
+        assert run_cli(cli, ["check", "--store", str(store.root), "--identity", identity]) == 0
+        captured = capsys.readouterr()
+        assert "data-plane" not in captured.out and "running on" not in captured.err
+        # The 'up' that published it has ended (killed outright: it left the file behind).
+        data = json.loads(home.published.read_bytes())
+        home.published.write_text(json.dumps({**data, "process_start": -1}))
+        assert run_cli(cli, ["check", "--store", str(store.root), "-o", "json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert [c["categoryName"] for c in report["categories"]] == ["trustmesh-identity"]

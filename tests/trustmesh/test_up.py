@@ -95,9 +95,27 @@ def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
         }
         token = home / "up" / "tokens" / "shop.web.jwt"
         assert oct(token.stat().st_mode & 0o777) == "0o600"
+        # 'trustmesh check' on the same home, told nothing else, checks this mesh's components.
+        checked = subprocess.run(
+            [sys.executable, "-m", "trustmesh", "check", "-o", "json"],
+            cwd=ROOT, env={**os.environ, "TRUSTMESH_HOME": str(home)},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert f"(pid {proc.pid})" in checked.stderr
+        report = json.loads(checked.stdout)
+        names = [c["categoryName"] for c in report["categories"]]
+        assert names == [
+            "trustmesh-identity",
+            "trustmesh-control-plane",
+            "trustmesh-identity-data-plane",
+        ]
+        published = home / "up" / "mesh.json"
+        assert oct(published.stat().st_mode & 0o777) == "0o644"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
+        assert not published.exists()
         summary = json.loads(out)
         assert summary["tls_groups"] == {"X25519MLKEM768": 1}
         _, alive = psutil.wait_procs(children, timeout=5)

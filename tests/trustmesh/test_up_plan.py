@@ -18,7 +18,7 @@ from identity.validators import service_account_username
 from pki import tokens
 from pki.errors import StoreCorrupt, StoreError
 from trustmesh.up.demo import check_chain, demo_mesh
-from trustmesh.up.home import Home, HomeInUse, ensure_pki, write_token
+from trustmesh.up.home import Home, HomeInUse, RunningMesh, ensure_pki, write_token
 from trustmesh.up.plan import ControlPlane, PlanError, parse_upstream, plan_mesh, proxy_args
 
 WORKLOAD = """\
@@ -171,6 +171,43 @@ def test_home_lock_refuses_a_second_up_naming_the_holder(tmp_path: Path) -> None
         pass
     with home.run_lock():  # released with the first holder
         pass
+
+
+_READY = {
+    "control_plane": {"admin": {"identity": "127.0.0.1:1001", "destination": "127.0.0.1:1002"}},
+    "workloads": [
+        {"workload": "shop/web-0", "admin": "127.0.0.1:1003"},
+        {"workload": "shop/db-0", "admin": None},  # unmeshed: no proxy
+    ],
+}
+
+
+def test_home_publishes_the_running_mesh_for_check(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    assert home.running() is None  # nothing published
+    home.run_dir.mkdir(parents=True)
+    home.publish(_READY)
+    assert home.running() == RunningMesh(
+        os.getpid(), "127.0.0.1:1001", "127.0.0.1:1002", (("shop/web-0", "127.0.0.1:1003"),)
+    )
+    home.unpublish()
+    assert home.running() is None
+    home.unpublish()  # twice is fine
+
+
+def test_home_ignores_a_mesh_published_by_a_process_that_has_ended(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    home.run_dir.mkdir(parents=True)
+    home.publish(_READY)
+    data = json.loads(home.published.read_bytes())
+    # An 'up' killed outright left it, and its pid is now another process's (this one's, with
+    # another start time) or nobody's.
+    for pid, start in ((os.getpid(), data["process_start"] + 1), (2**22 + 1, 1)):
+        home.published.write_text(json.dumps({**data, "pid": pid, "process_start": start}))
+        assert home.running() is None
+    for junk in ("", "{", "[]", '{"pid": "1"}', json.dumps({**data, "workloads": [1]})):
+        home.published.write_text(junk)
+        assert home.running() is None
 
 
 def test_home_with_an_expired_anchor_says_so(tmp_path: Path, t0) -> None:

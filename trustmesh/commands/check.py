@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from trustmesh.checks import (
     ERROR,
     RUNBOOKS_DIR,
     WARNING,
+    AdminStatus,
     Category,
     Report,
     RunbookLinks,
@@ -49,6 +51,13 @@ def _print(report: Report, links: RunbookLinks) -> None:
         click.echo()
     status = "passed" if report.success else "failed"
     click.echo(f"Status check results are {click.style(mark_of(report), bold=True)} ({status})")
+
+
+def _named(status: AdminStatus, workload: str | None) -> AdminStatus:
+    """A discovered proxy is reported as ``workload (HOST:PORT)``, which says whose it is."""
+    if workload is None:
+        return status
+    return dataclasses.replace(status, address=f"{workload} ({status.address})")
 
 
 def mark_of(report: Report) -> str:
@@ -101,9 +110,24 @@ def check(
 ) -> int:
     """Check the trust anchors and issuer, control-plane readiness and the proxies.
 
+    Given no admin address, it checks those of a `trustmesh up` running on the store's home.
+
     Results: √ passed, ‼ warning, × failed; each failure names the runbook to follow.
     """
     links = RunbookLinks(runbook_base, RUNBOOKS_DIR if RUNBOOKS_DIR.is_dir() else None)
+    names: dict[str, str] = {}  # proxy admin address -> workload, for discovered proxies
+    if not (identity or destination or proxies):
+        from trustmesh.up.home import Home  # (imports identity: only when needed)
+
+        running = Home(store.expanduser().resolve()).running()
+        if running is not None:
+            click.echo(
+                f"checking the mesh of the trustmesh up running on {store} (pid {running.pid})",
+                err=True,
+            )
+            identity, destination = running.identity, running.destination
+            names = {addr: workload for workload, addr in running.proxies}
+            proxies = tuple(names)
     now = utcnow()
     state: StoreState | Exception
     try:
@@ -124,7 +148,9 @@ def check(
         )
     if proxies:
         digest = state.bundle.digest if isinstance(state, StoreState) and state.bundle else None
-        statuses = [probe_admin(p, timeout=timeout, metrics=True) for p in proxies]
+        statuses = [
+            _named(probe_admin(p, timeout=timeout, metrics=True), names.get(p)) for p in proxies
+        ]
         staged = state.next_anchor if isinstance(state, StoreState) else None
         categories.append(
             data_plane_category(

@@ -144,6 +144,7 @@ def _run(
     def progress(message: str) -> None:
         err.print(f"[dim]trustmesh up:[/dim] {message}")
 
+    paths.unpublish()  # one a killed 'up' left behind (this one holds the home now)
     supervisor = Supervisor(paths.logs)
     mesh = Mesh(options, supervisor)
     driver: Traffic | None = None
@@ -160,6 +161,10 @@ def _run(
             progress("interrupted while starting; stopping")
             return 130
         progress(f"mesh ready; child logs in {paths.logs}")
+        try:
+            paths.publish(_ready_info(mesh))  # for 'trustmesh check' on this home
+        except OSError as e:
+            progress(f"cannot write {paths.published} ({e}): 'trustmesh check' will not find it")
         if output == "json" and not traffic:
             click.echo(json.dumps(_ready_info(mesh)), nl=True)
             sys.stdout.flush()
@@ -207,6 +212,7 @@ def _run(
         elapsed = time.monotonic() - started
     finally:
         signals.interrupting = False  # the stop is bounded; a second Ctrl-C must not cut it short
+        paths.unpublish()
         if driver is not None:
             driver.stop()
         supervisor.stop()

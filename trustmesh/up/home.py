@@ -5,18 +5,22 @@ creates its anchor and issuer on first run and replaces an issuer that expired w
 was running. Runtime files live beside the store in ``<home>/up/``: the anchors PEM the proxies
 start from, one workload token per service account (the embedded counterpart of a projected
 ServiceAccount token, signed with the store's token key), and one log file per child.
-One ``up`` at a time owns a home (``<home>/up/lock``).
+One ``up`` at a time owns a home (``<home>/up/lock``). While its mesh is ready it publishes
+where its components' admin ports are in ``<home>/up/mesh.json``, so that ``trustmesh check``
+run on the same home checks them without being told.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from identity.validators import DEFAULT_AUDIENCE, sign_workload_token
 from pki.errors import StoreCorrupt, StoreError
@@ -57,6 +61,46 @@ class Home:
     def token(self, namespace: str, service_account: str) -> Path:
         return self.run_dir / "tokens" / f"{namespace}.{service_account}.jwt"
 
+    @property
+    def published(self) -> Path:
+        return self.run_dir / "mesh.json"
+
+    def publish(self, info: dict[str, Any]) -> None:
+        """Say where the running mesh is (``info``: what ``up -o json`` prints when ready), with
+        this process's pid and start time: a file left by an ``up`` that was killed outright
+        then names a process that is gone, and :meth:`running` ignores it."""
+        started = _process_start(os.getpid())
+        data = {**info, "pid": os.getpid(), "process_start": started}
+        write_file_atomic(self.published, json.dumps(data, indent=2).encode() + b"\n")
+
+    def unpublish(self) -> None:
+        self.published.unlink(missing_ok=True)
+
+    def running(self) -> RunningMesh | None:
+        """The mesh an ``up`` running on this home published, or None: no file, or one whose
+        process has ended (its pid gone, or now another process's), or one that cannot be read."""
+        try:
+            data = json.loads(self.published.read_bytes())
+            pid, started = data["pid"], data["process_start"]
+            control = data["control_plane"]["admin"]
+            mesh = RunningMesh(
+                pid=int(pid),
+                identity=str(control["identity"]),
+                destination=str(control["destination"]),
+                proxies=tuple(
+                    (str(w["workload"]), str(w["admin"]))
+                    for w in data["workloads"]
+                    if w.get("admin")
+                ),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # not one we wrote: a partial one is impossible (written atomically)
+        if not isinstance(pid, int) or _process_start(pid) != started:
+            return None
+        return mesh
+
     @contextlib.contextmanager
     def run_lock(self) -> Iterator[None]:
         """Hold the home for one ``up``; raise HomeInUse, naming the holder, when another has it.
@@ -83,6 +127,28 @@ class Home:
             yield
         finally:
             os.close(fd)  # releases the flock
+
+
+@dataclass(frozen=True, slots=True)
+class RunningMesh:
+    """The admin addresses of a running ``up``'s components, as it published them."""
+
+    pid: int
+    identity: str
+    destination: str
+    proxies: tuple[tuple[str, str], ...]  # (workload, admin HOST:PORT)
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, field 22 of /proc/PID/stat), which
+    with the pid names one process for good; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces and ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
 
 
 def ensure_pki(home: Home, *, now: datetime) -> str:
