@@ -239,3 +239,46 @@ async def test_admin_endpoints(server: DestinationServer) -> None:
         assert b'trustmesh_destination_updates_sent_total{stream="destination"} 1.0' in body
         call.cancel()
     assert (await get("/nope"))[0] == 404
+
+
+@pytest.mark.timeout(120)
+async def test_thousands_of_streams_opened_at_once_are_all_served(
+    server: DestinationServer,
+) -> None:
+    # After a restart of destination every proxy reopens its streams at once; grpc's own limit
+    # on calls waiting for a handler (1,000 soft, 3,000 hard) cancelled hundreds of them.
+    n = 4000
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(4)]
+    try:
+        calls = [
+            dg.DestinationStub(channels[i % 4]).Get(d.GetDestination(scheme="k8s", path=AUTHORITY))
+            for i in range(n)
+        ]
+        firsts = await asyncio.gather(*(read(c, 60) for c in calls), return_exceptions=True)
+        failed = [f for f in firsts if isinstance(f, BaseException)]
+        assert not failed, f"{len(failed)} of {n} failed, e.g. {failed[0]!r}"
+        assert all(f.WhichOneof("update") == "add" for f in firsts)  # type: ignore[union-attr]
+        def subscribers() -> float | None:
+            return server.metrics.registry.get_sample_value(
+                "trustmesh_destination_subscribers", {"stream": "destination"}
+            )
+
+        assert subscribers() == n
+        for call in calls:
+            call.cancel()
+        await eventually(lambda: subscribers() == 0)
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def test_an_oversized_request_is_refused_before_it_is_parsed(
+    server: DestinationServer,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        big = d.GetDestination(scheme="k8s", path=AUTHORITY, context_token="x" * 70_000)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await read(dg.DestinationStub(ch).Get(big))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        small = d.GetDestination(scheme="k8s", path=AUTHORITY)
+        assert (await read(dg.DestinationStub(ch).Get(small))).WhichOneof("update") == "add"
