@@ -258,6 +258,7 @@ async def test_thousands_of_streams_opened_at_once_are_all_served(
         failed = [f for f in firsts if isinstance(f, BaseException)]
         assert not failed, f"{len(failed)} of {n} failed, e.g. {failed[0]!r}"
         assert all(f.WhichOneof("update") == "add" for f in firsts)  # type: ignore[union-attr]
+
         def subscribers() -> float | None:
             return server.metrics.registry.get_sample_value(
                 "trustmesh_destination_subscribers", {"stream": "destination"}
