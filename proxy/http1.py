@@ -24,6 +24,7 @@ header rules) is :mod:`proxy.http1_exchange`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 
 import httptools
@@ -50,6 +51,7 @@ from proxy.http1_exchange import (
 )
 from proxy.http1_response import Response
 from proxy.link import Link
+from proxy.lograte import PeerLog
 from proxy.tcp import Relay
 
 # Exchange and MAX_HEAD_BYTES live in proxy.http1_exchange; listeners and tests import them
@@ -77,6 +79,10 @@ MAX_DROPPED_BODY = 64 * 1024
 # A client that starts a request head and does not finish it within this many seconds gets
 # 408 (slowloris): each stalled head would otherwise hold a connection and its buffer forever.
 HEAD_TIMEOUT = 30.0
+
+# Requests the proxy answered itself (refused, or the upstream failed): a client can cause
+# them, so the lines are rate limited.
+failure_log = PeerLog(logging.getLogger(__name__))
 
 # The one place where proxy errors become HTTP statuses (Linkerd's errors/respond.rs).
 _STATUS: tuple[tuple[type[ProxyError], int, bytes], ...] = (
@@ -422,10 +428,20 @@ class Http1Server:
         return parts
 
     def fail(self, ex: Exchange, error: ProxyError, link: Link | None = None) -> None:
-        """Answer ``ex`` with the error's status and an ``l5d-proxy-error`` reason."""
+        """Answer ``ex`` with the error's status and an ``l5d-proxy-error`` reason, and say
+        so in the log (rate limited: a client can cause these)."""
         status, phrase = error_status(error)
         self.dispatcher.response_head(ex, status, self._loop.time())
-        reason = str(error).replace("\r", " ").replace("\n", " ").encode("latin-1", "replace")
+        why = str(error).replace("\r", " ").replace("\n", " ")
+        failure_log.info(
+            "%s %s request to %s answered %d: %s",
+            self.dispatcher.describe(),
+            ex.method.decode("latin-1"),
+            quoted(ex.authority),
+            status,
+            why,
+        )
+        reason = why.encode("latin-1", "replace")
         if not ex.req_done:
             # Refused before its end (routing, policy): if its body is small, read and drop it,
             # so that the connection, and the pooled mesh connection behind it, stay open.

@@ -91,6 +91,9 @@ class Exchange:
 class Dispatcher(Protocol):
     """What a listener supplies: routing, upstream connections and accounting."""
 
+    def describe(self) -> str:
+        """The side and the client, for a log line: ``outbound`` or ``inbound from <id>``."""
+
     def begin(self, ex: Exchange, now: float) -> None:
         """Route ``ex`` (set ``target``, maybe ``extra_headers``) or raise a ProxyError."""
 

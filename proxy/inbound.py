@@ -74,6 +74,10 @@ class InboundHttp:
         self.series: HttpSeries | None = None  # this connection's latest label set
         self.series_for = ""  # the Host it was chosen for
 
+    def describe(self) -> str:
+        conn = self.conn
+        return f"inbound on port {conn.port} from {conn.client_id or 'no identity'} ({conn.ip})"
+
     def begin(self, ex: Exchange, now: float) -> None:
         inbound, conn = self.inbound, self.conn
         policy = inbound.policy.current()

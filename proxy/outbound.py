@@ -63,6 +63,9 @@ class OutboundHttp:
         self.outbound = outbound
         self.fixed_service = service  # upstream listener: every request goes to this service
 
+    def describe(self) -> str:
+        return "outbound"
+
     def _service(self, ex: Exchange) -> Service | None:
         routes = self.outbound.routes
         if self.fixed_service is not None:

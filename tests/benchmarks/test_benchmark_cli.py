@@ -19,7 +19,11 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.mark.parametrize(
     ("script", "mentions"),
-    [("proxy_http1.py", "BENCH_SECONDS"), ("identity_certify.py", "QUICK=1")],
+    [
+        ("proxy_http1.py", "BENCH_SECONDS"),
+        ("identity_certify.py", "QUICK=1"),
+        ("proxy_memory.py", "--seconds"),
+    ],
 )
 def test_help_describes_the_run_and_a_typo_starts_nothing(script: str, mentions: str) -> None:
     path = str(BENCHMARKS / script)

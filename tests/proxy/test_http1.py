@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import gc
 import os
@@ -163,15 +164,23 @@ async def test_websocket_upgrade(pki) -> None:
             assert (await ws.receive(timeout=5)).data == f"echo:m{i}"
 
 
-async def test_policy_denial_gets_403_with_reason(pki) -> None:
+async def test_policy_denial_gets_403_with_reason(pki, caplog) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
     policy = InboundPolicy(DefaultPolicy.DENY)
     async with run_app() as app_port, run_mesh(web, api, app_port=app_port, policy=policy) as mesh:
-        reply = await raw_exchange(
-            mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-        )
+        with caplog.at_level(logging.INFO, logger="proxy.http1"):
+            reply = await raw_exchange(
+                mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+            )
         assert reply.startswith(b"HTTP/1.1 403 Forbidden")
         assert b"l5d-proxy-error: server default:deny denies every client" in reply
+        # The inbound proxy says so in its log, naming the client; the outbound proxy, which
+        # relayed the 403, says nothing.
+        lines = [r.getMessage() for r in caplog.records if r.name == "proxy.http1"]
+        assert lines == [
+            f"inbound on port {app_port} from {web.identity} (127.0.0.1) GET request to 'api' "
+            "answered 403: server default:deny denies every client"
+        ]
         # Only another identity is authorized on the app port: still denied, reason names us.
         mesh.server_policy.update(
             InboundPolicy(
@@ -254,7 +263,8 @@ async def test_httproute_authorizations_and_unmatched_requests(pki) -> None:
             )
 
 
-async def test_unknown_authority_wrong_identity_and_dead_endpoint(pki) -> None:
+async def test_unknown_authority_wrong_identity_and_dead_endpoint(pki, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.http1")
     web, api = pki.credentials("web"), pki.credentials("api")
     other = pki.credentials("db").identity
     async with (
@@ -265,6 +275,9 @@ async def test_unknown_authority_wrong_identity_and_dead_endpoint(pki) -> None:
             mesh.outbound, b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n"
         )
         assert reply.startswith(b"HTTP/1.1 404") and b"l5d-proxy-error" in reply
+        assert "outbound GET request to 'nowhere' answered 404: no service is known for " in (
+            caplog.text
+        )
         reply = await raw_exchange(
             mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
         )

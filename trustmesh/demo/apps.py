@@ -75,12 +75,26 @@ class EchoHandler(socketserver.BaseRequestHandler):
         sock.shutdown(socket.SHUT_WR)
 
 
+# socketserver listens with a backlog of 5. A proxy whose pool is empty dials its app once per
+# request at the start of a burst; beyond 5 connections not yet accepted, the kernel drops the
+# SYN and resends it after 1 s, which is the proxy's connect timeout: wrk with 32 connections
+# through the demo chain got a 502 ("connecting to ... timed out after 1.0s") now and then.
+LISTEN_BACKLOG = 1024
+
+
 class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
 
-def main(argv: list[str] | None = None) -> int:
+class HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+
+def make_server(argv: list[str]) -> socketserver.TCPServer:
+    """The server the command line asks for, listening (not yet serving)."""
     parser = argparse.ArgumentParser(prog="trustmesh.demo.apps")
     sub = parser.add_subparsers(dest="kind", required=True)
     http = sub.add_parser("http")
@@ -91,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     tcp.add_argument("--listen", required=True)
     args = parser.parse_args(argv)
     if args.kind == "http":
-        server: socketserver.TCPServer = ThreadingHTTPServer(
-            _split(args.listen), make_http_handler(args.name, args.next_url)
-        )
-        server.daemon_threads = True  # type: ignore[attr-defined]
-    else:
-        server = ThreadingTCPServer(_split(args.listen), EchoHandler)
+        return HTTPServer(_split(args.listen), make_http_handler(args.name, args.next_url))
+    return ThreadingTCPServer(_split(args.listen), EchoHandler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    server = make_server(sys.argv[1:] if argv is None else argv)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
