@@ -194,6 +194,8 @@ class AdminStatus:
     ready: bool
     error: str = ""
     bundle_digests: tuple[str, ...] = ()
+    # The identity service's issuer certificates, by fingerprint (its cert_* families).
+    issuer_fingerprints: tuple[str, ...] = ()
 
 
 def probe_admin(address: str, *, timeout: float = 3.0, metrics: bool = False) -> AdminStatus:
@@ -207,6 +209,7 @@ def probe_admin(address: str, *, timeout: float = 3.0, metrics: bool = False) ->
     except (urllib.error.URLError, OSError) as e:
         return AdminStatus(address, False, f"cannot reach {base}: {getattr(e, 'reason', e)}")
     digests: list[str] = []
+    issuers: list[str] = []
     if metrics:
         try:
             with urllib.request.urlopen(f"{base}/metrics", timeout=timeout) as response:
@@ -214,9 +217,15 @@ def probe_admin(address: str, *, timeout: float = 3.0, metrics: bool = False) ->
             for family in text_string_to_metric_families(text):
                 if family.name == "trustmesh_proxy_trust_bundle_info":
                     digests += [s.labels.get("digest", "") for s in family.samples]
+                elif family.name == "trustmesh_cert_not_after_timestamp_seconds":
+                    issuers += [
+                        s.labels.get("fingerprint", "")
+                        for s in family.samples
+                        if s.labels.get("role") == "issuer"
+                    ]
         except (urllib.error.URLError, OSError, ValueError) as e:
             error = error or f"cannot read {base}/metrics: {getattr(e, 'reason', e)}"
-    return AdminStatus(address, ready, error, tuple(digests))
+    return AdminStatus(address, ready, error, tuple(digests), tuple(issuers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,8 +304,13 @@ def activation_blockers(
     return blockers, warnings
 
 
-def control_plane_category(components: Sequence[tuple[str, AdminStatus]]) -> Category:
-    """One readiness check per control-plane component given on the command line."""
+def control_plane_category(
+    components: Sequence[tuple[str, AdminStatus]], store_issuer: str | None = None
+) -> Category:
+    """One readiness check per control-plane component given on the command line; for a
+    ready identity service read with ``metrics``, and a store with an issuer (its fingerprint
+    ``store_issuer``), whether the service signs with that issuer: after a rotation, this is
+    what says that it took the new one."""
     checks = []
     for component, status in components:
         description = f"{component} service is ready"
@@ -305,7 +319,24 @@ def control_plane_category(components: Sequence[tuple[str, AdminStatus]]) -> Cat
         else:
             error = status.error or f"{status.address}/ready is not 200"
             checks.append(CheckResult(description, ERROR, "ControlPlaneNotReady", error))
+        if component == "identity" and status.ready and store_issuer is not None:
+            checks.append(_issuer_in_use(status, store_issuer))
     return Category("trustmesh-control-plane", tuple(checks))
+
+
+def _issuer_in_use(status: AdminStatus, store_issuer: str) -> CheckResult:
+    description = "identity service signs with the store's issuer"
+    if store_issuer in status.issuer_fingerprints:
+        return _ok(description)
+    serving = ", ".join(f[:16] for f in status.issuer_fingerprints) or "none it publishes"
+    return CheckResult(
+        description,
+        WARNING,
+        "IssuerRefused",
+        f"the store's current issuer is {store_issuer[:16]}, the identity service at "
+        f"{status.address} signs with {serving}: it has not loaded the store's issuer (refused, "
+        "or not reloaded yet), or it reads another issuer source",
+    )
 
 
 def data_plane_category(

@@ -29,15 +29,25 @@ from trustmesh.errors import run_cli
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
 
-def admin(ready: bool, digest: str | None = None) -> contextlib.AbstractContextManager[str]:
-    """A real admin endpoint: /ready (200 or 503) and /metrics with a bundle digest."""
+def admin(
+    ready: bool, digest: str | None = None, issuer: str | None = None
+) -> contextlib.AbstractContextManager[str]:
+    """A real admin endpoint: /ready (200 or 503) and /metrics with a proxy's bundle digest or
+    an identity service's issuer fingerprint."""
 
     def respond(path: str) -> tuple[int, bytes]:
         if path == "/ready":
             return (200, b"ready\n") if ready else (503, b"not ready\n")
         if path == "/metrics":
-            line = f'trustmesh_proxy_trust_bundle_info{{digest="{digest}"}} 1.0\n'
-            return 200, line.encode() if digest else b""
+            text = f'trustmesh_proxy_trust_bundle_info{{digest="{digest}"}} 1.0\n' if digest else ""
+            if issuer:
+                text += (
+                    "trustmesh_cert_not_after_timestamp_seconds{"
+                    f'fingerprint="{issuer}",role="issuer",source="identity",subject="CN=i"}} 2e9\n'
+                    "trustmesh_cert_not_after_timestamp_seconds{"
+                    'fingerprint="0ac0",role="trust_anchor",source="identity",subject="CN=a"} 3e9\n'
+                )
+            return 200, text.encode()
         return 404, b""
 
     return http_server(respond)
@@ -106,7 +116,12 @@ def test_cli_everything_healthy_exits_0_with_linkerd_json(
 ) -> None:
     store = _store(tmp_path, datetime.now(UTC), timedelta(days=365))
     digest = store.trust_bundle().digest
-    with admin(True) as identity, admin(True) as destination, admin(True, digest) as proxy:
+    issuer = store.load().require_issuer().certificate.fingerprint
+    with (
+        admin(True, issuer=issuer) as identity,
+        admin(True) as destination,
+        admin(True, digest) as proxy,
+    ):
         code = run_cli(
             cli,
             ["check", "--store", str(store.root), "--identity", identity, "--destination", destination,
@@ -119,6 +134,7 @@ def test_cli_everything_healthy_exits_0_with_linkerd_json(
     ]  # fmt: skip
     check = report["categories"][1]["checks"][0]
     assert check == {"description": "identity service is ready", "result": "success"}
+    assert all(c["result"] == "success" for cat in report["categories"] for c in cat["checks"])
 
 
 def test_cli_failures_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -235,3 +251,35 @@ def test_cli_checks_the_mesh_a_running_up_published(
         assert run_cli(cli, ["check", "--store", str(store.root), "-o", "json"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert [c["categoryName"] for c in report["categories"]] == ["trustmesh-identity"]
+
+
+def test_cli_says_when_identity_does_not_sign_with_the_stores_issuer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = _store(tmp_path, datetime.now(UTC), timedelta(days=365))
+    current = store.load().require_issuer().certificate.fingerprint
+    args = ["check", "--store", str(store.root), "-o", "json"]
+    with admin(True, issuer=current) as identity:
+        assert run_cli(cli, [*args, "--identity", identity]) == 0
+    checks = json.loads(capsys.readouterr().out)["categories"][1]["checks"]
+    assert checks[1] == {
+        "description": "identity service signs with the store's issuer",
+        "result": "success",
+    }
+    # After a rotation the service still signs with the one before (refused, or not reloaded).
+    old = "9f" * 32
+    with admin(True, issuer=old) as identity:
+        assert run_cli(cli, [*args, "--identity", identity]) == 0  # a warning
+    check = json.loads(capsys.readouterr().out)["categories"][1]["checks"][1]
+    assert check["result"] == "warning"
+    assert check["hint"].endswith("IssuerRefused.md")
+    assert f"the store's current issuer is {current[:16]}" in check["error"]
+    assert f"signs with {old[:16]}: it has not loaded the store's issuer" in check["error"]
+    # A service that publishes no issuer is said to, and one not ready is not asked.
+    with admin(True) as identity:
+        run_cli(cli, [*args, "--identity", identity])
+    assert "signs with none it publishes" in capsys.readouterr().out
+    with admin(False, issuer=old) as identity:
+        assert run_cli(cli, [*args, "--identity", identity]) == 1
+    checks = json.loads(capsys.readouterr().out)["categories"][1]["checks"]
+    assert [c["description"] for c in checks] == ["identity service is ready"]

@@ -110,6 +110,8 @@ def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
             "trustmesh-control-plane",
             "trustmesh-identity-data-plane",
         ]
+        control = {c["description"]: c["result"] for c in report["categories"][1]["checks"]}
+        assert control["identity service signs with the store's issuer"] == "success"
         published = home / "up" / "mesh.json"
         assert oct(published.stat().st_mode & 0o777) == "0o644"
         proc.send_signal(signal.SIGTERM)

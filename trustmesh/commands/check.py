@@ -141,9 +141,14 @@ def check(
         if addr
     ]
     if components:
+        issuer = state.issuer if isinstance(state, StoreState) else None
         categories.append(
             control_plane_category(
-                [(name, probe_admin(addr, timeout=timeout)) for name, addr in components]
+                [
+                    (name, probe_admin(addr, timeout=timeout, metrics=name == "identity"))
+                    for name, addr in components
+                ],
+                issuer.certificate.fingerprint if issuer is not None else None,
             )
         )
     if proxies:
