@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
 import gc
+import logging
 import os
 import socket
 import struct
