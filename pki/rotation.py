@@ -528,7 +528,40 @@ def bundle_add(store: FileStore, anchor_pem: bytes, *, now: datetime) -> StoreSt
         return store.commit({BUNDLE: bundle.pem()}, reason="anchor added to bundle", now=now)
 
 
-def bundle_remove(store: FileStore, fingerprint: str, *, now: datetime) -> StoreState:
+@dataclass(frozen=True, slots=True)
+class AnchorInUse:
+    """An issuer of the store's history that chains to an anchor and is still valid: the
+    certificates it signed may be in use until its NotAfter (a leaf never outlives its issuer)."""
+
+    issuer: Certificate
+    version: int
+
+
+def anchor_in_use(store: FileStore, anchor: Certificate, *, now: datetime) -> AnchorInUse | None:
+    """The issuer valid longest at ``now``, among those of the store's kept versions, that
+    chains to ``anchor``; None when none does. Versions pruned away are not seen."""
+    from pki.certs import load_pem_chain
+
+    found: AnchorInUse | None = None
+    only = TrustBundle.of([anchor])
+    for version in store.versions():
+        try:
+            chain = load_pem_chain((store.version_path(version) / ISSUER).read_bytes())
+            verify_chain(chain[0], chain[1:], only, at=now)
+        except (OSError, PKIError, IndexError):
+            continue  # no issuer in that version, another anchor's, or expired
+        if found is None or chain[0].not_after > found.issuer.not_after:
+            found = AnchorInUse(chain[0], version)
+    return found
+
+
+def bundle_remove(
+    store: FileStore, fingerprint: str, *, now: datetime, force: bool = False
+) -> StoreState:
+    """Remove an anchor from the bundle. A staged one is discarded with its key. The signing
+    anchor, and the anchor the current issuer chains to, are refused; so, unless ``force``, is
+    one that an issuer still valid chains to: proxies given the new bundle would refuse every
+    workload certificate that issuer signed."""
     _require_store(store)
     with store.lock():
         state = store.load()
@@ -560,6 +593,16 @@ def bundle_remove(store: FileStore, fingerprint: str, *, now: datetime) -> Store
                     "refusing to remove the anchor that the current issuer chains to; "
                     "replace the issuer first ('trustmesh pki issuer rotate')"
                 )
+        used = None if force else anchor_in_use(store, target, now=now)
+        if used is not None:
+            until = used.issuer.not_after.isoformat()
+            raise BundleError(
+                f"refusing to remove anchor {target.fingerprint[:16]}: issuer "
+                f"{used.issuer.fingerprint[:16]} (store version {used.version}) chains to it and "
+                f"is valid until {until}, and the workload certificates it signed may be in use "
+                "until then: every proxy given the new bundle would refuse them. Remove it after "
+                f"{until}, or with --force once every workload has renewed under the new issuer"
+            )
         return store.commit(
             {BUNDLE: bundle.remove(target.fingerprint).pem()},
             reason=f"anchor {target.fingerprint[:16]} removed from bundle",

@@ -17,6 +17,7 @@ answers of admin endpoints, the current time); :func:`probe_admin` and
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -226,6 +227,13 @@ def probe_admin(address: str, *, timeout: float = 3.0, metrics: bool = False) ->
         except (urllib.error.URLError, OSError, ValueError) as e:
             error = error or f"cannot read {base}/metrics: {getattr(e, 'reason', e)}"
     return AdminStatus(address, ready, error, tuple(digests), tuple(issuers))
+
+
+def named(status: AdminStatus, workload: str | None) -> AdminStatus:
+    """A proxy found through a running ``up`` is reported as ``workload (HOST:PORT)``."""
+    if workload is None:
+        return status
+    return dataclasses.replace(status, address=f"{workload} ({status.address})")
 
 
 @dataclass(frozen=True, slots=True)

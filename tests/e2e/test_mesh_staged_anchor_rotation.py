@@ -117,7 +117,8 @@ def test_staged_rotation_end_to_end(mesh: tuple[MeshKit, dict[str, ProxyPorts]])
 
         # 3. Once no leaf of the old issuer is left (15 s lives, renewed above), the old anchor
         #    goes; the proxies take the one-anchor bundle and the mesh keeps working.
-        done = bundle_remove(store, old.anchor.fingerprint, now=utcnow())  # type: ignore[union-attr]
+        # (force: the old issuer is still valid, but every leaf it signed has been replaced)
+        done = bundle_remove(store, old.anchor.fingerprint, now=utcnow(), force=True)  # type: ignore[union-attr]
         assert done.require_bundle().fingerprints == (staged.next_anchor.fingerprint,)
         eventually(
             lambda: all(_bundle_in_use(a, done.require_bundle().digest) for a in admins),

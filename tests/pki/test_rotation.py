@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,12 +30,14 @@ from pki.keys import KeyAlgorithm, PrivateKey
 from pki.renewal import RenewalAction, RenewalPolicy
 from pki.rotation import (
     TRANSITIONS,
+    AnchorInUse,
     AnchorStatus,
     Event,
     InvalidTransition,
     Stage,
     activate_anchor,
     advance,
+    anchor_in_use,
     bundle_add,
     bundle_remove,
     import_issuer,
@@ -145,7 +148,10 @@ def test_bundle_operations_keep_the_issuer_trusted(store: FileStore) -> None:
     with pytest.raises(BundleError, match="issuer rotate"):
         bundle_remove(store, old.fingerprint, now=T0)
     state = issue_issuer(store, now=T0, reason="issuer under the new anchor")
-    state = bundle_remove(store, old.fingerprint[:12], now=T0)
+    # The issuer replaced is still valid, and so may be the certificates it signed.
+    with pytest.raises(BundleError, match=r"issuer [0-9a-f]{16} \(store version \d+\) chains"):
+        bundle_remove(store, old.fingerprint[:12], now=T0)
+    state = bundle_remove(store, old.fingerprint[:12], now=T0, force=True)
     issuer = state.require_issuer()
     path = verify_chain(issuer.certificate, issuer.chain, state.require_bundle(), at=T0)
     assert path[-1] == new_anchor
@@ -181,8 +187,15 @@ def test_staged_rotation_signs_nothing_until_activated(store: FileStore) -> None
     assert issuer.certificate.key_algorithm is KeyAlgorithm.ECDSA_P256
     assert issuer.certificate.lifetime == before.require_issuer().certificate.lifetime
     assert old in active.require_bundle()  # still trusted for the leaves it signed
-    # step 3: the old anchor can go now that nothing chains to it
-    done = bundle_remove(store, old.fingerprint, now=T0 + timedelta(days=2))  # type: ignore[union-attr]
+    # step 3: the old anchor can go once the last issuer under it, renewed at 40 h, has
+    # expired (and every certificate it signed with it)
+    last = renewed.require_issuer().certificate
+    until = last.not_after.isoformat()
+    with pytest.raises(
+        BundleError, match=f"{last.fingerprint[:16]} .* valid until {re.escape(until)}"
+    ):
+        bundle_remove(store, old.fingerprint, now=last.not_after - timedelta(seconds=1))  # type: ignore[union-attr]
+    done = bundle_remove(store, old.fingerprint, now=last.not_after + timedelta(seconds=1))  # type: ignore[union-attr]
     assert done.require_bundle().fingerprints == (new.fingerprint,)
 
 
@@ -490,3 +503,20 @@ def test_import_refuses_an_expired_issuer_and_one_that_cannot_sign_leaves(tmp_pa
     with pytest.raises(PKIError, match="keyCertSign"):
         import_issuer(fs, no_cert_sign, now=T0)
     assert fs.load().issuer is None
+
+
+def test_anchor_in_use_names_the_issuer_valid_longest(store: FileStore) -> None:
+    first = store.load()
+    anchor = first.require_bundle().anchors[0]
+    assert anchor_in_use(store, anchor, now=T0) == AnchorInUse(
+        first.require_issuer().certificate, first.version
+    )
+    later = issue_issuer(store, now=T0 + timedelta(hours=30), reason="renewed")
+    used = anchor_in_use(store, anchor, now=T0 + timedelta(hours=31))
+    assert used == AnchorInUse(later.require_issuer().certificate, later.version)
+    # Another anchor's issuer does not count; nor does an expired one.
+    other = init_anchor(store, now=T0 + timedelta(hours=31), stage=True).next_anchor
+    assert other is not None
+    assert anchor_in_use(store, other, now=T0 + timedelta(hours=31)) is None
+    gone = later.require_issuer().certificate.not_after + timedelta(seconds=1)
+    assert anchor_in_use(store, anchor, now=gone) is None

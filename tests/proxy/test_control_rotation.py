@@ -115,7 +115,7 @@ async def test_destination_channel_follows_an_anchor_rotation(
         assert pinned_watch.current is not None and len(pinned_watch.current.endpoints) == 1
 
         # 3. The old anchor removed: the proxy verifies the control plane with the new one only.
-        bundle_remove(store, old.anchors[0].fingerprint, now=utcnow())
+        bundle_remove(store, old.anchors[0].fingerprint, now=utcnow(), force=True)
         new_only = store.trust_bundle()
         assert new_only.anchors == both.anchors[1:]
         await eventually(lambda: follower.trust_bundle_digest == new_only.digest, timeout=10)

@@ -225,7 +225,11 @@ def test_anchor_rotation_and_bundle_commands(store: Path, tmp_path: Path) -> Non
     r = tm("pki", "--store", store, "bundle", "remove", old_fp[:12])
     assert r.code == 1 and "issuer rotate" in r.err
     assert tm("pki", "--store", store, "issuer", "rotate").code == 0
-    r = tm("pki", "--store", store, "bundle", "remove", old_fp[:12], "-o", "json")
+    # the issuer just replaced chains to it and is still valid, as may be the leaves it signed
+    r = tm("pki", "--store", store, "bundle", "remove", old_fp[:12])
+    assert r.code == 1 and f"refusing to remove anchor {old_fp[:16]}: issuer " in r.err
+    assert "or with --force once every workload has renewed" in r.err
+    r = tm("pki", "--store", store, "bundle", "remove", old_fp[:12], "--force", "-o", "json")
     assert r.code == 0 and r.json()["anchors"] == [new_fp]
     # add a foreign anchor from a file (DER this time)
     other = tmp_path / "other"
@@ -483,8 +487,15 @@ def test_staged_anchor_rotation_end_to_end(store: Path, tmp_path: Path) -> None:
     new_bundle = tm("pki", "--store", store, "bundle", "show").out.encode()
     assert _openssl_verifies(store, leaf, new_bundle, tmp_path)
     assert not _openssl_verifies(store, leaf, old_bundle, tmp_path)
-    # and the old anchor can leave the bundle: nothing chains to it any more
-    removed = tm("pki", "--store", store, "bundle", "remove", before["signing_anchor"][:16])
+    # the old anchor can leave the bundle once the leaves of the issuer replaced have expired
+    # (at the latest at that issuer's NotAfter, which activation names), or with --force
+    in_use_until = active.json()["previous_anchor_in_use_until"]
+    issuer_before = before["issuer"]["certificates"][0]
+    assert in_use_until == issuer_before["not_after"], (in_use_until, issuer_before)
+    old_anchor = before["signing_anchor"][:16]
+    refused = tm("pki", "--store", store, "bundle", "remove", old_anchor)
+    assert refused.code == 1 and "is valid until" in refused.err
+    removed = tm("pki", "--store", store, "bundle", "remove", old_anchor, "--force")
     assert removed.code == 0, removed.err
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,13 +16,13 @@ from trustmesh.checks import (
     ERROR,
     RUNBOOKS_DIR,
     WARNING,
-    AdminStatus,
     Category,
     Report,
     RunbookLinks,
     control_plane_category,
     data_plane_category,
     identity_category,
+    named,
     probe_admin,
     run,
 )
@@ -51,13 +50,6 @@ def _print(report: Report, links: RunbookLinks) -> None:
         click.echo()
     status = "passed" if report.success else "failed"
     click.echo(f"Status check results are {click.style(mark_of(report), bold=True)} ({status})")
-
-
-def _named(status: AdminStatus, workload: str | None) -> AdminStatus:
-    """A discovered proxy is reported as ``workload (HOST:PORT)``, which says whose it is."""
-    if workload is None:
-        return status
-    return dataclasses.replace(status, address=f"{workload} ({status.address})")
 
 
 def mark_of(report: Report) -> str:
@@ -154,7 +146,7 @@ def check(
     if proxies:
         digest = state.bundle.digest if isinstance(state, StoreState) and state.bundle else None
         statuses = [
-            _named(probe_admin(p, timeout=timeout, metrics=True), names.get(p)) for p in proxies
+            named(probe_admin(p, timeout=timeout, metrics=True), names.get(p)) for p in proxies
         ]
         staged = state.next_anchor if isinstance(state, StoreState) else None
         categories.append(

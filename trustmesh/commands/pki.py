@@ -42,6 +42,7 @@ from pki.names import Identity
 from pki.renewal import RenewalPolicy
 from pki.rotation import (
     activate_anchor,
+    anchor_in_use,
     bundle_add,
     bundle_remove,
     import_issuer,
@@ -56,7 +57,7 @@ from pki.store import (
     write_new_file,
 )
 from pki.verify import anchor_for, check_can_issue, verify_leaf
-from trustmesh.checks import activation_blockers, probe_admin, probe_caller_bundles
+from trustmesh.checks import activation_blockers, named, probe_admin, probe_caller_bundles
 from trustmesh.config import admin_timeout_option, default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
 
@@ -411,17 +412,34 @@ def anchor_activate(
     """Make the staged anchor the signing anchor, with a new issuer signed by it.
 
     With --proxy/--identity it first checks that the workloads hold the trust bundle with the
-    staged anchor, and refuses (exit 1, naming each one that does not) unless --force.
+    staged anchor, and refuses (exit 1, naming each one that does not) unless --force. Given
+    neither, it checks the proxies of a `trustmesh up` running on the store's home (they are
+    all its workloads).
     """
     fs = _store(store)
     before = fs.load()
     previous = before.anchor
     checked: str | None = None
+    names: dict[str, str] = {}  # proxy admin address -> workload, for discovered proxies
+    if not (proxies or identity_admin) and before.next_anchor is not None:
+        from trustmesh.up.home import Home
+
+        running = Home(fs.root.resolve()).running()
+        if running is not None:
+            # Every workload of an 'up' mesh is one of its proxies, which report their bundle
+            # now: the identity service's view (as of each one's last renewal) adds nothing.
+            names = {addr: workload for workload, addr in running.proxies}
+            proxies = tuple(names)
+            _console(err=True).print(
+                f"checking the {len(proxies)} proxies of the trustmesh up running on {fs.root} "
+                f"(pid {running.pid})",
+                markup=False, highlight=False,
+            )  # fmt: skip
     if (proxies or identity_admin) and before.next_anchor is not None:
         checked = before.require_bundle().digest
         blockers, warnings = activation_blockers(
             checked,
-            [probe_admin(p, timeout=timeout, metrics=True) for p in proxies],
+            [named(probe_admin(p, timeout=timeout, metrics=True), names.get(p)) for p in proxies],
             probe_caller_bundles(identity_admin, timeout=timeout) if identity_admin else None,
         )
         err = _console(err=True)
@@ -437,6 +455,8 @@ def anchor_activate(
             err.print(f"warning (--force): {blocker}", markup=False, highlight=False)
     state = activate_anchor(fs, now=utcnow(), bundle_digest=checked)
     assert state.anchor is not None and state.issuer is not None
+    # Until when certificates chaining to the previous anchor may be in use: it stays until then.
+    used = anchor_in_use(fs, previous, now=utcnow()) if previous is not None else None
     if output == "json":
         _emit_json(
             {
@@ -444,6 +464,7 @@ def anchor_activate(
                 "version": state.version,
                 "anchor": state.anchor.fingerprint,
                 "previous_anchor": previous.fingerprint if previous else None,
+                "previous_anchor_in_use_until": used.issuer.not_after.isoformat() if used else None,
                 "issuer": state.issuer.certificate.fingerprint,
                 "issuer_not_after": state.issuer.certificate.not_after.isoformat(),
             }
@@ -456,7 +477,8 @@ def anchor_activate(
         f"{state.issuer.certificate.not_after.isoformat()}"
         + (
             f"; anchor {previous.fingerprint[:16]} stays trusted: remove it with 'trustmesh pki "
-            f"bundle remove {previous.fingerprint[:16]}' once the leaves issued under it have expired"
+            f"bundle remove {previous.fingerprint[:16]}' once the leaves issued under it have "
+            "expired" + (f" (at the latest {used.issuer.not_after.isoformat()})" if used else "")
             if previous is not None
             else ""
         )
@@ -680,12 +702,23 @@ def bundle_add_cmd(file: Path, store: Path | None, output: str) -> None:
 
 @bundle.command("remove")
 @click.argument("fingerprint")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Remove it even though an issuer still valid chains to it (once every workload has "
+    "renewed under the new issuer).",
+)
 @store_option
 @output_option
-def bundle_remove_cmd(fingerprint: str, store: Path | None, output: str) -> None:
-    """Remove the anchor whose SHA-256 fingerprint starts with FINGERPRINT."""
+def bundle_remove_cmd(fingerprint: str, force: bool, store: Path | None, output: str) -> None:
+    """Remove the anchor whose SHA-256 fingerprint starts with FINGERPRINT.
+
+    Refused for the signing anchor, for the anchor the current issuer chains to, and, unless
+    --force, for one that an issuer still valid chains to (its workload certificates may be in
+    use until that issuer's NotAfter).
+    """
     fs = _store(store)
-    state = bundle_remove(fs, fingerprint.replace(":", ""), now=utcnow())
+    state = bundle_remove(fs, fingerprint.replace(":", ""), now=utcnow(), force=force)
     _report_bundle(fs, state, "removed the anchor", output)
 
 
