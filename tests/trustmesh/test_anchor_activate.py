@@ -117,6 +117,35 @@ def test_every_proxy_on_the_bundle_lets_activation_through(staged: FileStore) ->
     assert staged.load().next_anchor is None
 
 
+def test_under_a_running_up_every_proxy_of_its_mesh_is_checked(staged: FileStore) -> None:
+    from trustmesh.up.home import Home
+
+    home = Home(staged.root)
+    home.run_dir.mkdir()
+    digest = staged.load().require_bundle().digest
+    with admin(True, digest) as web, admin(True, OLD) as api, admin(True) as identity:
+        home.publish(  # as 'up' does once ready (this test's process stands for 'up')
+            {
+                "control_plane": {"admin": {"identity": identity, "destination": identity}},
+                "workloads": [
+                    {"workload": "shop/web-0", "admin": web},
+                    {"workload": "shop/api-0", "admin": api},
+                ],
+            }
+        )
+        refused = tm("pki", "--store", staged.root, "anchor", "activate")
+        assert refused.code == 1
+        assert f"checking the 2 proxies of the trustmesh up running on {staged.root}" in (
+            refused.err
+        )
+        assert f"proxy shop/api-0 ({api}) holds trust bundle {OLD[:16]}" in refused.err
+        assert "shop/web-0" not in refused.err.split("checking")[1].split("\n", 1)[1]
+        # Addresses given are checked instead of the mesh's.
+        done = tm("pki", "--store", staged.root, "anchor", "activate", "--proxy", web)
+    assert done.code == 0, done.err
+    assert "checking the" not in done.err
+
+
 def test_an_endpoint_that_is_no_identity_service_stops_activation(staged: FileStore) -> None:
     with http_server(lambda path: (200, b"# nothing here\n")) as other:
         refused = tm("pki", "--store", staged.root, "anchor", "activate", "--identity", other)
