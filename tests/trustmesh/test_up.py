@@ -112,6 +112,20 @@ def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
         ]
         control = {c["description"]: c["result"] for c in report["categories"][1]["checks"]}
         assert control["identity service signs with the store's issuer"] == "success"
+        # So does 'alerts check' (cron): the store, and each proxy's workload certificate.
+        alerts = subprocess.run(
+            [sys.executable, "-m", "trustmesh", "alerts", "check", "-o", "json"],
+            cwd=ROOT, env={**os.environ, "TRUSTMESH_HOME": str(home)},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert alerts.returncode == 0, alerts.stdout + alerts.stderr
+        assert f"watching the 2 proxies of the trustmesh up running on {home}" in alerts.stderr
+        watched = {
+            (c["source"].split(":")[0], c["role"])
+            for c in json.loads(alerts.stdout)["certificates"]
+        }
+        assert ("proxy", "workload") in watched and ("store", "issuer") in watched
+        assert not json.loads(alerts.stdout)["errors"]
         published = home / "up" / "mesh.json"
         assert oct(published.stat().st_mode & 0o777) == "0o644"
         proc.send_signal(signal.SIGTERM)

@@ -47,7 +47,8 @@ def _source_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--store",
             type=click.Path(file_okay=False, path_type=Path),
             help="A TrustMesh store: its trust anchors and issuer. "
-            "Default when no source is given: $TRUSTMESH_HOME or ~/.local/share/trustmesh.",
+            "Default when no source is given: $TRUSTMESH_HOME or ~/.local/share/trustmesh "
+            "('check' adds the proxies of a trustmesh up running on it).",
         ),
         click.option(
             "--scan",
@@ -90,9 +91,24 @@ def _sources(
     probes: tuple[str, ...],
     proxies: tuple[str, ...],
     probe_timeout: float,
+    *,
+    discover: bool = False,
 ) -> list[Source]:
+    """The sources asked for; given none, the default store and, with ``discover``, the
+    proxies of a ``trustmesh up`` running on it (found anew at each run)."""
     if store is None and not scans and not probes and not proxies:
         store = default_store_path()
+        if discover:
+            from trustmesh.up.home import Home
+
+            running = Home(store.expanduser().resolve()).running()
+            if running is not None:
+                proxies = tuple(addr for _, addr in running.proxies)
+                click.echo(
+                    f"watching the {len(proxies)} proxies of the trustmesh up running on {store} "
+                    f"(pid {running.pid}) too",
+                    err=True,
+                )
     try:
         return sources_from(store, scans, probes, proxies=proxies, probe_timeout=probe_timeout)
     except ValueError as e:
@@ -300,7 +316,8 @@ def check_command(
     except AlertsError as e:
         raise CLIError(str(e), EXIT_ERROR) from None
     now = time.time()
-    report = check(scan(_sources(store, scans, probes, proxies, probe_timeout), now), now, rules)
+    sources = _sources(store, scans, probes, proxies, probe_timeout, discover=True)
+    report = check(scan(sources, now), now, rules)
     if output == "json":
         click.echo(_report_json(report, now))
     else:
