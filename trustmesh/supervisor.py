@@ -126,11 +126,16 @@ class Supervisor:
     MAX_RESTARTS = 5
     STABLE_AFTER = 60.0  # seconds a child must run for its next exit to count as a new one
     LOG_LINES = 5
+    # A child's log beyond this is moved to <name>.log.1 (replacing the one before), so a mesh
+    # left up for weeks, or a proxy logging a client's refused requests, cannot fill the disk.
+    MAX_LOG_BYTES = 10 * 1024 * 1024
+    LOG_CHECK_EVERY = 5.0  # seconds
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.children: list[_Child] = []
         self._stopping = False
+        self._logs_checked = 0.0
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def log_path(self, name: str) -> Path:
@@ -170,6 +175,30 @@ class Supervisor:
         finally:
             out.close()
 
+    def rotate_logs(self, max_bytes: int | None = None) -> list[str]:
+        """Rotate every child log over ``max_bytes`` (default MAX_LOG_BYTES) in place: its
+        content is copied to ``<name>.log.1`` and the file truncated. The child keeps writing
+        to the same file: it was opened for appending, so its next line goes to the new end
+        (lines written between the copy and the truncation are lost). Returns the names."""
+        limit = self.MAX_LOG_BYTES if max_bytes is None else max_bytes
+        rotated = []
+        for child in self.children:
+            path = self.log_path(child.spec.name)
+            try:
+                if path.stat().st_size <= limit:
+                    continue
+                old = path.with_name(path.name + ".1")
+                tmp = path.with_name(f".{path.name}.1.tmp")
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, old)
+                os.truncate(path, 0)
+            except OSError as e:
+                log.warning("cannot rotate %s: %s", path, e)
+                continue
+            child.log_offset = 0
+            rotated.append(child.spec.name)
+        return rotated
+
     def _log_size(self, name: str) -> int:
         try:
             return self.log_path(name).stat().st_size
@@ -207,6 +236,9 @@ class Supervisor:
         if self._stopping:
             return []
         now = time.monotonic() if now is None else now
+        if now - self._logs_checked >= self.LOG_CHECK_EVERY:
+            self._logs_checked = now
+            self.rotate_logs()
         restarted = []
         for child in self.children:
             if child.proc.poll() is None or not child.spec.restart:

@@ -191,3 +191,38 @@ def test_a_child_that_ran_well_is_restarted_again_after_earlier_crashes(tmp_path
         assert sup.poll(now + 1.0) == ["sleeper"]  # the first, short backoff again
     finally:
         sup.stop()
+
+
+_CHATTY = """
+import sys, time
+for i in range(1_000_000):
+    sys.stdout.write(f"line {i:07d} " + "x" * 50 + "\\n")
+    sys.stdout.flush()
+    if i % 20 == 19:
+        time.sleep(0.01)
+"""
+
+
+def test_a_chatty_childs_log_is_rotated_in_place(tmp_path):
+    sup = Supervisor(tmp_path / "logs")
+    log, old = tmp_path / "logs" / "chatty.log", tmp_path / "logs" / "chatty.log.1"
+    try:
+        sup.start(ChildSpec("chatty", (sys.executable, "-c", _CHATTY)))
+        deadline = time.monotonic() + 20
+        while log.stat().st_size <= 256 * 1024:
+            assert time.monotonic() < deadline, "the child wrote too little"
+            time.sleep(0.05)
+        assert sup.rotate_logs(max_bytes=256 * 1024) == ["chatty"]
+        assert old.stat().st_size > 256 * 1024
+        assert old.read_text().startswith("line 0000000 ")
+        time.sleep(0.3)  # the child writes on, at the start of the emptied file (no hole)
+        text = log.read_bytes()
+        assert 0 < len(text) < 256 * 1024 and b"\0" not in text
+        assert text.split(b"\n")[1].startswith(b"line ")
+        assert sup.rotate_logs(max_bytes=256 * 1024) == []  # under the limit again
+        assert sup.children[0].log_offset == 0  # failure() reads this run's lines from 0
+        # poll() does this itself, at most every LOG_CHECK_EVERY seconds, with MAX_LOG_BYTES.
+        sup.MAX_LOG_BYTES = 1
+        assert sup.poll() == [] and log.stat().st_size < 64 * 1024
+    finally:
+        sup.stop()
