@@ -179,21 +179,29 @@ class Supervisor:
         """Rotate every child log over ``max_bytes`` (default MAX_LOG_BYTES) in place: its
         content is copied to ``<name>.log.1`` and the file truncated. The child keeps writing
         to the same file: it was opened for appending, so its next line goes to the new end
-        (lines written between the copy and the truncation are lost). Returns the names."""
+        (lines written between the copy and the truncation are lost). When the copy fails (a
+        full disk), the log is emptied all the same, and that is said. Returns the names."""
         limit = self.MAX_LOG_BYTES if max_bytes is None else max_bytes
         rotated = []
         for child in self.children:
             path = self.log_path(child.spec.name)
+            old = path.with_name(path.name + ".1")
+            tmp = path.with_name(f".{path.name}.1.tmp")
             try:
                 if path.stat().st_size <= limit:
                     continue
-                old = path.with_name(path.name + ".1")
-                tmp = path.with_name(f".{path.name}.1.tmp")
+            except OSError:
+                continue  # removed by hand: the child writes on to the unlinked file
+            try:
                 shutil.copyfile(path, tmp)
                 os.replace(tmp, old)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                log.warning("cannot keep %s as %s (%s); emptying it all the same", path, old, e)
+            try:
                 os.truncate(path, 0)
             except OSError as e:
-                log.warning("cannot rotate %s: %s", path, e)
+                log.warning("cannot empty %s: %s", path, e)
                 continue
             child.log_offset = 0
             rotated.append(child.spec.name)
