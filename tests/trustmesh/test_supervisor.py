@@ -226,3 +226,34 @@ def test_a_chatty_childs_log_is_rotated_in_place(tmp_path):
         assert sup.poll() == [] and log.stat().st_size < 64 * 1024
     finally:
         sup.stop()
+
+
+def test_a_log_that_cannot_be_kept_is_emptied_all_the_same(tmp_path, caplog):
+    sup = Supervisor(tmp_path / "logs")
+    log = tmp_path / "logs" / "talker.log"
+    (tmp_path / "logs" / "talker.log.1").mkdir()  # where the copy goes: cannot be replaced
+    try:
+        sup.start(
+            ChildSpec(
+                "talker",
+                (
+                    sys.executable,
+                    "-c",
+                    "import time; print('x' * 5000, flush=True); time.sleep(30)",
+                ),
+            )
+        )
+        deadline = time.monotonic() + 20
+        while log.stat().st_size < 5000:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert sup.rotate_logs(max_bytes=1000) == ["talker"]
+        assert log.stat().st_size == 0
+        assert "emptying it all the same" in caplog.text
+        # no temporary copy is left behind
+        assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+            "talker.log",
+            "talker.log.1",
+        ]
+    finally:
+        sup.stop()
