@@ -13,6 +13,9 @@ from collections.abc import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 _MAX_HEADER = 8192
+# A client that does not read its answer loses the connection after this many seconds
+# (else it would hold the handler and the answer for ever).
+WRITE_TIMEOUT = 10.0
 
 
 class AdminServer:
@@ -71,9 +74,15 @@ class AdminServer:
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
-        with contextlib.suppress(ConnectionError):
+        try:
             writer.write(header + (b"" if parts[0] == "HEAD" else body))
-            await writer.drain()
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+            return
+        except ConnectionError:
+            pass
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()

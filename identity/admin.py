@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 _MAX_HEADER_BYTES = 16 * 1024
 _READ_TIMEOUT = 5.0
+# A client that does not read its answer loses the connection after this many seconds
+# (else it would hold the handler and the answer for ever).
+WRITE_TIMEOUT = 10.0
 
 
 class AdminServer:
@@ -72,9 +75,15 @@ class AdminServer:
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
-        with contextlib.suppress(ConnectionError):
+        try:
             writer.write(header + (b"" if method == "HEAD" else body))
-            await writer.drain()
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+            return
+        except ConnectionError:
+            pass
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()

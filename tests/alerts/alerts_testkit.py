@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from pki_testkit import serve_tls
 
@@ -83,6 +84,52 @@ def assert_silent_connections_closed(port: int, count: int = 20, within: float =
     finally:
         for sock in silent:
             sock.close()
+
+
+async def unread_answer_bytes(port: int, request: bytes, hold: float = 2.0) -> int:
+    """Send ``request`` to 127.0.0.1:``port`` with a tiny receive buffer, read nothing for
+    ``hold`` seconds, then read to the end (or a reset): the bytes that came. A server that
+    drops a client who does not read sends the kernel's buffers' worth, not the whole answer."""
+    import asyncio
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    got = 0
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request)
+        await asyncio.sleep(hold)
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(10):
+                while data := await loop.sock_recv(sock, 1 << 20):
+                    got += len(data)
+    finally:
+        sock.close()
+    return got
+
+
+async def assert_admin_drops_an_unread_answer(
+    admin_cls: Any, module: Any, monkeypatch: Any
+) -> None:
+    """The identity or destination ``AdminServer`` (``admin_cls``, from ``module``): a client
+    that asks for a /metrics bigger than the socket buffers and never reads loses the
+    connection after WRITE_TIMEOUT (made 0.5 s), instead of holding the handler for ever."""
+    from prometheus_client import CollectorRegistry, Info
+
+    big = 16 * 1024 * 1024
+    monkeypatch.setattr(module, "WRITE_TIMEOUT", 0.5)
+    registry = CollectorRegistry()
+    Info("big", "a large exposition", registry=registry).info({"v": "x" * big})
+    admin = admin_cls(registry, lambda: (True, "ready"))
+    port = await admin.start("127.0.0.1", 0)
+    try:
+        got = await unread_answer_bytes(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert 0 < got < big // 2, got  # the buffers' worth, then the connection went
+        assert await unread_answer_bytes(port, b"GET /live HTTP/1.1\r\n\r\n", hold=0) > 0
+    finally:
+        await admin.stop()
 
 
 class Receiver:
