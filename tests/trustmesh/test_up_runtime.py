@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import os
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 
 import trustmesh.up.runtime as runtime
 from pki.certs import utcnow
@@ -108,3 +111,46 @@ def test_a_store_the_anchors_file_cannot_follow_is_said_once(tmp_path: Path) -> 
     said = mesh.sync_trust_anchors()
     assert said is not None and "cannot update" in said and "not a symlink" in said
     assert mesh.sync_trust_anchors() is None  # not again on every tick
+
+
+def test_a_changed_mesh_file_is_said_with_the_workloads_up_would_have_to_restart(
+    tmp_path: Path,
+) -> None:
+    # Destination applies a mesh file change at once, but up starts processes only when it
+    # starts: a workload added to the file got endpoints and no process, and nothing said so.
+    mesh_file = tmp_path / "mesh.yaml"
+    docs = list(yaml.safe_load_all(demo_mesh(iter(NAMED))))
+    mesh_file.write_text(yaml.safe_dump_all(docs))
+    mesh = Mesh(UpOptions(mesh_file, tmp_path / "home"), Supervisor(tmp_path / "logs"))
+    mesh.prepare()
+    stamp = iter(range(1, 100))
+
+    def write(text: str) -> list[str]:
+        mesh_file.write_text(text)
+        t = next(stamp) * 10**9  # a new mtime whatever the clock's granularity
+        os.utime(mesh_file, ns=(t, t))
+        return mesh.mesh_file_changes()
+
+    assert mesh.mesh_file_changes() == []  # not touched: one stat, nothing said
+    assert write(yaml.safe_dump_all(docs)) == [
+        "the mesh file changed; destination applies it (workloads unchanged)"
+    ]
+    extra = copy.deepcopy(docs[0])
+    extra["metadata"]["name"] = "web-9"
+    changed = copy.deepcopy(docs)
+    changed[1]["metadata"]["annotations"]["up.trustmesh.io/command"] += " --extra"
+    # web-0 renamed web-9, echo-0 dropped, api-0's command changed
+    assert write(yaml.safe_dump_all([extra, *changed[1:4], *changed[5:]])) == [
+        "the mesh file changed: workloads added demo/web-9; removed demo/echo-0, demo/web-0; "
+        "changed demo/api-0. Destination applies it now, but up starts and stops processes "
+        "only when it starts: restart up for them"
+    ]
+    (said,) = write("kind: [")
+    assert said.startswith("the mesh file changed and is refused (") and said.endswith(
+        "destination serves the last valid one"
+    )
+    assert write("kind: [") == []  # the same refusal is said once
+    mesh_file.unlink()
+    assert mesh.mesh_file_changes() == [
+        f"the mesh file {mesh_file} is gone; destination serves its last state"
+    ]

@@ -191,6 +191,8 @@ def _run(
             synced = mesh.sync_trust_anchors()
             if synced:
                 progress(synced)
+            for message in mesh.mesh_file_changes():
+                progress(message)
             if live is not None and now - last_scrape >= SCRAPE_EVERY:
                 last_scrape = now
                 rows = workload_rows(_scrape_all(mesh, scrape), time.time())

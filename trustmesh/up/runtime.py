@@ -23,6 +23,7 @@ from pathlib import Path
 
 from destination.errors import InvalidMeshFile
 from destination.meshfile import load_mesh_text
+from destination.resources import ClusterState
 from pki.errors import PKIError
 from trustmesh.rotation_job import ExitCode, run_once
 from trustmesh.supervisor import (
@@ -134,20 +135,16 @@ class Mesh:
         self._store_version: int | None = None  # the store version the anchors file follows
         self._said: set[str] = set()  # problems already reported: each is said once
         self._control_ports: tuple[int, int, int, int] = (0, 0, 0, 0)
+        # The mesh file as planned at start (ports up chooses left 0), and its stat then.
+        self._drafts: dict[str, WorkloadPlan] = {}
+        self._mesh_stat: tuple[int, int, int] | None = None
 
     def prepare(self) -> None:
         """Read and plan the mesh file, check its listen ports, choose the free ones (no file
         or process is created). Raises InvalidMeshFile, PlanError or SupervisorError."""
-        o = self.options
-        try:
-            text = o.mesh_file.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidMeshFile(f"{o.mesh_file}: not UTF-8 text") from None
-        state = load_mesh_text(text, str(o.mesh_file))
-        try:
-            drafts = plan_mesh(state, itertools.repeat(0))  # 0: a port up will choose
-        except PlanError as e:
-            raise PlanError(f"{o.mesh_file}: {e}") from None
+        self._mesh_stat = self._stat_mesh_file()
+        state, drafts = self._read_mesh()
+        self._drafts = {d.key: d for d in drafts}
         check_ports_free(listen_ports(drafts))
         # The ports chosen here must not be ones the file names (the demo mesh names all of
         # its own, chosen free a moment before): a collision only shows once a child is up.
@@ -264,6 +261,66 @@ class Mesh:
         problems = [f"issuer renewal failed: {report.error}"] if report.error else []
         problems += [f"action needed: {a}" for a in report.human_actions]
         return said + self._once(problems)
+
+    def _read_mesh(self) -> tuple[ClusterState, tuple[WorkloadPlan, ...]]:
+        """The mesh file read, and planned with the ports ``up`` chooses left 0. Raises
+        InvalidMeshFile or PlanError."""
+        path = self.options.mesh_file
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidMeshFile(f"{path}: not UTF-8 text") from None
+        state = load_mesh_text(text, str(path))
+        try:
+            return state, plan_mesh(state, itertools.repeat(0))  # 0: a port up will choose
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from None
+
+    def _stat_mesh_file(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.options.mesh_file.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def mesh_file_changes(self) -> list[str]:
+        """What to tell the user when the mesh file changed while ``up`` runs (cheap when it
+        did not: one stat). Destination applies a valid change at once (endpoints, routes,
+        policy), but ``up`` starts and stops processes only when it starts, so workloads
+        added, removed or changed need a restart of ``up``: say which. Each message once."""
+        seen = self._stat_mesh_file()
+        if seen == self._mesh_stat:
+            return []
+        self._mesh_stat = seen
+        path = self.options.mesh_file
+        if seen is None:
+            return self._once([f"the mesh file {path} is gone; destination serves its last state"])
+        try:
+            drafts = {d.key: d for d in self._read_mesh()[1]}
+        except (OSError, InvalidMeshFile, PlanError) as e:
+            return self._once(
+                [
+                    f"the mesh file changed and is refused ({e}); destination serves the last valid one"
+                ]
+            )
+        added = sorted(drafts.keys() - self._drafts.keys())
+        removed = sorted(self._drafts.keys() - drafts.keys())
+        changed = sorted(
+            k for k in drafts.keys() & self._drafts.keys() if drafts[k] != self._drafts[k]
+        )
+        parts = [
+            f"{what} {', '.join(keys)}"
+            for what, keys in (("added", added), ("removed", removed), ("changed", changed))
+            if keys
+        ]
+        if not parts:
+            return ["the mesh file changed; destination applies it (workloads unchanged)"]
+        return self._once(
+            [
+                f"the mesh file changed: workloads {'; '.join(parts)}. Destination applies it "
+                "now, but up starts and stops processes only when it starts: restart up for them"
+            ]
+        )
 
     def _once(self, problems: list[str]) -> list[str]:
         """The problems not reported yet (each is said once per run, not at every check)."""
