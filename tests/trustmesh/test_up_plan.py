@@ -18,7 +18,14 @@ from identity.validators import service_account_username
 from pki import tokens
 from pki.errors import StoreCorrupt, StoreError
 from trustmesh.up.demo import check_chain, demo_mesh
-from trustmesh.up.home import Home, HomeInUse, RunningMesh, ensure_pki, write_token
+from trustmesh.up.home import (
+    Home,
+    HomeInUse,
+    HomeUnusable,
+    RunningMesh,
+    ensure_pki,
+    write_token,
+)
 from trustmesh.up.plan import ControlPlane, PlanError, parse_upstream, plan_mesh, proxy_args
 
 WORKLOAD = """\
@@ -208,6 +215,16 @@ def test_home_ignores_a_mesh_published_by_a_process_that_has_ended(tmp_path: Pat
     for junk in ("", "{", "[]", '{"pid": "1"}', json.dumps({**data, "workloads": [1]})):
         home.published.write_text(junk)
         assert home.running() is None
+
+
+def test_a_home_that_cannot_be_created_is_named(tmp_path: Path) -> None:
+    # It was a bare "[Errno 20] Not a directory: '.../up'" from the CLI.
+    (tmp_path / "file").write_text("")
+    home = Home(tmp_path / "file")
+    with pytest.raises(HomeUnusable, match=r"cannot use .*/file as the trustmesh up home: "
+                       r".*/file/up: Not a directory"):  # fmt: skip
+        with home.run_lock():
+            pass
 
 
 def test_home_with_an_expired_anchor_says_so(tmp_path: Path, t0) -> None:

@@ -94,14 +94,14 @@ def _run_held(mesh_file: Path | None, *, traffic: bool, home: Path | None, **opt
     """:func:`_run` with SIGINT/SIGTERM handled from the first moment, holding the home."""
     from trustmesh.config import default_store_path
     from trustmesh.supervisor import StopSignals
-    from trustmesh.up.home import Home, HomeInUse
+    from trustmesh.up.home import Home, HomeInUse, HomeUnusable
 
     with StopSignals() as signals:
         paths = Home((home or default_store_path()).expanduser().resolve())
         try:
             with paths.run_lock():
                 return _run(mesh_file, traffic=traffic, paths=paths, signals=signals, **opts)
-        except HomeInUse as e:  # only run_lock() raises it
+        except (HomeInUse, HomeUnusable) as e:  # only run_lock() raises them
             raise CLIError(str(e)) from None
 
 

@@ -36,6 +36,10 @@ class HomeInUse(RuntimeError):
     """Another ``trustmesh up`` holds the home."""
 
 
+class HomeUnusable(RuntimeError):
+    """The home's runtime directory or lock file cannot be created."""
+
+
 @dataclass(frozen=True, slots=True)
 class Home:
     """Paths of one ``up`` home."""
@@ -109,8 +113,14 @@ class Home:
         mesh file that the first one's destination watches, the tokens and the logs. The lock
         is an flock, so it goes with its process, however that process ends.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            where = e.filename or self.run_dir
+            raise HomeUnusable(
+                f"cannot use {self.root} as the trustmesh up home: {where}: {e.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
