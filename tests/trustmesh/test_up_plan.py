@@ -221,10 +221,9 @@ def test_a_home_that_cannot_be_created_is_named(tmp_path: Path) -> None:
     # It was a bare "[Errno 20] Not a directory: '.../up'" from the CLI.
     (tmp_path / "file").write_text("")
     home = Home(tmp_path / "file")
-    with pytest.raises(HomeUnusable, match=r"cannot use .*/file as the trustmesh up home: "
-                       r".*/file/up: Not a directory"):  # fmt: skip
-        with home.run_lock():
-            pass
+    said = r"cannot use .*/file as the trustmesh up home: .*/file/up: Not a directory"
+    with pytest.raises(HomeUnusable, match=said), home.run_lock():
+        pass
 
 
 def test_home_with_an_expired_anchor_says_so(tmp_path: Path, t0) -> None:
