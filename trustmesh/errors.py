@@ -25,6 +25,14 @@ class CLIError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def os_error(e: OSError) -> str:
+    """``FILE: reason`` (``[Errno 2] No such file or directory: 'FILE'`` as Python words it)."""
+    if e.strerror is None:
+        return str(e)
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {e.strerror}" if names else e.strerror
+
+
 def run_cli(command: click.Command, argv: Sequence[str]) -> int:
     """Run ``command``; map PKI and OS errors to a one-line message and exit status."""
     try:
@@ -43,7 +51,10 @@ def run_cli(command: click.Command, argv: Sequence[str]) -> int:
     except PKIError as e:
         click.echo(f"error: {e}", err=True)
         return EXIT_FAILURE
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        click.echo(f"error: {os_error(e)}", err=True)
+        return EXIT_FAILURE
+    except ValueError as e:
         click.echo(f"error: {e}", err=True)
         return EXIT_FAILURE
     except KeyboardInterrupt:

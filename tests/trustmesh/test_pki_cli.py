@@ -582,3 +582,11 @@ def test_issuer_sign_and_import_refusals(store: Path, tmp_path: Path) -> None:
     mismatched = tm("pki", "--store", store, "issuer", "import", out, "--key", stranger)
     assert mismatched.code == 1 and "does not match" in mismatched.err
     assert tm("pki", "inspect", store, "-o", "json").json()["version"] == before
+
+
+def test_an_os_error_is_said_as_file_and_reason(tmp_path: Path) -> None:
+    # It was Python's "[Errno 20] Not a directory: '.../store'".
+    (tmp_path / "file").write_text("")
+    r = tm("pki", "--store", tmp_path / "file" / "store", "anchor", "create")
+    assert r.code == 1
+    assert r.err == f"error: {tmp_path / 'file' / 'store'}: Not a directory\n"
