@@ -150,6 +150,9 @@ def test_a_changed_mesh_file_is_said_with_the_workloads_up_would_have_to_restart
         "destination serves the last valid one"
     )
     assert write("kind: [") == []  # the same refusal is said once
+    # A resource refused (here a duplicate) is a refusal too, not an error that ends up.
+    (said,) = write(yaml.safe_dump_all([docs[0], docs[0]]))
+    assert "duplicates document 1" in said and said.startswith("the mesh file changed and is")
     mesh_file.unlink()
     assert mesh.mesh_file_changes() == [
         f"the mesh file {mesh_file} is gone; destination serves its last state"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from destination.errors import InvalidMeshFile
+from destination.errors import DestinationError, InvalidMeshFile
 from destination.meshfile import load_mesh_text
 from destination.resources import ClusterState
 from pki.errors import PKIError
@@ -297,7 +297,7 @@ class Mesh:
             return self._once([f"the mesh file {path} is gone; destination serves its last state"])
         try:
             drafts = {d.key: d for d in self._read_mesh()[1]}
-        except (OSError, InvalidMeshFile, PlanError) as e:
+        except (OSError, DestinationError, PlanError) as e:  # DestinationError: any refusal
             return self._once(
                 [
                     f"the mesh file changed and is refused ({e}); destination serves the last valid one"
