@@ -209,7 +209,7 @@ def test_home_ignores_a_mesh_published_by_a_process_that_has_ended(tmp_path: Pat
     data = json.loads(home.published.read_bytes())
     # An 'up' killed outright left it, and its pid is now another process's (this one's, with
     # another start time) or nobody's.
-    for pid, start in ((os.getpid(), data["process_start"] + 1), (2**22 + 1, 1)):
+    for pid, start in ((os.getpid(), data["process_start"] + 1), (2**22 + 1, 1), (2**22 + 1, None)):
         home.published.write_text(json.dumps({**data, "pid": pid, "process_start": start}))
         assert home.running() is None
     for junk in ("", "{", "[]", '{"pid": "1"}', json.dumps({**data, "workloads": [1]})):

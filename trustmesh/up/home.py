@@ -101,7 +101,9 @@ class Home:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None  # not one we wrote: a partial one is impossible (written atomically)
-        if not isinstance(pid, int) or _process_start(pid) != started:
+        if not isinstance(pid, int) or not isinstance(started, int):
+            return None
+        if _process_start(pid) != started:
             return None
         return mesh
 
