@@ -195,7 +195,7 @@ def test_home_publishes_the_running_mesh_for_check(tmp_path: Path) -> None:
     home.run_dir.mkdir(parents=True)
     home.publish(_READY)
     assert home.running() == RunningMesh(
-        os.getpid(), "127.0.0.1:1001", "127.0.0.1:1002", (("shop/web-0", "127.0.0.1:1003"),)
+        os.getpid(), "127.0.0.1:1001", "127.0.0.1:1002", {"127.0.0.1:1003": "shop/web-0"}
     )
     home.unpublish()
     assert home.running() is None

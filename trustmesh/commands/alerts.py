@@ -99,11 +99,11 @@ def _sources(
     if store is None and not scans and not probes and not proxies:
         store = default_store_path()
         if discover:
-            from trustmesh.up.home import Home
+            from trustmesh.up.home import running_mesh
 
-            running = Home(store.expanduser().resolve()).running()
+            running = running_mesh(store)
             if running is not None:
-                proxies = tuple(addr for _, addr in running.proxies)
+                proxies = tuple(running.proxies)
                 click.echo(
                     f"watching the {len(proxies)} proxies of the trustmesh up running on {store} "
                     f"(pid {running.pid}) too",

@@ -109,16 +109,16 @@ def check(
     links = RunbookLinks(runbook_base, RUNBOOKS_DIR if RUNBOOKS_DIR.is_dir() else None)
     names: dict[str, str] = {}  # proxy admin address -> workload, for discovered proxies
     if not (identity or destination or proxies):
-        from trustmesh.up.home import Home  # (imports identity: only when needed)
+        from trustmesh.up.home import running_mesh  # (imports identity: only when needed)
 
-        running = Home(store.expanduser().resolve()).running()
+        running = running_mesh(store)
         if running is not None:
             click.echo(
                 f"checking the mesh of the trustmesh up running on {store} (pid {running.pid})",
                 err=True,
             )
             identity, destination = running.identity, running.destination
-            names = {addr: workload for workload, addr in running.proxies}
+            names = running.proxies
             proxies = tuple(names)
     now = utcnow()
     state: StoreState | Exception

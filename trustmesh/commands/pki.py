@@ -422,13 +422,13 @@ def anchor_activate(
     checked: str | None = None
     names: dict[str, str] = {}  # proxy admin address -> workload, for discovered proxies
     if not (proxies or identity_admin) and before.next_anchor is not None:
-        from trustmesh.up.home import Home
+        from trustmesh.up.home import running_mesh
 
-        running = Home(fs.root.resolve()).running()
+        running = running_mesh(fs.root)
         if running is not None:
             # Every workload of an 'up' mesh is one of its proxies, which report their bundle
             # now: the identity service's view (as of each one's last renewal) adds nothing.
-            names = {addr: workload for workload, addr in running.proxies}
+            names = running.proxies
             proxies = tuple(names)
             _console(err=True).print(
                 f"checking the {len(proxies)} proxies of the trustmesh up running on {fs.root} "

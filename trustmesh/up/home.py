@@ -91,11 +91,9 @@ class Home:
                 pid=int(pid),
                 identity=str(control["identity"]),
                 destination=str(control["destination"]),
-                proxies=tuple(
-                    (str(w["workload"]), str(w["admin"]))
-                    for w in data["workloads"]
-                    if w.get("admin")
-                ),
+                proxies={
+                    str(w["admin"]): str(w["workload"]) for w in data["workloads"] if w.get("admin")
+                },
             )
         except FileNotFoundError:
             return None
@@ -148,7 +146,12 @@ class RunningMesh:
     pid: int
     identity: str
     destination: str
-    proxies: tuple[tuple[str, str], ...]  # (workload, admin HOST:PORT)
+    proxies: dict[str, str]  # admin HOST:PORT -> workload ("namespace/name")
+
+
+def running_mesh(store: Path) -> RunningMesh | None:
+    """The mesh of a ``trustmesh up`` running on the home that is ``store``, if any."""
+    return Home(store.expanduser().resolve()).running()
 
 
 def _process_start(pid: int) -> int | None:
