@@ -25,12 +25,13 @@ async def _run(config_path: Path) -> None:
     loop = asyncio.get_running_loop()
     proxy = proxy_from_config(config, config_path.parent, loop.time)
     await proxy.start()
-    tune_gc()
+    collections = tune_gc()
     print(json.dumps({name: proxy.port(name) for name in proxy.servers}), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    collections.cancel()
     await proxy.stop()
 
 

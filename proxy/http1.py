@@ -45,6 +45,7 @@ from proxy.http1_exchange import (
     HOP_BY_HOP,
     MAX_HEAD_BYTES,
     MAX_HEADERS,
+    SPENT_PARSER,
     Dispatcher,
     Exchange,
     without_headers,
@@ -344,6 +345,13 @@ class Http1Server:
             if ex.link is not None:
                 self.dispatcher.finish(ex, ex.link, reusable=False)
                 ex.link = None
+            ex.resp = None
+        self._release()
+
+    def _release(self) -> None:
+        # The parser holds our bound callbacks: a cycle that would keep this server, and the
+        # link it references, until a full garbage collection. Nothing is parsed after this.
+        self.parser = SPENT_PARSER
 
     def pause_writing(self) -> None:  # the client is slow: stop reading the upstream
         if self.queue and self.queue[0].link is not None:
@@ -505,7 +513,7 @@ class Http1Server:
         if resp is not None:
             resp.done = True  # closing its upstream link must not answer the client
         self.dispatcher.finish(ex, ex.link, reusable=False)
-        ex.link = None
+        ex.link = ex.resp = None
         self.queue.popleft()
 
     def _refuse(self) -> None:
@@ -515,7 +523,9 @@ class Http1Server:
     def complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The response to ``ex`` has been fully written: move on to the next request."""
         self.dispatcher.finish(ex, link, reusable and ex.req_done)
-        ex.link = None
+        # The response points at the exchange (resp.ex): a cycle that would keep both, this
+        # server and its link until a full garbage collection.
+        ex.link = ex.resp = None
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
         if not ex.req_done and not ex.upgrade and not ex.dropping:
@@ -556,8 +566,10 @@ class Http1Server:
         """101 Switching Protocols (or 2xx to a CONNECT): both sides become an opaque relay."""
         self.queue.clear()
         self.dispatcher.finish(ex, None, reusable=False)
+        ex.resp = None
         self.link.resume_reading()
         Relay(self.link, upstream, early_a=ex.tunnel_tail, early_b=tail)
+        self._release()
 
 
 class LingeringClose:

@@ -28,6 +28,24 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 
 
+class SpentParser:
+    """Stands in for the httptools parser of a codec whose connection has ended.
+
+    A parser holds its owner's bound callbacks, a reference cycle with the owner: the codec
+    swaps its parser for this when done, so that reference counting frees it, its link and
+    the link's TLS state as soon as the last other reference goes, not at the next full
+    garbage collection. Nothing is fed to a spent codec; feeding this is a bug, said loudly.
+    """
+
+    __slots__ = ()
+
+    def feed_data(self, data: bytes) -> None:
+        raise RuntimeError("an HTTP/1 codec was fed data after its connection ended")
+
+
+SPENT_PARSER: Any = SpentParser()
+
+
 def without_headers(head: list[bytes], names: tuple[bytes, ...]) -> list[bytes]:
     """``head`` (groups of name, ``: ``, value, CRLF) minus the headers called ``names``."""
     kept: list[bytes] = []

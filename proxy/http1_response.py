@@ -22,6 +22,7 @@ from proxy.http1_exchange import (
     HOP_BY_HOP,
     MAX_HEAD_BYTES,
     MAX_HEADERS,
+    SPENT_PARSER,
     Dispatcher,
     Exchange,
     without_headers,
@@ -112,6 +113,7 @@ class Response:
                 if self.unaccounted:
                     self._account()
                 self.server.switch(self.ex, self._link(), data[e.args[0] :])
+                self.release()  # the links are a relay's now
                 return
         except httptools.HttpParserError as e:
             self._flush()
@@ -322,6 +324,7 @@ class Response:
             start = end
         self.raw = None
         self.server.switch(self.ex, self._link(), raw[end:])
+        self.release()  # the links are a relay's now
 
     def _link(self) -> Link:
         link = self.ex.link
@@ -358,6 +361,11 @@ class Response:
             self._broken("the upstream reset the connection before the response ended")
         else:
             self.eof_received()
+        self.release()
+
+    def release(self) -> None:
+        """The link has closed: break the cycle with the parser (see :class:`SpentParser`)."""
+        self.parser = SPENT_PARSER
 
     def pause_writing(self) -> None:  # the upstream is slow to take the request body
         self.server.link.pause_reading()

@@ -77,7 +77,8 @@ class Link(asyncio.Protocol):
         self.bytes_out = 0
         self.closed = False
         self.eof = False
-        self.codec: Any = None  # per-connection protocol state an owner keeps across uses
+        # Per-connection protocol state an owner keeps across uses; release() when it closes.
+        self.codec: Any = None
         self.parked: Any = None  # the pool's entry for this link, kept for its next visit
         self.write_paused = False
         self.tracker: Any = None  # metrics: told once when the connection closes
@@ -141,8 +142,21 @@ class Link(asyncio.Protocol):
             self.tracker = None
         if self.tls is not None and self.tls.info is None and self.on_handshake is not None:
             self._handshake_failed(TLSError("the connection closed during the handshake"))
-            return
-        self.sink.connection_lost(exc)
+        else:
+            self.sink.connection_lost(exc)
+        self._release()
+
+    def _release(self) -> None:
+        """Drop what the closed link points to. Its owners point back at it (``sink.link``),
+        and a cycle waits for a full garbage collection, which in a proxy tuned for throughput
+        comes rarely: until then the TLS session (OpenSSL's connection state, traffic keys
+        included) and the codecs outlived the connection by minutes to hours."""
+        self.sink = NULL_SINK
+        codec, self.codec = self.codec, None
+        if codec is not None:
+            codec.release()
+        self.parked = None
+        self.on_handshake = None
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -62,12 +62,15 @@ class Relay:
                 direction.eof_received()
 
     def check_done(self) -> None:
-        if self._ab.ended and self._ba.ended:
+        if not self.done and self._ab.ended and self._ba.ended:
             self.close()
 
     def close(self) -> None:
         if self.done:
             return
         self.done = True
+        # The directions point back at the relay: dropped, there is no cycle left, and the
+        # links' release on close frees the relay and both directions at once.
+        del self._ab, self._ba
         self.a.close()
         self.b.close()

@@ -33,7 +33,7 @@ from proxy.control import (
     metric_registry,
 )
 from proxy.http1 import HEAD_TIMEOUT
-from proxy.listener import DETECT_TIMEOUT, tune_gc
+from proxy.listener import DETECT_TIMEOUT, FullCollections, tune_gc
 from proxy.meshtls import KexPolicy
 from proxy.policy import DefaultPolicy
 
@@ -158,6 +158,7 @@ class Sidecar:
         self.ports: dict[str, int] = {}
         self._admin: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._collections: FullCollections | None = None  # tune_gc's, once serving
 
     def _certificate_pem(self) -> bytes | None:
         credential = self.identity.current()
@@ -187,7 +188,9 @@ class Sidecar:
         if unresolved:
             log.warning("upstream services not resolved yet: %s", ", ".join(unresolved))
         await self.proxy.start()
-        tune_gc()  # startup objects frozen, fewer young collections (~5 µs/request/hop)
+        # Startup objects frozen, fewer young collections (~5 µs/request/hop), and a full
+        # collection every minute.
+        self._collections = tune_gc()
         self.ports.update({name: self.proxy.port(name) for name in self.proxy.servers})
         self.serving = True
         log.info("proxy %s serving: %s", c.identity, self.ports)
@@ -207,6 +210,8 @@ class Sidecar:
 
     async def stop(self) -> None:
         self.serving = False
+        if self._collections is not None:
+            self._collections.cancel()
         await self.proxy.stop()
         for task in self._tasks:
             task.cancel()
