@@ -137,7 +137,9 @@ def tune_gc(full_every: float = FULL_COLLECTION_EVERY) -> FullCollections:
     makes, so on their own they would run a full collection every few hours under load. A
     connection's objects are freed when it closes (tests/proxy/test_release.py); a cycle some
     rarer path still makes waits at most ``full_every`` seconds instead. With the startup
-    objects frozen, a full collection walks only the live connections' objects (~1 ms).
+    objects frozen, a full collection walks only the live connections' objects: measured
+    with a proxy pair, its app and clients in one process, 1.4 ms with 200 client connections
+    open through it and 40 ms with 1,000, once a minute.
     """
     gc.collect()
     gc.freeze()
