@@ -224,6 +224,8 @@ class Http1Server:
             # A declined h2c offer: llhttp stopped after that request, which is complete. The
             # requests after it go to a fresh parser (one turn of the loop per declined offer).
             self.declined = False
+            if self.parser is SPENT_PARSER:  # answered and handed on meanwhile
+                return
             self.parser = httptools.HttpRequestParser(self)
             data = rest
         parsing = self.parsing
@@ -350,7 +352,8 @@ class Http1Server:
 
     def _release(self) -> None:
         # The parser holds our bound callbacks: a cycle that would keep this server, and the
-        # link it references, until a full garbage collection. Nothing is parsed after this.
+        # link it references, until a full garbage collection. Called once the link is closed
+        # or handed on (a relay, a lingering close): nothing reaches this server after that.
         self.parser = SPENT_PARSER
 
     def pause_writing(self) -> None:  # the client is slow: stop reading the upstream
@@ -519,6 +522,7 @@ class Http1Server:
     def _refuse(self) -> None:
         self.link.write(self.refusal)
         LingeringClose(self.link)
+        self._release()
 
     def complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The response to ``ex`` has been fully written: move on to the next request."""
@@ -533,6 +537,7 @@ class Http1Server:
             # may still be sending it, and closing with its bytes unread would reset the
             # connection under the answer.
             LingeringClose(self.link)
+            self._release()
             return
         if ex.close_after or not ex.keep_alive or ex.upgrade:
             self.link.close()

@@ -210,22 +210,18 @@ class Link(asyncio.Protocol):
 
     async def handshake(self, session: TlsSession) -> HandshakeInfo:
         """Start ``session`` and wait for its handshake (raises TLSError)."""
-        done: asyncio.Future[HandshakeInfo] = asyncio.get_running_loop().create_future()
-        previous = self.on_handshake
-
-        def finished(link: Link, info: HandshakeInfo | None, error: TLSError | None) -> None:
-            if previous is not None:
-                previous(link, info, error)
-            if done.done():
-                return
-            if info is not None:
-                done.set_result(info)
-            else:
-                done.set_exception(error or TLSError("handshake failed"))
-
-        self.on_handshake = finished
+        waiter = _HandshakeWaiter(self.on_handshake)
+        self.on_handshake = waiter
         self.start_tls(session)
-        return await done
+        try:
+            return await waiter.future
+        finally:
+            if self.on_handshake is waiter:  # cancelled while the handshake goes on
+                self.on_handshake = waiter.previous
+            # A failure's traceback holds this frame, and the frame the future holding the
+            # failure: a cycle that would keep the link and its TLS state until a full
+            # garbage collection.
+            del waiter
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
@@ -299,6 +295,27 @@ class Link(asyncio.Protocol):
             self.transport.close()
         self.closed = True
         self.sink.connection_lost(error)
+
+
+class _HandshakeWaiter:
+    """The ``on_handshake`` callback of :meth:`Link.handshake`: settles its future, after
+    calling the callback that was there before."""
+
+    __slots__ = ("future", "previous")
+
+    def __init__(self, previous: Any) -> None:
+        self.future: asyncio.Future[HandshakeInfo] = asyncio.get_running_loop().create_future()
+        self.previous = previous
+
+    def __call__(self, link: Link, info: HandshakeInfo | None, error: TLSError | None) -> None:
+        if self.previous is not None:
+            self.previous(link, info, error)
+        if self.future.done():
+            return
+        if info is not None:
+            self.future.set_result(info)
+        else:
+            self.future.set_exception(error or TLSError("handshake failed"))
 
 
 def _errno(exc: BaseException | None) -> str:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import socket
 import weakref
 from collections.abc import Iterator
 
@@ -28,10 +29,30 @@ from proxy.link import Link
 from proxy.listener import FullCollections, tune_gc
 from proxy.meshtls import TlsSession
 from proxy.policy import DefaultPolicy, InboundPolicy
+from proxy.routes import Endpoint, Service
 
 pytestmark = pytest.mark.timeout(60)
 
 REQUEST = b"GET /echo HTTP/1.1\r\nHost: api.local\r\nConnection: close\r\n\r\n"
+
+
+# Sessions and links alive when the test began (an earlier test's lingering close, say).
+_EARLIER: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _from_a_clean_heap() -> None:
+    gc.collect()  # earlier tests' garbage is not this test's
+    _EARLIER.clear()
+    _EARLIER.update(id(o) for o in _sessions_and_links())
+
+
+def _sessions_and_links() -> list[object]:
+    return [o for o in gc.get_objects() if isinstance(o, TlsSession | Link)]
+
+
+def _alive() -> int:
+    return sum(id(o) not in _EARLIER for o in _sessions_and_links())
 
 
 @contextlib.contextmanager
@@ -52,8 +73,9 @@ def _ours(obj: object) -> bool:
 
 
 def left_behind() -> tuple[int, collections.Counter[str]]:
-    """(proxy sessions and links still alive, our types a full collection finds as garbage)."""
-    alive = sum(isinstance(o, TlsSession | Link) for o in gc.get_objects())
+    """(this test's proxy sessions and links still alive, our types a full collection finds
+    as garbage)."""
+    alive = _alive()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         gc.collect()
@@ -72,7 +94,7 @@ async def assert_all_freed(*pools: object) -> None:
     for pool in pools:
         pool.close_all()  # type: ignore[attr-defined]
     for _ in range(100):  # the peers see the closes within a few loop turns
-        if not any(isinstance(o, TlsSession | Link) for o in gc.get_objects()):
+        if not _alive():
             break
         await asyncio.sleep(0.02)
     alive, garbage = left_behind()
@@ -168,6 +190,43 @@ async def test_refused_requests_and_handshakes_free_their_connections(pki, other
             # Plaintext on the inbound port: nowhere configured to send it, closed.
             await raw_exchange(inbound, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             await assert_all_freed(*pools)
+
+
+async def test_failed_exchanges_free_their_connections(pki) -> None:
+    """Answers the client proxy makes itself: a peer with another identity (the handshake
+    fails), a dead endpoint, an unknown authority, a malformed request, and a client that
+    closes before sending anything."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    other = pki.credentials("db").identity
+    async with (
+        run_app() as app_port,
+        run_mesh(web, api, app_port=app_port, expected_identity=other) as mesh,
+    ):
+        pools = (mesh.client.outbound.pool, mesh.server.inbound.pool)  # type: ignore[union-attr]
+        with collector_off():
+            reply = await raw_exchange(mesh.outbound, REQUEST)
+            assert reply.startswith(b"HTTP/1.1 502"), reply  # the server refuses our SNI
+            dead = Endpoint("127.0.0.1", _dead_port())
+            mesh.routes.replace((Service("api", (dead,), authorities=("api.local",)),))
+            reply = await raw_exchange(mesh.outbound, REQUEST)
+            assert reply.startswith(b"HTTP/1.1 502"), reply  # connection refused
+            reply = await raw_exchange(mesh.outbound, REQUEST.replace(b"api.local", b"nowhere"))
+            assert reply.startswith(b"HTTP/1.1 404"), reply
+            reply = await raw_exchange(mesh.outbound, b"GET / HTTP/1.1\r\nHost api\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 400"), reply
+            reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
+            writer.write_eof()  # EOF before any data: closed without an answer
+            async with asyncio.timeout(10):
+                assert await reader.read(-1) == b""
+            writer.close()
+            await assert_all_freed(*pools)
+
+
+def _dead_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class _Cyclic:
