@@ -9,6 +9,8 @@ scrape time, so a long-lived connection shows its traffic before it closes.
 
 from __future__ import annotations
 
+import os
+import resource
 from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
@@ -290,4 +292,62 @@ class ProxyMetrics:
         out.extend(self.response_latency_ms.lines())
         out.extend(self.tcp_read_bytes_total.lines(reads))
         out.extend(self.tcp_write_bytes_total.lines(writes))
+        out.extend(process_lines())
         return "\n".join(out) + "\n"
+
+
+# What /proc/self/stat's fields 14 (utime), 15 (stime), 22 (starttime), 23 (vsize) and 24 (rss)
+# are counted in: clock ticks, bytes and pages (proc(5)).
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+_BOOT = _boot_time()
+
+
+def process_lines() -> list[str]:
+    """The process families Prometheus client libraries and Linkerd's proxy export
+    (``process_resident_memory_bytes``, ``process_cpu_seconds_total``...), read from /proc; none
+    where there is no /proc."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # The command name (field 2) is in parentheses and may hold spaces: split after it.
+            fields = f.read().rsplit(")", 1)[1].split()
+        open_fds = len(os.listdir("/proc/self/fd")) - 1  # not the one listing them
+    except (OSError, IndexError):
+        return []
+    # fields[0] is field 3 of proc(5) (the state).
+    utime, stime = int(fields[11]), int(fields[12])
+    samples: list[tuple[str, str, str, int | float]] = [
+        ("process_cpu_seconds_total", "counter", "CPU time this process has used, user and system, in seconds.",
+         (utime + stime) / _TICKS),
+        ("process_open_fds", "gauge", "File descriptors this process holds open (sockets included).", open_fds),
+        ("process_max_fds", "gauge", "The soft limit on open file descriptors (RLIMIT_NOFILE).",
+         resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+        ("process_virtual_memory_bytes", "gauge", "Virtual address space of this process in bytes.",
+         int(fields[20])),
+        ("process_resident_memory_bytes", "gauge", "Memory of this process resident in RAM (RSS) in bytes.",
+         int(fields[21]) * _PAGE),
+        ("process_threads", "gauge", "OS threads of this process.", int(fields[17])),
+    ]  # fmt: skip
+    if _BOOT is not None:
+        samples.append(
+            ("process_start_time_seconds", "gauge",
+             "When this process started, in seconds since the Unix epoch.",
+             _BOOT + int(fields[19]) / _TICKS)
+        )  # fmt: skip
+    out: list[str] = []
+    for name, kind, help_text, value in samples:
+        out += (f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value!r}")
+    return out

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import resource
+import shutil
 import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import proxy.admin as admin_module
 from proxy.admin import AdminServer
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import ProxyMetrics, process_lines
+
+PROMTOOL = shutil.which("promtool")
 
 
 def _events(rng: random.Random) -> list[tuple[tuple[str, ...], int, float]]:
@@ -45,8 +56,8 @@ def test_series_and_counts_render_like_dict_increments() -> None:
         allow = ("8080", "default:all-unauthenticated", labels[2], labels[3], "", "any")
         by_dict.inbound_http_authz_allow_total.inc(allow)
         in_place.inbound_http_authz_allow_total.count(allow).n += 1
-    text = by_dict.render()
-    assert text == in_place.render()
+    text = _without_process(by_dict.render())
+    assert text == _without_process(in_place.render())
     assert (
         'response_latency_ms_bucket{direction="inbound",authority="api",status_code="200",le="5.0"}'
         in text
@@ -55,6 +66,66 @@ def test_series_and_counts_render_like_dict_increments() -> None:
     in_place.request_total.inc(events[0][0])
     assert in_place.request_total.get(events[0][0]) == by_dict.request_total.get(events[0][0]) + 1
     assert in_place.render().count("\nrequest_total{") == text.count("\nrequest_total{")
+
+
+def _without_process(text: str) -> str:
+    """The exposition without the process families, which change between two scrapes."""
+    return "\n".join(line for line in text.split("\n") if "process_" not in line)
+
+
+def _process_values() -> dict[str, float]:
+    families = text_string_to_metric_families("\n".join(process_lines()) + "\n")
+    return {s.name: s.value for f in families for s in f.samples}
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_process_families_say_what_proc_says() -> None:
+    """Memory, CPU, descriptors and threads, the families on-call graphs a leak or an fd
+    exhaustion with (Linkerd's proxy exports them too), read from /proc at each scrape."""
+    before = _process_values()
+    with open(os.devnull):  # one more descriptor
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)  # one more thread
+        thread.start()
+        try:
+            deadline = time.process_time() + 0.3
+            while time.process_time() < deadline:  # CPU to account for
+                pass
+            rss_kib = _status("VmRSS")
+            now = _process_values()
+            threads = _status("Threads")
+        finally:
+            stop.set()
+            thread.join()
+    assert now["process_open_fds"] == before["process_open_fds"] + 1
+    assert now["process_threads"] == threads
+    assert now["process_cpu_seconds_total"] >= before["process_cpu_seconds_total"] + 0.25
+    assert abs(now["process_resident_memory_bytes"] - rss_kib * 1024) < 4 * 2**20
+    assert now["process_virtual_memory_bytes"] >= now["process_resident_memory_bytes"]
+    assert now["process_max_fds"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    started = now["process_start_time_seconds"]
+    assert time.time() - 86400 < started <= time.time()
+    assert started == before["process_start_time_seconds"]
+    assert "process_resident_memory_bytes" in ProxyMetrics().render()
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) is missing")
+def test_process_families_pass_promtool() -> None:
+    result = subprocess.run(
+        [PROMTOOL, "check", "metrics"],
+        input="\n".join(process_lines()) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_unused_counters_are_not_shown() -> None:
