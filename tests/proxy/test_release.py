@@ -24,6 +24,7 @@ from OpenSSL import SSL
 from proxy_mesh import raw_exchange, run_app, run_mesh
 from test_meshtls_inbound import http_request, tls_exchange
 from test_meshtls_protocol import RawClient
+from test_tcp import _read_all_then_reply as read_all_then_reply
 
 from proxy.link import Link
 from proxy.listener import FullCollections, tune_gc
@@ -143,15 +144,9 @@ async def test_a_websocket_relay_frees_its_connections(pki) -> None:
             await assert_all_freed(*pools)
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    writer.write(await reader.read(65536))
-    await writer.drain()
-    writer.close()
-
-
 async def test_an_opaque_relay_frees_its_connections(pki) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
-    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    server = await asyncio.start_server(read_all_then_reply, "127.0.0.1", 0)
     tcp_port = server.sockets[0].getsockname()[1]
     try:
         async with run_mesh(web, api, app_port=tcp_port, tcp_port=tcp_port) as mesh:
@@ -161,8 +156,9 @@ async def test_an_opaque_relay_frees_its_connections(pki) -> None:
                         "127.0.0.1", mesh.client.port("upstream:tcp-echo")
                     )
                     writer.write(b"hello")
+                    writer.write_eof()
                     async with asyncio.timeout(10):
-                        assert await reader.read(-1) == b"hello"
+                        assert await reader.read(-1) == b"got 5"
                     writer.close()
                 await assert_all_freed()
     finally:
