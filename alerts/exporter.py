@@ -10,6 +10,7 @@ the last :class:`~alerts.inventory.Inventory`. Metric names are listed in the RE
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,8 @@ from prometheus_client.registry import Collector
 from alerts.errors import AlertsError
 from alerts.inventory import Inventory, Reading, build_inventory
 from alerts.sources import Source
+
+log = logging.getLogger(__name__)
 
 CERT_LABELS = ("role", "subject", "fingerprint", "source")
 DEFAULT_INTERVAL = 30.0
@@ -142,14 +145,20 @@ class Exporter:
 
     def __init__(
         self,
-        sources: Sequence[Source],
+        sources: Sequence[Source] | Callable[[], Sequence[Source]],
         *,
         clock: Callable[[], float],
         interval: float = DEFAULT_INTERVAL,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"the refresh interval must be positive, got {interval}")
-        self.sources = tuple(sources)
+        # A callable is asked for the sources at every scan: the set may change while the
+        # exporter runs for days (the proxies of a `trustmesh up` restarted on other ports).
+        if callable(sources):
+            self._sources = sources
+        else:
+            fixed = tuple(sources)
+            self._sources = lambda: fixed
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
@@ -161,6 +170,11 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(InventoryCollector(self.snapshot))
 
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """The sources the next scan reads."""
+        return tuple(self._sources())
+
     def snapshot(self) -> tuple[Inventory | None, dict[str, int]]:
         with self._lock:
             return self._inventory, dict(self._errors)
@@ -170,6 +184,9 @@ class Exporter:
         inventory = scan(self.sources, self._clock())
         with self._lock:
             self._inventory = inventory
+            # A source no longer scanned takes its error counter with it.
+            current = {status.source for status in inventory.sources}
+            self._errors = {k: v for k, v in self._errors.items() if k in current}
             for status in inventory.errors:
                 self._errors[status.source] = self._errors.get(status.source, 0) + 1
             for status in inventory.sources:
@@ -178,7 +195,10 @@ class Exporter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # a fault in one scan must not stop every later one
+                log.exception("certificate scan failed; the last scan's figures stay published")
             self._stop.wait(self.interval)
 
     def start(self, host: str, port: int) -> int:

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import alerts.exporter as exporter_module
 from alerts.exporter import Exporter, scan
-from alerts.sources import ProbeSource, StoreSource
+from alerts.sources import ProbeSource, Source, StoreSource
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import FileStore
 
@@ -117,3 +117,44 @@ def test_a_silent_scrape_connection_is_closed_and_ipv6_is_served(monkeypatch, tm
                 assert r.status == 200
         finally:
             six.stop()
+
+
+def test_sources_asked_anew_at_each_scan_and_a_vanished_source_leaves(tmp_path: Path) -> None:
+    """Given a callable, the exporter asks it for the sources at every scan (the proxies of a
+    restarted `trustmesh up` have other ports); a source no longer scanned takes its series
+    and its error counter with it."""
+    store = FileStore(tmp_path / "store")
+    init_anchor(store, now=NOW)
+    issue_issuer(store, now=NOW)
+    with silent_server() as silent:
+        gone = ProbeSource(silent, timeout=0.2)
+        current: list[Source] = [StoreSource(store.root), gone]
+        exporter = Exporter(lambda: current, clock=lambda: 5.0, interval=60)
+        first = exporter.refresh()
+        assert {s.source for s in first.sources} == {f"store:{store.root}", gone.name}
+        assert exporter.snapshot()[1] == {f"store:{store.root}": 0, gone.name: 1}
+        current = [StoreSource(store.root)]
+        second = exporter.refresh()
+    assert {s.source for s in second.sources} == {f"store:{store.root}"}
+    assert exporter.snapshot()[1] == {f"store:{store.root}": 0}
+    assert exporter.sources == (current[0],)
+
+
+def test_a_failing_scan_does_not_stop_the_refresher(caplog) -> None:
+    calls = 0
+
+    def sources() -> list[Source]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("discovery broke")
+        return []
+
+    exporter = Exporter(sources, clock=lambda: 9.0, interval=0.05)
+    port = exporter.start("127.0.0.1", 0)
+    try:
+        _poll(lambda: "trustmesh_exporter_last_refresh_timestamp_seconds" in _scrape(port)[1])
+    finally:
+        exporter.stop()
+    assert calls >= 2
+    assert "certificate scan failed" in caplog.text and "discovery broke" in caplog.text

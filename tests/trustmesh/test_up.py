@@ -74,10 +74,52 @@ def _start_up(mesh_file: Path, home: Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def _start_exporter(home: Path) -> tuple[subprocess.Popen[str], int]:
+    """``trustmesh alerts exporter`` on the home, told nothing else; returns it and its port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trustmesh", "alerts", "exporter", "--listen", "127.0.0.1:0",
+         "--interval", "1s"],
+        cwd=ROOT, env={**os.environ, "TRUSTMESH_HOME": str(home)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + 30
+    said = ""
+    while time.monotonic() < deadline and sel.select(timeout=deadline - time.monotonic()):
+        line = proc.stderr.readline()
+        said += line
+        if line.startswith("serving http://127.0.0.1:"):
+            return proc, int(line.rsplit(":", 1)[1].split("/")[0])
+        if not line:
+            break
+    proc.kill()
+    raise AssertionError(f"the exporter did not start: {said}")
+
+
+def _sources_up(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        line.split('source="', 1)[1].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("trustmesh_cert_source_up{")
+    }
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
 def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     mesh_file, upstream = _mesh_file(tmp_path)
     home = tmp_path / "home"
     proc = _start_up(mesh_file, home)
+    exporter: subprocess.Popen[str] | None = None
     try:
         info = json.loads(_read_line(proc, 60))
         assert info["ready"] is True
@@ -126,6 +168,11 @@ def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
         }
         assert ("proxy", "workload") in watched and ("store", "issuer") in watched
         assert not json.loads(alerts.stdout)["errors"]
+        # The exporter (it runs for days) looks for the running up's proxies at every scan.
+        exporter, port = _start_exporter(home)
+        admins = {w["admin"] for w in info["workloads"]}
+        _wait_for(lambda: {f"proxy:{a}" for a in admins} <= set(_sources_up(port)))
+        assert all(v == 1.0 for v in _sources_up(port).values())
         published = home / "up" / "mesh.json"
         assert oct(published.stat().st_mode & 0o777) == "0o644"
         proc.send_signal(signal.SIGTERM)
@@ -136,7 +183,12 @@ def test_up_runs_a_mesh_file_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
         assert summary["tls_groups"] == {"X25519MLKEM768": 1}
         _, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, [p.pid for p in alive]
+        # The up is gone: so are its proxies from the exporter's scans; the store stays.
+        _wait_for(lambda: set(_sources_up(port)) == {f"store:{home.resolve()}"})
     finally:
+        if exporter is not None:
+            exporter.terminate()
+            exporter.communicate(timeout=10)
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=10)

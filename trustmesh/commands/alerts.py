@@ -21,7 +21,13 @@ from alerts.errors import AlertsError
 from alerts.exporter import DEFAULT_INTERVAL, Exporter, scan
 from alerts.notifier import check_url, notify_alertmanager, notify_webhook
 from alerts.rulebook import RULES_DIR, load_rules, write_rules
-from alerts.sources import DEFAULT_PROBE_TIMEOUT, Source, parse_address, sources_from
+from alerts.sources import (
+    DEFAULT_PROBE_TIMEOUT,
+    ProxySource,
+    Source,
+    parse_address,
+    sources_from,
+)
 from alerts.templating import humanize_duration
 from trustmesh.config import default_store_path, duration_option
 from trustmesh.errors import CLIError
@@ -115,6 +121,22 @@ def _sources(
         raise click.BadParameter(str(e)) from None
 
 
+def _discovering(store: Path, probe_timeout: float) -> Callable[[], list[Source]]:
+    """The store, and the proxies of a ``trustmesh up`` running on it, looked up anew at each
+    call: an exporter runs for days, and an ``up`` restarted meanwhile has other ports."""
+    from trustmesh.up.home import running_mesh
+
+    base = sources_from(store, probe_timeout=probe_timeout)
+
+    def current() -> list[Source]:
+        running = running_mesh(store)
+        if running is None:
+            return base
+        return [*base, *(ProxySource(address, probe_timeout) for address in running.proxies)]
+
+    return current
+
+
 @click.group()
 def alerts() -> None:
     """Expiry exporter and cron-friendly alert checks."""
@@ -152,9 +174,18 @@ def exporter(
         host, port = parse_address(listen, allow_port_zero=True)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--listen") from None
-    server = Exporter(
-        _sources(store, scans, probes, proxies, probe_timeout), clock=time.time, interval=interval
-    )
+    sources: list[Source] | Callable[[], list[Source]]
+    if store is None and not scans and not probes and not proxies:
+        store = default_store_path()
+        sources = _discovering(store, probe_timeout)
+        click.echo(
+            f"watching {store}, and the proxies of any trustmesh up running on it "
+            "(looked for at each scan)",
+            err=True,
+        )
+    else:
+        sources = _sources(store, scans, probes, proxies, probe_timeout)
+    server = Exporter(sources, clock=time.time, interval=interval)
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
