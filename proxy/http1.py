@@ -339,6 +339,13 @@ class Http1Server:
         if not self.queue:
             self.link.close()
 
+    def link_retired(self) -> None:
+        """The peer's certificate has expired (``Link.retire_at``): no request is taken on this
+        connection any more. Idle, it closes now; busy, after the answer in progress, which
+        says ``connection: close``."""
+        if not self.queue and self.parsing is None:
+            self.link.close()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
@@ -464,7 +471,7 @@ class Http1Server:
                 ex.pending = None  # what still comes of it goes nowhere (see _send_body)
         # A request whose body we will not read cannot be followed by another on this
         # connection.
-        close = not (ex.req_done or ex.dropping) or not ex.keep_alive
+        close = not (ex.req_done or ex.dropping) or not ex.keep_alive or self.link.retired
         self.link.write(
             b"HTTP/1.1 %d %b\r\ncontent-length: 0\r\nl5d-proxy-error: %b\r\n%b\r\n"
             % (status, phrase, reason, b"connection: close\r\n" if close else b"")
@@ -539,7 +546,7 @@ class Http1Server:
             LingeringClose(self.link)
             self._release()
             return
-        if ex.close_after or not ex.keep_alive or ex.upgrade:
+        if ex.close_after or not ex.keep_alive or ex.upgrade or self.link.retired:
             self.link.close()
             return
         if self.piped and len(self.queue) <= MAX_PIPELINED // 2:

@@ -232,7 +232,8 @@ class Response:
                     self.body_mode = 2
             elif self.te and not self.chunked:
                 parts += (b"transfer-encoding: ", self.te, b"\r\n")  # e.g. gzip, to EOF
-        if ex.close_after or not ex.keep_alive:
+        if ex.close_after or not ex.keep_alive or self.server.link.retired:
+            # Retired: the client's certificate expired (inbound); this answer is the last.
             parts.append(b"connection: close\r\n")
         elif ex.client_10:  # an HTTP/1.0 client keeps the connection only when told so
             parts.append(b"connection: keep-alive\r\n")

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
+import time
 
 from pki.errors import quoted
 from proxy.detect import Detected, Proto
@@ -387,6 +389,11 @@ class Inbound:
         conn.tls = "true"
         if info.peer_identity:
             conn.client_header = b"l5d-client-id: " + info.peer_identity.encode() + b"\r\n"
+        if info.peer_identity is not None and math.isfinite(info.peer_not_after):
+            # The handshake proved the identity with a certificate valid until then: the
+            # connection is retired at that time (the outbound side does the same with the
+            # server's), so an expired identity is not served on a connection opened before.
+            link.retire_at(self.loop.time() + info.peer_not_after - time.time())
         self._opened(conn)
         if info.alpn == ALPN:
             link.sink = _HeaderReader(self, conn)
