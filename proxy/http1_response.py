@@ -365,7 +365,8 @@ class Response:
         self.release()
 
     def release(self) -> None:
-        """The link has closed: break the cycle with the parser (see :class:`SpentParser`)."""
+        """The link has closed, or is a relay's now: break the cycle with the parser (see
+        :class:`~proxy.http1_exchange.SpentParser`)."""
         self.parser = SPENT_PARSER
 
     def pause_writing(self) -> None:  # the upstream is slow to take the request body
