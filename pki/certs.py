@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from pki.errors import CertificateBuildError, CertificateParseError, KeyLoadError
-from pki.keys import KeyAlgorithm, PrivateKey, algorithm_of, spki_der
+from pki.keys import KeyAlgorithm, PrivateKey, PublicKeyTypes, algorithm_of, spki_der
 from pki.leafder import LeafTemplate
 from pki.names import Identity
 
@@ -351,16 +351,37 @@ def create_anchor(
     return _sign(_ca_extensions(builder, path_length), key)
 
 
+ISSUER_COMMON_NAME = "TrustMesh identity issuer"
+
+
 def create_issuer(
     key: PrivateKey,
     parent: Credential,
     *,
     now: datetime,
     lifetime: timedelta = DEFAULT_ISSUER_LIFETIME,
-    common_name: str = "TrustMesh identity issuer",
+    common_name: str = ISSUER_COMMON_NAME,
     skew: timedelta = DEFAULT_CLOCK_SKEW,
 ) -> Credential:
     """An intermediate CA signed by ``parent`` (an anchor or another issuer), path length 0."""
+    cert = issuer_certificate(
+        key.public_key(), parent, now=now, lifetime=lifetime, common_name=common_name, skew=skew
+    )
+    chain = parent.full_chain if not parent.certificate.is_self_signed else parent.chain
+    return Credential(cert, key, chain)
+
+
+def issuer_certificate(
+    pub: PublicKeyTypes,
+    parent: Credential,
+    *,
+    now: datetime,
+    lifetime: timedelta = DEFAULT_ISSUER_LIFETIME,
+    common_name: str = ISSUER_COMMON_NAME,
+    skew: timedelta = DEFAULT_CLOCK_SKEW,
+) -> Certificate:
+    """The certificate of :func:`create_issuer` for a public key whose private key is elsewhere
+    (an issuer CSR signed by an offline anchor)."""
     _check_time(now)
     parents = parent.full_chain
     if not parent.certificate.is_ca:
@@ -370,7 +391,6 @@ def create_issuer(
             f"{parent.certificate.subject} has path length 0 and cannot sign another CA"
         )
     not_before, not_after = _window(now, lifetime, skew, parents)
-    pub = key.public_key()
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -387,9 +407,7 @@ def create_issuer(
             critical=False,
         )
     )
-    cert = _sign(_ca_extensions(builder, 0), parent.key)
-    chain = parent.full_chain if not parent.certificate.is_self_signed else parent.chain
-    return Credential(cert, key, chain)
+    return _sign(_ca_extensions(builder, 0), parent.key)
 
 
 _LEAF_KEY_USAGE = x509.KeyUsage(

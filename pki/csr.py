@@ -167,3 +167,40 @@ def _single_dns_san(csr: x509.CertificateSigningRequest) -> str:
     if len(dns) != 1:
         raise CSRSubjectAltNameError(f"CSR carries {len(dns)} DNS SANs; exactly one is required")
     return str(dns[0])
+
+
+def create_ca_csr(key: PrivateKey, common_name: str) -> bytes:
+    """A PEM CSR for an issuer (intermediate CA) key: subject CN only, no extensions; the
+    signer applies the issuer profile (CA, path length 0, key usages) whatever a CSR asks."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key.key, key.algorithm.signature_hash())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def validate_ca_csr(
+    data: bytes,
+    *,
+    allowed_algorithms: Collection[KeyAlgorithm] = tuple(KeyAlgorithm),
+    max_bytes: int = DEFAULT_MAX_CSR_BYTES,
+) -> tuple[PublicKeyTypes, str | None]:
+    """The public key an issuer CSR asks to certify, and its subject CN (None without one),
+    once its self-signature proves the requester holds the key; a :class:`CSRError` if not."""
+    csr = parse_csr(data, max_bytes=max_bytes)
+    try:
+        public_key = csr.public_key()
+        algorithm = algorithm_of(public_key)
+    except (UnsupportedAlgorithm, CryptoUnsupportedAlgorithm) as e:
+        raise CSRKeyNotAllowed(f"CSR key is not allowed: {e}") from None
+    except ValueError as e:
+        raise CSRMalformed(f"CSR public key cannot be read: {e}") from None
+    if algorithm not in allowed_algorithms:
+        allowed = ", ".join(a.value for a in allowed_algorithms)
+        raise CSRKeyNotAllowed(
+            f"CSR key algorithm {algorithm.value} is not allowed (allowed: {allowed})"
+        )
+    _check_signature(csr, public_key)
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return public_key, (str(cns[0].value) if cns else None)  # type: ignore[return-value]

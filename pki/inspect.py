@@ -183,6 +183,7 @@ class StoreInfo:
     renew_at: datetime | None
     staged_anchor: str | None = None  # in the bundle, waiting for 'pki anchor activate'
     next_issuer_lifetime: timedelta | None = None  # what a renewal asks for (issuer.json)
+    pending_issuer_key: str | None = None  # algorithm of the key an issuer CSR is out for
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -203,6 +204,7 @@ class StoreInfo:
             "next_issuer_lifetime_seconds": None
             if self.next_issuer_lifetime is None
             else int(self.next_issuer_lifetime.total_seconds()),
+            "pending_issuer_key": self.pending_issuer_key,
         }
 
 
@@ -239,6 +241,9 @@ def describe_store(
         renew_at=renew_at,
         staged_anchor=state.next_anchor.fingerprint if state.next_anchor else None,
         next_issuer_lifetime=next_issuer_lifetime(state) if state.issuer is not None else None,
+        pending_issuer_key=(
+            state.pending_issuer_key.algorithm.value if state.pending_issuer_key else None
+        ),
     )
 
 

@@ -11,6 +11,7 @@ The cron job's life is a table of ``(stage, event) -> stage`` walked by :func:`a
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -21,11 +22,13 @@ from pki.certs import (
     DEFAULT_ANCHOR_LIFETIME,
     DEFAULT_CLOCK_SKEW,
     DEFAULT_ISSUER_LIFETIME,
+    ISSUER_COMMON_NAME,
     Certificate,
     Credential,
     create_anchor,
     create_issuer,
 )
+from pki.csr import create_ca_csr
 from pki.errors import BundleError, PKIError, StoreError
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.renewal import RenewalDecision, RenewalPolicy, decide
@@ -38,6 +41,7 @@ from pki.store import (
     ISSUER_SETTINGS,
     NEXT_ANCHOR,
     NEXT_ANCHOR_KEY,
+    PENDING_ISSUER_KEY,
     FileStore,
     StoreState,
     issuer_settings,
@@ -168,9 +172,9 @@ def plan(
     if state.anchor_key is None and decision.due and status is not AnchorStatus.EXPIRED:
         actions.append(
             f"the issuer is due ({decision.action.value}; it expires "
-            f"{issuer.expires.isoformat()}) and the anchor's key is kept offline: sign a new "
-            "issuer where the key is ('trustmesh pki issuer sign') and 'trustmesh pki issuer "
-            "import' it"
+            f"{issuer.expires.isoformat()}) and the anchor's key is kept offline: 'trustmesh pki "
+            "issuer csr' here, sign the CSR where the key is ('trustmesh pki issuer sign --csr') "
+            "and 'trustmesh pki issuer import' the certificate"
         )
     if status is not AnchorStatus.EXPIRED and renewed_not_after < wanted_not_after:
         actions.append(
@@ -291,8 +295,9 @@ def activate_anchor(
         if state.next_anchor_key is None:
             raise StoreError(
                 f"the staged anchor {staged.fingerprint[:16]}…'s private key is not in the store; "
-                "sign an issuer with it where the key is ('trustmesh pki issuer sign') and "
-                "'trustmesh pki issuer import' it here: that activates the staged anchor"
+                "'trustmesh pki issuer csr' here, sign the CSR with it where the key is "
+                "('trustmesh pki issuer sign --csr') and 'trustmesh pki issuer import' the "
+                "certificate here: that activates the staged anchor"
             )
         if not staged.is_valid_at(now):
             raise StoreError(
@@ -396,42 +401,110 @@ def import_issuer(store: FileStore, issuer: Credential, *, now: datetime) -> Sto
     has it, moves along). Anything else is refused and nothing is written.
     """
     _require_store(store)
+    with store.lock():
+        return _import_locked(store, store.load(), issuer, now)
+
+
+def request_issuer(
+    store: FileStore,
+    *,
+    now: datetime,
+    algorithm: KeyAlgorithm | None = None,
+    new_key: bool = False,
+) -> tuple[StoreState, bytes]:
+    """A CSR (PEM) for a new issuer, to be signed where the anchor's key is kept offline
+    (``pki issuer sign --csr``) and brought back with :func:`import_issuer_certificate`.
+
+    The issuer's key is made here and kept in the store (``pending-issuer.key``, 0600): unlike
+    an issuer signed with a new key offline, it never leaves this machine. Asked again, the CSR
+    is that of the same pending key; ``new_key`` replaces it (a CSR out for signing is then
+    void). Returns the store state and the CSR.
+    """
+    _require_store(store)
+    with store.lock():
+        state = store.load()
+        state.require_bundle()
+        key = state.pending_issuer_key
+        if key is not None and algorithm is not None and key.algorithm != algorithm and not new_key:
+            raise StoreError(
+                f"the pending issuer key is {key.algorithm.value}; pass --new-key to replace it "
+                f"with a {algorithm.value} key (its CSR, if out for signing, becomes void)"
+            )
+        if key is None or new_key:
+            key = PrivateKey.generate(_issuer_parameters(state, algorithm, None)[0])
+            state = store.commit(
+                {PENDING_ISSUER_KEY: key.to_pem()},
+                reason=f"issuer key made ({key.algorithm.value}) for a CSR to an offline anchor",
+                now=now,
+            )
+    return state, create_ca_csr(key, ISSUER_COMMON_NAME)
+
+
+def import_issuer_certificate(
+    store: FileStore, chain: Sequence[Certificate], *, now: datetime
+) -> StoreState:
+    """Install the certificate (and chain) an offline anchor signed for the store's pending
+    issuer key (:func:`request_issuer`), with that key; the same checks as
+    :func:`import_issuer`. The pending key leaves the store's pending slot for its issuer's."""
+    _require_store(store)
+    if not chain:
+        raise StoreError("no certificate given")
+    with store.lock():
+        state = store.load()
+        key = state.pending_issuer_key
+        if key is None:
+            raise StoreError(
+                f"no issuer key is pending in {store.root}: give the issuer's key with --key, or "
+                "start with 'trustmesh pki issuer csr' (the key then never leaves the store)"
+            )
+        cert = chain[0]
+        if not key.matches(cert.x509.public_key()):
+            raise StoreError(
+                f"certificate {cert.subject} ({cert.fingerprint[:16]}…) is not for the pending "
+                f"issuer key of {store.root}: sign the CSR 'trustmesh pki issuer csr' wrote for "
+                "this store (a newer one voids the older)"
+            )
+        return _import_locked(store, state, Credential(cert, key, tuple(chain[1:])), now)
+
+
+def _import_locked(
+    store: FileStore, state: StoreState, issuer: Credential, now: datetime
+) -> StoreState:
     cert = issuer.certificate
     if not cert.is_ca:
         raise StoreError(f"{cert.subject} is not a CA certificate; an issuer must be one")
-    with store.lock():
-        state = store.load()
-        bundle = state.require_bundle()
-        anchor = anchor_for(issuer.full_chain, bundle)
-        if anchor is None:
-            raise StoreError(
-                f"issuer {cert.subject} ({cert.fingerprint[:16]}…) is not signed by any of the "
-                f"{len(bundle.anchors)} anchor(s) of {store.root}'s trust bundle"
-            )
-        if anchor not in (state.anchor, state.next_anchor):
-            raise StoreError(
-                f"issuer {cert.fingerprint[:16]}… chains to anchor {anchor.fingerprint[:16]}…, "
-                "which is neither the signing anchor nor the staged one"
-            )
-        verify_chain(cert, issuer.chain, bundle, at=now)
-        check_can_issue(issuer, bundle, at=now)
-        changes: dict[str, bytes | None] = {
-            ISSUER: issuer.chain_pem(),
-            ISSUER_KEY: issuer.key.to_pem(),
-        }
-        reason = (
-            f"issuer {cert.fingerprint[:16]} imported (signed by anchor {anchor.fingerprint[:16]})"
+    bundle = state.require_bundle()
+    anchor = anchor_for(issuer.full_chain, bundle)
+    if anchor is None:
+        raise StoreError(
+            f"issuer {cert.subject} ({cert.fingerprint[:16]}…) is not signed by any of the "
+            f"{len(bundle.anchors)} anchor(s) of {store.root}'s trust bundle"
         )
-        if anchor == state.next_anchor:
-            staged_key = state.next_anchor_key
-            changes.update({
-                ANCHOR: anchor.pem,
-                ANCHOR_KEY: staged_key.to_pem() if staged_key is not None else None,
-                NEXT_ANCHOR: None,
-                NEXT_ANCHOR_KEY: None,
-            })  # fmt: skip
-            reason += "; the staged anchor is activated"
-        return store.commit(changes, reason=reason, now=now)
+    if anchor not in (state.anchor, state.next_anchor):
+        raise StoreError(
+            f"issuer {cert.fingerprint[:16]}… chains to anchor {anchor.fingerprint[:16]}…, "
+            "which is neither the signing anchor nor the staged one"
+        )
+    verify_chain(cert, issuer.chain, bundle, at=now)
+    check_can_issue(issuer, bundle, at=now)
+    changes: dict[str, bytes | None] = {
+        ISSUER: issuer.chain_pem(),
+        ISSUER_KEY: issuer.key.to_pem(),
+    }
+    pending = state.pending_issuer_key
+    if pending is not None and pending.matches(cert.x509.public_key()):
+        changes[PENDING_ISSUER_KEY] = None  # it is the issuer's key now
+    reason = f"issuer {cert.fingerprint[:16]} imported (signed by anchor {anchor.fingerprint[:16]})"
+    if anchor == state.next_anchor:
+        staged_key = state.next_anchor_key
+        changes.update({
+            ANCHOR: anchor.pem,
+            ANCHOR_KEY: staged_key.to_pem() if staged_key is not None else None,
+            NEXT_ANCHOR: None,
+            NEXT_ANCHOR_KEY: None,
+        })  # fmt: skip
+        reason += "; the staged anchor is activated"
+    return store.commit(changes, reason=reason, now=now)
 
 
 def _issuer_parameters(

@@ -45,6 +45,9 @@ ISSUER_KEY = "issuer.key"
 # signs nothing until 'pki anchor activate' promotes it to ANCHOR.
 NEXT_ANCHOR = "next-anchor.pem"
 NEXT_ANCHOR_KEY = "next-anchor.key"
+# The key of an issuer whose CSR is out for signing by an anchor whose key is kept offline
+# ('pki issuer csr'); 'pki issuer import' pairs the signed certificate with it.
+PENDING_ISSUER_KEY = "pending-issuer.key"
 # The lifetime new issuers are given. An issuer certificate can be cut short by its anchor's
 # NotAfter, so a certificate's own window is not a safe record of it.
 ISSUER_SETTINGS = "issuer.json"
@@ -204,6 +207,7 @@ class StoreState:
     next_anchor: Certificate | None = None  # staged: in the bundle, not yet signing
     next_anchor_key: PrivateKey | None = None
     issuer_lifetime: timedelta | None = None  # from issuer.json; None in older stores
+    pending_issuer_key: PrivateKey | None = None  # an issuer CSR is out for signing
 
     def anchor_credential(self) -> Credential:
         if self.anchor is None:
@@ -212,9 +216,9 @@ class StoreState:
             )
         if self.anchor_key is None:
             raise StoreError(
-                "the anchor's private key is not in the store (kept offline); sign the issuer "
-                "where the key is ('trustmesh pki issuer sign') and 'trustmesh pki issuer "
-                "import' it"
+                "the anchor's private key is not in the store (kept offline): 'trustmesh pki "
+                "issuer csr' here, sign the CSR where the key is ('trustmesh pki issuer sign "
+                "--csr') and 'trustmesh pki issuer import' the certificate"
             )
         return Credential(self.anchor, self.anchor_key)
 
@@ -360,6 +364,8 @@ class FileStore:
                     raise StoreCorrupt(f"version {version} has {ISSUER} but no {ISSUER_KEY}")
                 chain = load_pem_chain(files[ISSUER])
                 issuer = Credential(chain[0], PrivateKey.load(files[ISSUER_KEY]), chain[1:])
+            pending = files.get(PENDING_ISSUER_KEY)
+            pending_key = PrivateKey.load(pending) if pending is not None else None
             issuer_lifetime = None
             if ISSUER_SETTINGS in files:
                 issuer_lifetime = _parse_issuer_settings(files[ISSUER_SETTINGS], version)
@@ -380,6 +386,7 @@ class FileStore:
             next_anchor=next_anchor,
             next_anchor_key=next_key,
             issuer_lifetime=issuer_lifetime,
+            pending_issuer_key=pending_key,
         )
 
     def trust_bundle(self) -> TrustBundle:

@@ -17,7 +17,9 @@ from pki.certs import (
     DEFAULT_ISSUER_LIFETIME,
     Credential,
     create_issuer,
+    issuer_certificate,
 )
+from pki.csr import validate_ca_csr
 from pki.errors import (
     BundleError,
     CertificateParseError,
@@ -41,12 +43,21 @@ from pki.rotation import (
     bundle_add,
     bundle_remove,
     import_issuer,
+    import_issuer_certificate,
     init_anchor,
     issue_issuer,
     plan,
+    request_issuer,
     rotate_if_due,
 )
-from pki.store import ANCHOR_KEY, ISSUER_SETTINGS, NEXT_ANCHOR, NEXT_ANCHOR_KEY, FileStore
+from pki.store import (
+    ANCHOR_KEY,
+    ISSUER_SETTINGS,
+    NEXT_ANCHOR,
+    NEXT_ANCHOR_KEY,
+    PENDING_ISSUER_KEY,
+    FileStore,
+)
 from pki.verify import verify_chain
 
 
@@ -440,7 +451,7 @@ def _offline_store(tmp_path: Path) -> tuple[FileStore, Credential]:
 
 def test_an_issuer_signed_offline_is_imported(tmp_path: Path) -> None:
     fs, root = _offline_store(tmp_path)
-    with pytest.raises(StoreError, match=r"kept offline.*'trustmesh pki issuer sign'"):
+    with pytest.raises(StoreError, match=r"kept offline.*'trustmesh pki issuer sign --csr'"):
         issue_issuer(fs, now=T0)
     issuer = create_issuer(PrivateKey.generate(), root, now=T0, lifetime=timedelta(days=30))
     state = import_issuer(fs, issuer, now=T0 + timedelta(minutes=1))
@@ -460,13 +471,41 @@ def test_an_issuer_signed_by_the_staged_offline_anchor_activates_it(tmp_path: Pa
     staged = init_anchor(fs, now=T0, stage=True, key=next_key, store_key=False)
     new = staged.next_anchor
     assert new is not None and staged.next_anchor_key is None
-    with pytest.raises(StoreError, match="'trustmesh pki issuer import' it here"):
+    with pytest.raises(StoreError, match="'trustmesh pki issuer import' the certificate here"):
         activate_anchor(fs, now=T0)
     issuer = create_issuer(PrivateKey.generate(), Credential(new, next_key), now=T0)
     active = import_issuer(fs, issuer, now=T0 + timedelta(minutes=1))
     assert active.anchor == new and active.next_anchor is None and active.anchor_key is None
     assert {ANCHOR_KEY, NEXT_ANCHOR, NEXT_ANCHOR_KEY}.isdisjoint(active.files)
     assert root.certificate in active.require_bundle()  # still trusted until removed
+
+
+def test_an_issuer_csr_signed_by_the_staged_offline_anchor_activates_it(tmp_path: Path) -> None:
+    """The CSR flow: the issuer key is made in the store and stays there; the certificate the
+    offline (staged) anchor signs for it is paired with it on import, which activates the
+    staged anchor and empties the pending slot."""
+    fs, root = _offline_store(tmp_path)
+    import_issuer(fs, create_issuer(PrivateKey.generate(), root, now=T0), now=T0)
+    next_key = PrivateKey.generate()
+    staged = init_anchor(fs, now=T0, stage=True, key=next_key, store_key=False)
+    new = staged.next_anchor
+    assert new is not None
+    requested, csr = request_issuer(fs, now=T0)
+    pending = requested.pending_issuer_key
+    assert pending is not None and PENDING_ISSUER_KEY in requested.files
+    again, csr_again = request_issuer(fs, now=T0)
+    assert again.version == requested.version  # the same key's CSR, nothing written
+    public_key, common_name = validate_ca_csr(csr)
+    assert pending.matches(validate_ca_csr(csr_again)[0])
+    assert pending.matches(public_key) and common_name == "TrustMesh identity issuer"
+    cert = issuer_certificate(public_key, Credential(new, next_key), now=T0)
+    active = import_issuer_certificate(fs, [cert], now=T0 + timedelta(minutes=1))
+    assert active.anchor == new and active.next_anchor is None
+    assert active.pending_issuer_key is None and PENDING_ISSUER_KEY not in active.files
+    assert active.require_issuer().certificate == cert
+    assert active.require_issuer().key.to_pem() == pending.to_pem()
+    with pytest.raises(StoreError, match="no issuer key is pending"):
+        import_issuer_certificate(fs, [cert], now=T0 + timedelta(minutes=2))
 
 
 def test_import_refusals_write_nothing(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -513,7 +514,7 @@ def test_offline_anchor_key_sign_and_import(tmp_path: Path) -> None:
     assert "anchor.key" not in files and "anchor.pem" in files
     assert b"PRIVATE KEY" not in b"".join(p.read_bytes() for p in (root / "current").iterdir())
     refused = tm("pki", "--store", root, "issuer", "create")
-    assert refused.code == 1 and "'trustmesh pki issuer sign'" in refused.err
+    assert refused.code == 1 and "'trustmesh pki issuer sign --csr'" in refused.err
     anchor_pem = tmp_path / "offline" / "anchor.pem"
     anchor_pem.write_text(tm("pki", "--store", root, "bundle", "show").out)
     out = tmp_path / "offline" / "issuer.pem"
@@ -535,6 +536,112 @@ def test_offline_anchor_key_sign_and_import(tmp_path: Path) -> None:
     view = tm("pki", "inspect", root)
     assert "yes (key offline: pki issuer sign)" in view.out
     assert tm("pki", "inspect", root, "-o", "json").json()["anchor_key_present"] is False
+
+
+def _offline_anchor(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A store whose anchor key is kept offline: (store, anchor PEM, anchor key)."""
+    root, key = tmp_path / "store", tmp_path / "offline" / "anchor.key"
+    key.parent.mkdir(parents=True)
+    assert tm("pki", "--store", root, "anchor", "create", "--key-out", key).code == 0
+    anchor_pem = tmp_path / "offline" / "anchor.pem"
+    anchor_pem.write_text(tm("pki", "--store", root, "bundle", "show").out)
+    return root, anchor_pem, key
+
+
+def _csr_key(path: Path) -> bytes:
+    csr = x509.load_pem_x509_csr(path.read_bytes())
+    return csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.mark.skipif(not OPENSSL, reason="openssl is not installed")
+def test_an_issuer_csr_keeps_the_issuer_key_in_the_store(tmp_path: Path) -> None:
+    """With an offline anchor, the issuer's key is made in the store and only its CSR and
+    certificate travel: the key was never in a file outside the store."""
+    root, anchor_pem, anchor_key = _offline_anchor(tmp_path)
+    req = tmp_path / "issuer.csr"
+    made = tm("pki", "--store", root, "issuer", "csr", "--out", req, "-o", "json")
+    assert made.code == 0, made.err
+    pending = root / "current" / "pending-issuer.key"
+    assert pending.stat().st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" not in req.read_bytes() and b"CERTIFICATE REQUEST" in req.read_bytes()
+    again = tmp_path / "again.csr"
+    assert tm("pki", "--store", root, "issuer", "csr", "--out", again).code == 0
+    assert _csr_key(again) == _csr_key(req)  # the same pending key, no new version
+    view = tm("pki", "inspect", root, "-o", "json").json()
+    assert view["version"] == made.json()["version"]
+    assert view["pending_issuer_key"] == "ecdsa-p256"
+    assert "pending issuer key: ecdsa-p256" in tm("pki", "inspect", root).out
+    cert = tmp_path / "offline" / "issuer.pem"
+    signed = tm("pki", "issuer", "sign", "--anchor", anchor_pem, "--anchor-key", anchor_key,
+                "--csr", req, "--validity", "30d", "--out", cert, "-o", "json")  # fmt: skip
+    assert signed.code == 0, signed.err
+    assert sorted(p.name for p in cert.parent.iterdir()) == [
+        "anchor.key", "anchor.pem", "issuer.pem"
+    ]  # fmt: skip
+    imported = tm("pki", "--store", root, "issuer", "import", cert, "-o", "json")
+    assert imported.code == 0, imported.err
+    assert imported.json()["issuer"] == signed.json()["issuer"]
+    files = {p.name for p in (root / "current").iterdir()}
+    assert "pending-issuer.key" not in files and "issuer.key" in files
+    assert tm("pki", "inspect", root, "-o", "json").json()["pending_issuer_key"] is None
+    store_key = serialization.load_pem_private_key(
+        (root / "current" / "issuer.key").read_bytes(), None
+    )
+    assert store_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == _csr_key(req)
+    leaf = tmp_path / "web.pem"
+    assert (
+        tm("pki", "leaf", "--store", root, "--identity", WEB, "--generate", "--out", leaf).code == 0
+    )
+    assert _openssl_verifies(root, leaf, anchor_pem.read_bytes(), tmp_path)
+
+
+def test_issuer_csr_refusals(tmp_path: Path) -> None:
+    root, anchor_pem, anchor_key = _offline_anchor(tmp_path)
+    cert = tmp_path / "issuer.pem"
+    # No pending key and no --key: said, nothing written.
+    lone = tmp_path / "lone.pem"
+    other_root = _offline_anchor(tmp_path / "elsewhere")[0]
+    other_req = tmp_path / "other.csr"
+    assert tm("pki", "--store", other_root, "issuer", "csr", "--out", other_req).code == 0
+    assert tm("pki", "issuer", "sign", "--anchor", anchor_pem, "--anchor-key", anchor_key,
+              "--csr", other_req, "--out", lone).code == 0  # fmt: skip
+    before = tm("pki", "inspect", root, "-o", "json").json()["version"]
+    none = tm("pki", "--store", root, "issuer", "import", lone)
+    assert none.code == 1 and "no issuer key is pending" in none.err
+    # A certificate for another store's key (here: the other store's CSR) is refused.
+    req = tmp_path / "issuer.csr"
+    assert tm("pki", "--store", root, "issuer", "csr", "--out", req).code == 0
+    version = tm("pki", "inspect", root, "-o", "json").json()["version"]
+    assert version == before + 1
+    foreign = tm("pki", "--store", root, "issuer", "import", lone)
+    assert foreign.code == 1 and "is not for the pending issuer key" in foreign.err
+    # A CSR whose signature does not verify is refused, and nothing is written.
+    tampered = tmp_path / "tampered.csr"
+    der = bytearray(
+        x509.load_pem_x509_csr(req.read_bytes()).public_bytes(serialization.Encoding.DER)
+    )
+    der[-3] ^= 0x01  # inside the signature
+    tampered.write_bytes(bytes(der))
+    bad = tm("pki", "issuer", "sign", "--anchor", anchor_pem, "--anchor-key", anchor_key,
+             "--csr", tampered, "--out", cert)  # fmt: skip
+    assert bad.code == 1 and "signature does not verify" in bad.err, bad.err
+    assert not cert.exists()
+    # --new-key voids the CSR out for signing: its certificate no longer imports.
+    assert tm("pki", "issuer", "sign", "--anchor", anchor_pem, "--anchor-key", anchor_key,
+              "--csr", req, "--out", cert).code == 0  # fmt: skip
+    switched = tm("pki", "--store", root, "issuer", "csr", "--algorithm", "ml-dsa-65",
+                  "--out", tmp_path / "mldsa.csr")  # fmt: skip
+    assert switched.code == 1 and "pass --new-key" in switched.err
+    renewed = tm("pki", "--store", root, "issuer", "csr", "--new-key", "--out", tmp_path / "n.csr")
+    assert renewed.code == 0, renewed.err
+    void = tm("pki", "--store", root, "issuer", "import", cert)
+    assert void.code == 1 and "is not for the pending issuer key" in void.err
+    assert tm("pki", "inspect", root, "-o", "json").json()["version"] == version + 1
+    assert "issuer.key" not in {p.name for p in (root / "current").iterdir()}
 
 
 def test_key_out_never_overwrites_and_goes_when_the_anchor_is_refused(

@@ -101,7 +101,9 @@ def test_offline_anchor_key_hands_the_renewal_to_a_human(make_store, t0):
     assert store.current_version() == version
     (action,) = report.human_actions
     assert "the anchor's key is kept offline" in action
-    assert "'trustmesh pki issuer sign'" in action and "'trustmesh pki issuer import'" in action
+    assert (
+        "'trustmesh pki issuer sign --csr'" in action and "'trustmesh pki issuer import'" in action
+    )
     assert report.stages[-1] is Stage.NEEDS_HUMAN
 
 

@@ -21,10 +21,17 @@ from rich.table import Table
 
 from pki import kem
 from pki.bundle import TrustBundle
-from pki.certs import Credential, create_issuer, issue_leaf, load_pem_chain, utcnow
-from pki.csr import validate_csr
+from pki.certs import (
+    Credential,
+    create_issuer,
+    issue_leaf,
+    issuer_certificate,
+    load_pem_chain,
+    utcnow,
+)
+from pki.csr import validate_ca_csr, validate_csr
 from pki.durations import format_duration
-from pki.errors import InvalidName, PKIError
+from pki.errors import CSRError, InvalidName, PKIError
 from pki.inspect import (
     CertificateInfo,
     ChainInfo,
@@ -46,8 +53,10 @@ from pki.rotation import (
     bundle_add,
     bundle_remove,
     import_issuer,
+    import_issuer_certificate,
     init_anchor,
     issue_issuer,
+    request_issuer,
 )
 from pki.store import (
     FileStore,
@@ -56,7 +65,7 @@ from pki.store import (
     write_files_atomic,
     write_new_file,
 )
-from pki.verify import anchor_for, check_can_issue, verify_leaf
+from pki.verify import anchor_for, check_can_issue, verify_chain, verify_leaf
 from trustmesh.checks import activation_blockers, named, probe_admin, probe_caller_bundles
 from trustmesh.config import admin_timeout_option, default_store_path, duration_option
 from trustmesh.errors import EXIT_USAGE, CLIError
@@ -214,6 +223,11 @@ def _print_store(console: Console, info: StoreInfo) -> None:
         )
         anchors.add_row(a.fingerprint[:16], a.subject, a.key_algorithm, _when(a), signing)
     console.print(anchors)
+    if info.pending_issuer_key is not None:
+        console.print(
+            f"pending issuer key: {info.pending_issuer_key}, its CSR out for signing "
+            "('pki issuer import' the certificate)"
+        )
     if info.issuer is None:
         console.print("issuer: none (run 'trustmesh pki issuer create')")
         return
@@ -553,6 +567,49 @@ def issuer_show(store: Path | None) -> None:
     click.echo(_store(store).issuer().chain_pem().decode(), nl=False)
 
 
+@issuer.command("csr")
+@algorithm_option(None)
+@click.option(
+    "--new-key",
+    is_flag=True,
+    help="Replace the pending key (a CSR already out for signing becomes void).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the CSR (PEM).",
+)
+@store_option
+@output_option
+def issuer_csr(
+    algorithm: KeyAlgorithm | None, new_key: bool, out: Path, store: Path | None, output: str
+) -> None:
+    """A CSR for a new issuer, for an anchor whose key is kept offline.
+
+    The issuer's key is made in the store and never leaves it. Sign the CSR where the anchor
+    key is ('trustmesh pki issuer sign --csr'), then 'trustmesh pki issuer import CERT' here.
+    Run again, it writes the CSR of the same pending key. Default algorithm: the current
+    issuer's.
+    """
+    fs = _store(store)
+    state, csr = request_issuer(fs, now=utcnow(), algorithm=algorithm, new_key=new_key)
+    write_file_atomic(out, csr, mode=0o644)
+    key = state.pending_issuer_key
+    assert key is not None
+    if output == "json":
+        _emit_json(
+            {"store": str(fs.root), "version": state.version, "csr": str(out),
+             "algorithm": key.algorithm.value}
+        )  # fmt: skip
+        return
+    _console().print(
+        f"CSR for a {key.algorithm.value} issuer key (kept in {fs.root}, pending): {out}; sign "
+        "it where the anchor key is ('trustmesh pki issuer sign --csr'), then 'trustmesh pki "
+        "issuer import' the certificate here"
+    )
+
+
 @issuer.command("sign")
 @click.option(
     "--anchor",
@@ -570,10 +627,16 @@ def issuer_show(store: Path | None) -> None:
 @algorithm_option("ecdsa-p256")
 @click.option("--validity", default="48h", show_default=True, callback=_validity)
 @click.option(
+    "--csr",
+    "csr_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Certify the key of this issuer CSR ('pki issuer csr') instead of making a new key.",
+)
+@click.option(
     "--out",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The issuer's certificate (PEM); its new key goes to OUT.key (0600).",
+    help="The issuer's certificate (PEM); without --csr its new key goes to OUT.key (0600).",
 )
 @output_option
 def issuer_sign(
@@ -581,13 +644,15 @@ def issuer_sign(
     anchor_key: Path,
     algorithm: KeyAlgorithm,
     validity: timedelta,
+    csr_file: Path | None,
     out: Path,
     output: str,
 ) -> None:
     """Sign a new issuer with an anchor whose key is kept offline (no store is used).
 
-    Run it where the anchor key is; then 'trustmesh pki issuer import OUT --key OUT.key' on
-    the store's machine.
+    Run it where the anchor key is. With --csr (from 'trustmesh pki issuer csr' on the store's
+    machine, whose key never leaves it), then 'trustmesh pki issuer import OUT' there; without,
+    a new key is made here: 'trustmesh pki issuer import OUT --key OUT.key'.
     """
     certs = load_pem_chain(read_target(anchor_file))
     if len(certs) != 1:
@@ -596,6 +661,9 @@ def issuer_sign(
     if not anchor.certificate.is_ca:
         raise CLIError(f"{anchor_file} ({anchor.certificate.subject}) is not a CA certificate")
     now = utcnow()
+    if csr_file is not None:
+        _sign_csr(anchor, read_target(csr_file), csr_file, validity, out, output)
+        return
     issuer = create_issuer(PrivateKey.generate(algorithm), anchor, now=now, lifetime=validity)
     check_can_issue(issuer, TrustBundle((anchor.certificate,)), at=now)
     key_path = out.with_name(out.name + ".key")
@@ -620,6 +688,37 @@ def issuer_sign(
     )
 
 
+def _sign_csr(
+    anchor: Credential, data: bytes, csr_file: Path, validity: timedelta, out: Path, output: str
+) -> None:
+    """``issuer sign --csr``: certify the CSR's key as an issuer; only the certificate is
+    written (its key is in the requesting store)."""
+    try:
+        public_key, _ = validate_ca_csr(data)
+    except CSRError as e:
+        raise CLIError(f"{csr_file}: {e}") from None
+    now = utcnow()
+    cert = issuer_certificate(public_key, anchor, now=now, lifetime=validity)
+    verify_chain(cert, (), TrustBundle((anchor.certificate,)), at=now)
+    write_file_atomic(out, cert.pem, mode=0o644)
+    if output == "json":
+        _emit_json(
+            {
+                "certificate": str(out),
+                "issuer": cert.fingerprint,
+                "anchor": anchor.certificate.fingerprint,
+                "not_after": cert.not_after.isoformat(),
+                "algorithm": cert.key_algorithm.value,
+            }
+        )
+        return
+    _console().print(
+        f"issuer {cert.fingerprint[:16]} signed by anchor {anchor.certificate.fingerprint[:16]} "
+        f"for the key of {csr_file}, valid until {cert.not_after.isoformat()}: {out}; import it "
+        "with 'trustmesh pki issuer import' on the store that wrote the CSR"
+    )
+
+
 def _read_key(path: Path) -> PrivateKey:
     try:
         return PrivateKey.load(path.read_bytes())
@@ -634,22 +733,25 @@ def _read_key(path: Path) -> PrivateKey:
 @click.option(
     "--key",
     "key_file",
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The issuer's private key (PEM).",
+    help="The issuer's private key (PEM). Default: the key 'pki issuer csr' keeps pending.",
 )
 @store_option
 @output_option
-def issuer_import(cert_file: Path, key_file: Path, store: Path | None, output: str) -> None:
+def issuer_import(cert_file: Path, key_file: Path | None, store: Path | None, output: str) -> None:
     """Install an issuer signed elsewhere ('pki issuer sign' with an offline anchor key).
 
     It must chain to the store's signing anchor, or to its staged one (which this activates).
+    Without --key, its key is the store's pending one ('pki issuer csr').
     """
     chain = load_pem_chain(read_target(cert_file))
-    key = _read_key(key_file)
     fs = _store(store)
     staged = fs.load().next_anchor
-    state = import_issuer(fs, Credential(chain[0], key, chain[1:]), now=utcnow())
+    if key_file is None:
+        state = import_issuer_certificate(fs, chain, now=utcnow())
+    else:
+        key = _read_key(key_file)
+        state = import_issuer(fs, Credential(chain[0], key, chain[1:]), now=utcnow())
     activated = staged is not None and state.anchor == staged
     _report_issuer(
         fs, state, "staged anchor activated; imported" if activated else "imported", output
