@@ -342,7 +342,8 @@ class Http1Server:
     def link_retired(self) -> None:
         """The peer's certificate has expired (``Link.retire_at``): no request is taken on this
         connection any more. Idle, it closes now; busy, after the answer in progress, which
-        says ``connection: close``."""
+        says ``connection: close``. (A relay has no such hook and keeps running: a stream
+        cannot move to a new connection.)"""
         if not self.queue and self.parsing is None:
             self.link.close()
 

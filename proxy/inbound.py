@@ -392,7 +392,8 @@ class Inbound:
         if info.peer_identity is not None and math.isfinite(info.peer_not_after):
             # The handshake proved the identity with a certificate valid until then: the
             # connection is retired at that time (the outbound side does the same with the
-            # server's), so an expired identity is not served on a connection opened before.
+            # server's), so no HTTP request of an expired identity is served on a connection
+            # opened before. A relay keeps running (see Http1Server.link_retired).
             link.retire_at(self.loop.time() + info.peer_not_after - time.time())
         self._opened(conn)
         if info.alpn == ALPN:

@@ -32,11 +32,6 @@ class _Direction:
         self.ended = True
         self.relay.close()
 
-    def link_retired(self) -> None:
-        """The peer's certificate on ``src`` expired: the relay ends (an opaque stream has no
-        point at which to hand over to a new connection)."""
-        self.relay.close()
-
     def pause_writing(self) -> None:  # src's buffer is full: stop reading what feeds it
         self.dst.pause_reading()
 
@@ -59,12 +54,10 @@ class Relay:
             b.write(early_a)
         if early_b:
             a.write(early_b)
-        # Links that ended (or retired) before the relay took over still need it passed on.
+        # Links that ended before the relay took over still need their EOF passed on.
         for link, direction in ((a, self._ab), (b, self._ba)):
             if link.closed:
                 direction.connection_lost(None)
-            elif link.retired:
-                direction.link_retired()
             elif link.eof:
                 direction.eof_received()
 
