@@ -97,20 +97,7 @@ def validate_csr(
         if isinstance(data, x509.CertificateSigningRequest)
         else parse_csr(data, max_bytes=max_bytes)
     )
-    try:
-        public_key = csr.public_key()
-        algorithm = algorithm_of(public_key)
-    except (UnsupportedAlgorithm, CryptoUnsupportedAlgorithm) as e:
-        # cryptography raises its own UnsupportedAlgorithm (not a ValueError) for unknown curves
-        raise CSRKeyNotAllowed(f"CSR key is not allowed: {e}") from None
-    except ValueError as e:
-        raise CSRMalformed(f"CSR public key cannot be read: {e}") from None
-    if algorithm not in allowed_algorithms:
-        allowed = ", ".join(a.value for a in allowed_algorithms)
-        raise CSRKeyNotAllowed(
-            f"CSR key algorithm {algorithm.value} is not allowed (allowed: {allowed})"
-        )
-    _check_signature(csr, public_key)
+    public_key, algorithm = _proven_key(csr, allowed_algorithms)
     dns_name = _single_dns_san(csr)
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns and cns[0].value != dns_name:
@@ -121,7 +108,7 @@ def validate_csr(
         raise CSRIdentityMismatch(
             f"CSR names {quoted(dns_name)}, but the requested identity is {quoted(expected_name)}"
         )
-    return ValidatedCSR(dns_name, public_key, algorithm)  # type: ignore[arg-type]
+    return ValidatedCSR(dns_name, public_key, algorithm)
 
 
 def _check_signature(csr: x509.CertificateSigningRequest, public_key: object) -> None:
@@ -189,10 +176,20 @@ def validate_ca_csr(
     """The public key an issuer CSR asks to certify, and its subject CN (None without one),
     once its self-signature proves the requester holds the key; a :class:`CSRError` if not."""
     csr = parse_csr(data, max_bytes=max_bytes)
+    public_key, _ = _proven_key(csr, allowed_algorithms)
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return public_key, (str(cns[0].value) if cns else None)
+
+
+def _proven_key(
+    csr: x509.CertificateSigningRequest, allowed_algorithms: Collection[KeyAlgorithm]
+) -> tuple[PublicKeyTypes, KeyAlgorithm]:
+    """The CSR's public key, of an allowed algorithm, once its self-signature verifies."""
     try:
         public_key = csr.public_key()
         algorithm = algorithm_of(public_key)
     except (UnsupportedAlgorithm, CryptoUnsupportedAlgorithm) as e:
+        # cryptography raises its own UnsupportedAlgorithm (not a ValueError) for unknown curves
         raise CSRKeyNotAllowed(f"CSR key is not allowed: {e}") from None
     except ValueError as e:
         raise CSRMalformed(f"CSR public key cannot be read: {e}") from None
@@ -202,5 +199,4 @@ def validate_ca_csr(
             f"CSR key algorithm {algorithm.value} is not allowed (allowed: {allowed})"
         )
     _check_signature(csr, public_key)
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return public_key, (str(cns[0].value) if cns else None)  # type: ignore[return-value]
+    return public_key, algorithm  # type: ignore[return-value]
