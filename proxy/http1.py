@@ -116,12 +116,12 @@ def _absolute_form(ex: Exchange) -> None:
 
 
 def _body_to_drop(ex: Exchange) -> int | None:
-    """The length of a refused request's body, when reading and dropping it keeps the
-    connection: 0 without a body (RFC 9112 6.3), None when it is chunked, over
-    MAX_DROPPED_BODY, or may never come (``Expect: 100-continue``: the client waits for an
-    answer it has had). Read only when a request is refused, off the forwarding path."""
-    if ex.te:
-        return None
+    """How much of a refused request's body to read and drop so that the connection stays: 0
+    without a body (RFC 9112 6.3), its declared length up to MAX_DROPPED_BODY, and up to
+    MAX_DROPPED_BODY of a chunked one (its size shows only as it comes; beyond that the
+    connection closes then). None when it must close now: a declared length over
+    MAX_DROPPED_BODY, or a body that may never come (``Expect: 100-continue``: the client waits
+    for an answer it has had). Read only when a request is refused, off the forwarding path."""
     length = 0
     head = ex.head
     for i in range(0, len(head), 4):
@@ -130,6 +130,8 @@ def _body_to_drop(ex: Exchange) -> int | None:
             length = int(head[i + 2])  # llhttp accepted it: digits
         elif name == b"expect" and head[i + 2].strip().lower() == b"100-continue":
             return None
+    if ex.te:  # chunked (llhttp refuses a request whose codings do not end with it)
+        return MAX_DROPPED_BODY
     return length if length <= MAX_DROPPED_BODY else None
 
 
@@ -324,8 +326,14 @@ class Http1Server:
     def _send_body(self, ex: Exchange, data: bytes) -> None:
         if ex.pending is None:
             link = ex.link
-            if link is not None:  # else the request was answered and its body is dropped
+            if link is not None:
                 link.write(data)
+            elif ex.dropping:  # refused and answered: its body is read and dropped
+                ex.drop_left -= len(data)
+                if ex.drop_left < 0:  # a chunked body over MAX_DROPPED_BODY
+                    ex.dropping = False
+                    LingeringClose(self.link)
+                    self._release()
             return
         ex.pending.append(data)
         ex.pending_size += len(data)
@@ -469,6 +477,7 @@ class Http1Server:
                 ex.req_done = True  # its end follows its head at once
             elif length is not None:
                 ex.dropping = True
+                ex.drop_left = length
                 ex.pending = None  # what still comes of it goes nowhere (see _send_body)
         # A request whose body we will not read cannot be followed by another on this
         # connection.

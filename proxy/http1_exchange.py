@@ -71,10 +71,10 @@ class Exchange:
     """One request/response pair as it moves through the proxy."""
 
     __slots__ = (
-        "authority", "client_10", "close_after", "conn_tokens", "dropping", "extra_headers",
-        "head", "head_bytes", "is_head", "keep_alive", "link", "method", "pending",
-        "pending_size", "req_done", "resp", "started", "target", "te", "tunnel_tail", "upgrade",
-        "upgrade_to", "url",
+        "authority", "client_10", "close_after", "conn_tokens", "drop_left", "dropping",
+        "extra_headers", "head", "head_bytes", "is_head", "keep_alive", "link", "method",
+        "pending", "pending_size", "req_done", "resp", "started", "target", "te", "tunnel_tail",
+        "upgrade", "upgrade_to", "url",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -95,6 +95,7 @@ class Exchange:
         self.client_10 = False
         self.req_done = False
         self.dropping = False  # answered before its end: the rest of its body is dropped
+        self.drop_left = 0  # while dropping: bytes of it still read before the connection closes
         self.close_after = False
         self.pending: list[bytes] | None = []
         self.pending_size = 0
