@@ -26,6 +26,7 @@ from test_meshtls_inbound import http_request, tls_exchange
 from test_meshtls_protocol import RawClient
 from test_tcp import _read_all_then_reply as read_all_then_reply
 
+from proxy.http1 import MAX_DROPPED_BODY
 from proxy.link import Link
 from proxy.listener import FullCollections, tune_gc
 from proxy.meshtls import TlsSession
@@ -190,8 +191,8 @@ async def test_refused_requests_and_handshakes_free_their_connections(pki, other
 
 async def test_failed_exchanges_free_their_connections(pki) -> None:
     """Answers the client proxy makes itself: a peer with another identity (the handshake
-    fails), a dead endpoint, an unknown authority, a malformed request, and a client that
-    closes before sending anything."""
+    fails), a dead endpoint, an unknown authority, a malformed request, a refused chunked body
+    too large to drop, and a client that closes before sending anything."""
     web, api = pki.credentials("web"), pki.credentials("api")
     other = pki.credentials("db").identity
     async with (
@@ -210,6 +211,12 @@ async def test_failed_exchanges_free_their_connections(pki) -> None:
             assert reply.startswith(b"HTTP/1.1 404"), reply
             reply = await raw_exchange(mesh.outbound, b"GET / HTTP/1.1\r\nHost api\r\n\r\n")
             assert reply.startswith(b"HTTP/1.1 400"), reply
+            big = b"%x\r\n%b\r\n" % (MAX_DROPPED_BODY, b"x" * MAX_DROPPED_BODY)
+            reply = await raw_exchange(
+                mesh.outbound,
+                b"POST / HTTP/1.1\r\nHost: nowhere\r\nTransfer-Encoding: chunked\r\n\r\n" + big,
+            )
+            assert reply.startswith(b"HTTP/1.1 404"), reply  # then closed: over the drop budget
             reader, writer = await asyncio.open_connection("127.0.0.1", mesh.outbound)
             writer.write_eof()  # EOF before any data: closed without an answer
             async with asyncio.timeout(10):
