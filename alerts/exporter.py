@@ -19,7 +19,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -169,6 +169,7 @@ class Exporter:
         self._server: Any = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(InventoryCollector(self.snapshot))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
 
     @property
     def sources(self) -> tuple[Source, ...]:

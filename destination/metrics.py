@@ -3,14 +3,19 @@ tests can run several servers in one process)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
 STREAMS = ("destination", "profile", "inbound", "outbound", "trust_bundle")
 
 
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            # A registry of its own also gets the process families (memory, descriptors: every
+            # proxy holds a connection and its streams); a shared one has its owner's.
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+        self.registry = registry
         r = self.registry
         self.subscribers = Gauge(
             "trustmesh_destination_subscribers",

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -232,6 +232,9 @@ def _le(bound: float) -> str:
 
 
 def new_registry(collector: IdentityCollector) -> CollectorRegistry:
+    """The service's families, and the process's (``process_resident_memory_bytes``,
+    ``process_open_fds``...): every connected proxy holds a connection, and so a descriptor."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    ProcessCollector(registry=registry)
     return registry

@@ -59,6 +59,7 @@ def test_exporter_serves_the_scan_and_never_blocks_a_scrape_on_a_probe(tmp_path:
             exporter.stop()
     source = f"store:{store.root}"
     assert samples["trustmesh_exporter_last_refresh_timestamp_seconds"] == [({}, 1234.5)]
+    assert samples["process_open_fds"][0][1] >= 1  # the process families, for the fd alert
     not_after = {
         s[0]["role"]: (s[0], s[1]) for s in samples["trustmesh_cert_not_after_timestamp_seconds"]
     }

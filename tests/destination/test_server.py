@@ -237,6 +237,7 @@ async def test_admin_endpoints(server: DestinationServer) -> None:
         assert status == 200
         assert b'trustmesh_destination_subscribers{stream="destination"} 1.0' in body
         assert b'trustmesh_destination_updates_sent_total{stream="destination"} 1.0' in body
+        assert b"\nprocess_open_fds " in body and b"\nprocess_resident_memory_bytes " in body
         call.cancel()
     assert (await get("/nope"))[0] == 404
 

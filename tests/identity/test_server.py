@@ -230,6 +230,10 @@ async def test_admin_endpoints(env: Env, server: IdentityServer) -> None:
     }
     assert samples[("identity_issuance_total", (("result", "ok"),))] == 1
     assert samples[("identity_issuer_reloads_total", (("result", "updated"),))] == 1
+    # The process families, for memory and descriptor alerts (each proxy holds a connection).
+    assert samples[("process_open_fds", ())] >= 1
+    assert samples[("process_max_fds", ())] >= samples[("process_open_fds", ())]
+    assert samples[("process_resident_memory_bytes", ())] > 10 * 2**20
     assert samples[("identity_issuance_duration_seconds_count", ())] == 1
     assert (
         samples[("identity_issuer_not_after_timestamp_seconds", ())] == issuer.expires.timestamp()
