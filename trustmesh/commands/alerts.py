@@ -102,37 +102,42 @@ def _sources(
 ) -> list[Source]:
     """The sources asked for; given none, the default store and, with ``discover``, the
     proxies of a ``trustmesh up`` running on it (found anew at each run)."""
-    if store is None and not scans and not probes and not proxies:
-        store = default_store_path()
-        if discover:
-            from trustmesh.up.home import running_mesh
-
-            running = running_mesh(store)
-            if running is not None:
-                proxies = tuple(running.proxies)
-                click.echo(
-                    f"watching the {len(proxies)} proxies of the trustmesh up running on {store} "
-                    f"(pid {running.pid}) too",
-                    err=True,
-                )
+    found: list[Source] = []
     try:
-        return sources_from(store, scans, probes, proxies=proxies, probe_timeout=probe_timeout)
+        if store is None and not scans and not probes and not proxies:
+            store = default_store_path()
+            if discover:
+                found, pid = _running_proxies(store, probe_timeout)
+                if pid is not None:
+                    click.echo(
+                        f"watching the {len(found)} proxies of the trustmesh up running on "
+                        f"{store} (pid {pid}) too",
+                        err=True,
+                    )
+        sources = sources_from(store, scans, probes, proxies=proxies, probe_timeout=probe_timeout)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    return [*sources, *found]
+
+
+def _running_proxies(store: Path, probe_timeout: float) -> tuple[list[Source], int | None]:
+    """A source for each proxy of a ``trustmesh up`` running on ``store``, and its pid (none
+    and None when no ``up`` runs there)."""
+    from trustmesh.up.home import running_mesh  # (imports identity: only when needed)
+
+    running = running_mesh(store)
+    if running is None:
+        return [], None
+    return [ProxySource(address, probe_timeout) for address in running.proxies], running.pid
 
 
 def _discovering(store: Path, probe_timeout: float) -> Callable[[], list[Source]]:
     """The store, and the proxies of a ``trustmesh up`` running on it, looked up anew at each
     call: an exporter runs for days, and an ``up`` restarted meanwhile has other ports."""
-    from trustmesh.up.home import running_mesh
-
     base = sources_from(store, probe_timeout=probe_timeout)
 
     def current() -> list[Source]:
-        running = running_mesh(store)
-        if running is None:
-            return base
-        return [*base, *(ProxySource(address, probe_timeout) for address in running.proxies)]
+        return [*base, *_running_proxies(store, probe_timeout)[0]]
 
     return current
 
