@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -662,7 +662,7 @@ def issuer_sign(
         raise CLIError(f"{anchor_file} ({anchor.certificate.subject}) is not a CA certificate")
     now = utcnow()
     if csr_file is not None:
-        _sign_csr(anchor, read_target(csr_file), csr_file, validity, out, output)
+        _sign_csr(anchor, read_target(csr_file), csr_file, validity, out, output, now=now)
         return
     issuer = create_issuer(PrivateKey.generate(algorithm), anchor, now=now, lifetime=validity)
     check_can_issue(issuer, TrustBundle((anchor.certificate,)), at=now)
@@ -689,7 +689,14 @@ def issuer_sign(
 
 
 def _sign_csr(
-    anchor: Credential, data: bytes, csr_file: Path, validity: timedelta, out: Path, output: str
+    anchor: Credential,
+    data: bytes,
+    csr_file: Path,
+    validity: timedelta,
+    out: Path,
+    output: str,
+    *,
+    now: datetime,
 ) -> None:
     """``issuer sign --csr``: certify the CSR's key as an issuer; only the certificate is
     written (its key is in the requesting store)."""
@@ -697,7 +704,6 @@ def _sign_csr(
         public_key, _ = validate_ca_csr(data)
     except CSRError as e:
         raise CLIError(f"{csr_file}: {e}") from None
-    now = utcnow()
     cert = issuer_certificate(public_key, anchor, now=now, lifetime=validity)
     verify_chain(cert, (), TrustBundle((anchor.certificate,)), at=now)
     write_file_atomic(out, cert.pem, mode=0o644)
