@@ -8,7 +8,7 @@ drops to 0), and reconnects with jittered exponential backoff; the first message
 stream replaces the old state. ``INVALID_ARGUMENT`` is terminal (asking again cannot help);
 ``NOT_FOUND`` is an answer (the service may appear later) and is retried.
 
-Given a ``trust_bundle`` provider instead of fixed credentials, the channel verifies the
+Given a ``trust_bundle`` provider instead of fixed roots, the channel verifies the
 service against the proxy's current bundle: when the bundle's digest changes (an anchor
 rotation), the client builds a new channel for new streams and, once that channel connects (or
 after ``handover_grace`` seconds at most), closes the old one; the watches still on it
@@ -17,7 +17,9 @@ flagged stale (a planned handover is not the control plane going away; a failure
 stream is). A channel built on an outdated bundle is thus never kept for long, and a
 working one is not dropped before its successor can connect.
 
-    async with DestinationClient("127.0.0.1:8086", workload=WorkloadRef("default", "web-0")) as c:
+    async with DestinationClient(
+        "127.0.0.1:8086", channels=proxy.rpc.Channel, workload=WorkloadRef("default", "web-0")
+    ) as c:
         watch = c.resolve("web.default.svc.cluster.local:8080")
         endpoints = await watch.wait_ready(timeout=5)
         async for snapshot in watch.updates():
@@ -34,7 +36,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from destination.errors import DestinationError, InvalidTarget, NotFound, Unavailable
@@ -49,13 +50,17 @@ from destination.wire import (
 )
 from pki.bundle import TrustBundle
 from protos import destination_pb2 as dpb
-from protos import destination_pb2_grpc as dgrpc
 from protos import policy_pb2 as ppb
-from protos import policy_pb2_grpc as pgrpc
+from protos.rpc import Channel, ChannelFactory, RpcError, StatusCode
 
 log = logging.getLogger(__name__)
 
 V = TypeVar("V")
+
+GET = "/io.linkerd.proxy.destination.Destination/Get"
+INBOUND_WATCH = "/trustmesh.policy.v1.InboundPolicies/Watch"
+OUTBOUND_WATCH = "/trustmesh.policy.v1.OutboundPolicies/Watch"
+BUNDLES_WATCH = "/trustmesh.policy.v1.TrustBundles/Watch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +124,9 @@ class Watch(Generic[V]):
         self,
         client: DestinationClient,
         kind: str,
-        open_call: Callable[[], Any],
+        method: str,
+        request: bytes,
+        decode: Callable[[bytes], Any],
         fold: Callable[[V | None, Any], V],
         reset: Callable[[], V | None],
         on_not_found: Callable[[], V] | None = None,
@@ -130,7 +137,9 @@ class Watch(Generic[V]):
         self.error: DestinationError | None = None  # the last error (terminal when .done)
         self.done = False
         self._client = client
-        self._open = open_call
+        self._method = method
+        self._request = request
+        self._decode = decode
         self._fold = fold
         self._reset = reset
         self._on_not_found = on_not_found
@@ -157,10 +166,12 @@ class Watch(Generic[V]):
         rng = self._client.rng
         handed_over = False  # the last stream ended because the client retired its channel
         while not self.done:
-            call = self._open()
+            channel = self._client._channel()
+            call = channel.stream(self._method, self._request)
             try:
                 value = self._reset()
-                async for msg in call:
+                async for raw in call:
+                    msg = self._decode(raw)
                     self._client.metrics.updates.labels(self.kind).inc()
                     attempt = 0
                     handed_over = False
@@ -168,41 +179,40 @@ class Watch(Generic[V]):
                     value = self._fold(value, msg)
                     self._set(value, stale=False)
                 self.error = Unavailable("the destination service closed the stream")
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
-                if code is grpc.StatusCode.INVALID_ARGUMENT:
-                    self.error = InvalidTarget(e.details() or "invalid request")
+            except RpcError as e:
+                if e.code is StatusCode.INVALID_ARGUMENT:
+                    self.error = InvalidTarget(e.details or "invalid request")
                     self.done = True
                     self._set(self.current, stale=True)
                     return
-                if code is grpc.StatusCode.NOT_FOUND:
-                    self.error = NotFound(e.details() or "not found")
+                if e.code is StatusCode.NOT_FOUND:
+                    self.error = NotFound(e.details or "not found")
                     if self._on_not_found is not None:
                         self._set(self._on_not_found(), stale=False)
+                elif channel.closed and not self.done:
+                    # The client closed the channel under this stream (its trust bundle
+                    # changed), so resubscribe on the current channel.
+                    self.error = Unavailable("the channel was replaced after a trust-bundle change")
+                    if not handed_over:
+                        # A planned handover, not the control plane going away: the successor
+                        # channel has connected (or the grace ran out), so resubscribe at once
+                        # and keep serving the last-known state without flagging it stale. If
+                        # the new stream fails, that failure flags it; a second handover in a
+                        # row before any message takes the ordinary path below.
+                        handed_over = True
+                        self._client.metrics.reconnects.labels(self.kind).inc()
+                        continue
                 else:
-                    self.error = Unavailable(f"{code.name}: {e.details()}")
+                    self.error = Unavailable(f"{e.code.name}: {e.details}")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
             except Exception as e:  # an update this client cannot read (a newer or buggy server)
                 # Left to escape, it would end this task silently: the watch would keep its
                 # last value, unflagged, and never hear another update (a revocation included).
                 call.cancel()
                 log.error("a %s update cannot be read; resubscribing: %s", self.kind, e)
                 self.error = Unavailable(f"an update could not be read: {e}")
-            except asyncio.CancelledError:
-                if self.done or self._task.cancelling():
-                    call.cancel()
-                    raise
-                # Not us being cancelled: the client closed the channel under this stream
-                # (its trust bundle changed), so resubscribe on the current channel.
-                self.error = Unavailable("the channel was replaced after a trust-bundle change")
-                if not handed_over:
-                    # A planned handover, not the control plane going away: the successor
-                    # channel has connected (or the grace ran out), so resubscribe at once and
-                    # keep serving the last-known state without flagging it stale. If the new
-                    # stream fails, that failure flags it; a second handover in a row before
-                    # any message takes the ordinary path below.
-                    handed_over = True
-                    self._client.metrics.reconnects.labels(self.kind).inc()
-                    continue
             if not isinstance(self.error, NotFound) or self._on_not_found is None:
                 self._set(self.current, stale=True)  # keep the last-known value, flag it
             self._client.metrics.reconnects.labels(self.kind).inc()
@@ -237,33 +247,23 @@ class Watch(Generic[V]):
         event.set()
 
 
-class _Stubs:
-    """One channel and the stubs over it; replaced whole when the trust bundle changes."""
-
-    __slots__ = ("bundles", "channel", "destination", "inbound", "outbound")
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.channel = channel
-        self.destination = dgrpc.DestinationStub(channel)
-        self.inbound = pgrpc.InboundPoliciesStub(channel)
-        self.outbound = pgrpc.OutboundPoliciesStub(channel)
-        self.bundles = pgrpc.TrustBundlesStub(channel)
-
-
 class DestinationClient:
     """A connection to the destination service shared by every watch of one proxy.
 
-    ``credentials`` fixes the channel's TLS for the client's life; ``trust_bundle`` (a
-    provider, re-read every ``bundle_check_interval`` seconds and before every stream opens)
-    makes the channel follow the bundle in use. Neither: plaintext.
+    ``channels`` opens the gRPC channels (:class:`protos.rpc.ChannelFactory`; the proxy's is
+    :class:`proxy.rpc.Channel`). With ``server_name`` the service is reached over TLS, verified
+    for that name against ``roots_pem`` (fixed for the client's life) or ``trust_bundle`` (a
+    provider, re-read every ``bundle_check_interval`` seconds and before every stream opens,
+    which makes the channel follow the bundle in use). Without: plaintext.
     """
 
     def __init__(
         self,
         target: str,
         *,
+        channels: ChannelFactory,
         workload: WorkloadRef | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
+        roots_pem: bytes | None = None,
         trust_bundle: Callable[[], TrustBundle] | None = None,
         server_name: str | None = None,
         backoff: Backoff | None = None,
@@ -272,25 +272,16 @@ class DestinationClient:
         bundle_check_interval: float = 1.0,
         handover_grace: float = 30.0,
     ) -> None:
-        if credentials is not None and trust_bundle is not None:
+        if roots_pem is not None and trust_bundle is not None:
             raise ValueError(
-                "give the destination client fixed credentials or a trust-bundle provider, not both"
+                "give the destination client fixed roots or a trust-bundle provider, not both"
             )
+        if server_name is not None and roots_pem is None and trust_bundle is None:
+            raise ValueError(f"TLS to {server_name} needs roots_pem or a trust-bundle provider")
         if bundle_check_interval <= 0 or handover_grace <= 0:
             raise ValueError("bundle_check_interval and handover_grace must be positive")
-        self._options: list[tuple[str, Any]] = [
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 3_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            # Reconnect timing is ours (jittered backoff per watch), not the channel's.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1_000),
-            # Each channel its own connections: one built for a new bundle must handshake
-            # afresh, not reuse (or wait out the backoff of) a subchannel of the old one.
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
-        if server_name is not None:
-            self._options.append(("grpc.ssl_target_name_override", server_name))
+        self._channels = channels
+        self.server_name = server_name
         self.target = target
         self.workload = workload or WorkloadRef()
         self.backoff = backoff or Backoff()
@@ -298,11 +289,11 @@ class DestinationClient:
         self.metrics = metrics or ClientMetrics()
         self.bundle_check_interval = bundle_check_interval
         self.handover_grace = handover_grace
-        self._credentials = credentials
+        self._roots = roots_pem
         self._trust_bundle = trust_bundle
         # The digest the current channel verifies the service against (None: fixed or plain).
         self.trust_bundle_digest: str | None = None
-        self._retired: list[grpc.aio.Channel] = []
+        self._retired: list[Channel] = []
         self._handover: asyncio.Task[None] | None = None
         self._handover_deadline: float | None = None
         self._closing: set[asyncio.Future[None]] = set()
@@ -314,23 +305,17 @@ class DestinationClient:
 
     # --- the channel and the trust bundle --------------------------------------------------
 
-    def _connect(self, bundle: TrustBundle | None) -> _Stubs:
+    def _connect(self, bundle: TrustBundle | None) -> Channel:
+        roots = self._roots
         if bundle is not None:
-            credentials: grpc.ChannelCredentials | None = grpc.ssl_channel_credentials(
-                root_certificates=bundle.pem()
-            )
+            roots = bundle.pem()
             self.trust_bundle_digest = bundle.digest
-        else:
-            credentials = self._credentials
-        channel = (
-            grpc.aio.secure_channel(self.target, credentials, options=self._options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(self.target, options=self._options)
-        )
-        return _Stubs(channel)
+        if self.server_name is None:
+            roots = None
+        return self._channels(self.target, roots_pem=roots, server_name=self.server_name)
 
-    def _stubs(self) -> _Stubs:
-        """The stubs a stream opens on: the current channel, rebuilt first if the bundle moved."""
+    def _channel(self) -> Channel:
+        """The channel a stream opens on: the current one, rebuilt first if the bundle moved."""
         self.check_trust_bundle()
         return self._current
 
@@ -353,7 +338,7 @@ class DestinationClient:
             "trust bundle %s… in use: new destination channel, the old one goes once it connects",
             bundle.digest[:16],
         )
-        self._retired.append(self._current.channel)
+        self._retired.append(self._current)
         self._current = self._connect(bundle)
         self.metrics.channel_rebuilds.inc()
         loop = asyncio.get_running_loop()
@@ -364,14 +349,14 @@ class DestinationClient:
         if self._handover is not None:
             self._handover.cancel()  # superseded: the new handover waits for the newest channel
         self._handover = asyncio.ensure_future(
-            self._hand_over(self._current.channel, self._handover_deadline)
+            self._hand_over(self._current, self._handover_deadline)
         )
         return True
 
-    async def _hand_over(self, channel: grpc.aio.Channel, deadline: float) -> None:
+    async def _hand_over(self, channel: Channel, deadline: float) -> None:
         try:
             async with asyncio.timeout_at(deadline):
-                await channel.channel_ready()
+                await channel.ready()
         except TimeoutError:
             log.warning(
                 "the destination service did not accept a connection verified with trust "
@@ -434,7 +419,9 @@ class DestinationClient:
             Watch(
                 self,
                 "destination",
-                lambda: self._stubs().destination.Get(request),
+                GET,
+                request.SerializeToString(),
+                dpb.Update.FromString,
                 fold,
                 lambda: None,
                 on_not_found=lambda: EndpointSet(authority, (), exists=False),
@@ -453,7 +440,9 @@ class DestinationClient:
             Watch(
                 self,
                 "inbound",
-                lambda: self._stubs().inbound.Watch(request),
+                INBOUND_WATCH,
+                request.SerializeToString(),
+                ppb.InboundPolicy.FromString,
                 lambda _old, msg: inbound_from_proto(msg),
                 lambda: None,
             )
@@ -465,7 +454,9 @@ class DestinationClient:
             Watch(
                 self,
                 "outbound",
-                lambda: self._stubs().outbound.Watch(request),
+                OUTBOUND_WATCH,
+                request.SerializeToString(),
+                ppb.OutboundPolicy.FromString,
                 lambda _old, msg: outbound_from_proto(msg),
                 lambda: None,
             )
@@ -478,7 +469,9 @@ class DestinationClient:
             Watch(
                 self,
                 "trust_bundle",
-                lambda: self._stubs().bundles.Watch(request),
+                BUNDLES_WATCH,
+                request.SerializeToString(),
+                ppb.TrustBundle.FromString,
                 lambda _old, msg: bundle_from_proto(msg),
                 lambda: None,
             )
@@ -495,7 +488,7 @@ class DestinationClient:
             await w.close()
         self._watches.clear()
         retired, self._retired = self._retired, []
-        await _close_channels([*retired, self._current.channel])
+        await _close_channels([*retired, self._current])
         if self._closing:
             await asyncio.gather(*self._closing)
 
@@ -506,7 +499,7 @@ class DestinationClient:
         await self.close()
 
 
-async def _close_channels(channels: list[grpc.aio.Channel]) -> None:
+async def _close_channels(channels: list[Channel]) -> None:
     # Closing cancels the streams still open on a channel; their watches reconnect.
     for channel in channels:
         await channel.close()

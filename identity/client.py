@@ -6,11 +6,13 @@ answer before using it: the chain must verify against the current trust bundle a
 must carry the requested identity. The schedule is Linkerd's: refresh at 70 % of the remaining
 life, clamped to [10 s, 24 h]; failures retry with jittered exponential backoff, never later
 than that refresh point. Clock, sleep and randomness are injected so tests drive explicit times.
+The gRPC channel is given too (:class:`protos.rpc.ChannelFactory`): the proxy's own, without
+grpcio, in the sidecar.
 
 Usage::
 
     client = IdentityClient(IdentityClientConfig(addr, identity), token_provider, bundle_provider,
-                            clock=utcnow)
+                            channels=proxy.rpc.Channel, clock=utcnow)
     task = asyncio.create_task(client.run())
     await client.wait_ready(timeout=10)
     cred = client.current()          # pki.certs.Credential: leaf, chain, key
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -37,9 +39,12 @@ from pki.errors import PKIError
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.renewal import refresh_delay
 from pki.verify import verify_leaf
-from protos import identity_pb2, identity_pb2_grpc
+from protos import identity_pb2
+from protos.rpc import ChannelFactory, RpcError
 
 log = logging.getLogger(__name__)
+
+CERTIFY = "/io.linkerd.proxy.identity.Identity/Certify"
 
 
 class IdentityClientError(IdentityError):
@@ -120,6 +125,7 @@ class IdentityClient:
         token: Callable[[], bytes],
         trust_bundle: Callable[[], TrustBundle],
         *,
+        channels: ChannelFactory,
         clock: Callable[[], datetime],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
@@ -128,6 +134,7 @@ class IdentityClient:
         self.config = config
         self._token = token
         self._bundle = trust_bundle
+        self._channels = channels
         self._clock = clock
         self._sleep = sleep
         self._rand = rand
@@ -161,21 +168,6 @@ class IdentityClient:
 
     # --- one attempt --------------------------------------------------------------------
 
-    def _channel(self, bundle: TrustBundle) -> grpc.aio.Channel:
-        cfg = self.config
-        # A channel per attempt with its own subchannel: grpc's shared pool would otherwise
-        # keep a failed address in its reconnect backoff (up to minutes) after the service
-        # came back, and our own schedule decides when to retry.
-        options: list[tuple[str, str | int]] = [("grpc.use_local_subchannel_pool", 1)]
-        if cfg.server_name is None:
-            return grpc.aio.insecure_channel(cfg.addr, options=options)
-        creds = grpc.ssl_channel_credentials(root_certificates=bundle.pem())
-        options += [
-            ("grpc.ssl_target_name_override", cfg.server_name),
-            ("grpc.default_authority", cfg.server_name),
-        ]
-        return grpc.aio.secure_channel(cfg.addr, creds, options=options)
-
     async def certify_once(self) -> Credential:
         """One Certify round trip, checked; installs and returns the new credential."""
         cfg = self.config
@@ -187,14 +179,23 @@ class IdentityClient:
             certificate_signing_request=create_csr(cfg.identity, key),
             trust_bundle_digest=bundle.digest,
         )
-        async with self._channel(bundle) as channel:
-            stub = identity_pb2_grpc.IdentityStub(channel)
-            try:
-                response = await stub.Certify(request, timeout=cfg.timeout)
-            except grpc.aio.AioRpcError as e:
-                raise IdentityClientError(
-                    f"Certify failed: {e.code().name}: {e.details()}"
-                ) from None
+        # A channel per attempt: the service is verified against the bundle in use now, and
+        # our schedule, not a connection's reconnect backoff, decides when to try again.
+        channel = self._channels(
+            cfg.addr,
+            roots_pem=bundle.pem() if cfg.server_name is not None else None,
+            server_name=cfg.server_name,
+        )
+        try:
+            answer = await channel.unary(CERTIFY, request.SerializeToString(), timeout=cfg.timeout)
+        except RpcError as e:
+            raise IdentityClientError(f"Certify failed: {e.code.name}: {e.details}") from None
+        finally:
+            await channel.close()
+        try:
+            response = identity_pb2.CertifyResponse.FromString(answer)
+        except DecodeError:
+            raise IdentityClientError("the Certify response does not parse") from None
         now = self._clock()
         try:
             leaf = Certificate.from_der(response.leaf_certificate)

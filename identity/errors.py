@@ -10,10 +10,9 @@ the anchors is ``UNAVAILABLE`` (Linkerd leaks it as ``UNKNOWN``).
 
 from __future__ import annotations
 
-import grpc
-
 from pki import errors as pki_errors
 from pki import tokens
+from protos.rpc import StatusCode
 
 
 class IdentityError(Exception):
@@ -71,21 +70,21 @@ class IssuanceFailed(IdentityError):
 
 # (error class, gRPC code, metrics result label); the first isinstance match wins, so the more
 # specific classes come first.
-_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
-    (IssuerNotReady, grpc.StatusCode.UNAVAILABLE, "not_ready"),
-    (IssuerInvalid, grpc.StatusCode.UNAVAILABLE, "issuer_invalid"),
-    (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
-    (pki_errors.CSRTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request"),
-    (pki_errors.CSRMalformed, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request"),
-    (pki_errors.CSRError, grpc.StatusCode.FAILED_PRECONDITION, "csr_refused"),
-    (TokenInvalid, grpc.StatusCode.INVALID_ARGUMENT, "token_invalid"),
-    (tokens.TokenMalformed, grpc.StatusCode.INVALID_ARGUMENT, "token_invalid"),
-    (TokenNotAuthenticated, grpc.StatusCode.FAILED_PRECONDITION, "unauthenticated"),
-    (pki_errors.TokenError, grpc.StatusCode.FAILED_PRECONDITION, "unauthenticated"),
-    (IdentityMismatch, grpc.StatusCode.FAILED_PRECONDITION, "identity_mismatch"),
-    (TokenReviewFailed, grpc.StatusCode.INTERNAL, "token_review_failed"),
-    (IssuanceFailed, grpc.StatusCode.INTERNAL, "internal"),
+_TABLE: tuple[tuple[type[BaseException], StatusCode, str], ...] = (
+    (IssuerNotReady, StatusCode.UNAVAILABLE, "not_ready"),
+    (IssuerInvalid, StatusCode.UNAVAILABLE, "issuer_invalid"),
+    (RequestTooLarge, StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+    (pki_errors.CSRTooLarge, StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+    (InvalidRequest, StatusCode.INVALID_ARGUMENT, "invalid_request"),
+    (pki_errors.CSRMalformed, StatusCode.INVALID_ARGUMENT, "invalid_request"),
+    (pki_errors.CSRError, StatusCode.FAILED_PRECONDITION, "csr_refused"),
+    (TokenInvalid, StatusCode.INVALID_ARGUMENT, "token_invalid"),
+    (tokens.TokenMalformed, StatusCode.INVALID_ARGUMENT, "token_invalid"),
+    (TokenNotAuthenticated, StatusCode.FAILED_PRECONDITION, "unauthenticated"),
+    (pki_errors.TokenError, StatusCode.FAILED_PRECONDITION, "unauthenticated"),
+    (IdentityMismatch, StatusCode.FAILED_PRECONDITION, "identity_mismatch"),
+    (TokenReviewFailed, StatusCode.INTERNAL, "token_review_failed"),
+    (IssuanceFailed, StatusCode.INTERNAL, "internal"),
 )
 
 RESULT_OK = "ok"
@@ -93,7 +92,7 @@ RESULT_INTERNAL = "internal"
 RESULTS: tuple[str, ...] = (RESULT_OK, *sorted({label for _, _, label in _TABLE}))
 
 
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, str]:
+def status_of(error: BaseException) -> tuple[StatusCode, str, str]:
     """``(code, message, result label)`` for a Certify failure.
 
     Unknown exceptions become ``INTERNAL`` with a generic message: their text may hold anything,
@@ -102,4 +101,4 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, str]:
     for cls, code, label in _TABLE:
         if isinstance(error, cls):
             return code, str(error) or cls.__name__, label
-    return grpc.StatusCode.INTERNAL, "internal error while issuing the certificate", RESULT_INTERNAL
+    return StatusCode.INTERNAL, "internal error while issuing the certificate", RESULT_INTERNAL

@@ -46,8 +46,11 @@ from pki.keys import PrivateKey
 from pki.names import Identity, control_plane_identity, port_number
 from pki.renewal import refresh_delay
 from protos import identity_pb2, identity_pb2_grpc
+from protos.rpc import StatusCode
 
 log = logging.getLogger(__name__)
+# identity.errors maps to the protocol's codes; grpcio wants its own enum for them.
+GRPC_CODES = {StatusCode(c.value[0]): c for c in grpc.StatusCode}
 
 SERVING_CERT_LIFETIME = timedelta(hours=24)
 MAX_PENDING_CALLS = 16_384  # calls received and not yet handled, per server process
@@ -250,7 +253,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             else:
                 self._refusals.refused(name, context.peer(), result, message)
             self._stats.observe(result, time.perf_counter() - start)
-            await context.abort(code, message)
+            await context.abort(GRPC_CODES[code], message)
         assert request is not None  # refused above (abort raises)
         until = Timestamp()
         until.FromDatetime(issued.valid_until)

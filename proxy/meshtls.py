@@ -323,6 +323,37 @@ class MeshTls:
         return session
 
 
+def control_plane_session(
+    roots_pem: bytes, server_name: str, *, kex: KexPolicy, alpn: bytes = b"h2"
+) -> TlsSession:
+    """A session to a control-plane service (identity, destination) over TLS 1.3.
+
+    No client certificate: the service authenticates the proxy by its token. The service's
+    chain must verify against ``roots_pem`` and carry ``server_name``, and the key exchange
+    follows ``kex`` as mesh connections do. ``alpn`` is offered and must be selected.
+    """
+    if not _IDENTITY.fullmatch(server_name):
+        raise ConfigError(f"{server_name!r} is not a valid TLS name for a control-plane service")
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    _set_groups(ctx)
+    ctx.set_cipher_list(SECURITY)
+    store = ctx.get_cert_store()
+    assert store is not None
+    for anchor in split_pem_certificates(roots_pem):
+        store.add_cert(anchor)
+    ctx.set_verify(SSL.VERIFY_PEER)
+    expected = canonical_identity(server_name)
+    conn = SSL.Connection(ctx, None)
+    conn.set_tlsext_host_name(expected.encode("ascii"))
+    conn.set_alpn_protos([alpn])
+    conn.set_connect_state()
+    session = TlsSession(conn, expected=expected, kex=kex)
+    session.require_alpn = alpn
+    return session
+
+
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
@@ -521,9 +552,9 @@ class TlsSession:
         if self.kex is KexPolicy.HYBRID_REQUIRED and group != HYBRID_GROUP:
             raise KexRefused(f"the handshake negotiated {group}, and {HYBRID_GROUP} is required")
         if self.require_alpn is not None and alpn != self.require_alpn:
+            why = ": it is not a mesh proxy's inbound port" if self.require_alpn == ALPN else ""
             raise AlpnRefused(
-                f"peer {self.expected} did not negotiate ALPN {self.require_alpn.decode()}: "
-                "it is not a mesh proxy's inbound port"
+                f"peer {self.expected} did not negotiate ALPN {self.require_alpn.decode()}{why}"
             )
         identity = self.expected if self.expected is not None else (names[0] if names else None)
         if identity is not None and not _IDENTITY.fullmatch(identity):

@@ -17,6 +17,7 @@ from destination.paths import WorkloadRef
 from destination.service import DestinationServer, ServeOptions
 from pki.names import control_plane_identity
 from pki.store import FileStore
+from proxy.rpc import Channel
 
 # The TLS name of the destination service's certificate (default namespace and trust domain).
 DESTINATION_NAME = control_plane_identity("destination").dns_name
@@ -53,6 +54,7 @@ def quick_client(port: int, workload: WorkloadRef | None = None) -> DestinationC
     """A plaintext client of 127.0.0.1:``port`` that reconnects within 0.2 s, reproducibly."""
     return DestinationClient(
         f"127.0.0.1:{port}",
+        channels=Channel,
         workload=workload,
         backoff=Backoff(base=0.05, maximum=0.2),
         rng=random.Random(1),

@@ -12,6 +12,7 @@ from destination.service import DestinationServer, ServeOptions
 from pki.bundle import TrustBundle
 from pki.certs import create_anchor
 from pki.keys import PrivateKey
+from proxy.rpc import Channel
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -27,7 +28,7 @@ async def test_bundle_stream_follows_the_file(tmp_path: Path) -> None:
     )
     async with (
         DestinationServer(options) as server,
-        DestinationClient(f"127.0.0.1:{server.port}") as c,
+        DestinationClient(f"127.0.0.1:{server.port}", channels=Channel) as c,
     ):
         watch = c.trust_bundle()
         one = await watch.wait_ready(5)
@@ -51,7 +52,7 @@ async def test_no_bundle_configured_is_unavailable(tmp_path: Path) -> None:
     options = ServeOptions(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", mesh_file=mesh)
     async with (
         DestinationServer(options) as server,
-        DestinationClient(f"127.0.0.1:{server.port}") as c,
+        DestinationClient(f"127.0.0.1:{server.port}", channels=Channel) as c,
     ):
         watch = c.trust_bundle()
         await eventually(lambda: watch.error is not None)

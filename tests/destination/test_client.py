@@ -16,6 +16,7 @@ from destination.policy import Protocol
 from destination.service import DestinationServer, ServeOptions
 from protos import destination_pb2 as d
 from protos import destination_pb2_grpc as dg
+from proxy.rpc import Channel
 
 AUTHORITY = "web.default.svc.cluster.local:8080"
 
@@ -84,7 +85,9 @@ async def test_last_known_state_while_server_is_away(tmp_path: Path) -> None:
 async def test_unknown_service_is_an_answer_and_bad_name_is_terminal(
     server: DestinationServer,
 ) -> None:
-    async with DestinationClient(f"127.0.0.1:{server.port}", backoff=Backoff(0.05, 0.1)) as client:
+    async with DestinationClient(
+        f"127.0.0.1:{server.port}", channels=Channel, backoff=Backoff(0.05, 0.1)
+    ) as client:
         missing = await client.resolve("ghost.default.svc.cluster.local:80").wait_ready(5)
         assert not missing.exists and not missing.endpoints
         bad = client.resolve("10.0.0.1:80")
@@ -95,7 +98,7 @@ async def test_unknown_service_is_an_answer_and_bad_name_is_terminal(
 async def test_updates_yield_immutable_snapshots(
     server: DestinationServer, mesh_file: Path
 ) -> None:
-    async with DestinationClient(f"127.0.0.1:{server.port}") as client:
+    async with DestinationClient(f"127.0.0.1:{server.port}", channels=Channel) as client:
         watch = client.resolve(AUTHORITY)
         seen = []
         async for snap in watch.updates():

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import pytest
 from destination_testlib import (
     DESTINATION_NAME,
@@ -24,6 +23,7 @@ from pki.bundle import TrustBundle
 from pki.certs import utcnow
 from pki.rotation import init_anchor
 from pki.store import FileStore
+from proxy.rpc import Channel
 
 AUTHORITY = "web.default.svc.cluster.local:8080"
 
@@ -38,6 +38,7 @@ def following(port: int, bundle: list[TrustBundle], **kwargs: float) -> Destinat
     """A client whose channel follows ``bundle[0]``, checked every 50 ms."""
     return DestinationClient(
         f"127.0.0.1:{port}",
+        channels=Channel,
         trust_bundle=lambda: bundle[0],
         server_name=DESTINATION_NAME,
         bundle_check_interval=0.05,
@@ -145,6 +146,7 @@ def test_fixed_credentials_and_a_bundle_provider_are_exclusive(store: FileStore)
     with pytest.raises(ValueError, match="not both"):
         DestinationClient(
             "127.0.0.1:1",
-            credentials=grpc.ssl_channel_credentials(),
+            channels=Channel,
+            roots_pem=store.trust_bundle().pem(),
             trust_bundle=store.trust_bundle,
         )

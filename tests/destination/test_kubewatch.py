@@ -18,6 +18,7 @@ from destination.client import Backoff, DestinationClient
 from destination.kubewatch import Reflector
 from destination.metrics import ServiceMetrics
 from destination.service import DestinationServer, ServeOptions
+from proxy.rpc import Channel
 
 AUTHORITY = "web.default.svc.cluster.local:80"
 
@@ -64,7 +65,9 @@ async def test_changes_after_an_api_server_restart_reach_get_subscribers() -> No
                 async with (
                     DestinationServer(options, kube_api=api) as server,
                     DestinationClient(
-                        f"127.0.0.1:{server.port}", backoff=Backoff(base=0.05, maximum=0.2)
+                        f"127.0.0.1:{server.port}",
+                        channels=Channel,
+                        backoff=Backoff(base=0.05, maximum=0.2),
                     ) as c,
                 ):
                     endpoints = c.resolve(AUTHORITY)

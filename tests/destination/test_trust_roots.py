@@ -22,6 +22,7 @@ from destination.service import DestinationServer, ServeOptions
 from pki.bundle import TrustBundle
 from pki.certs import Credential, create_anchor, issue_leaf
 from pki.keys import PrivateKey
+from proxy.rpc import Channel
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 NS = "trustmesh"
@@ -84,7 +85,7 @@ async def test_configmap_changes_reach_subscribers_and_bad_ones_are_refused(
         )
         async with (
             DestinationServer(options, kube_api=api) as server,
-            DestinationClient(f"127.0.0.1:{server.port}") as c,
+            DestinationClient(f"127.0.0.1:{server.port}", channels=Channel) as c,
         ):
             watch = c.trust_bundle()
             first = await watch.wait_ready(5)
@@ -129,7 +130,7 @@ async def test_trust_bundle_file_overrides_the_configmap(
         )
         async with (
             DestinationServer(options, kube_api=api) as server,
-            DestinationClient(f"127.0.0.1:{server.port}") as c,
+            DestinationClient(f"127.0.0.1:{server.port}", channels=Channel) as c,
         ):
             current = await c.trust_bundle().wait_ready(5)
             assert current.digest == TrustBundle.from_pem(certs["two"]).digest
@@ -158,7 +159,9 @@ async def test_a_configmap_created_after_start_is_picked_up(certs: dict[str, byt
         async with (
             DestinationServer(options, kube_api=api) as server,
             DestinationClient(
-                f"127.0.0.1:{server.port}", backoff=Backoff(base=0.05, maximum=0.2)
+                f"127.0.0.1:{server.port}",
+                channels=Channel,
+                backoff=Backoff(base=0.05, maximum=0.2),
             ) as c,
         ):
             watch = c.trust_bundle()

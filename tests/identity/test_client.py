@@ -24,6 +24,7 @@ from pki.certs import create_anchor, issue_leaf, utcnow
 from pki.csr import validate_csr
 from pki.keys import KeyAlgorithm, PrivateKey
 from protos import identity_pb2, identity_pb2_grpc
+from proxy.rpc import Channel
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 H = timedelta(hours=1)
@@ -74,6 +75,7 @@ async def test_certifies_and_schedules(env: Env, server: IdentityServer) -> None
         IdentityClientConfig(f"127.0.0.1:{server.port}", identity()),
         env.token,
         lambda: bundle,
+        channels=Channel,
         clock=utcnow,
         on_update=updates.append,
     )
@@ -110,6 +112,7 @@ async def test_refuses_a_certificate_it_cannot_verify(env: Env, server: Identity
         IdentityClientConfig(f"127.0.0.1:{server.port}", identity()),
         env.token,
         lambda: other,
+        channels=Channel,
         clock=utcnow,
         rand=lambda: 0.0,
     )
@@ -144,6 +147,7 @@ async def test_run_backs_off_then_recovers(env: Env) -> None:
         IdentityClientConfig(f"127.0.0.1:{port}", identity(), timeout=2),
         env.token,
         lambda: bundle,
+        channels=Channel,
         clock=utcnow,
         sleep=sleep,
         rand=lambda: 0.0,
@@ -177,6 +181,7 @@ async def test_tls_client_against_tls_server(tmp_path: Path, algorithm: KeyAlgor
             ),
             env.token,
             lambda: bundle,
+            channels=Channel,
             clock=utcnow,
         )
         task = asyncio.create_task(client.run())
@@ -227,6 +232,7 @@ async def test_refuses_answers_it_must_not_use(env: Env) -> None:
             IdentityClientConfig(f"127.0.0.1:{port}", identity()),
             env.token,
             lambda: bundle,
+            channels=Channel,
             clock=utcnow,
             rand=lambda: 0.0,
         )

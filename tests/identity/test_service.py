@@ -26,6 +26,7 @@ from pki.errors import (
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.tokens import TokenExpired
 from pki.verify import verify_leaf
+from protos.rpc import StatusCode
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -167,23 +168,21 @@ def test_leaf_is_clamped_to_issuer_expiry(tenv: Env) -> None:
 
 
 def test_status_mapping_is_total() -> None:
-    import grpc
-
     cases = {
-        errors.IssuerNotReady("x"): grpc.StatusCode.UNAVAILABLE,
-        errors.RequestTooLarge("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
-        CSRTooLarge("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
-        CSRMalformed("x"): grpc.StatusCode.INVALID_ARGUMENT,
-        CSRSignatureInvalid("x"): grpc.StatusCode.FAILED_PRECONDITION,
-        TokenExpired("x"): grpc.StatusCode.FAILED_PRECONDITION,
-        errors.TokenInvalid("x"): grpc.StatusCode.INVALID_ARGUMENT,
-        errors.IdentityMismatch("x"): grpc.StatusCode.FAILED_PRECONDITION,
-        errors.TokenReviewFailed("x"): grpc.StatusCode.INTERNAL,
+        errors.IssuerNotReady("x"): StatusCode.UNAVAILABLE,
+        errors.RequestTooLarge("x"): StatusCode.RESOURCE_EXHAUSTED,
+        CSRTooLarge("x"): StatusCode.RESOURCE_EXHAUSTED,
+        CSRMalformed("x"): StatusCode.INVALID_ARGUMENT,
+        CSRSignatureInvalid("x"): StatusCode.FAILED_PRECONDITION,
+        TokenExpired("x"): StatusCode.FAILED_PRECONDITION,
+        errors.TokenInvalid("x"): StatusCode.INVALID_ARGUMENT,
+        errors.IdentityMismatch("x"): StatusCode.FAILED_PRECONDITION,
+        errors.TokenReviewFailed("x"): StatusCode.INTERNAL,
     }
     for error, code in cases.items():
         assert status_of(error)[0] is code, error
     code, message, result = status_of(KeyError("secret stuff"))
-    assert code is grpc.StatusCode.INTERNAL and "secret" not in message and result == "internal"
+    assert code is StatusCode.INTERNAL and "secret" not in message and result == "internal"
 
 
 async def test_policy_refuses_a_window_it_could_not_issue(tenv: Env) -> None:

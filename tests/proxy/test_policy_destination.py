@@ -18,6 +18,7 @@ from destination.paths import WorkloadRef
 from destination.service import DestinationServer, ServeOptions
 from proxy.control import DestinationPolicy, DestinationRoutes
 from proxy.policy import DefaultPolicy, authorize
+from proxy.rpc import Channel
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,7 +104,9 @@ async def test_a_cluster_default_without_configured_networks_uses_linkerds_clust
 ):
     """``--default-inbound-policy cluster-authenticated`` with no networks given refused to
     start; Linkerd's clusterNetworks default applies instead."""
-    client = DestinationClient("127.0.0.1:1", workload=WorkloadRef("shop", "api-0"))
+    client = DestinationClient(
+        "127.0.0.1:1", channels=Channel, workload=WorkloadRef("shop", "api-0")
+    )
     try:
         policy = DestinationPolicy(client, [18080], DefaultPolicy.CLUSTER_AUTHENTICATED)
         current = policy.current()

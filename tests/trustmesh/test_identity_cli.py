@@ -22,6 +22,7 @@ from identity.client import IdentityClient, IdentityClientConfig
 from pki import tokens
 from pki.certs import utcnow
 from pki.store import FileStore
+from proxy.rpc import Channel
 from trustmesh.cli import main
 
 WEB = "web.default.serviceaccount.identity.trustmesh.cluster.local"
@@ -94,7 +95,7 @@ async def test_serve_subprocess_tls_with_workers(
         # Eight clients (eight connections): the kernel spreads them over both processes.
         clients = [
             IdentityClient(IdentityClientConfig(f"127.0.0.1:{grpc_port}", WEB, server_name=server_name),
-                           lambda: token, lambda: bundle, clock=utcnow)
+                           lambda: token, lambda: bundle, channels=Channel, clock=utcnow)
             for _ in range(8)
         ]  # fmt: skip
         await asyncio.gather(*(c.certify_once() for c in clients))

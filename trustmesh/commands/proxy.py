@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from pki.names import port_number
 from proxy.http1 import HEAD_TIMEOUT
 from proxy.listener import DETECT_TIMEOUT
 from proxy.policy import DefaultPolicy
@@ -28,19 +27,15 @@ from trustmesh.up.plan import parse_listen, parse_upstream
 ENV = "TRUSTMESH_PROXY_"
 
 
-_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
-
-
 def _control_plane_addr(value: str, flag: str) -> str:
     """``value`` if it names a server: HOST:PORT, or a gRPC target with its scheme. A bare
     host was taken as a gRPC target on port 443 and retried for ever with warnings."""
-    if value.startswith(_GRPC_SCHEMES):
-        return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not host.strip("[]") or port_number(port) is None:
-        raise ValueError(
-            f"{flag} {value!r} is not HOST:PORT (or a gRPC target such as dns:///HOST:PORT)"
-        )
+    from proxy.rpc import parse_target
+
+    try:
+        parse_target(value)
+    except ValueError as e:
+        raise ValueError(f"{flag} {e} (or a gRPC target such as dns:///HOST:PORT)") from None
     return value
 
 

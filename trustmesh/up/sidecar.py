@@ -36,6 +36,7 @@ from proxy.http1 import HEAD_TIMEOUT
 from proxy.listener import DETECT_TIMEOUT, FullCollections, tune_gc
 from proxy.meshtls import KexPolicy
 from proxy.policy import DefaultPolicy
+from proxy.rpc import channel_factory
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,11 @@ class Sidecar:
             c.trust_anchors, clock=loop.time, watch_file=c.bundle_from == "file"
         )
         registry = metric_registry()
+        # The control plane's connections get the key exchange the mesh's do.
+        channels = channel_factory(c.kex)
         self.destination = DestinationClient(
             c.destination_addr,
+            channels=channels,
             workload=WorkloadRef(c.namespace, c.workload),
             # The channel follows the bundle in use, so an anchor rotation that re-issues the
             # control plane's certificates under a new anchor does not lock the proxy out.
@@ -134,6 +138,7 @@ class Sidecar:
             IdentityClientConfig(c.identity_addr, c.identity, server_name=c.identity_name),
             token_reader(c.token_file),
             self.anchors.current,
+            channels=channels,
             clock=utcnow,
         )
         self.credentials = IdentityCredentials(self.identity, self.anchors)
