@@ -4,6 +4,8 @@ starts, and an address in use is one line naming the listener."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -65,3 +67,21 @@ def test_control_plane_addresses_must_name_a_port(
     with a warning per attempt; now it is a usage error naming the flag."""
     assert _proxy_run(tmp_path, flag, value) == 2
     assert f"error: {flag} {value!r} is not HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["vsock:2:8086", "unix:", "dns:///identity"])
+def test_unusable_grpc_targets_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    assert _proxy_run(tmp_path, "--identity-addr", value) == 2
+    assert f"error: --identity-addr {value!r}: " in capsys.readouterr().err
+
+
+def test_the_sidecar_does_not_load_grpcio() -> None:
+    """grpcio's C core cost every proxy 12 MiB of library pages and 7 threads; the sidecar's
+    control-plane client is the proxy's own (proxy/rpc.py). A stray import would bring it back."""
+    code = (
+        "import sys; import trustmesh.cli, trustmesh.commands.proxy, trustmesh.up.sidecar; "
+        "sys.exit(1 if 'grpc' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
