@@ -2,8 +2,8 @@
 
 `proxy_http1.py` measures `python -m proxy` with a static configuration: the data plane without
 the control-plane clients. In the mesh each workload's proxy is `trustmesh proxy run`, which also
-holds an identity client and a destination client (grpcio, its threads and its library). This
-benchmark starts both side by side on this host:
+holds an identity client and a destination client (on the proxy's own gRPC channel,
+`proxy/rpc.py`), their metrics and the CLI. This benchmark starts both side by side on this host:
 
 - `trustmesh up` on the demo mesh, in a fresh home: six sidecars (`trustmesh proxy run`), the
   control plane and the demo apps;

@@ -225,8 +225,11 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if self.tls is None:
             self._start_http2()
-        else:
+            return
+        try:
             self.transport.write(self.tls.start())
+        except TLSError as e:
+            self._fail(_unavailable(f"TLS with {self.target} failed: {e}"))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -247,6 +250,8 @@ class _Connection(asyncio.Protocol):
             if self.tls is not None and self.tls.closed:
                 self._fail(_unavailable(f"{self.target} closed the TLS connection"))
         except TLSError as e:
+            if self.tls is not None and self.transport is not None:
+                self.transport.write(self.tls.drain())  # our alert says why, before we close
             self._fail(_unavailable(f"TLS with {self.target} failed: {e}"))
         except H2Error as e:
             self._fail(

@@ -166,8 +166,8 @@ async def test_run_backs_off_then_recovers(env: Env) -> None:
 
 @pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=lambda a: a.value)
 async def test_tls_client_against_tls_server(tmp_path: Path, algorithm: KeyAlgorithm) -> None:
-    """grpc's TLS (BoringSSL) verifies the server's chain whichever key the issuer and anchor
-    use: an ML-DSA-65 chain works end to end too."""
+    """The proxy's TLS (cryptography's OpenSSL) verifies the chain grpc's server (BoringSSL)
+    presents, whichever key the issuer and anchor use: an ML-DSA-65 chain works end to end too."""
     env = make_env(tmp_path / "store", utcnow(), algorithm)
     srv = IdentityServer(
         ServerConfig(tls=True), StoreSource(env.store), env.validator(utcnow), clock=utcnow
@@ -266,5 +266,36 @@ async def test_refuses_answers_it_must_not_use(env: Env) -> None:
             assert text in (client.last_error or ""), (spoil.__name__, client.last_error)
             assert client.current() is good, spoil.__name__  # the old certificate stays
             assert client.refreshes == {"ok": 1, "error": n}
+    finally:
+        await server.stop(0)
+
+
+async def test_an_answer_that_is_not_a_certify_response_is_refused(env: Env) -> None:
+    async def garbage(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b"\x0a\xff\xff"  # field 1, a length running past the message
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "io.linkerd.proxy.identity.Identity",
+                {"Certify": grpc.unary_unary_rpc_method_handler(garbage)},
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        bundle = env.store.load().require_bundle()
+        client = IdentityClient(
+            IdentityClientConfig(f"127.0.0.1:{port}", identity()),
+            env.token,
+            lambda: bundle,
+            channels=Channel,
+            clock=utcnow,
+        )
+        await client.step()
+        assert client.last_error == "the Certify response does not parse"
+        assert client.current() is None and client.refreshes == {"ok": 0, "error": 1}
     finally:
         await server.stop(0)
