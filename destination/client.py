@@ -29,14 +29,13 @@ working one is not dropped before its successor can connect.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from destination.errors import DestinationError, InvalidTarget, NotFound, Unavailable
 from destination.model import EndpointSet, NoEndpoints, apply
@@ -84,37 +83,15 @@ class Backoff:
 
 
 class ClientMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.up = Gauge(
-            "trustmesh_destination_client_control_plane_up",
-            "1 while every destination stream is live; 0 while serving last-known state.",
-            registry=r,
-        )
-        self.stale = Gauge(
-            "trustmesh_destination_client_stale_streams",
-            "Streams currently serving their last-known state.",
-            registry=r,
-        )
-        self.reconnects = Counter(
-            "trustmesh_destination_client_reconnects",
-            "Stream reconnect attempts, by stream kind.",
-            ["stream"],
-            registry=r,
-        )
-        self.updates = Counter(
-            "trustmesh_destination_client_updates",
-            "Messages received, by stream kind.",
-            ["stream"],
-            registry=r,
-        )
-        self.channel_rebuilds = Counter(
-            "trustmesh_destination_client_channel_rebuilds",
-            "Channels to the destination service rebuilt because the trust bundle changed.",
-            registry=r,
-        )
-        self.up.set(1)
+    """What the client counts, in plain numbers; the proxy renders them
+    (``trustmesh_destination_client_*``, :mod:`proxy.control`)."""
+
+    def __init__(self) -> None:
+        self.up = 1  # 0 while any watch serves its last-known state
+        self.stale = 0  # watches serving their last-known state
+        self.reconnects: collections.Counter[str] = collections.Counter()  # by stream kind
+        self.updates: collections.Counter[str] = collections.Counter()  # by stream kind
+        self.channel_rebuilds = 0  # channels rebuilt because the trust bundle changed
 
 
 class Watch(Generic[V]):
@@ -172,7 +149,7 @@ class Watch(Generic[V]):
                 value = self._reset()
                 async for raw in call:
                     msg = self._decode(raw)
-                    self._client.metrics.updates.labels(self.kind).inc()
+                    self._client.metrics.updates[self.kind] += 1
                     attempt = 0
                     handed_over = False
                     self.error = None
@@ -200,7 +177,7 @@ class Watch(Generic[V]):
                         # the new stream fails, that failure flags it; a second handover in a
                         # row before any message takes the ordinary path below.
                         handed_over = True
-                        self._client.metrics.reconnects.labels(self.kind).inc()
+                        self._client.metrics.reconnects[self.kind] += 1
                         continue
                 else:
                     self.error = Unavailable(f"{e.code.name}: {e.details}")
@@ -215,7 +192,7 @@ class Watch(Generic[V]):
                 self.error = Unavailable(f"an update could not be read: {e}")
             if not isinstance(self.error, NotFound) or self._on_not_found is None:
                 self._set(self.current, stale=True)  # keep the last-known value, flag it
-            self._client.metrics.reconnects.labels(self.kind).inc()
+            self._client.metrics.reconnects[self.kind] += 1
             await asyncio.sleep(self._client.backoff.delay(attempt, rng))
             attempt += 1
 
@@ -340,7 +317,7 @@ class DestinationClient:
         )
         self._retired.append(self._current)
         self._current = self._connect(bundle)
-        self.metrics.channel_rebuilds.inc()
+        self.metrics.channel_rebuilds += 1
         loop = asyncio.get_running_loop()
         if self._handover_deadline is None:
             # Measured from the first retirement: bundles changing again and again cannot
@@ -384,8 +361,8 @@ class DestinationClient:
 
     def _stale_changed(self) -> None:
         stale = sum(1 for w in self._watches if w.stale and not w.done)
-        self.metrics.stale.set(stale)
-        self.metrics.up.set(0 if stale else 1)
+        self.metrics.stale = stale
+        self.metrics.up = 0 if stale else 1
 
     def _add(self, watch: Watch[Any]) -> Any:
         if self._trust_bundle is not None and self._follower is None:

@@ -23,13 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.message import DecodeError
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from identity.errors import IdentityError
 from pki.bundle import TrustBundle
@@ -259,37 +257,6 @@ class IdentityClient:
         while True:
             delay = await self.step()
             await self._sleep(max(delay, timedelta(0)).total_seconds())
-
-    # --- metrics ------------------------------------------------------------------------
-
-    def collector(self) -> Collector:
-        """A Prometheus collector with the proxy's identity metrics (Linkerd 2.15 names)."""
-        return _ClientCollector(self)
-
-
-class _ClientCollector(Collector):
-    def __init__(self, client: IdentityClient) -> None:
-        self._client = client
-
-    def collect(self) -> Iterator[Metric]:
-        c = self._client
-        expiration = c.expiration
-        yield GaugeMetricFamily(
-            "identity_cert_expiration_timestamp_seconds",
-            "NotAfter of the workload certificate in use (0 before the first).",
-            value=expiration.timestamp() if expiration is not None else 0.0,
-        )
-        yield GaugeMetricFamily(
-            "identity_cert_refresh_timestamp_seconds",
-            "When the certificate was last refreshed (0 before the first).",
-            value=c.last_refresh.timestamp() if c.last_refresh is not None else 0.0,
-        )
-        refreshes = CounterMetricFamily(
-            "identity_cert_refreshes", "Certify attempts by result.", labels=["result"]
-        )
-        for result, count in c.refreshes.items():
-            refreshes.add_metric([result], count)
-        yield refreshes
 
 
 __all__ = [

@@ -25,7 +25,7 @@ Names (listed in README):
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -40,9 +40,8 @@ from prometheus_client.registry import Collector
 
 from identity.bundlereports import BundleReports, reports_family
 from identity.errors import RESULTS
+from identity.families import GaugeFamily, bundle_family, certificate_families
 from identity.issuer import Issuer
-from pki.certs import Certificate
-from pki.renewal import PROXY_REFRESH_FRACTION, RenewalPolicy, renewal_point
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -179,52 +178,25 @@ class IdentityCollector(Collector):
                 [anchor.fingerprint[:16], anchor.subject], anchor.not_after.timestamp()
             )
         yield anchors
-        yield from certificate_families(
-            [
-                ("issuer", issuer.credential.certificate),
-                *(("trust_anchor", a) for a in issuer.bundle.anchors),
-            ],
-            "identity",
+        certificates = [
+            ("issuer", issuer.credential.certificate),
+            *(("trust_anchor", a) for a in issuer.bundle.anchors),
+        ]
+        for family in certificate_families(certificates, "identity"):
+            yield prometheus_family(family)
+        yield prometheus_family(
+            bundle_family(issuer.bundle.digest, "identity", "trustmesh_trust_bundle_info")
         )
-        yield bundle_family(issuer.bundle.digest, "identity", "trustmesh_trust_bundle_info")
         if self._reports is not None:
             yield reports_family(self._reports.counts(now.timestamp()), issuer.bundle.digest)
 
 
-CERT_LABELS = ("role", "subject", "fingerprint", "source")
-# Workload certificates are renewed by their proxy at 70% of their life (Linkerd's schedule);
-# CAs by the rotation job's default, two thirds of their life (as alerts.inventory publishes).
-_RENEWAL = {"workload": RenewalPolicy(fraction=PROXY_REFRESH_FRACTION)}
-_CA_RENEWAL = RenewalPolicy()
-
-
-def certificate_families(
-    certificates: Iterable[tuple[str, Certificate]], source: str
-) -> tuple[GaugeMetricFamily, ...]:
-    """``trustmesh_cert_*_timestamp_seconds`` for ``(role, certificate)`` pairs seen by ``source``."""
-    families = tuple(
-        GaugeMetricFamily(f"trustmesh_cert_{what}_timestamp_seconds", help_text, labels=CERT_LABELS)
-        for what, help_text in (
-            ("not_before", "NotBefore of a certificate, in seconds since the epoch."),
-            ("not_after", "NotAfter of a certificate, in seconds since the epoch."),
-            ("renewal_due", "When the certificate's renewal policy makes it due (epoch)."),
-        )
-    )
-    for role, cert in certificates:
-        due = renewal_point(cert.not_before, cert.not_after, _RENEWAL.get(role, _CA_RENEWAL))
-        labels = [role, cert.subject, cert.fingerprint, source]
-        for family, value in zip(families, (cert.not_before, cert.not_after, due), strict=True):
-            family.add_metric(labels, value.timestamp())
-    return families
-
-
-def bundle_family(digest: str, source: str, name: str) -> GaugeMetricFamily:
-    """``<name>{digest,source} 1``: which trust bundle a component holds."""
-    family = GaugeMetricFamily(
-        name, "The trust bundle in use (value always 1).", labels=["digest", "source"]
-    )
-    family.add_metric([digest, source], 1.0)
-    return family
+def prometheus_family(family: GaugeFamily) -> GaugeMetricFamily:
+    """One of :mod:`identity.families`' values as prometheus_client's."""
+    out = GaugeMetricFamily(family.name, family.help, labels=list(family.labels))
+    for labels, value in family.samples:
+        out.add_metric(list(labels), value)
+    return out
 
 
 def _le(bound: float) -> str:

@@ -27,23 +27,19 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from destination import policy as dpolicy
-from destination.client import DestinationClient, Watch
+from destination.client import ClientMetrics, DestinationClient, Watch
 from destination.errors import DestinationError
 from destination.model import EndpointSet, TrustBundleSnapshot
 from destination.resources import DEFAULT_CLUSTER_NETWORKS
 from identity.client import IdentityClient
-from identity.metrics import bundle_family, certificate_families
+from identity.families import bundle_family, certificate_families
 from pki.bundle import TrustBundle
 from pki.errors import PKIError
 from pki.names import port_number
 from proxy.errors import ConfigError
 from proxy.meshtls import MeshCredentials
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import Family, ProxyMetrics
 from proxy.policy import (
     ALL_NETWORKS,
     Authorization,
@@ -447,46 +443,99 @@ class DestinationPolicy:
 # --- metrics ---------------------------------------------------------------------------------
 
 
-class _ControlCollector(Collector):
-    def __init__(self, credentials: IdentityCredentials) -> None:
-        self._credentials = credentials
-
-    def collect(self) -> Iterator[Metric]:
-        creds = self._credentials
-        anchors = creds.anchors
-        yield bundle_family(
-            anchors.current().digest, anchors.source, "trustmesh_proxy_trust_bundle_info"
-        )
-        credential = creds.client.current()
-        if credential is not None:
-            yield from certificate_families([("workload", credential.certificate)], "proxy")
-        ident = GaugeMetricFamily(
-            "trustmesh_proxy_identity_info",
-            "The identity this proxy certifies as; ready is 1 once it holds a certificate.",
-            labels=["identity", "ready"],
-        )
-        ready = "1" if creds.client.ready else "0"
-        ident.add_metric([creds.client.config.identity, ready], 1.0)
-        yield ident
-
-
 class ControlMetrics(ProxyMetrics):
-    """The proxy's metrics plus identity (Linkerd names), trust-bundle and destination-client
-    families, rendered together on the admin ``/metrics``."""
+    """The proxy's metrics plus identity (Linkerd's names), trust-bundle and destination-client
+    families, rendered together on the admin ``/metrics`` (without prometheus_client, which
+    the proxy does not load)."""
 
-    def __init__(self, credentials: IdentityCredentials, registry: CollectorRegistry) -> None:
+    def __init__(self, credentials: IdentityCredentials, destination: ClientMetrics) -> None:
         super().__init__()
-        self.registry = registry
-        registry.register(credentials.client.collector())
-        registry.register(_ControlCollector(credentials))
+        self._credentials = credentials
+        self._destination = destination
 
     def render(self) -> str:
-        return super().render() + generate_latest(self.registry).decode()
+        return super().render() + "\n".join(self.control_lines()) + "\n"
+
+    def control_lines(self) -> Iterator[str]:
+        creds = self._credentials
+        client = creds.client
+        expiration, refreshed = client.expiration, client.last_refresh
+        yield from _gauge(
+            "identity_cert_expiration_timestamp_seconds",
+            "NotAfter of the workload certificate in use (0 before the first).",
+            expiration.timestamp() if expiration is not None else 0.0,
+        )
+        yield from _gauge(
+            "identity_cert_refresh_timestamp_seconds",
+            "When the certificate was last refreshed (0 before the first).",
+            refreshed.timestamp() if refreshed is not None else 0.0,
+        )
+        refreshes = Family(
+            "identity_cert_refreshes_total", "counter", "Certify attempts by result.", ("result",)
+        )
+        for result, count in client.refreshes.items():
+            refreshes.set((result,), count)
+        yield from refreshes.lines()
+        anchors = creds.anchors
+        families = [
+            bundle_family(
+                anchors.current().digest, anchors.source, "trustmesh_proxy_trust_bundle_info"
+            )
+        ]
+        credential = client.current()
+        if credential is not None:
+            families += certificate_families([("workload", credential.certificate)], "proxy")
+        for family in families:
+            gauge = Family(family.name, "gauge", family.help, family.labels)
+            for labels, value in family.samples:
+                gauge.set(labels, value)
+            yield from gauge.lines()
+        ident = Family(
+            "trustmesh_proxy_identity_info",
+            "gauge",
+            "The identity this proxy certifies as; ready is 1 once it holds a certificate.",
+            ("identity", "ready"),
+        )
+        ident.set((client.config.identity, "1" if client.ready else "0"), 1)
+        yield from ident.lines()
+        yield from self._destination_lines()
+
+    def _destination_lines(self) -> Iterator[str]:
+        d = self._destination
+        yield from _gauge(
+            "trustmesh_destination_client_control_plane_up",
+            "1 while every destination stream is live; 0 while serving last-known state.",
+            d.up,
+        )
+        yield from _gauge(
+            "trustmesh_destination_client_stale_streams",
+            "Streams currently serving their last-known state.",
+            d.stale,
+        )
+        for name, help_text, counts in (
+            ("reconnects", "Stream reconnect attempts, by stream kind.", d.reconnects),
+            ("updates", "Messages received, by stream kind.", d.updates),
+        ):
+            family = Family(
+                f"trustmesh_destination_client_{name}_total", "counter", help_text, ("stream",)
+            )
+            for kind, count in counts.items():
+                family.set((kind,), count)
+            yield from family.lines()
+        rebuilds = Family(
+            "trustmesh_destination_client_channel_rebuilds_total",
+            "counter",
+            "Channels to the destination service rebuilt because the trust bundle changed.",
+            (),
+        )
+        rebuilds.set((), d.channel_rebuilds)
+        yield from rebuilds.lines()
 
 
-def metric_registry() -> CollectorRegistry:
-    """A registry for one proxy's control-plane families (pass it to ``ClientMetrics``)."""
-    return CollectorRegistry(auto_describe=False)
+def _gauge(name: str, help_text: str, value: float) -> Iterator[str]:
+    family = Family(name, "gauge", help_text, ())
+    family.set((), value)
+    return iter(family.lines())
 
 
 __all__ = [
@@ -497,7 +546,6 @@ __all__ = [
     "TrustAnchors",
     "authorization_of",
     "canonical_authority",
-    "metric_registry",
     "networks_of",
     "server_of",
     "service_of",

@@ -52,12 +52,7 @@ async def test_last_known_state_while_server_is_away(tmp_path: Path) -> None:
         await server.stop()
         await eventually(lambda: endpoints.stale and inbound.stale)
         assert not client.control_plane_up
-        assert (
-            client.metrics.registry.get_sample_value(
-                "trustmesh_destination_client_control_plane_up"
-            )
-            == 0
-        )
+        assert client.metrics.up == 0
         assert endpoints.current == first  # still serving the last-known snapshot
 
         write_atomic(mesh, WEB + WEB_1)  # changes while away show up after the restart
@@ -71,12 +66,7 @@ async def test_last_known_state_while_server_is_away(tmp_path: Path) -> None:
         )
         assert {e.address for e in snapshot.endpoints} == {"127.0.0.1", "127.0.0.2"}
         await eventually(lambda: client.control_plane_up, timeout=10)
-        assert (
-            client.metrics.registry.get_sample_value(
-                "trustmesh_destination_client_control_plane_up"
-            )
-            == 1
-        )
+        assert client.metrics.up == 1
     finally:
         await client.close()
         await server.stop()
@@ -140,10 +130,7 @@ async def test_an_unreadable_update_resubscribes_instead_of_ending_the_watch() -
         ready = await endpoints.wait_ready(5)
         assert [e.key for e in ready.endpoints] == [("127.0.0.1", 18080)]
         assert not endpoints.stale and endpoints.error is None
-        reconnects = client.metrics.registry.get_sample_value(
-            "trustmesh_destination_client_reconnects_total", {"stream": "destination"}
-        )
-        assert reconnects is not None and reconnects >= 1
+        assert client.metrics.reconnects["destination"] >= 1
     finally:
         await client.close()
         await server.stop(0)

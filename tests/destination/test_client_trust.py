@@ -47,11 +47,6 @@ def following(port: int, bundle: list[TrustBundle], **kwargs: float) -> Destinat
     )
 
 
-def counter(client: DestinationClient, name: str, **labels: str) -> float:
-    value = client.metrics.registry.get_sample_value(f"{name}_total", labels)
-    return value or 0.0
-
-
 def record_control_plane_up(client: DestinationClient) -> list[bool]:
     """Every value ``control_plane_up`` takes from now on (recorded at each stale change)."""
     history: list[bool] = []
@@ -84,15 +79,9 @@ async def test_a_new_bundle_moves_working_watches_to_a_new_channel(
         await eventually(lambda: client.trust_bundle_digest == bundle[0].digest)
         # The new channel connected, the old one was closed under the stream, and the watch
         # resubscribed once, on the new channel, its snapshot kept all along.
-        await eventually(
-            lambda: (
-                counter(client, "trustmesh_destination_client_reconnects", stream="destination")
-                == 1
-                and not watch.stale
-            )
-        )
+        await eventually(lambda: client.metrics.reconnects["destination"] == 1 and not watch.stale)
         assert watch.current == first
-        assert counter(client, "trustmesh_destination_client_channel_rebuilds") == 1
+        assert client.metrics.channel_rebuilds == 1
         # A planned handover never reads as the control plane going away.
         assert up_history == [] or all(up_history), up_history
         assert client.control_plane_up
@@ -139,7 +128,7 @@ async def test_an_unverifiable_bundle_keeps_the_old_channel_for_the_grace_only(
             ),
             timeout=10,
         )
-        assert counter(client, "trustmesh_destination_client_channel_rebuilds") == 2
+        assert client.metrics.channel_rebuilds == 2
 
 
 def test_fixed_credentials_and_a_bundle_provider_are_exclusive(store: FileStore) -> None:

@@ -30,7 +30,6 @@ from proxy.control import (
     DestinationRoutes,
     IdentityCredentials,
     TrustAnchors,
-    metric_registry,
 )
 from proxy.http1 import HEAD_TIMEOUT
 from proxy.listener import DETECT_TIMEOUT, FullCollections, tune_gc
@@ -121,7 +120,7 @@ class Sidecar:
         self.anchors = TrustAnchors(
             c.trust_anchors, clock=loop.time, watch_file=c.bundle_from == "file"
         )
-        registry = metric_registry()
+        client_metrics = ClientMetrics()
         # The control plane's connections get the key exchange the mesh's do.
         channels = channel_factory(c.kex)
         self.destination = DestinationClient(
@@ -132,7 +131,7 @@ class Sidecar:
             # control plane's certificates under a new anchor does not lock the proxy out.
             trust_bundle=self.anchors.current if c.destination_name is not None else None,
             server_name=c.destination_name,
-            metrics=ClientMetrics(registry),
+            metrics=client_metrics,
         )
         self.identity = IdentityClient(
             IdentityClientConfig(c.identity_addr, c.identity, server_name=c.identity_name),
@@ -157,7 +156,7 @@ class Sidecar:
             head_timeout=c.head_timeout,
         )
         self.proxy = Proxy(self.credentials, self.routes, self.policy, settings)
-        self.metrics = ControlMetrics(self.credentials, registry)
+        self.metrics = ControlMetrics(self.credentials, client_metrics)
         self.proxy.metrics = self.metrics  # before start(): every listener counts into it
         self.serving = False
         self.ports: dict[str, int] = {}
