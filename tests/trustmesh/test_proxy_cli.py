@@ -77,11 +77,13 @@ def test_unusable_grpc_targets_are_usage_errors(
     assert f"error: --identity-addr {value!r}: " in capsys.readouterr().err
 
 
-def test_the_sidecar_does_not_load_grpcio() -> None:
-    """grpcio's C core cost every proxy 12 MiB of library pages and 7 threads; the sidecar's
-    control-plane client is the proxy's own (proxy/rpc.py). A stray import would bring it back."""
+def test_the_sidecar_loads_neither_grpcio_nor_prometheus_client() -> None:
+    """grpcio's C core cost every proxy 12 MiB of library pages and 7 threads, and
+    prometheus_client 3 MiB: the sidecar's control-plane client (proxy/rpc.py) and its metrics
+    (proxy/control.py) are the proxy's own. A stray import would bring them back."""
     code = (
         "import sys; import trustmesh.cli, trustmesh.commands.proxy, trustmesh.up.sidecar; "
-        "sys.exit(1 if 'grpc' in sys.modules else 0)"
+        "print(' '.join(m for m in ('grpc', 'prometheus_client') if m in sys.modules))"
     )
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr
