@@ -280,7 +280,10 @@ class _Connection(asyncio.Protocol):
         data = self.h2.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
-            transport.write(self.tls.encrypt(data) if self.tls is not None else data)
+            try:
+                transport.write(self.tls.encrypt(data) if self.tls is not None else data)
+            except TLSError as e:  # the calls waiting on this connection learn it from _fail
+                self._fail(_unavailable(f"TLS with {self.target} failed: {e}"))
 
     def _event(self, event: Event) -> None:
         if isinstance(event, DataReceived):
