@@ -131,7 +131,9 @@ async def test_an_unverifiable_bundle_keeps_the_old_channel_for_the_grace_only(
         assert client.metrics.channel_rebuilds == 2
 
 
-def test_fixed_credentials_and_a_bundle_provider_are_exclusive(store: FileStore) -> None:
+def test_fixed_roots_and_a_bundle_provider_are_exclusive_and_tls_needs_one(
+    store: FileStore,
+) -> None:
     with pytest.raises(ValueError, match="not both"):
         DestinationClient(
             "127.0.0.1:1",
@@ -139,3 +141,5 @@ def test_fixed_credentials_and_a_bundle_provider_are_exclusive(store: FileStore)
             roots_pem=store.trust_bundle().pem(),
             trust_bundle=store.trust_bundle,
         )
+    with pytest.raises(ValueError, match="needs roots_pem or a trust-bundle provider"):
+        DestinationClient("127.0.0.1:1", channels=Channel, server_name=DESTINATION_NAME)
