@@ -17,7 +17,8 @@ Names (listed in README):
 - ``trustmesh_cert_{not_before,not_after,renewal_due}_timestamp_seconds{role,subject,
   fingerprint,source}`` for the issuer and each anchor, and ``trustmesh_trust_bundle_info{digest,
   source}``: the same families the expiry exporter publishes, so the alert rules apply to a
-  scrape of the identity service directly (:func:`certificate_families` is shared with proxies);
+  scrape of the identity service directly (their definitions, in :mod:`identity.families`, are
+  shared with proxies);
 - ``identity_caller_trust_bundles{digest,current}``: identities holding a valid certificate, by
   the trust bundle digest their proxy reported when it was issued (:mod:`identity.bundlereports`).
 """
