@@ -47,6 +47,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, NoAvailableStreamIDError, TooManyStreamsError
 
+from pki.names import port_number
 from protos.rpc import RpcError, StatusCode
 from proxy.errors import ConfigError, TLSError
 from proxy.grpc_frames import (
@@ -77,11 +78,12 @@ _RESET_CODES: dict[int, StatusCode] = {
 
 def split_target(target: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into its parts."""
-    host, sep, port = target.rpartition(":")
+    host, sep, port_text = target.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    port = port_number(port_text)
+    if not sep or not host or port is None:
         raise ValueError(f"{target!r} is not HOST:PORT")
-    return host, int(port)
+    return host, port
 
 
 @dataclass(frozen=True, slots=True)

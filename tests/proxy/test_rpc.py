@@ -357,6 +357,7 @@ def test_targets_parse_as_grpc_names_them() -> None:
     assert parse_target("unix:x.sock") == Target(path="x.sock")
     assert parse_target("unix-abstract:x") == Target(path="\0x")
     for bad, reason in [("identity", "is not HOST:PORT"), ("h:0", "is not HOST:PORT"),
+                        ("h:8²", "is not HOST:PORT"), ("h:" + "9" * 5000, "is not HOST:PORT"),
                         ("dns:///h", "is not HOST:PORT"), ("unix:", "no socket path"),
                         ("vsock:1:2", "vsock targets are not supported")]:  # fmt: skip
         with pytest.raises(ValueError, match=reason):
