@@ -324,12 +324,12 @@ class MeshTls:
 
 
 def control_plane_session(
-    roots_pem: bytes, server_name: str, *, kex: KexPolicy, alpn: bytes = b"h2"
+    anchors: list[crypto.X509], server_name: str, *, kex: KexPolicy, alpn: bytes = b"h2"
 ) -> TlsSession:
     """A session to a control-plane service (identity, destination) over TLS 1.3.
 
     No client certificate: the service authenticates the proxy by its token. The service's
-    chain must verify against ``roots_pem`` and carry ``server_name``, and the key exchange
+    chain must verify against ``anchors`` and carry ``server_name``, and the key exchange
     follows ``kex`` as mesh connections do. ``alpn`` is offered and must be selected.
     """
     if not _IDENTITY.fullmatch(server_name):
@@ -341,7 +341,7 @@ def control_plane_session(
     ctx.set_cipher_list(SECURITY)
     store = ctx.get_cert_store()
     assert store is not None
-    for anchor in split_pem_certificates(roots_pem):
+    for anchor in anchors:
         store.add_cert(anchor)
     ctx.set_verify(SSL.VERIFY_PEER)
     expected = canonical_identity(server_name)

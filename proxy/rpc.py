@@ -549,16 +549,19 @@ class Channel:
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.address = parse_target(target)
-        if server_name is not None:
-            if roots_pem is None:
-                raise ValueError(f"TLS to {server_name} needs the trust anchors (roots_pem)")
-            split_pem_certificates(roots_pem)  # refuses a bundle with no certificate now
+        if server_name is not None and roots_pem is None:
+            raise ValueError(f"TLS to {server_name} needs the trust anchors (roots_pem)")
         if keepalive < 0 or keepalive_timeout <= 0 or connect_timeout <= 0:
             raise ValueError("keepalive must be >= 0; its timeout and connect_timeout positive")
         self.target = target
         self.server_name = server_name
         self.connect_timeout = connect_timeout
-        self._roots = roots_pem
+        # Parsed once (a bundle with no certificate is refused now), used by every connection.
+        self._anchors = (
+            split_pem_certificates(roots_pem)
+            if server_name is not None and roots_pem is not None
+            else []
+        )
         self._kex = kex
         self._keepalive = keepalive
         self._keepalive_timeout = keepalive_timeout
@@ -605,9 +608,8 @@ class Channel:
     async def _connect(self, timeout: float) -> _Connection:
         tls = None
         if self.server_name is not None:
-            assert self._roots is not None
             try:
-                tls = control_plane_session(self._roots, self.server_name, kex=self._kex)
+                tls = control_plane_session(self._anchors, self.server_name, kex=self._kex)
             except ConfigError as e:
                 raise _unavailable(f"cannot set up TLS to {self.target}: {e}") from None
         conn = _Connection(
