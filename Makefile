@@ -51,4 +51,4 @@ bench: deb protos
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi
+	rm -rf $(VENV) build dist *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi protos/lite_schema.py

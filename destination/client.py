@@ -37,19 +37,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from destination.errors import DestinationError, InvalidTarget, NotFound, Unavailable
-from destination.model import EndpointSet, NoEndpoints, apply
-from destination.paths import WorkloadRef
-from destination.policy import InboundPolicy, OutboundPolicy
-from destination.wire import (
+from destination.decode import (
+    INBOUND_POLICY,
+    OUTBOUND_POLICY,
+    TRUST_BUNDLE,
+    UPDATE,
     bundle_from_proto,
     inbound_from_proto,
     outbound_from_proto,
     update_from_proto,
 )
+from destination.errors import DestinationError, InvalidTarget, NotFound, Unavailable
+from destination.model import EndpointSet, NoEndpoints, apply
+from destination.paths import WorkloadRef
+from destination.policy import InboundPolicy, OutboundPolicy
 from pki.bundle import TrustBundle
-from protos import destination_pb2 as dpb
-from protos import policy_pb2 as ppb
+from protos import lite
 from protos.rpc import Channel, ChannelFactory, RpcError, StatusCode
 
 log = logging.getLogger(__name__)
@@ -381,11 +384,14 @@ class DestinationClient:
 
     def resolve(self, authority: str) -> Watch[EndpointSet]:
         """Endpoints of ``authority`` (``<svc>.<ns>.svc.<domain>:<port>``)."""
-        request = dpb.GetDestination(
-            scheme="k8s", path=authority, context_token=self.workload.token()
+        request = lite.encode(
+            "io.linkerd.proxy.destination.GetDestination",
+            scheme="k8s",
+            path=authority,
+            context_token=self.workload.token(),
         )
 
-        def fold(current: EndpointSet | None, msg: dpb.Update) -> EndpointSet:
+        def fold(current: EndpointSet | None, msg: lite.Message) -> EndpointSet:
             change = update_from_proto(msg)
             base = current or EndpointSet(authority)
             if isinstance(change, NoEndpoints) and not change.exists:
@@ -397,8 +403,8 @@ class DestinationClient:
                 self,
                 "destination",
                 GET,
-                request.SerializeToString(),
-                dpb.Update.FromString,
+                request,
+                lite.decoder(UPDATE),
                 fold,
                 lambda: None,
                 on_not_found=lambda: EndpointSet(authority, (), exists=False),
@@ -412,28 +418,34 @@ class DestinationClient:
         ref = workload or self.workload
         if ref.namespace is None or ref.name is None:
             raise InvalidTarget("inbound policy needs the workload's namespace and name")
-        request = ppb.PortSpec(workload=f"{ref.namespace}:{ref.name}", port=port)
+        request = lite.encode(
+            "trustmesh.policy.v1.PortSpec", workload=f"{ref.namespace}:{ref.name}", port=port
+        )
         return self._add(
             Watch(
                 self,
                 "inbound",
                 INBOUND_WATCH,
-                request.SerializeToString(),
-                ppb.InboundPolicy.FromString,
+                request,
+                lite.decoder(INBOUND_POLICY),
                 lambda _old, msg: inbound_from_proto(msg),
                 lambda: None,
             )
         )
 
     def outbound_policy(self, authority: str) -> Watch[OutboundPolicy]:
-        request = ppb.TrafficSpec(source_workload=self.workload.token(), authority=authority)
+        request = lite.encode(
+            "trustmesh.policy.v1.TrafficSpec",
+            source_workload=self.workload.token(),
+            authority=authority,
+        )
         return self._add(
             Watch(
                 self,
                 "outbound",
                 OUTBOUND_WATCH,
-                request.SerializeToString(),
-                ppb.OutboundPolicy.FromString,
+                request,
+                lite.decoder(OUTBOUND_POLICY),
                 lambda _old, msg: outbound_from_proto(msg),
                 lambda: None,
             )
@@ -441,14 +453,16 @@ class DestinationClient:
 
     def trust_bundle(self, digest: str = "") -> Watch[Any]:
         """The mesh's trust anchors (:class:`TrustBundleSnapshot`), renewed on every change."""
-        request = ppb.TrustBundleRequest(workload=self.workload.token(), digest=digest)
+        request = lite.encode(
+            "trustmesh.policy.v1.TrustBundleRequest", workload=self.workload.token(), digest=digest
+        )
         return self._add(
             Watch(
                 self,
                 "trust_bundle",
                 BUNDLES_WATCH,
-                request.SerializeToString(),
-                ppb.TrustBundle.FromString,
+                request,
+                lite.decoder(TRUST_BUNDLE),
                 lambda _old, msg: bundle_from_proto(msg),
                 lambda: None,
             )

@@ -27,8 +27,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from google.protobuf.message import DecodeError
-
 from identity.errors import IdentityError
 from pki.bundle import TrustBundle
 from pki.certs import Certificate, Credential
@@ -37,12 +35,14 @@ from pki.errors import PKIError
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.renewal import refresh_delay
 from pki.verify import verify_leaf
-from protos import identity_pb2
+from protos import lite
 from protos.rpc import ChannelFactory, RpcError
 
 log = logging.getLogger(__name__)
 
 CERTIFY = "/io.linkerd.proxy.identity.Identity/Certify"
+CERTIFY_REQUEST = "io.linkerd.proxy.identity.CertifyRequest"
+CERTIFY_RESPONSE = "io.linkerd.proxy.identity.CertifyResponse"
 
 
 class IdentityClientError(IdentityError):
@@ -171,7 +171,8 @@ class IdentityClient:
         cfg = self.config
         key = PrivateKey.generate(cfg.key_algorithm)
         bundle = self._bundle()
-        request = identity_pb2.CertifyRequest(
+        request = lite.encode(
+            CERTIFY_REQUEST,
             identity=cfg.identity,
             token=self._token(),
             certificate_signing_request=create_csr(cfg.identity, key),
@@ -185,14 +186,14 @@ class IdentityClient:
             server_name=cfg.server_name,
         )
         try:
-            answer = await channel.unary(CERTIFY, request.SerializeToString(), timeout=cfg.timeout)
+            answer = await channel.unary(CERTIFY, request, timeout=cfg.timeout)
         except RpcError as e:
             raise IdentityClientError(f"Certify failed: {e.code.name}: {e.details}") from None
         finally:
             await channel.close()
         try:
-            response = identity_pb2.CertifyResponse.FromString(answer)
-        except DecodeError:
+            response = lite.decode(CERTIFY_RESPONSE, answer)
+        except lite.DecodeError:
             raise IdentityClientError("the Certify response does not parse") from None
         now = self._clock()
         try:
@@ -208,7 +209,10 @@ class IdentityClient:
         # answer that contradicts itself is not used, whatever the leaf says.
         if not response.HasField("valid_until"):
             raise IdentityClientError("the response has no valid_until")
-        valid_until = response.valid_until.ToDatetime(tzinfo=UTC)
+        try:
+            valid_until = response.valid_until.ToDatetime(tzinfo=UTC)
+        except lite.DecodeError as e:
+            raise IdentityClientError(f"the response's valid_until: {e}") from None
         if valid_until <= now:
             raise IdentityClientError(
                 f"the response's valid_until {valid_until.isoformat()} is already past"

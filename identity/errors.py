@@ -11,7 +11,6 @@ the anchors is ``UNAVAILABLE`` (Linkerd leaks it as ``UNKNOWN``).
 from __future__ import annotations
 
 from pki import errors as pki_errors
-from pki import tokens
 from protos.rpc import StatusCode
 
 
@@ -79,7 +78,7 @@ _TABLE: tuple[tuple[type[BaseException], StatusCode, str], ...] = (
     (pki_errors.CSRMalformed, StatusCode.INVALID_ARGUMENT, "invalid_request"),
     (pki_errors.CSRError, StatusCode.FAILED_PRECONDITION, "csr_refused"),
     (TokenInvalid, StatusCode.INVALID_ARGUMENT, "token_invalid"),
-    (tokens.TokenMalformed, StatusCode.INVALID_ARGUMENT, "token_invalid"),
+    (pki_errors.TokenMalformed, StatusCode.INVALID_ARGUMENT, "token_invalid"),
     (TokenNotAuthenticated, StatusCode.FAILED_PRECONDITION, "unauthenticated"),
     (pki_errors.TokenError, StatusCode.FAILED_PRECONDITION, "unauthenticated"),
     (IdentityMismatch, StatusCode.FAILED_PRECONDITION, "identity_mismatch"),

@@ -141,5 +141,29 @@ class TokenError(PKIError, ValueError):
     """A signed workload token is malformed, forged, expired or for another audience."""
 
 
+class TokenMalformed(TokenError):
+    """The bytes are not a compact ES256 JWS with the claims TrustMesh requires."""
+
+
+class TokenSignatureInvalid(TokenError):
+    """The token's signature does not verify with the control plane's key (forged or foreign)."""
+
+
+class TokenExpired(TokenError):
+    """The token is past its ``exp``."""
+
+
+class TokenNotYetValid(TokenError):
+    """The token is before its ``nbf``."""
+
+
+class TokenAudienceMismatch(TokenError):
+    """The token was issued for another audience."""
+
+
+class TokenIssuerMismatch(TokenError):
+    """The token was issued by someone other than the expected issuer."""
+
+
 class EndpointError(PKIError):
     """A live TLS endpoint could not be reached or did not complete a handshake."""

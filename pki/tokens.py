@@ -27,7 +27,16 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from pki.errors import StoreNotInitialized, TokenError, quoted
+from pki.errors import (
+    StoreNotInitialized,
+    TokenAudienceMismatch,
+    TokenExpired,
+    TokenIssuerMismatch,
+    TokenMalformed,
+    TokenNotYetValid,
+    TokenSignatureInvalid,
+    quoted,
+)
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.store import FileStore
 
@@ -36,30 +45,6 @@ DEFAULT_TOKEN_ISSUER = "trustmesh-identity"
 # Tokens are a few hundred bytes; anything this large is refused before decoding.
 MAX_TOKEN_BYTES = 8 * 1024
 _ES256_SIGNATURE_BYTES = 64
-
-
-class TokenMalformed(TokenError):
-    """The bytes are not a compact ES256 JWS with the claims TrustMesh requires."""
-
-
-class TokenSignatureInvalid(TokenError):
-    """The token's signature does not verify with the control plane's key (forged or foreign)."""
-
-
-class TokenExpired(TokenError):
-    """The token is past its ``exp``."""
-
-
-class TokenNotYetValid(TokenError):
-    """The token is before its ``nbf``."""
-
-
-class TokenAudienceMismatch(TokenError):
-    """The token was issued for another audience."""
-
-
-class TokenIssuerMismatch(TokenError):
-    """The token was issued by someone other than the expected issuer."""
 
 
 @dataclass(frozen=True, slots=True)

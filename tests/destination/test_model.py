@@ -6,15 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from destination.decode import UPDATE, endpoint_from_proto, update_from_proto
 from destination.errors import InvalidTarget
-from destination.model import Add, Endpoint, EndpointSet, NoEndpoints, Remove, apply, diff
+from destination.model import Add, Change, Endpoint, EndpointSet, NoEndpoints, Remove, apply, diff
 from destination.paths import parse_authority, parse_workload_ref
-from destination.wire import (
-    endpoint_from_proto,
-    endpoint_to_proto,
-    update_from_proto,
-    update_to_proto,
-)
+from destination.wire import endpoint_to_proto, update_to_proto
+from protos import lite
 
 A = "web.default.svc.cluster.local:8080"
 
@@ -35,14 +32,19 @@ sets = st.builds(
 )
 
 
+def sent(change: Change) -> lite.Message:
+    """``change`` as the service encodes it (protobuf) and the sidecar reads it (protos.lite)."""
+    return lite.decode(UPDATE, update_to_proto(change).SerializeToString())
+
+
 @given(sets, sets)
 def test_diff_then_apply_reaches_the_new_set(old: EndpointSet, new: EndpointSet) -> None:
     current = EndpointSet(A)
     for change in diff(None, old):
-        current = apply(current, update_from_proto(update_to_proto(change)))
+        current = apply(current, update_from_proto(sent(change)))
     assert current.endpoints == old.endpoints
     for change in diff(old, new):
-        current = apply(current, update_from_proto(update_to_proto(change)))
+        current = apply(current, update_from_proto(sent(change)))
     assert current.endpoints == new.endpoints
     if not new.endpoints:
         assert current.exists == new.exists or (old.endpoints == () and old.exists == new.exists)
@@ -72,6 +74,8 @@ def test_endpoint_validation_and_ipv6_wire() -> None:
         opaque_inbound_port=4143,
     )
     assert endpoint_from_proto(endpoint_to_proto(e)) == e
+    raw = endpoint_to_proto(e).SerializeToString()
+    assert endpoint_from_proto(lite.decode("io.linkerd.proxy.destination.WeightedAddr", raw)) == e
 
 
 def test_paths_and_tokens() -> None:

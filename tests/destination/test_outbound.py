@@ -7,13 +7,15 @@ from datetime import timedelta
 import pytest
 from destination_testlib import WEB
 
+from destination.decode import OUTBOUND_POLICY, outbound_from_proto
 from destination.errors import InvalidResource, NotFound
 from destination.meshfile import load_mesh_text
 from destination.outbound import resolve_outbound
 from destination.paths import parse_authority
 from destination.policy import Protocol
 from destination.resources import MeshSettings
-from destination.wire import outbound_from_proto, outbound_to_proto
+from destination.wire import outbound_to_proto
+from protos import lite
 
 ROUTE = """\
 ---
@@ -53,7 +55,10 @@ def test_weighted_routes_timeouts_and_retries() -> None:
     )
     fallback = p.route_for("POST", "/api/items")
     assert fallback is not None and fallback.timeouts.request is None
-    assert outbound_from_proto(outbound_to_proto(p)) == p  # the wire round trip is lossless
+    # the wire round trip is lossless, read by protobuf or by the sidecar's codec
+    assert outbound_from_proto(outbound_to_proto(p)) == p
+    raw = outbound_to_proto(p).SerializeToString()
+    assert outbound_from_proto(lite.decode(OUTBOUND_POLICY, raw)) == p
 
 
 @pytest.mark.parametrize("limit", ["x", "\u00b2", "9" * 5000])

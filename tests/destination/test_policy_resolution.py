@@ -7,6 +7,7 @@ import dataclasses
 
 from test_inbound import SERVER, SETTINGS, WEB_ID, authz, state
 
+from destination.decode import INBOUND_POLICY, inbound_from_proto
 from destination.inbound import resolve_inbound
 from destination.policy import (
     ALL_NETWORKS,
@@ -16,7 +17,8 @@ from destination.policy import (
     Network,
     Ref,
 )
-from destination.wire import inbound_from_proto, inbound_to_proto
+from destination.wire import inbound_to_proto
+from protos import lite
 from protos import policy_pb2 as ppb
 
 ROUTE = """\
@@ -73,12 +75,18 @@ def test_an_authentication_the_proxy_does_not_know_authorizes_nobody() -> None:
     (back,) = inbound_from_proto(msg).authorizations
     assert not back.permits("10.1.2.3", True, WEB_ID)
     assert not back.permits("10.1.2.3", False, None)
+    (back,) = inbound_from_proto(
+        lite.decode(INBOUND_POLICY, msg.SerializeToString())
+    ).authorizations
+    assert not back.permits("10.1.2.3", True, WEB_ID)
     # the known kinds still read back as they were sent
     open_ = Authorization(Ref("default", "all-unauthenticated"), ALL_NETWORKS, UNAUTHENTICATED)
     msg.authorizations.append(
         inbound_to_proto(dataclasses.replace(p, authorizations=(open_,))).authorizations[0]
     )
     assert inbound_from_proto(msg).authorizations[1].permits("10.1.2.3", False, None)
+    sent = lite.decode(INBOUND_POLICY, msg.SerializeToString())
+    assert inbound_from_proto(sent).authorizations[1].permits("10.1.2.3", False, None)
 
 
 def test_two_servers_on_one_port_resolve_the_same_whatever_their_order() -> None:
