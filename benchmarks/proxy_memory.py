@@ -39,6 +39,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proxy_http1 import PROCS, ROOT, free_port, make_pki, start, stop_all
 
+SIDECAR_MODULE = "trustmesh.up.sidecar_process"
 FIELDS = ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Shared_Dirty")
 
 
@@ -81,12 +82,13 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 def sidecar_pids(up_pid: int) -> dict[str, int]:
-    """workload -> pid of its `trustmesh proxy run` child."""
+    """workload -> pid of its sidecar: `trustmesh proxy run`, which replaces itself with
+    `python -m trustmesh.up.sidecar_process NAMESPACE/WORKLOAD` once its flags are checked."""
     found = {}
     for child in psutil.Process(up_pid).children(recursive=True):
         argv = child.cmdline()
-        if "proxy" in argv and "run" in argv and "--workload" in argv:
-            found[argv[argv.index("--workload") + 1]] = child.pid
+        if SIDECAR_MODULE in argv and argv.index(SIDECAR_MODULE) + 1 < len(argv):
+            found[argv[argv.index(SIDECAR_MODULE) + 1].rpartition("/")[2]] = child.pid
     return found
 
 

@@ -7,11 +7,9 @@ from collections.abc import Sequence
 import click
 
 from pki.errors import PKIError
+from trustmesh.outcome import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, os_error
 
-# Exit codes shared by every command (``trustmesh rotate`` documents its own on top of these).
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CLIError", "os_error", "run_cli"]
 
 
 class CLIError(click.ClickException):
@@ -23,14 +21,6 @@ class CLIError(click.ClickException):
 
     def show(self, file: object | None = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
-
-
-def os_error(e: OSError) -> str:
-    """``FILE: reason`` (``[Errno 2] No such file or directory: 'FILE'`` as Python words it)."""
-    if e.strerror is None:
-        return str(e)
-    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
-    return f"{' -> '.join(names)}: {e.strerror}" if names else e.strerror
 
 
 def run_cli(command: click.Command, argv: Sequence[str]) -> int:

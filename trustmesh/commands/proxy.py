@@ -3,15 +3,14 @@
 Every flag has an environment variable ``TRUSTMESH_PROXY_<FLAG>`` (shown in ``--help``), so a
 container spec or ``trustmesh up`` can configure it either way; a flag wins over its variable.
 Once serving, one JSON line with the bound ports is printed on stdout (ports 0 pick free ones).
+
+Once its flags check out, the command replaces itself (same PID) with the sidecar's own process,
+:mod:`trustmesh.up.sidecar_process`, which does not load click or the rest of the CLI.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -144,7 +143,8 @@ def run(**o: Any) -> None:
     from pki.names import control_plane_identity
     from proxy.app import Listen
     from proxy.meshtls import KexPolicy
-    from trustmesh.up.sidecar import SidecarConfig, run_sidecar
+    from trustmesh.up.sidecar import SidecarConfig
+    from trustmesh.up.sidecar_process import exec_sidecar
 
     logging.basicConfig(
         level=o["log_level"].upper(),
@@ -199,26 +199,5 @@ def run(**o: Any) -> None:
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from None
 
-    def announce(ports: dict[str, int]) -> None:
-        click.echo(json.dumps(ports))
-        sys.stdout.flush()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await run_sidecar(config, stop, announce)
-
-    from proxy.errors import ProxyError
-
-    try:
-        try:
-            import uvloop
-        except ImportError:  # optional: asyncio works, somewhat slower per request
-            asyncio.run(main())
-        else:
-            uvloop.run(main())
-    except ProxyError as e:
-        raise CLIError(str(e)) from None
+    # The flags are good: become the sidecar's own process, which does not load the CLI.
+    exec_sidecar(config, o["log_level"])

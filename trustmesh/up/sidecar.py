@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from destination.client import ClientMetrics, DestinationClient
 from destination.paths import WorkloadRef
@@ -86,6 +90,43 @@ class SidecarConfig:
         if not isinstance(self.kex, KexPolicy):
             raise TypeError("kex must be a KexPolicy")
 
+    def to_json(self) -> str:
+        """This configuration as :meth:`from_json` reads it back (the hand-over to the
+        sidecar's own process)."""
+        return json.dumps({f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> SidecarConfig:
+        """The configuration :meth:`to_json` wrote; ValueError naming what is wrong."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"sidecar configuration is not JSON: {e}") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or set(raw) - names:
+            extra = sorted(set(raw) - names) if isinstance(raw, dict) else ["(not an object)"]
+            raise ValueError(f"sidecar configuration has unknown settings: {', '.join(extra)}")
+
+        def listen(v: Any) -> Listen:
+            host, port = v
+            return Listen(host, port)
+
+        readers: dict[str, Callable[[Any], Any]] = {
+            "token_file": Path,
+            "trust_anchors": Path,
+            "outbound": listen,
+            "inbound": listen,
+            "admin": listen,
+            "upstreams": lambda v: tuple((listen(local), authority) for local, authority in v),
+            "app_ports": tuple,
+            "kex": KexPolicy,
+            "default_inbound_policy": DefaultPolicy,
+        }
+        try:
+            return cls(**{k: readers.get(k, lambda v: v)(v) for k, v in raw.items()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"sidecar configuration: {e}") from None
+
     @property
     def identity(self) -> str:
         return Identity(
@@ -94,6 +135,19 @@ class SidecarConfig:
             self.control_plane_namespace,
             self.trust_domain,
         ).dns_name
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON holds it: paths and enums as strings, listeners as [host, port]."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Listen):
+        return [value.host, value.port]
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def token_reader(path: Path) -> Callable[[], bytes]:
