@@ -19,10 +19,9 @@ from typing import Any
 
 from proxy.admin import AdminServer
 from proxy.errors import ConfigError
-from proxy.http1 import HEAD_TIMEOUT
 from proxy.inbound import Inbound, listener_ports
-from proxy.listener import DETECT_TIMEOUT, serve
-from proxy.meshtls import CredentialSource, KexPolicy, MeshCredentials, MeshTls
+from proxy.listener import serve
+from proxy.meshtls import CredentialSource, MeshCredentials, MeshTls
 from proxy.metrics import ProxyMetrics
 from proxy.outbound import Outbound
 from proxy.policy import (
@@ -35,19 +34,10 @@ from proxy.policy import (
     parse_networks,
 )
 from proxy.routes import RouteSource, StaticRoutes
+from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT, KexPolicy, Listen
 from proxy.upstream import Connector
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str
-    port: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
-            raise ConfigError(f"listen port must be between 0 and 65535, got {self.port!r}")
 
 
 @dataclass(frozen=True, slots=True)

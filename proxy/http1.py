@@ -53,12 +53,12 @@ from proxy.http1_exchange import (
 from proxy.http1_response import Response
 from proxy.link import Link
 from proxy.lograte import PeerLog
+from proxy.settings import HEAD_TIMEOUT
 from proxy.tcp import Relay
 
 # Exchange and MAX_HEAD_BYTES live in proxy.http1_exchange; listeners and tests import them
 # from here, with the server.
 __all__ = [
-    "HEAD_TIMEOUT",
     "MAX_DROPPED_BODY",
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
@@ -77,9 +77,6 @@ MAX_PIPELINED = 64
 # A request refused before its end whose body is at most this long is read and dropped, and
 # its connection kept; a longer one (or a chunked one) closes the connection.
 MAX_DROPPED_BODY = 64 * 1024
-# A client that starts a request head and does not finish it within this many seconds gets
-# 408 (slowloris): each stalled head would otherwise hold a connection and its buffer forever.
-HEAD_TIMEOUT = 30.0
 
 # Requests the proxy answered itself (refused, or the upstream failed): a client can cause
 # them, so the lines are rate limited.

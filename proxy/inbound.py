@@ -25,9 +25,9 @@ import time
 from pki.errors import quoted
 from proxy.detect import Detected, Proto
 from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError, UnknownRoute
-from proxy.http1 import HEAD_TIMEOUT, Exchange, Http1Server
+from proxy.http1 import Exchange, Http1Server
 from proxy.link import NULL_SINK, Link, NullSink
-from proxy.listener import DETECT_TIMEOUT, Detector
+from proxy.listener import Detector
 from proxy.lograte import PeerLog
 from proxy.meshtls import HandshakeInfo, MeshTls, canonical_identity
 from proxy.metrics import Count, HttpSeries, ProxyMetrics
@@ -43,6 +43,7 @@ from proxy.policy import (
     server_for,
 )
 from proxy.routes import Endpoint
+from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT
 from proxy.tcp import Relay
 from proxy.transport_header import ALPN, SessionProtocol, decode
 from proxy.upstream import Connector, Pool

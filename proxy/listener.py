@@ -17,8 +17,8 @@ from collections.abc import Callable
 from proxy.detect import MAX_TLS_BYTES, NEED_MORE, OPAQUE, Detected, detect
 from proxy.errors import ListenError
 from proxy.link import NULL_SINK, Link
+from proxy.settings import DETECT_TIMEOUT
 
-DETECT_TIMEOUT = 10.0
 log = logging.getLogger(__name__)
 
 OnDetected = Callable[[Link, Detected, bytes], None]

@@ -21,7 +21,6 @@ by OpenSSL, the signatures here, since OpenSSL never checks the chain it sends).
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import re
@@ -35,6 +34,7 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _ossl
 
 from proxy.errors import AlpnRefused, ConfigError, KexRefused, PeerIdentityMismatch, TLSError
+from proxy.settings import KexPolicy
 from proxy.transport_header import ALPN
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,6 @@ _IDENTITY = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,1024}")
 # ASCII case folding only: str.lower() also folds non-ASCII letters into ASCII ones (KELVIN SIGN
 # to "k"), which would let a name that is not the identity match it.
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-class KexPolicy(enum.Enum):
-    """Which key exchanges a mesh connection may use."""
-
-    HYBRID_REQUIRED = "hybrid-required"
-    HYBRID_PREFERRED = "hybrid-preferred"
 
 
 @dataclass(frozen=True, slots=True, repr=False)

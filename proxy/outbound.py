@@ -18,11 +18,12 @@ from pki.errors import quoted
 from proxy.balancer import PeakEwmaBalancer
 from proxy.detect import Detected, Proto
 from proxy.errors import ProxyError, UnknownRoute
-from proxy.http1 import HEAD_TIMEOUT, Exchange, Http1Server, LingeringClose
+from proxy.http1 import Exchange, Http1Server, LingeringClose
 from proxy.link import Link, NullSink
-from proxy.listener import DETECT_TIMEOUT, Detector
+from proxy.listener import Detector
 from proxy.metrics import HttpSeries, ProxyMetrics
 from proxy.routes import Endpoint, RouteSource, Service, ServiceProtocol
+from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT
 from proxy.tcp import Relay
 from proxy.transport_header import SessionProtocol
 from proxy.upstream import Connector, Pool

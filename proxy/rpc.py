@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
 from h2.config import H2Configuration
@@ -47,7 +46,6 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, NoAvailableStreamIDError, TooManyStreamsError
 
-from pki.names import port_number
 from protos.rpc import RpcError, StatusCode
 from proxy.errors import ConfigError, TLSError
 from proxy.grpc_frames import (
@@ -59,7 +57,8 @@ from proxy.grpc_frames import (
     request_headers,
     response_error,
 )
-from proxy.meshtls import KexPolicy, TlsSession, control_plane_session, split_pem_certificates
+from proxy.meshtls import TlsSession, control_plane_session, split_pem_certificates
+from proxy.settings import KexPolicy, parse_target
 
 log = logging.getLogger(__name__)
 
@@ -74,57 +73,6 @@ _RESET_CODES: dict[int, StatusCode] = {
     ErrorCodes.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
     ErrorCodes.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
 }
-
-
-def split_target(target: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` into its parts."""
-    host, sep, port_text = target.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    port = port_number(port_text)
-    if not sep or not host or port is None:
-        raise ValueError(f"{target!r} is not HOST:PORT")
-    return host, port
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where a channel connects: TCP addresses tried in order, or a Unix socket."""
-
-    addresses: tuple[tuple[str, int], ...] = ()
-    path: str | None = None  # a Unix socket; an abstract one starts with NUL
-
-    def __post_init__(self) -> None:
-        if bool(self.addresses) == (self.path is not None):
-            raise ValueError("a target is TCP addresses or a Unix socket path")
-
-
-def parse_target(target: str) -> Target:
-    """``HOST:PORT``, or a gRPC target with its scheme: ``dns:[//authority/]HOST:PORT``,
-    ``ipv4:ADDR:PORT[,ADDR:PORT...]``, ``ipv6:[ADDR]:PORT[,...]``, ``unix:PATH``,
-    ``unix:///ABSOLUTE``, ``unix-abstract:NAME``. Raises ValueError naming what is wrong."""
-    scheme, sep, rest = target.partition(":")
-    if not sep or scheme not in _SCHEMES:
-        return Target(addresses=(split_target(target),))
-    try:
-        if scheme == "dns":
-            if rest.startswith("//"):  # dns://[resolver]/host:port: the resolver is the system's
-                rest = rest[2:].partition("/")[2]
-            return Target(addresses=(split_target(rest),))
-        if scheme in ("ipv4", "ipv6"):
-            return Target(addresses=tuple(split_target(a) for a in rest.split(",")))
-        if scheme == "unix":
-            path = rest[2:] if rest.startswith("//") else rest
-            if not path:
-                raise ValueError("no socket path")
-            return Target(path=path)
-        if scheme == "unix-abstract":
-            return Target(path="\0" + rest)
-        raise ValueError("vsock targets are not supported")
-    except ValueError as e:
-        raise ValueError(f"{target!r}: {e}") from None
-
-
-_SCHEMES = frozenset(("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"))
 
 
 class _Call:
@@ -731,4 +679,4 @@ def channel_factory(kex: KexPolicy) -> Callable[..., Channel]:
     return open_channel
 
 
-__all__ = ["CONNECT_TIMEOUT", "KEEPALIVE", "Channel", "Target", "channel_factory", "parse_target"]
+__all__ = ["CONNECT_TIMEOUT", "KEEPALIVE", "Channel", "channel_factory"]

@@ -11,10 +11,11 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import Listen, Proxy, ProxySettings
-from proxy.meshtls import KexPolicy, MeshCredentials, StaticCredentials
+from proxy.app import Proxy, ProxySettings
+from proxy.meshtls import MeshCredentials, StaticCredentials
 from proxy.policy import InboundPolicy, StaticPolicy
 from proxy.routes import Endpoint, Service, ServiceProtocol, StaticRoutes
+from proxy.settings import KexPolicy, Listen
 
 LOOPBACK = Listen("127.0.0.1", 0)
 

@@ -22,18 +22,12 @@ from destination.policy import HttpMatch, PathMatch, ValueMatch
 from pki.certs import issue_identity
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
-from proxy.http1 import (
-    HEAD_TIMEOUT,
-    MAX_DROPPED_BODY,
-    MAX_HEAD_BYTES,
-    MAX_HEADERS,
-    MAX_PIPELINED,
-    Http1Server,
-)
+from proxy.http1 import MAX_DROPPED_BODY, MAX_HEAD_BYTES, MAX_HEADERS, MAX_PIPELINED, Http1Server
 from proxy.listener import serve
 from proxy.meshtls import MeshCredentials, MeshTls, StaticCredentials
 from proxy.policy import Authorization, DefaultPolicy, HttpRoute, InboundPolicy, Server
 from proxy.routes import Endpoint, Service
+from proxy.settings import HEAD_TIMEOUT
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,14 +14,8 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import lib
 
 from proxy.errors import ConfigError, KexRefused, PeerIdentityMismatch, TLSError
-from proxy.meshtls import (
-    HYBRID_GROUP,
-    KexPolicy,
-    MeshCredentials,
-    MeshTls,
-    StaticCredentials,
-    TlsSession,
-)
+from proxy.meshtls import HYBRID_GROUP, MeshCredentials, MeshTls, StaticCredentials, TlsSession
+from proxy.settings import KexPolicy
 from proxy.transport_header import ALPN
 
 

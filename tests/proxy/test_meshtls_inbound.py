@@ -14,8 +14,8 @@ from OpenSSL import SSL
 from proxy_mesh import run_app, run_mesh, sample
 from test_meshtls_protocol import RawClient
 
-from proxy.meshtls import KexPolicy
 from proxy.policy import DefaultPolicy, InboundPolicy
+from proxy.settings import KexPolicy
 from proxy.transport_header import ALPN, SessionProtocol, TransportHeader
 
 pytestmark = pytest.mark.timeout(30)

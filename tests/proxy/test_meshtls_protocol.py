@@ -12,13 +12,13 @@ from test_meshtls import pump
 from proxy.errors import KexRefused, TLSError
 from proxy.meshtls import (
     HYBRID_GROUP,
-    KexPolicy,
     MeshCredentials,
     MeshTls,
     StaticCredentials,
     TlsSession,
     split_pem_certificates,
 )
+from proxy.settings import KexPolicy
 from proxy.transport_header import ALPN
 
 pytestmark = pytest.mark.timeout(30)

@@ -16,8 +16,9 @@ import pytest
 import uvloop
 
 from protos.rpc import RpcError, StatusCode
-from proxy.meshtls import HYBRID_GROUP, KexPolicy, MeshCredentials
-from proxy.rpc import Channel, Target, parse_target
+from proxy.meshtls import HYBRID_GROUP, MeshCredentials
+from proxy.rpc import Channel
+from proxy.settings import KexPolicy, Target, parse_target
 
 SERVER = ("trustmesh-destination", "trustmesh")
 

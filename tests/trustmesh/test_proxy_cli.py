@@ -18,12 +18,11 @@ import pytest
 
 from pki.rotation import init_anchor
 from pki.store import FileStore
-from proxy.app import Listen
-from proxy.meshtls import KexPolicy
 from proxy.policy import DefaultPolicy
+from proxy.settings import KexPolicy, Listen
 from trustmesh.cli import cli
 from trustmesh.errors import run_cli
-from trustmesh.up.sidecar import SidecarConfig
+from trustmesh.up.sidecar_config import SidecarConfig
 
 
 def _proxy_run(tmp_path: Path, *options: str, anchors: bytes = b"", token: str = "") -> int:
@@ -152,8 +151,20 @@ def test_the_sidecar_process_loads_neither_grpcio_protobuf_prometheus_client_nor
     is not the CLI's. A stray import would bring them back."""
     unwanted = ("grpc", "google.protobuf", "prometheus_client", "click", "trustmesh.cli")
     code = (
-        "import sys; import trustmesh.up.sidecar_process; "
+        "import sys; import trustmesh.up.sidecar_process, trustmesh.up.sidecar; "
         f"print(' '.join(m for m in {unwanted!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr
+
+
+def test_the_cli_checks_a_sidecars_flags_without_loading_the_proxy() -> None:
+    """Before it becomes the sidecar's process, ``trustmesh proxy run`` imports only what checks
+    its flags: the proxy is imported once, by the process that runs it (start-up time)."""
+    heavy = ("OpenSSL", "cryptography", "h2", "httptools", "uvloop", "trustmesh.up.sidecar")
+    code = (
+        "import sys; import trustmesh.cli, trustmesh.commands.proxy, trustmesh.up.sidecar_process; "
+        f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr

@@ -26,7 +26,8 @@ from trustmesh.up.home import (
     ensure_pki,
     write_token,
 )
-from trustmesh.up.plan import ControlPlane, PlanError, parse_upstream, plan_mesh, proxy_args
+from trustmesh.up.plan import ControlPlane, PlanError, plan_mesh, proxy_args
+from trustmesh.up.sidecar_config import parse_upstream
 
 WORKLOAD = """\
 apiVersion: trustmesh.io/v1alpha1

@@ -17,11 +17,10 @@ from typing import Any
 
 import click
 
-from proxy.http1 import HEAD_TIMEOUT
-from proxy.listener import DETECT_TIMEOUT
 from proxy.policy import DefaultPolicy
+from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT
 from trustmesh.errors import EXIT_USAGE, CLIError
-from trustmesh.up.plan import parse_listen, parse_upstream
+from trustmesh.up.sidecar_config import SidecarConfig, parse_listen, parse_upstream
 
 ENV = "TRUSTMESH_PROXY_"
 
@@ -29,7 +28,7 @@ ENV = "TRUSTMESH_PROXY_"
 def _control_plane_addr(value: str, flag: str) -> str:
     """``value`` if it names a server: HOST:PORT, or a gRPC target with its scheme. A bare
     host was taken as a gRPC target on port 443 and retried for ever with warnings."""
-    from proxy.rpc import parse_target
+    from proxy.settings import parse_target
 
     try:
         parse_target(value)
@@ -141,9 +140,7 @@ def proxy() -> None:
 def run(**o: Any) -> None:
     """Run one proxy until SIGINT/SIGTERM (exit 0); serves nothing before its first certificate."""
     from pki.names import control_plane_identity
-    from proxy.app import Listen
-    from proxy.meshtls import KexPolicy
-    from trustmesh.up.sidecar import SidecarConfig
+    from proxy.settings import KexPolicy, Listen
     from trustmesh.up.sidecar_process import exec_sidecar
 
     logging.basicConfig(

@@ -26,30 +26,13 @@ from dataclasses import dataclass
 
 from destination.resources import ClusterState, Workload
 from pki.names import port_number
+from trustmesh.up.sidecar_config import HOST, parse_upstream
 
 ANNOTATION = "up.trustmesh.io/"
-HOST = "127.0.0.1"
 
 
 class PlanError(ValueError):
     """A Workload's ``up`` annotations are invalid (the message names the workload and field)."""
-
-
-def parse_listen(text: str, what: str = "address") -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); raises ValueError naming ``what``."""
-    host, sep, port = text.strip().rpartition(":")
-    number = port_number(port, lowest=0)
-    if not sep or number is None:
-        raise ValueError(f"{what} {text!r} is not HOST:PORT with a port in 0..65535")
-    return host.strip("[]") or HOST, number
-
-
-def parse_upstream(text: str) -> tuple[tuple[str, int], str]:
-    """``LOCAL_ADDR=SERVICE_AUTHORITY`` -> ((host, port), authority)."""
-    local, sep, authority = text.partition("=")
-    if not sep or not authority.strip():
-        raise ValueError(f"upstream {text!r} is not LOCAL_ADDR=SERVICE_AUTHORITY")
-    return parse_listen(local, "upstream listen address"), authority.strip()
 
 
 @dataclass(frozen=True, slots=True)

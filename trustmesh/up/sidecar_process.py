@@ -25,7 +25,7 @@ from typing import NoReturn
 from pki.errors import PKIError
 from proxy.errors import ProxyError
 from trustmesh.outcome import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, os_error
-from trustmesh.up.sidecar import SidecarConfig, run_sidecar
+from trustmesh.up.sidecar_config import SidecarConfig
 
 HANDOVER = "TRUSTMESH_SIDECAR_CONFIG"
 LOG_LEVEL = "TRUSTMESH_PROXY_LOG_LEVEL"  # the variable of ``--log-level``
@@ -69,6 +69,8 @@ def main() -> int:
         )
     except ValueError as e:
         return _fail(str(e), EXIT_USAGE)
+
+    from trustmesh.up.sidecar import run_sidecar  # the proxy itself: not before it is needed
 
     def announce(ports: dict[str, int]) -> None:
         print(json.dumps(ports), flush=True)
