@@ -34,6 +34,11 @@ _VARINT_KINDS = frozenset(
 _FIXED32 = {"fixed32": "<I", "sfixed32": "<i", "float": "<f"}
 _FIXED64 = {"fixed64": "<Q", "sfixed64": "<q", "double": "<d"}
 _DEFAULTS: dict[str, Any] = {"string": "", "bytes": b"", "bool": False, "float": 0.0, "double": 0.0}
+# What encode takes for each kind (anything else for a number is int).
+_PYTHON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "bytes": (bytes, bytearray, memoryview), "bool": (bool,),
+    "float": (float, int), "double": (float, int),
+}  # fmt: skip
 MAX_DEPTH = 100  # protobuf's default recursion limit
 MAX_FIELD_NUMBER = 2**29 - 1
 
@@ -46,6 +51,8 @@ class DecodeError(ValueError):
 
 
 class Field:
+    """One field of a message type: name, number, kind, label, oneof and wire type."""
+
     __slots__ = ("kind", "label", "name", "number", "oneof", "type", "wire")
 
     def __init__(
@@ -349,6 +356,9 @@ def _put_value(out: bytearray, f: Field, value: Any) -> None:
         _put_varint(out, len(body))
         out += body
         return
+    expected = _PYTHON_TYPES.get(f.kind, (int,))
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        raise TypeError(f"field {f.name} ({f.kind}) cannot hold {type(value).__name__} {value!r}")
     _put_varint(out, f.number << 3 | f.wire)
     if f.wire == 0:
         if f.kind in ("sint32", "sint64"):

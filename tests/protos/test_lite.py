@@ -333,9 +333,15 @@ def test_nesting_is_bounded() -> None:
         lite.decode(UPDATE, deep)
 
 
-def test_encoding_refuses_an_unknown_field_name() -> None:
+def test_encoding_refuses_an_unknown_field_name_and_a_value_of_the_wrong_type() -> None:
     with pytest.raises(KeyError, match="no field 'pth'"):
         lite.encode("io.linkerd.proxy.destination.GetDestination", pth="x")
+    with pytest.raises(TypeError, match=r"field path \(string\) cannot hold bytes"):
+        lite.encode("io.linkerd.proxy.destination.GetDestination", path=b"x")
+    with pytest.raises(TypeError, match=r"field port \(uint32\) cannot hold bool"):
+        lite.encode("trustmesh.policy.v1.PortSpec", port=True)
+    with pytest.raises(TypeError, match=r"field port \(uint32\) cannot hold str"):
+        lite.encode("trustmesh.policy.v1.PortSpec", port="80")
 
 
 def test_enum_values_come_from_the_proto() -> None:

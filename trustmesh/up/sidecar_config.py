@@ -19,7 +19,7 @@ from pki.names import Identity, check_label, port_number
 from proxy.policy import DefaultPolicy
 from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT, KexPolicy, Listen
 
-HOST = "127.0.0.1"  # the host of a listen address given as ":PORT"
+HOST = "127.0.0.1"  # where `up` binds, and the host of a listen address given as ":PORT"
 
 
 def parse_listen(text: str, what: str = "address") -> tuple[str, int]:
