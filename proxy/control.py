@@ -443,15 +443,32 @@ class DestinationPolicy:
 # --- metrics ---------------------------------------------------------------------------------
 
 
+def control_plane_handshakes() -> Family:
+    """TLS handshakes with the identity and destination services (the proxy's own gRPC
+    channels report them; see :data:`proxy.rpc.HandshakeObserver`)."""
+    return Family(
+        "trustmesh_proxy_control_plane_tls_handshakes_total",
+        "counter",
+        "TLS handshakes with the control plane by server name, negotiated group and result.",
+        ("server", "group", "result"),
+    )
+
+
 class ControlMetrics(ProxyMetrics):
     """The proxy's metrics plus identity (Linkerd's names), trust-bundle and destination-client
     families, rendered together on the admin ``/metrics`` (without prometheus_client, which
     the proxy does not load)."""
 
-    def __init__(self, credentials: IdentityCredentials, destination: ClientMetrics) -> None:
+    def __init__(
+        self,
+        credentials: IdentityCredentials,
+        destination: ClientMetrics,
+        handshakes: Family | None = None,
+    ) -> None:
         super().__init__()
         self._credentials = credentials
         self._destination = destination
+        self.control_plane_handshakes = handshakes or control_plane_handshakes()
 
     def render(self) -> str:
         return super().render() + "\n".join(self.control_lines()) + "\n"
@@ -498,6 +515,7 @@ class ControlMetrics(ProxyMetrics):
         )
         ident.set((client.config.identity, "1" if client.ready else "0"), 1)
         yield from ident.lines()
+        yield from self.control_plane_handshakes.lines()
         yield from self._destination_lines()
 
     def _destination_lines(self) -> Iterator[str]:

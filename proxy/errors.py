@@ -66,3 +66,12 @@ class HeaderFieldsTooLarge(MalformedRequest):
     """A request head over the proxy's limits (answered 431)."""
 
     status = b"431 Request Header Fields Too Large"
+
+
+def handshake_result(error: BaseException | None) -> str:
+    """The ``result`` label of a failed TLS handshake in the handshake metrics."""
+    return {
+        "PeerIdentityMismatch": "identity_mismatch",
+        "KexRefused": "kex_refused",
+        "AlpnRefused": "alpn_refused",
+    }.get(type(error).__name__, "error")

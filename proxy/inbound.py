@@ -384,6 +384,7 @@ class Inbound:
             group = (link.tls.group if link.tls else None) or "none"
             result = "kex_refused" if type(error).__name__ == "KexRefused" else "error"
             self.metrics.tls_handshakes_total.inc(("inbound", group, result))
+            peer_log.info("inbound TLS handshake from %s failed: %s", conn.ip, error)
             return
         self.metrics.tls_handshakes_total.inc(("inbound", info.group, "ok"))
         conn.client_id = info.peer_identity

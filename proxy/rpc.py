@@ -47,7 +47,7 @@ from h2.events import (
 from h2.exceptions import H2Error, NoAvailableStreamIDError, TooManyStreamsError
 
 from protos.rpc import RpcError, StatusCode
-from proxy.errors import ConfigError, TLSError
+from proxy.errors import ConfigError, TLSError, handshake_result
 from proxy.grpc_frames import (
     FrameSplitter,
     MessageReader,
@@ -73,6 +73,11 @@ _RESET_CODES: dict[int, StatusCode] = {
     ErrorCodes.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
     ErrorCodes.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
 }
+
+
+# Told of every TLS handshake a channel makes: (server name, negotiated group or "none",
+# result: ok, kex_refused, alpn_refused, identity_mismatch, timeout, cancelled or error).
+HandshakeObserver = Callable[[str, str, str], None]
 
 
 class _Call:
@@ -142,6 +147,7 @@ class _Connection(asyncio.Protocol):
         keepalive: float,
         keepalive_timeout: float,
         on_closed: Callable[[_Connection], None],
+        on_handshake: Callable[[str, str], None] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.target = target
@@ -163,6 +169,8 @@ class _Connection(asyncio.Protocol):
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._window_waiters: list[asyncio.Future[None]] = []
         self._on_closed = on_closed
+        self._on_handshake = on_handshake  # (group, result), once per TLS handshake begun
+        self._handshake_counted = tls is None
 
     @property
     def usable(self) -> bool:
@@ -179,6 +187,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.transport.write(self.tls.start())
         except TLSError as e:
+            self.count_handshake(handshake_result(e))
             self._fail(_unavailable(f"TLS with {self.target} failed: {e}"))
 
     def data_received(self, data: bytes) -> None:
@@ -188,6 +197,7 @@ class _Connection(asyncio.Protocol):
                 if out and self.transport is not None:
                     self.transport.write(out)
                 if not self.established.done() and self.tls.info is not None:
+                    self.count_handshake("ok")
                     self._start_http2()
             else:
                 plaintext = data
@@ -200,6 +210,7 @@ class _Connection(asyncio.Protocol):
             if self.tls is not None and self.tls.closed:
                 self._fail(_unavailable(f"{self.target} closed the TLS connection"))
         except TLSError as e:
+            self.count_handshake(handshake_result(e))
             if self.tls is not None and self.transport is not None:
                 self.transport.write(self.tls.drain())  # our alert says why, before we close
             self._fail(_unavailable(f"TLS with {self.target} failed: {e}"))
@@ -400,8 +411,19 @@ class _Connection(asyncio.Protocol):
 
     # --- the end ---------------------------------------------------------------------------
 
+    def count_handshake(self, result: str) -> None:
+        """Report this connection's TLS handshake once: ``ok`` or why it failed."""
+        if self._handshake_counted or self.transport is None or self.tls is None:
+            return  # plaintext, counted already, or no TCP connection to shake hands on
+        self._handshake_counted = True
+        if self._on_handshake is not None:
+            info = self.tls.info
+            group = info.group if info is not None else self.tls.group
+            self._on_handshake(group or "none", result)
+
     def close(self, error: RpcError) -> None:
         """Close politely (GOAWAY, close_notify); the calls still open end with ``error``."""
+        self.count_handshake("cancelled")
         if self.failure is None and self.established.done():
             with contextlib.suppress(H2Error):
                 self.h2.close_connection()
@@ -414,6 +436,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: RpcError) -> None:
         if self.failure is not None:
             return
+        self.count_handshake("error")  # the peer closed, or the connection broke, mid-handshake
         self.failure = error
         if not self.established.done():
             self.established.set_exception(error)
@@ -495,6 +518,7 @@ class Channel:
         keepalive: float = KEEPALIVE,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
+        on_handshake: HandshakeObserver | None = None,
     ) -> None:
         self.address = parse_target(target)
         if server_name is not None and roots_pem is None:
@@ -511,6 +535,7 @@ class Channel:
             else []
         )
         self._kex = kex
+        self._on_handshake = on_handshake
         self._keepalive = keepalive
         self._keepalive_timeout = keepalive_timeout
         self._current: _Connection | None = None
@@ -567,6 +592,7 @@ class Channel:
             keepalive=self._keepalive,
             keepalive_timeout=self._keepalive_timeout,
             on_closed=self._connection_closed,
+            on_handshake=self._handshake_observer(),
         )
         try:
             async with asyncio.timeout(timeout):
@@ -574,6 +600,7 @@ class Channel:
                 self._connections.add(conn)
                 await conn.established
         except TimeoutError:
+            conn.count_handshake("timeout")
             conn.close(_unavailable("connect timed out"))
             raise _unavailable(f"cannot connect to {self.target} within {timeout:g}s") from None
         except OSError as e:
@@ -586,6 +613,12 @@ class Channel:
             raise RpcError(StatusCode.CANCELLED, "the channel is closed")
         self._current = conn
         return conn
+
+    def _handshake_observer(self) -> Callable[[str, str], None] | None:
+        observer, server = self._on_handshake, self.server_name
+        if observer is None or server is None:
+            return None
+        return lambda group, result: observer(server, group, result)
 
     async def _open(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
@@ -670,13 +703,22 @@ class Channel:
         await self.close()
 
 
-def channel_factory(kex: KexPolicy) -> Callable[..., Channel]:
-    """A :class:`protos.rpc.ChannelFactory` whose channels use ``kex``."""
+def channel_factory(
+    kex: KexPolicy, on_handshake: HandshakeObserver | None = None
+) -> Callable[..., Channel]:
+    """A :class:`protos.rpc.ChannelFactory` whose channels use ``kex`` and report each TLS
+    handshake to ``on_handshake``."""
 
     def open_channel(target: str, *, roots_pem: bytes | None, server_name: str | None) -> Channel:
-        return Channel(target, roots_pem=roots_pem, server_name=server_name, kex=kex)
+        return Channel(
+            target,
+            roots_pem=roots_pem,
+            server_name=server_name,
+            kex=kex,
+            on_handshake=on_handshake,
+        )
 
     return open_channel
 
 
-__all__ = ["CONNECT_TIMEOUT", "KEEPALIVE", "Channel", "channel_factory"]
+__all__ = ["CONNECT_TIMEOUT", "KEEPALIVE", "Channel", "HandshakeObserver", "channel_factory"]

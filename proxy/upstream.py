@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy.errors import TLSError, UpstreamError
+from proxy.errors import TLSError, UpstreamError, handshake_result
 from proxy.link import NULL_SINK, Link
 from proxy.meshtls import HandshakeInfo, MeshTls
 from proxy.metrics import ProxyMetrics
@@ -86,16 +86,7 @@ class Connector:
             self.metrics.tls_handshakes_total.inc((self.direction, info.group, "ok"))
         else:
             group = (link.tls.group if link.tls else None) or "none"
-            self.metrics.tls_handshakes_total.inc((self.direction, group, _result(error)))
-
-
-def _result(error: Any) -> str:
-    name = type(error).__name__
-    return {
-        "PeerIdentityMismatch": "identity_mismatch",
-        "KexRefused": "kex_refused",
-        "AlpnRefused": "alpn_refused",
-    }.get(name, "error")
+            self.metrics.tls_handshakes_total.inc((self.direction, group, handshake_result(error)))
 
 
 class _IdleSink:

@@ -28,6 +28,7 @@ REQUIRED = {
     "WebhookCallsFailing",
     "ControlPlaneNotReady",
     "ProxyTrustBundleStale",
+    "KeyExchangeRefused",
     "ExporterDown",
 }
 

@@ -35,6 +35,7 @@ from mesh_testkit import (
 )
 
 from pki.certs import load_pem_chain
+from pki.names import control_plane_identity
 from trustmesh.supervisor import trustmesh_argv
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -191,6 +192,12 @@ def test_curl_through_outbound_proxy_mesh_tls_and_inbound_proxy(mesh: Mesh) -> N
                   client_id=identity_of("client", NS)) >= 2  # fmt: skip
     assert metric(admin, "identity_cert_expiration_timestamp_seconds") > 0
     assert metric(admin, "trustmesh_proxy_trust_bundle_info", source="destination") == 1
+    # The control plane's connections negotiated the hybrid group too, and none failed.
+    control = "trustmesh_proxy_control_plane_tls_handshakes_total"
+    for component in ("identity", "destination"):
+        server = control_plane_identity(component).dns_name
+        assert metric(admin, control, server=server, group="X25519MLKEM768", result="ok") >= 1
+    assert metric(admin, control) == metric(admin, control, result="ok")
 
 
 def test_components_publish_expiry_metrics_and_trustmesh_check_passes(mesh: Mesh) -> None:

@@ -49,6 +49,10 @@ async def test_control_families_follow_the_clients(tmp_path: Path) -> None:
         anchors = TrustAnchors(tmp_path / "anchors.pem", clock=lambda: 0.0, watch_file=False)
         destination = ClientMetrics()
         metrics = ControlMetrics(IdentityCredentials(client, anchors), destination)
+        # What a TLS channel reports (tests/proxy/test_rpc.py checks the reports themselves).
+        handshakes = metrics.control_plane_handshakes
+        handshakes.inc(("trustmesh-identity.example", "X25519MLKEM768", "ok"))
+        handshakes.inc(("trustmesh-identity.example", "x25519", "kex_refused"))
         before = samples(metrics.render())
         assert before[("identity_cert_expiration_timestamp_seconds", ())] == 0
         info = ("trustmesh_proxy_identity_info", (("identity", identity()), ("ready", "0")))
@@ -90,6 +94,13 @@ async def test_control_families_follow_the_clients(tmp_path: Path) -> None:
     updates = ("trustmesh_destination_client_updates_total", (("stream", "destination"),))
     assert after[updates] == 2
     assert after[("trustmesh_destination_client_channel_rebuilds_total", ())] == 1
+    control = "trustmesh_proxy_control_plane_tls_handshakes_total"
+    refused = (
+        ("group", "x25519"),
+        ("result", "kex_refused"),
+        ("server", "trustmesh-identity.example"),
+    )
+    assert after[(control, refused)] == 1
     if PROMTOOL is None:
         pytest.skip("promtool (Debian package prometheus) is missing")
     lint = subprocess.run(

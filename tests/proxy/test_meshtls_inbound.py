@@ -14,6 +14,8 @@ from OpenSSL import SSL
 from proxy_mesh import run_app, run_mesh, sample
 from test_meshtls_protocol import RawClient
 
+import proxy.inbound as inbound_module
+from proxy.lograte import PeerLog
 from proxy.policy import DefaultPolicy, InboundPolicy
 from proxy.settings import KexPolicy
 from proxy.transport_header import ALPN, SessionProtocol, TransportHeader
@@ -144,9 +146,13 @@ async def test_a_flood_of_refused_handshakes_logs_a_bounded_number_of_lines(
     assert 1 <= len(lines) <= min(59, 20 * windows), (len(lines), windows)  # 20 a second
 
 
-async def test_handshakes_are_counted_by_group_under_each_policy(pki) -> None:
+async def test_handshakes_are_counted_by_group_under_each_policy(
+    pki, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Classical-only clients: refused and counted under hybrid-required, served and counted
     as x25519 under hybrid-preferred; a client listing both always gets the hybrid group."""
+    # A rate limiter of its own: other tests' refusals may have used up this second's lines.
+    monkeypatch.setattr(inbound_module, "peer_log", PeerLog(logging.getLogger("proxy.inbound")))
     web, api = pki.credentials("web"), pki.credentials("api")
     classical = RawClient(pki.bundle.pem(), groups=b"X25519", creds=web)
     both = RawClient(pki.bundle.pem(), groups=b"X25519:X25519MLKEM768", creds=web)
@@ -154,14 +160,22 @@ async def test_handshakes_are_counted_by_group_under_each_policy(pki) -> None:
         async with run_mesh(web, api, app_port=app_port) as mesh:
             inbound = mesh.server.port("inbound")
             # TLS 1.3: the client is done before the server checks the group and hangs up.
-            assert (
-                await tls_exchange(inbound, classical, api.identity, http_request(app_port)) == b""
-            )
+            with caplog.at_level(logging.INFO, logger="proxy.inbound"):
+                reply = await tls_exchange(inbound, classical, api.identity, http_request(app_port))
+                await asyncio.sleep(0.05)  # the server's side of the refusal
+            assert reply == b""
             reply = await tls_exchange(inbound, both, api.identity, http_request(app_port))
             assert reply.startswith(b"HTTP/1.1 200")
             text = mesh.server.metrics.render()
             assert 'direction="inbound",group="x25519",result="kex_refused"} 1' in text
             assert 'direction="inbound",group="X25519MLKEM768",result="ok"} 1' in text
+            # The log names the client and why (the runbook KeyExchangeRefused relies on it).
+            (refused,) = [
+                r.getMessage()
+                for r in caplog.records
+                if r.getMessage().startswith("inbound TLS handshake from 127.0.0.1 failed")
+            ]
+            assert "negotiated x25519, and X25519MLKEM768 is required" in refused
         async with run_mesh(web, api, app_port=app_port, kex=KexPolicy.HYBRID_PREFERRED) as mesh:
             inbound = mesh.server.port("inbound")
             reply = await tls_exchange(inbound, classical, api.identity, http_request(app_port))

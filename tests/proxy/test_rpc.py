@@ -121,10 +121,14 @@ async def test_unary_and_streams_over_tls_with_the_hybrid_group(
     pki: Any, tls: MeshCredentials
 ) -> None:
     handlers = Handlers()
+    seen: list[tuple[str, str, str]] = []
     async with (
         serve(handlers, tls) as port,
         Channel(
-            f"127.0.0.1:{port}", roots_pem=pki.bundle.pem(), server_name=tls.identity
+            f"127.0.0.1:{port}",
+            roots_pem=pki.bundle.pem(),
+            server_name=tls.identity,
+            on_handshake=lambda *h: seen.append(h),
         ) as channel,
     ):
         assert await channel.unary("/t.Test/Echo", b"hello", timeout=5) == b"hello"
@@ -139,6 +143,7 @@ async def test_unary_and_streams_over_tls_with_the_hybrid_group(
         )
         assert answers == [str(i).encode() for i in range(50)]
         assert len(channel._connections) == 1
+        assert seen == [(tls.identity, HYBRID_GROUP, "ok")]  # one connection, one handshake
 
 
 async def test_statuses_reach_the_caller() -> None:
@@ -264,18 +269,33 @@ async def test_a_server_refusing_our_ping_rate_makes_the_channel_ping_less() -> 
 async def test_the_server_must_prove_the_expected_name_under_the_given_anchors(
     pki: Any, other_pki: Any, tls: MeshCredentials
 ) -> None:
+    seen: list[tuple[str, str, str]] = []
     async with serve(Handlers(), tls) as port:
         target = f"127.0.0.1:{port}"
-        wrong_name = Channel(target, roots_pem=pki.bundle.pem(), server_name="web.default.svc")
+        wrong_name = Channel(
+            target,
+            roots_pem=pki.bundle.pem(),
+            server_name="web.default.svc",
+            on_handshake=lambda *h: seen.append(h),
+        )
         with pytest.raises(RpcError) as e:
             await wrong_name.unary("/t.Test/Echo", b"", timeout=5)
         assert e.value.code is StatusCode.UNAVAILABLE and "not the expected" in e.value.details
-        strangers = Channel(target, roots_pem=other_pki.bundle.pem(), server_name=tls.identity)
+        strangers = Channel(
+            target,
+            roots_pem=other_pki.bundle.pem(),
+            server_name=tls.identity,
+            on_handshake=lambda *h: seen.append(h),
+        )
         with pytest.raises(RpcError) as e:
             await strangers.unary("/t.Test/Echo", b"", timeout=5)
         assert "certificate verify failed" in e.value.details
         await wrong_name.close()
         await strangers.close()
+    assert [(server, result) for server, _group, result in seen] == [
+        ("web.default.svc", "identity_mismatch"),
+        (tls.identity, "error"),
+    ]
     with pytest.raises(ValueError, match="roots_pem"):
         Channel("127.0.0.1:1", server_name=tls.identity)
     with pytest.raises(ValueError, match="is not HOST:PORT"):
@@ -308,9 +328,15 @@ def test_a_classical_server_is_refused_under_hybrid_required_and_without_http2(
             assert time.monotonic() < deadline, "openssl s_server did not start"
             time.sleep(0.05)
 
+        seen: list[tuple[str, str, str]] = []
+
         async def attempt(kex: KexPolicy) -> RpcError:
             channel = Channel(
-                f"127.0.0.1:{port}", roots_pem=pki.bundle.pem(), server_name=tls.identity, kex=kex
+                f"127.0.0.1:{port}",
+                roots_pem=pki.bundle.pem(),
+                server_name=tls.identity,
+                kex=kex,
+                on_handshake=lambda *h: seen.append(h),
             )
             try:
                 with pytest.raises(RpcError) as e:
@@ -327,6 +353,10 @@ def test_a_classical_server_is_refused_under_hybrid_required_and_without_http2(
         preferred = asyncio.run(attempt(KexPolicy.HYBRID_PREFERRED))
         assert preferred.code is StatusCode.UNAVAILABLE
         assert "did not negotiate ALPN h2" in preferred.details
+        assert seen == [
+            (tls.identity, "x25519", "kex_refused"),
+            (tls.identity, "x25519", "alpn_refused"),
+        ]
     finally:
         server.kill()
         server.wait()

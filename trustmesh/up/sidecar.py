@@ -28,6 +28,7 @@ from proxy.control import (
     DestinationRoutes,
     IdentityCredentials,
     TrustAnchors,
+    control_plane_handshakes,
 )
 from proxy.listener import FullCollections, tune_gc
 from proxy.rpc import channel_factory
@@ -62,7 +63,11 @@ class Sidecar:
         )
         client_metrics = ClientMetrics()
         # The control plane's connections get the key exchange the mesh's do.
-        channels = channel_factory(c.kex)
+        handshakes = control_plane_handshakes()
+        channels = channel_factory(
+            c.kex,
+            on_handshake=lambda server, group, result: handshakes.inc((server, group, result)),
+        )
         self.destination = DestinationClient(
             c.destination_addr,
             channels=channels,
@@ -96,7 +101,7 @@ class Sidecar:
             head_timeout=c.head_timeout,
         )
         self.proxy = Proxy(self.credentials, self.routes, self.policy, settings)
-        self.metrics = ControlMetrics(self.credentials, client_metrics)
+        self.metrics = ControlMetrics(self.credentials, client_metrics, handshakes)
         self.proxy.metrics = self.metrics  # before start(): every listener counts into it
         self.serving = False
         self.ports: dict[str, int] = {}
