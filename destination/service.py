@@ -33,7 +33,7 @@ from destination.meshfile import MeshFileSource
 from destination.metrics import ServiceMetrics
 from destination.resources import ClusterState, MeshSettings
 from destination.server import add_services
-from pki.names import port_number
+from pki.names import split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,12 @@ class ServeOptions:
             raise ValueError("--tls needs --store DIR to issue the server certificate")
 
 
-def split_host_port(text: str) -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
-    port = port_number(port_text, lowest=0)
-    if not sep or port is None:
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (every IPv4 address) as (host, port)."""
+    parts = split_host_port(text, lowest=0)
+    if parts is None:
         raise ValueError(f"address {text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", port
+    return parts[0] or "0.0.0.0", parts[1]
 
 
 def _bind_failure(host: str, port: int) -> str:
@@ -177,7 +177,7 @@ class DestinationServer:
             ]
         )
         add_services(server, self.hub, o.settings, self.metrics)
-        host, port = split_host_port(o.listen)
+        host, port = listen_address(o.listen)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             if o.tls:
@@ -195,7 +195,7 @@ class DestinationServer:
             ) from None
         await server.start()
         self._grpc = server
-        admin_host, admin_port = split_host_port(o.admin_listen)
+        admin_host, admin_port = listen_address(o.admin_listen)
         try:
             self.admin_port = await self._admin.start(admin_host, admin_port)
         except OSError as e:

@@ -43,7 +43,7 @@ from identity.watcher import EventRecorder, IssuerWatcher
 from identity.workers import ValidatorSpec, WorkerPool, WorkerSpec
 from pki.certs import Credential, issue_identity
 from pki.keys import PrivateKey
-from pki.names import Identity, control_plane_identity, port_number
+from pki.names import Identity, control_plane_identity, split_host_port
 from pki.renewal import refresh_delay
 from protos import identity_pb2, identity_pb2_grpc
 from protos.rpc import StatusCode
@@ -64,11 +64,10 @@ def grpc_target(addr: str) -> str:
 
 def split_hostport(addr: str) -> tuple[str, int]:
     """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` → host and port; a clear error otherwise."""
-    host, sep, port_text = addr.rpartition(":")
-    port = port_number(port_text, lowest=0)
-    if not sep or not host or port is None:
+    parts = split_host_port(addr, lowest=0)
+    if parts is None or not parts[0]:
         raise ValueError(f"address {addr!r} is not HOST:PORT")
-    return host.strip("[]"), port
+    return parts
 
 
 def check_address_free(addr: str) -> None:

@@ -43,6 +43,19 @@ def port_number(text: str, *, lowest: int = 1) -> int | None:
     return number if lowest <= number <= 65535 else None
 
 
+def split_host_port(text: str, *, lowest: int = 1) -> tuple[str, int] | None:
+    """``HOST:PORT`` or ``[V6]:PORT`` as (host, port), or None when ``text`` is not of that shape
+    or the port is outside ``lowest``..65535. The host is ``""`` when omitted (``":PORT"``); what
+    that means is the caller's to say."""
+    host, sep, port_text = text.rpartition(":")
+    port = port_number(port_text, lowest=lowest)
+    if not sep or port is None:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
 def check_label(field: str, value: str) -> str:
     """Return ``value`` if it is a DNS-1123 label, else raise :class:`InvalidName` naming ``field``."""
     if not isinstance(value, str):

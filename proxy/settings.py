@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from pki.names import port_number
+from pki.names import split_host_port
 from proxy.errors import ConfigError
 
 # A client that says nothing for this many seconds is taken as opaque TCP (server-speaks-first).
@@ -41,12 +41,10 @@ class Listen:
 
 def split_target(target: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into its parts."""
-    host, sep, port_text = target.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    port = port_number(port_text)
-    if not sep or not host or port is None:
+    parts = split_host_port(target)
+    if parts is None or not parts[0]:
         raise ValueError(f"{target!r} is not HOST:PORT")
-    return host, port
+    return parts
 
 
 @dataclass(frozen=True, slots=True)

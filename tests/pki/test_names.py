@@ -16,6 +16,7 @@ from pki.names import (
     is_dns1123_subdomain,
     namespace_wildcard,
     port_number,
+    split_host_port,
 )
 
 labels = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
@@ -131,3 +132,18 @@ def test_port_number_takes_ascii_digits_in_range_only(
     text: str, lowest: int, expected: int | None
 ) -> None:
     assert port_number(text, lowest=lowest) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "lowest", "expected"),
+    [("127.0.0.1:8080", 1, ("127.0.0.1", 8080)), ("[::1]:8080", 1, ("::1", 8080)),
+     ("identity.trustmesh:443", 1, ("identity.trustmesh", 443)), (":0", 0, ("", 0)),
+     (":0", 1, None), ("host", 1, None), ("host:", 1, None), ("host:http", 1, None),
+     ("host:65536", 1, None), ("[::1]", 1, None), ("[::1:80", 1, ("[::1", 80)),
+     ("a:b:8086", 1, ("a:b", 8086)), ("host:\u00b2", 1, None)],
+)  # fmt: skip
+def test_split_host_port_leaves_the_meaning_of_a_missing_host_to_the_caller(
+    text: str, lowest: int, expected: tuple[str, int] | None
+) -> None:
+    """One pair of brackets around an IPv6 host is removed, nothing else is guessed."""
+    assert split_host_port(text, lowest=lowest) == expected

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pki.names import Identity, check_label, port_number
+from pki.names import Identity, check_label, split_host_port
 from proxy.policy import DefaultPolicy
 from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT, KexPolicy, Listen
 
@@ -24,11 +24,10 @@ HOST = "127.0.0.1"  # where `up` binds, and the host of a listen address given a
 
 def parse_listen(text: str, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); raises ValueError naming ``what``."""
-    host, sep, port = text.strip().rpartition(":")
-    number = port_number(port, lowest=0)
-    if not sep or number is None:
+    parts = split_host_port(text.strip(), lowest=0)
+    if parts is None:
         raise ValueError(f"{what} {text!r} is not HOST:PORT with a port in 0..65535")
-    return host.strip("[]") or HOST, number
+    return parts[0] or HOST, parts[1]
 
 
 def parse_upstream(text: str) -> tuple[tuple[str, int], str]:
