@@ -12,9 +12,12 @@ checked) and h2's HTTP/2 state machine:
 - one connection at a time per channel, made on first use and made again after it fails;
 - keepalive PINGs (every 10 s, 3 s to answer: a peer gone silent fails its calls UNAVAILABLE
   instead of leaving a stream waiting forever);
-- GOAWAY: calls the server will not process fail UNAVAILABLE, the others finish, and new calls
-  go to a new connection;
-- closing the channel ends its open calls with CANCELLED.
+- GOAWAY: h2 reads no frame after one, so every call open on that connection fails
+  UNAVAILABLE (those the server says it never saw say so), and new calls go to a new
+  connection;
+- closing the channel ends its open calls with CANCELLED;
+- targets as gRPC names them (:func:`proxy.settings.parse_target`), and each TLS handshake
+  reported to the channel's ``on_handshake`` (:data:`HandshakeObserver`).
 
 It implements :class:`protos.rpc.Channel`; the calls raise :class:`protos.rpc.RpcError`.
 """
