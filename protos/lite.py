@@ -21,7 +21,7 @@ import math
 import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any
+from typing import Any, ClassVar
 
 from protos.lite_schema import ENUMS, MESSAGES
 
@@ -53,27 +53,42 @@ class DecodeError(ValueError):
 class Field:
     """One field of a message type: name, number, kind, label, oneof and wire type."""
 
-    __slots__ = ("kind", "label", "name", "number", "oneof", "type", "wire")
+    __slots__ = (
+        "convert", "fixed", "kind", "label", "name", "number", "oneof", "others", "sub", "type",
+        "wire",
+    )  # fmt: skip
 
     def __init__(
         self, name: str, number: int, kind: str, label: int, oneof: str | None, type_: str | None
     ) -> None:
         self.name, self.number, self.kind, self.label = name, number, kind, label
         self.oneof, self.type = oneof, type_
+        self.others: tuple[str, ...] = ()  # the other members of its oneof
+        self.sub: MessageType | None = None  # a message field's type, bound on first use
+        self.convert = _VARINT_CONVERT.get(kind)  # varint -> value (None: as it is)
+        self.fixed: struct.Struct | None = None
         if kind in _VARINT_KINDS:
             self.wire = 0
         elif kind in _FIXED64:
-            self.wire = 1
+            self.wire, self.fixed = 1, struct.Struct(_FIXED64[kind])
         elif kind in _FIXED32:
-            self.wire = 5
+            self.wire, self.fixed = 5, struct.Struct(_FIXED32[kind])
         else:
             self.wire = 2
+
+    def message(self) -> MessageType:
+        """The type of a message field (or a map's entry)."""
+        sub = self.sub
+        if sub is None:
+            assert self.type is not None
+            sub = self.sub = message_type(self.type)
+        return sub
 
 
 class MessageType:
     """One message's fields, by name and by number."""
 
-    __slots__ = ("by_name", "by_number", "name", "oneofs")
+    __slots__ = ("by_name", "by_number", "cls", "name", "oneofs", "tags")
 
     def __init__(self, name: str, fields: tuple[tuple[Any, ...], ...]) -> None:
         self.name = name
@@ -83,6 +98,16 @@ class MessageType:
         for f in self.by_name.values():
             if f.oneof is not None:
                 self.oneofs[f.oneof] = (*self.oneofs.get(f.oneof, ()), f.name)
+        # Tag (number and wire type) -> field: one lookup finds the field and checks the wire
+        # type; a repeated number is also read packed. Other tags are unknown fields.
+        self.tags: dict[int, Field] = {}
+        for f in self.by_name.values():
+            self.tags[f.number << 3 | f.wire] = f
+            if f.label == REPEATED and f.wire != 2:
+                self.tags[f.number << 3 | 2] = f
+            if f.oneof is not None:
+                f.others = tuple(m for m in self.oneofs[f.oneof] if m != f.name)
+        self.cls: type[Message] = type(name.rpartition(".")[2], (Message,), {"_type": self})
 
 
 _TYPES: dict[str, MessageType] = {}
@@ -102,41 +127,39 @@ def enum_value(enum: str, name: str) -> int:
 
 
 class Message:
-    """A decoded message: fields as attributes, protobuf's presence methods."""
+    """A decoded message: fields as attributes, protobuf's presence methods.
 
-    __slots__ = ("_type", "_values")
+    Each message type has its own subclass (``MessageType.cls``) holding the type, and an
+    instance's ``__dict__`` holds exactly the fields that were sent: reading one is a plain
+    attribute lookup, and ``__getattr__`` runs only for an absent field, to give its default.
+    """
 
-    def __init__(self, type_: MessageType, values: dict[str, Any] | None = None) -> None:
-        self._type = type_
-        self._values: dict[str, Any] = {} if values is None else values
+    _type: ClassVar[MessageType]
 
     def __getattr__(self, name: str) -> Any:
         f = self._type.by_name.get(name)
         if f is None:
             raise AttributeError(f"{self._type.name} has no field {name!r}")
-        value = self._values.get(name)
-        if value is not None:
-            return value
         if f.label == REPEATED:
             return []
         if f.label == MAP:
             return {}
         if f.kind == "message":
-            assert f.type is not None
-            return Message(message_type(f.type))
+            return new_message(f.message())
         return _DEFAULTS.get(f.kind, 0)
 
     def HasField(self, name: str) -> bool:
         f = self._type.by_name.get(name)
         if f is None or f.label != PRESENT:
             raise ValueError(f"{self._type.name}.{name} is not a field with presence")
-        return name in self._values
+        return name in self.__dict__
 
     def WhichOneof(self, oneof: str) -> str | None:
         members = self._type.oneofs.get(oneof)
         if members is None:
             raise ValueError(f"{self._type.name} has no oneof {oneof!r}")
-        return next((m for m in members if m in self._values), None)
+        values = self.__dict__
+        return next((m for m in members if m in values), None)
 
     def ToTimedelta(self) -> timedelta:
         if self._type.name != DURATION:
@@ -155,7 +178,15 @@ class Message:
         return at.astimezone(tzinfo) if tzinfo is not None else at.replace(tzinfo=None)
 
     def __repr__(self) -> str:
-        return f"{self._type.name}({self._values!r})"
+        return f"{self._type.name}({self.__dict__!r})"
+
+
+def new_message(t: MessageType, values: dict[str, Any] | None = None) -> Message:
+    """A message of type ``t`` whose fields are ``values`` (the dict itself, not a copy)."""
+    msg: Message = object.__new__(t.cls)
+    if values is not None:
+        msg.__dict__ = values
+    return msg
 
 
 def _micros(nanos: int) -> int:
@@ -170,8 +201,9 @@ def decode(type_name: str, data: bytes) -> Message:
     """Parse ``data`` as message ``type_name``; :class:`DecodeError` if it is not one."""
     t = message_type(type_name)
     values: dict[str, Any] = {}
-    _merge(t, memoryview(data), 0, len(data), values, 0)
-    return Message(t, values)
+    buf = bytes(data)
+    _merge(t, buf, 0, len(buf), values, 0)
+    return new_message(t, values)
 
 
 def decoder(type_name: str) -> Callable[[bytes], Message]:
@@ -180,7 +212,7 @@ def decoder(type_name: str) -> Callable[[bytes], Message]:
     return lambda data: decode(type_name, data)
 
 
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end:
@@ -195,34 +227,46 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise DecodeError("varint longer than 10 bytes")
 
 
-def _signed(value: int, bits: int) -> int:
-    value &= (1 << bits) - 1
-    return value - (1 << bits) if value >> (bits - 1) else value
+def _signed32(v: int) -> int:
+    v &= 0xFFFF_FFFF
+    return v - (1 << 32) if v >> 31 else v
 
 
-def _from_varint(kind: str, v: int) -> Any:
-    if kind == "bool":
-        return v != 0
-    if kind == "uint64":
-        return v
-    if kind == "uint32":
-        return v & 0xFFFF_FFFF
-    if kind in ("int32", "enum"):
-        return _signed(v, 32)
-    if kind == "int64":
-        return _signed(v, 64)
-    zigzag = (v >> 1) ^ -(v & 1)
-    return _signed(zigzag, 32) if kind == "sint32" else zigzag
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >> 63 else v
 
 
-def _length(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    n, pos = _varint(buf, pos, end)
+def _zigzag32(v: int) -> int:
+    return _signed32((v >> 1) ^ -(v & 1))
+
+
+# How a varint reads for each kind; uint64 and enum-less kinds not listed read as they are.
+_VARINT_CONVERT: dict[str, Callable[[int], Any]] = {
+    "bool": bool,
+    "uint32": lambda v: v & 0xFFFF_FFFF,
+    "int32": _signed32,
+    "enum": _signed32,
+    "int64": _signed64,
+    "sint32": _zigzag32,
+    "sint64": lambda v: (v >> 1) ^ -(v & 1),
+}
+
+
+def _length(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """(end, start) of the length-delimited value whose length varint is at ``pos``."""
+    if pos >= end:
+        raise DecodeError("truncated varint")
+    n = buf[pos]
+    if n < 0x80:
+        pos += 1
+    else:
+        n, pos = _varint(buf, pos, end)
     if n > end - pos:
         raise DecodeError("length-delimited field runs past the end of its message")
     return pos + n, pos
 
 
-def _skip(buf: memoryview, pos: int, end: int, wire: int, number: int, depth: int) -> int:
+def _skip(buf: bytes, pos: int, end: int, wire: int, number: int, depth: int) -> int:
     if wire == 0:
         return _varint(buf, pos, end)[1]
     if wire == 1:
@@ -250,65 +294,81 @@ def _skip(buf: memoryview, pos: int, end: int, wire: int, number: int, depth: in
     return pos
 
 
-def _scalar(f: Field, buf: memoryview, pos: int, end: int) -> tuple[Any, int]:
+def _scalar(f: Field, buf: bytes, pos: int, end: int) -> tuple[Any, int]:
     """One non-message value of ``f`` at ``pos`` (its wire type already checked)."""
     if f.wire == 0:
-        v, pos = _varint(buf, pos, end)
-        return _from_varint(f.kind, v), pos
-    if f.wire == 5 or f.wire == 1:
-        fmt = _FIXED32.get(f.kind) or _FIXED64[f.kind]
-        size = 4 if f.wire == 5 else 8
-        if pos + size > end:
+        v = buf[pos] if pos < end else 0x80
+        if v < 0x80:
+            pos += 1
+        else:
+            v, pos = _varint(buf, pos, end)
+        convert = f.convert
+        return (convert(v) if convert is not None else v), pos
+    fixed = f.fixed
+    if fixed is not None:
+        if pos + fixed.size > end:
             raise DecodeError("truncated fixed-width field")
-        return struct.unpack_from(fmt, buf, pos)[0], pos + size
+        return fixed.unpack_from(buf, pos)[0], pos + fixed.size
     stop, start = _length(buf, pos, end)
-    raw = bytes(buf[start:stop])
     if f.kind == "string":
         try:
-            return raw.decode("utf-8"), stop
+            return buf[start:stop].decode("utf-8"), stop
         except UnicodeDecodeError:
             raise DecodeError(f"field {f.name} is not valid UTF-8") from None
-    return raw, stop
+    return buf[start:stop], stop
 
 
 def _merge(
-    t: MessageType, buf: memoryview, pos: int, end: int, values: dict[str, Any], depth: int
-) -> None:
+    t: MessageType, buf: bytes, pos: int, end: int, values: dict[str, Any], depth: int
+) -> bool:
+    """Read the fields of ``t`` in ``buf[pos:end]`` into ``values``; True if some were
+    unknown (skipped)."""
     if depth > MAX_DEPTH:
         raise DecodeError("messages nested too deeply")
+    unknown = False
+    tags = t.tags
     while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if not 0 < number <= MAX_FIELD_NUMBER:
-            raise DecodeError(f"field number {number} out of range")
-        f = t.by_number.get(number)
-        if f is None or (wire != f.wire and not (wire == 2 and f.label == REPEATED)):
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
+        f = tags.get(key)
+        if f is None:  # an unknown field, or a known number with another wire type
+            number, wire = key >> 3, key & 7
+            if not 0 < number <= MAX_FIELD_NUMBER:
+                raise DecodeError(f"field number {number} out of range")
             if wire == 4:
                 raise DecodeError("end of group without its start")
             pos = _skip(buf, pos, end, wire, number, depth)
+            unknown = True
             continue
+        name = f.name
         if f.kind == "message":
             stop, start = _length(buf, pos, end)
-            assert f.type is not None
-            sub_t = message_type(f.type)
-            if f.label == MAP:
+            sub_t = f.message()
+            label = f.label
+            if label == MAP:
                 entry: dict[str, Any] = {}
-                _merge(sub_t, buf, start, stop, entry, depth + 1)
-                entry_msg = Message(sub_t, entry)
-                values.setdefault(f.name, {})[entry_msg.key] = entry_msg.value
-            elif f.label == REPEATED:
+                entries = values.setdefault(name, {})
+                # An entry with unknown fields is not an entry of the map (upb keeps it aside
+                # as unknown data): it is left out.
+                if not _merge(sub_t, buf, start, stop, entry, depth + 1):
+                    entry_msg = new_message(sub_t, entry)
+                    entries[entry_msg.key] = entry_msg.value
+            elif label == REPEATED:
                 sub: dict[str, Any] = {}
                 _merge(sub_t, buf, start, stop, sub, depth + 1)
-                values.setdefault(f.name, []).append(Message(sub_t, sub))
+                values.setdefault(name, []).append(new_message(sub_t, sub))
             else:
-                existing = values.get(f.name)
+                existing = values.get(name)
                 if existing is None:
-                    existing = values[f.name] = Message(sub_t)
-                _merge(sub_t, buf, start, stop, existing._values, depth + 1)
+                    existing = values[name] = new_message(sub_t)
+                _merge(sub_t, buf, start, stop, existing.__dict__, depth + 1)
             pos = stop
         elif f.label == REPEATED:
-            items = values.setdefault(f.name, [])
-            if wire == 2 and f.wire != 2:  # packed
+            items = values.setdefault(name, [])
+            if key & 7 == 2 and f.wire != 2:  # packed
                 stop, pos = _length(buf, pos, end)
                 while pos < stop:
                     value, pos = _scalar(f, buf, pos, stop)
@@ -317,12 +377,21 @@ def _merge(
                 value, pos = _scalar(f, buf, pos, end)
                 items.append(value)
             continue
+        elif f.wire == 2:  # a string or bytes, the most common field here: inline
+            stop, start = _length(buf, pos, end)
+            if f.kind == "string":
+                try:
+                    values[name] = buf[start:stop].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DecodeError(f"field {name} is not valid UTF-8") from None
+            else:
+                values[name] = buf[start:stop]
+            pos = stop
         else:
-            values[f.name], pos = _scalar(f, buf, pos, end)
-        if f.oneof is not None:
-            for other in t.oneofs[f.oneof]:
-                if other != f.name:
-                    values.pop(other, None)
+            values[name], pos = _scalar(f, buf, pos, end)
+        for other in f.others:
+            values.pop(other, None)
+    return unknown
 
 
 # --- encoding -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("proxy_http1.py", "BENCH_SECONDS"),
         ("identity_certify.py", "QUICK=1"),
         ("proxy_memory.py", "--seconds"),
+        ("lite_decode.py", "--endpoints"),
     ],
 )
 def test_help_describes_the_run_and_a_typo_starts_nothing(script: str, mentions: str) -> None:

@@ -264,6 +264,14 @@ def test_unknown_fields_are_skipped() -> None:
     assert lite.decode("trustmesh.policy.v1.StatusRange", b"\x0d\x01\x02\x03\x04").start == 0
 
 
+def test_a_map_entry_with_unknown_fields_is_left_out_as_upb_does() -> None:
+    # metric_labels {key: varint 0 (a string field sent with another wire type), value: ""}
+    raw = b"\x12\x04\x08\x00\x12\x00" + b"\x12\x06\x0a\x01k\x12\x01v"
+    name = "io.linkerd.proxy.destination.WeightedAddrSet"
+    assert dict(destination_pb2.WeightedAddrSet.FromString(raw).metric_labels) == {"k": "v"}
+    assert lite.decode(name, raw).metric_labels == {"k": "v"}
+
+
 def test_repeated_numbers_are_read_packed_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     # No message here has a repeated number; a synthetic one checks the path stays right.
     packed = lite.MessageType("test.Packed", (("values", 1, "sint32", lite.REPEATED, None, None),))
