@@ -26,7 +26,7 @@ Names (listed in README):
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -204,10 +204,46 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def new_registry(collector: IdentityCollector) -> CollectorRegistry:
-    """The service's families, and the process's (``process_resident_memory_bytes``,
-    ``process_open_fds``...): every connected proxy holds a connection, and so a descriptor."""
+class ProcessFamilies(Collector):
+    """prometheus_client's ``process_*`` families (``process_open_fds``,
+    ``process_resident_memory_bytes``...) of the main process, unlabelled as usual, and of each
+    live worker (``--workers N``) in the same families, labelled ``worker="1"``... Every
+    connected proxy holds a connection, and so a descriptor, in whichever process accepted it:
+    a worker near its descriptor limit shows (and alerts) as the main process would."""
+
+    def __init__(self, workers: Callable[[], Iterable[tuple[int, int]]] = tuple) -> None:
+        self._workers = workers  # (worker number, pid) of the live workers
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        sources: list[tuple[dict[str, str], ProcessCollector]] = [
+            ({}, ProcessCollector(registry=None))
+        ]
+        for number, pid in self._workers():
+            sources.append(
+                ({"worker": str(number)}, ProcessCollector(pid=_fixed(pid), registry=None))
+            )
+        for extra, source in sources:  # a worker gone meanwhile yields nothing
+            for family in source.collect():
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(
+                        family.name, family.documentation, family.type
+                    )
+                for sample in family.samples:
+                    out.add_sample(sample.name, {**sample.labels, **extra}, sample.value)
+        yield from merged.values()
+
+
+def _fixed(pid: int) -> Callable[[], int]:
+    return lambda: pid
+
+
+def new_registry(
+    collector: IdentityCollector, workers: Callable[[], Iterable[tuple[int, int]]] = tuple
+) -> CollectorRegistry:
+    """The service's families, and its processes' (:class:`ProcessFamilies`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    ProcessCollector(registry=registry)
+    registry.register(ProcessFamilies(workers))
     return registry

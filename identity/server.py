@@ -369,7 +369,7 @@ class IdentityServer:
             reloads=self.reloads,
             reports=self.reports,
         )
-        self.registry = new_registry(self.collector)
+        self.registry = new_registry(self.collector, self._worker_pids)
         self.serving = ServingCertificate(config.server_identity, self.certifier, clock)
         self._grpc: grpc.aio.Server | None = None
         self._admin: AdminServer | None = None
@@ -384,6 +384,9 @@ class IdentityServer:
         self.certifier.set_issuer(issuer)
         if self._pool is not None:
             self._pool.publish(issuer)
+
+    def _worker_pids(self) -> list[tuple[int, int]]:
+        return self._pool.pids() if self._pool is not None else []
 
     def _issuance(self) -> IssuanceStats:
         if self._pool is None:

@@ -99,6 +99,12 @@ class WorkerPool:
         self._stopping = False
         self.restarts = 0
 
+    def pids(self) -> list[tuple[int, int]]:
+        """(worker number from 1, pid) of each live worker."""
+        with self._lock:
+            procs = list(self._procs)
+        return [(i + 1, p.pid) for i, p in enumerate(procs) if p.pid is not None and p.is_alive()]
+
     def start(self, issuer: Any, timeout: float = 30.0) -> None:
         self._issuer = issuer
         for i in range(self._count):

@@ -247,6 +247,45 @@ async def test_workers_share_the_port_and_follow_rotation(env: Env) -> None:
         assert reported == 24
 
 
+async def test_each_worker_reports_its_process_families(env: Env) -> None:
+    """With --workers 2, the worker's descriptors, memory and CPU are on /metrics beside the
+    main process's, labelled worker="1": FileDescriptorsExhausting sees every process."""
+    import resource
+    import shutil
+    import subprocess
+
+    import psutil
+    from prometheus_client import generate_latest
+
+    async with two_processes(env) as srv:
+        assert srv._pool is not None
+        ((number, pid),) = srv._pool.pids()
+        assert number == 1 and pid != os.getpid()
+        value = srv.registry.get_sample_value
+        fds = value("process_open_fds", {"worker": "1"})
+        assert fds is not None and abs(fds - psutil.Process(pid).num_fds()) <= 2
+        soft = psutil.Process(pid).rlimit(resource.RLIMIT_NOFILE)[0]
+        assert value("process_max_fds", {"worker": "1"}) == soft
+        assert (value("process_resident_memory_bytes", {"worker": "1"}) or 0) > 10 * 2**20
+        assert (value("process_open_fds") or 0) > 0  # the main process's, unlabelled as before
+        text = generate_latest(srv.registry).decode()
+        assert text.count("# HELP process_open_fds ") == 1  # one family, both processes in it
+        promtool = shutil.which("promtool")
+        if promtool is not None:
+            lint = subprocess.run(
+                [promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+                timeout=30,
+            )  # fmt: skip
+            assert lint.returncode == 0, lint.stdout + lint.stderr
+        psutil.Process(pid).kill()
+        deadline = time.monotonic() + 10
+        while srv._pool.pids() and srv._pool.pids()[0][1] == pid:
+            assert time.monotonic() < deadline, "the killed worker still counts as alive"
+            await asyncio.sleep(0.05)
+        # Scraping while the worker is gone or being started again never fails.
+        assert "process_open_fds" in generate_latest(srv.registry).decode()
+
+
 async def test_a_worker_that_dies_is_started_again_and_its_counts_are_kept(
     env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
