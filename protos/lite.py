@@ -86,14 +86,13 @@ class Field:
 
 
 class MessageType:
-    """One message's fields, by name and by number."""
+    """One message's fields, by name and by tag."""
 
-    __slots__ = ("by_name", "by_number", "cls", "name", "oneofs", "tags")
+    __slots__ = ("by_name", "cls", "name", "oneofs", "tags")
 
     def __init__(self, name: str, fields: tuple[tuple[Any, ...], ...]) -> None:
         self.name = name
         self.by_name = {f[0]: Field(*f) for f in fields}
-        self.by_number = {f.number: f for f in self.by_name.values()}
         self.oneofs: dict[str, tuple[str, ...]] = {}
         for f in self.by_name.values():
             if f.oneof is not None:
@@ -377,16 +376,6 @@ def _merge(
                 value, pos = _scalar(f, buf, pos, end)
                 items.append(value)
             continue
-        elif f.wire == 2:  # a string or bytes, the most common field here: inline
-            stop, start = _length(buf, pos, end)
-            if f.kind == "string":
-                try:
-                    values[name] = buf[start:stop].decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DecodeError(f"field {name} is not valid UTF-8") from None
-            else:
-                values[name] = buf[start:stop]
-            pos = stop
         else:
             values[name], pos = _scalar(f, buf, pos, end)
         for other in f.others:

@@ -468,7 +468,9 @@ class ControlMetrics(ProxyMetrics):
         super().__init__()
         self._credentials = credentials
         self._destination = destination
-        self.control_plane_handshakes = handshakes or control_plane_handshakes()
+        self.control_plane_handshakes = (
+            control_plane_handshakes() if handshakes is None else handshakes
+        )
 
     def render(self) -> str:
         return super().render() + "\n".join(self.control_lines()) + "\n"

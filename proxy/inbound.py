@@ -24,7 +24,14 @@ import time
 
 from pki.errors import quoted
 from proxy.detect import Detected, Proto
-from proxy.errors import Forbidden, ProxyError, TLSError, TransportHeaderError, UnknownRoute
+from proxy.errors import (
+    Forbidden,
+    ProxyError,
+    TLSError,
+    TransportHeaderError,
+    UnknownRoute,
+    handshake_result,
+)
 from proxy.http1 import Exchange, Http1Server
 from proxy.link import NULL_SINK, Link, NullSink
 from proxy.listener import Detector
@@ -382,8 +389,7 @@ class Inbound:
         if info is None:
             self._set_up(conn)
             group = (link.tls.group if link.tls else None) or "none"
-            result = "kex_refused" if type(error).__name__ == "KexRefused" else "error"
-            self.metrics.tls_handshakes_total.inc(("inbound", group, result))
+            self.metrics.tls_handshakes_total.inc(("inbound", group, handshake_result(error)))
             peer_log.info("inbound TLS handshake from %s failed: %s", conn.ip, error)
             return
         self.metrics.tls_handshakes_total.inc(("inbound", info.group, "ok"))
