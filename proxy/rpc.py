@@ -12,9 +12,11 @@ checked) and h2's HTTP/2 state machine:
 - one connection at a time per channel, made on first use and made again after it fails;
 - keepalive PINGs (every 10 s, 3 s to answer: a peer gone silent fails its calls UNAVAILABLE
   instead of leaving a stream waiting forever);
-- GOAWAY: h2 reads no frame after one, so every call open on that connection fails
-  UNAVAILABLE (those the server says it never saw say so), and new calls go to a new
-  connection;
+- GOAWAY drains the connection: the calls the server says it saw (stream ids up to its
+  last-stream-id) go on to their end, the others fail UNAVAILABLE saying the server never
+  processed them, new calls go to a new connection, and the connection closes once its last
+  call ends. h2 reads no frame after a GOAWAY, so the channel reads GOAWAY frames itself and
+  never hands them to h2;
 - closing the channel ends its open calls with CANCELLED;
 - targets as gRPC names them (:func:`proxy.settings.parse_target`), and each TLS handshake
   reported to the channel's ``on_handshake`` (:data:`HandshakeObserver`).
@@ -36,7 +38,6 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
-    ConnectionTerminated,
     DataReceived,
     Event,
     PingAckReceived,
@@ -69,6 +70,8 @@ KEEPALIVE = 10.0  # Linkerd's proxy pings its control plane every 10 s
 KEEPALIVE_TIMEOUT = 3.0
 MAX_KEEPALIVE = 300.0  # grpc servers' default minimum interval between pings
 CONNECT_TIMEOUT = 10.0
+
+_GOAWAY = 0x7  # the HTTP/2 frame type
 
 _RESET_CODES: dict[int, StatusCode] = {
     ErrorCodes.REFUSED_STREAM: StatusCode.UNAVAILABLE,
@@ -163,6 +166,7 @@ class _Connection(asyncio.Protocol):
         self.established.add_done_callback(_consume)
         self.failure: RpcError | None = None
         self.draining = False  # after GOAWAY: no new calls
+        self.goaway: str | None = None  # the server's GOAWAY, as told to the calls it ends
         self.too_many_pings = False  # the server's GOAWAY said we ping too often
         self._frames = FrameSplitter()
         self.transport: asyncio.Transport | None = None
@@ -207,6 +211,9 @@ class _Connection(asyncio.Protocol):
             for chunk in self._frames.feed(plaintext) if plaintext else ():
                 if self.failure is not None:
                     break
+                if chunk[3] == _GOAWAY and len(chunk) >= 17 and chunk[5:9] == b"\0\0\0\0":
+                    self._goaway(chunk)  # (a malformed one goes to h2, which refuses it)
+                    continue
                 for event in self.h2.receive_data(chunk):
                     self._event(event)
             self._flush()
@@ -223,13 +230,17 @@ class _Connection(asyncio.Protocol):
             )
 
     def eof_received(self) -> bool:
-        self._fail(_unavailable(f"{self.target} closed the connection"))
+        self._fail(self._closed_error(f"{self.target} closed the connection"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         why = f": {exc}" if exc is not None else ""
-        self._fail(_unavailable(f"the connection to {self.target} was lost{why}"))
+        self._fail(self._closed_error(f"the connection to {self.target} was lost{why}"))
         self._on_closed(self)
+
+    def _closed_error(self, what: str) -> RpcError:
+        # After a GOAWAY the server's reason is the news, not the close that follows it.
+        return _unavailable(f"{self.goaway} before the call ended" if self.goaway else what)
 
     # --- HTTP/2 ----------------------------------------------------------------------------
 
@@ -290,8 +301,6 @@ class _Connection(asyncio.Protocol):
                 code = _RESET_CODES.get(event.error_code, StatusCode.INTERNAL)
                 name = getattr(event.error_code, "name", event.error_code)
                 self._end(call, RpcError(code, f"the server reset the call ({name})"), reset=False)
-        elif isinstance(event, ConnectionTerminated):
-            self._goaway(event)
         elif isinstance(event, PingAckReceived):
             waiter = self._pings.pop(event.ping_data, None)
             if waiter is not None and not waiter.done():
@@ -299,27 +308,33 @@ class _Connection(asyncio.Protocol):
         elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
             self._wake_senders()
 
-    def _goaway(self, event: ConnectionTerminated) -> None:
-        # h2 refuses every frame after a GOAWAY, so the calls the server would still finish
-        # cannot be read to their end either: all fail UNAVAILABLE (a retry goes to a new
-        # connection), the ones it never saw say so.
+    def _goaway(self, goaway: bytes) -> None:
+        # A GOAWAY frame: 9-byte header, last-stream-id (31 bits), error code, debug data.
+        last = int.from_bytes(goaway[9:13], "big") & 0x7FFF_FFFF
+        code = int.from_bytes(goaway[13:17], "big")
+        extra = goaway[17:].decode("utf-8", "replace")
+        try:
+            name = ErrorCodes(code).name
+        except ValueError:
+            name = f"error code {code:#x}"
         self.draining = True
-        name = getattr(event.error_code, "name", str(event.error_code))
-        extra = event.additional_data.decode("utf-8", "replace") if event.additional_data else ""
-        self.too_many_pings = event.error_code == ErrorCodes.ENHANCE_YOUR_CALM and (
-            extra == "too_many_pings"
+        self.too_many_pings = self.too_many_pings or (
+            code == ErrorCodes.ENHANCE_YOUR_CALM and extra == "too_many_pings"
         )
-        last = event.last_stream_id if event.last_stream_id is not None else 0
         reason = f"{self.target} closed the connection (GOAWAY {name} {extra})".replace(" )", ")")
+        self.goaway = reason
+        if code != ErrorCodes.NO_ERROR:
+            log.warning("%s", reason)
+        # A second GOAWAY may lower the last stream id (gRPC servers send 2^31-1, then the
+        # real one), never raise it; the calls above it were never processed.
         for stream_id in [s for s in self.calls if s > last]:
             self._end(
                 self.calls[stream_id],
                 _unavailable(f"{reason}; the call was not processed"),
                 reset=False,
             )
-        if event.error_code != ErrorCodes.NO_ERROR:
-            log.warning("%s", reason)
-        self._fail(_unavailable(f"{reason} before the call ended"))
+        if not self.calls:
+            self.close(_unavailable(f"{reason} before the call ended"))
 
     def _end(self, call: _Call, error: RpcError | None, *, reset: bool) -> None:
         if reset:
@@ -327,7 +342,7 @@ class _Connection(asyncio.Protocol):
         self.calls.pop(call.stream_id, None)
         call.finish(error)
         if self.draining and not self.calls:
-            self._close_transport()
+            self.close(_unavailable(f"the connection to {self.target} was closed"))
 
     def reset(self, stream_id: int) -> None:
         """Cancel one stream (the caller abandoned it, or its answer was refused)."""
@@ -337,7 +352,7 @@ class _Connection(asyncio.Protocol):
                 self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
                 self._flush()
         if self.draining and not self.calls:
-            self._close_transport()
+            self.close(_unavailable(f"the connection to {self.target} was closed"))
 
     # --- calls -----------------------------------------------------------------------------
 

@@ -9,13 +9,18 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
+import h2.events
 import pytest
 import uvloop
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 
 from protos.rpc import RpcError, StatusCode
+from proxy.grpc_frames import frame
 from proxy.meshtls import HYBRID_GROUP, MeshCredentials
 from proxy.rpc import Channel
 from proxy.settings import KexPolicy, Target, parse_target
@@ -29,6 +34,8 @@ class Handlers:
     def __init__(self) -> None:
         self.cancelled = asyncio.Event()
         self.time_remaining: float | None = None
+        self.held = 0  # calls waiting in ``held``/``held_stream`` for ``release``
+        self.release = asyncio.Event()
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.time_remaining = context.time_remaining()
@@ -72,6 +79,19 @@ class Handlers:
             self.cancelled.set()
             raise
 
+    async def hold(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.held += 1
+        await self.release.wait()
+        return request
+
+    async def hold_stream(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        yield b"before"
+        self.held += 1
+        await self.release.wait()
+        yield b"after"
+
     def handler(self) -> grpc.GenericRpcHandler:
         unary = grpc.unary_unary_rpc_method_handler
         stream = grpc.unary_stream_rpc_method_handler
@@ -85,6 +105,8 @@ class Handlers:
                 "Count": stream(self.count),
                 "CountThenFail": stream(self.count_then_fail),
                 "Forever": stream(self.forever),
+                "Hold": unary(self.hold),
+                "HoldStream": stream(self.hold_stream),
             },
         )
 
@@ -229,6 +251,106 @@ async def test_a_server_restart_fails_open_calls_and_the_next_call_reconnects() 
     await channel.close()
 
 
+async def until(condition: Any, what: str) -> None:
+    for _ in range(500):  # 5 s
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_graceful_server_stop_lets_the_open_calls_finish() -> None:
+    # grpc's graceful stop sends GOAWAY, then waits (here up to 10 s) for the calls it has.
+    handlers = Handlers()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handlers.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with Channel(f"127.0.0.1:{port}") as channel:
+            unary = asyncio.ensure_future(channel.unary("/t.Test/Hold", b"done", timeout=10))
+            stream = channel.stream("/t.Test/HoldStream", b"")
+            assert await anext(aiter(stream)) == b"before"
+            await until(lambda: handlers.held == 2, "both calls at the server")
+            conn = channel._current
+            assert conn is not None
+            stopping = asyncio.ensure_future(server.stop(10))
+            await until(lambda: conn.draining, "the GOAWAY")
+            handlers.release.set()
+            assert await unary == b"done"
+            assert await collect(stream) == [b"after"]
+            await stopping
+            await until(lambda: conn.failure is not None, "the drained connection's close")
+            # New calls never went to the draining connection; the server is gone now.
+            with pytest.raises(RpcError) as e:
+                await channel.unary("/t.Test/Echo", b"", timeout=2)
+            assert e.value.code is StatusCode.UNAVAILABLE and "cannot connect" in e.value.details
+    finally:
+        await server.stop(None)
+
+
+class GoawayServer(asyncio.Protocol):
+    """An HTTP/2 server that, once it has ``calls`` requests, sends GOAWAY naming the first
+    as the last it will process, answers that one, and waits for the client to close."""
+
+    def __init__(self, calls: int) -> None:
+        self.h2 = H2Connection(H2Configuration(client_side=False))
+        self.calls = calls
+        self.code = ErrorCodes.NO_ERROR
+        self.streams: list[int] = []
+        self.client_closed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.StreamEnded):
+                self.streams.append(event.stream_id)
+                if len(self.streams) == self.calls:
+                    first = self.streams[0]
+                    # Written by hand: h2 sends nothing more after its own GOAWAY.
+                    body = first.to_bytes(4, "big") + self.code.to_bytes(4, "big") + b"going away"
+                    goaway = len(body).to_bytes(3, "big") + b"\x07\x00\x00\x00\x00\x00" + body
+                    self.transport.write(self.h2.data_to_send() + goaway)
+                    self.h2.send_headers(
+                        first, [(":status", "200"), ("content-type", "application/grpc")]
+                    )
+                    self.h2.send_data(first, frame(b"processed"))
+                    self.h2.send_headers(first, [("grpc-status", "0")], end_stream=True)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.client_closed.set()
+        self.transport.write(self.h2.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client_closed.set()
+
+
+async def test_a_goaway_fails_only_the_calls_the_server_never_processed() -> None:
+    loop = asyncio.get_running_loop()
+    peer = GoawayServer(calls=2)
+    server = await loop.create_server(lambda: peer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Channel(f"127.0.0.1:{port}") as channel:
+            first, second = await asyncio.gather(
+                channel.unary("/t.Test/Echo", b"1", timeout=5),
+                channel.unary("/t.Test/Echo", b"2", timeout=5),
+                return_exceptions=True,
+            )
+            assert first == b"processed"
+            assert isinstance(second, RpcError) and second.code is StatusCode.UNAVAILABLE
+            assert "GOAWAY NO_ERROR going away" in second.details
+            assert "the call was not processed" in second.details
+            # Its last call done, the client closes the drained connection itself.
+            await asyncio.wait_for(peer.client_closed.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_peer_that_stops_answering_pings_fails_the_calls() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await reader.read(65536):
@@ -259,7 +381,9 @@ async def test_a_server_refusing_our_ping_rate_makes_the_channel_ping_less() -> 
         async with Channel(f"127.0.0.1:{port}", keepalive=0.3) as channel:
             with pytest.raises(RpcError) as e:
                 await asyncio.wait_for(collect(channel.stream("/t.Test/Forever", b"")), 10)
-            assert e.value.code is StatusCode.UNAVAILABLE and "too_many_pings" in e.value.details
+            # The server ends the call itself after its GOAWAY (grpc: "Too many pings").
+            assert e.value.code is StatusCode.UNAVAILABLE
+            assert "too many pings" in e.value.details.replace("_", " ").lower()
             assert channel._keepalive == 0.6
             assert await channel.unary("/t.Test/Echo", b"still", timeout=5) == b"still"
     finally:
