@@ -6,6 +6,11 @@ constant ``decay``. Its load is ``estimate * (pending + 1)``. A pick draws two d
 endpoints at random and takes the one with the lower load, so a slow or busy endpoint quickly
 gets a small share without any one endpoint being starved of probes. Time is always passed in
 (seconds on any monotonic clock); randomness comes from the ``rng`` the caller provides.
+
+An endpoint that could not be connected to (:meth:`PeakEwmaBalancer.failed`) is out of the
+picks for a backoff that grows with its consecutive failures, 100 ms doubling to 500 ms with
+10 % jitter (Linkerd's connect backoff, during which its balancer holds the endpoint unready),
+unless every endpoint is out; its next completed request clears the count.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from proxy.errors import ConfigError, NoEndpoints
 # Linkerd's defaults (linkerd/app/outbound, BalanceP2c.peak_ewma).
 DEFAULT_RTT = 0.030
 DEFAULT_DECAY = 10.0
+# Linkerd's outbound connect backoff (DEFAULT_OUTBOUND_CONNECT_BACKOFF).
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 0.5
+BACKOFF_JITTER = 0.1
 _exp = math.exp
 
 E = TypeVar("E", bound=Hashable)
@@ -33,6 +42,8 @@ class EndpointLoad:
     rtt: float
     updated_at: float
     pending: int = 0
+    failures: int = 0  # connection failures in a row
+    down_until: float = 0.0  # out of the picks until then (after a connection failure)
 
     def decayed(self, now: float, decay: float) -> float:
         """The estimate decayed towards zero for the time since its last update."""
@@ -93,6 +104,8 @@ class PeakEwmaBalancer(Generic[E]):
     def load(self, endpoint: E, now: float) -> float:
         """The current cost of ``endpoint``: decayed RTT estimate times (pending + 1)."""
         state = self._loads[endpoint]
+        if state.down_until > now:
+            return math.inf
         return state.decayed(now, self._decay) * (state.pending + 1)
 
     def state(self, endpoint: E) -> EndpointLoad:
@@ -112,9 +125,29 @@ class PeakEwmaBalancer(Generic[E]):
             if j >= i:
                 j += 1
             a, b = eps[i], eps[j]
-            chosen = a if self.load(a, now) <= self.load(b, now) else b
+            load_a, load_b = self.load(a, now), self.load(b, now)
+            chosen = a if load_a <= load_b else b
+            if load_a == load_b == math.inf:  # both backing off: the least loaded of the rest
+                chosen = min(eps, key=lambda ep: self.load(ep, now))
         self._loads[chosen].pending += 1
         return chosen
+
+    def failed(self, endpoint: E, now: float) -> None:
+        """A request picked for ``endpoint`` could not connect to it: the request is no longer
+        pending there, and the endpoint sits out its backoff."""
+        state = self._loads.get(endpoint)
+        if state is None:
+            return
+        if state.pending > 0:
+            state.pending -= 1
+        state.failures += 1
+        backoff = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(state.failures - 1, 16))
+        jitter = 1.0 + BACKOFF_JITTER * (2.0 * self._rng.random() - 1.0)
+        state.down_until = now + backoff * jitter
+
+    def available(self, now: float) -> bool:
+        """Whether some endpoint is not backing off after a connection failure."""
+        return any(state.down_until <= now for state in self._loads.values())
 
     def complete(self, endpoint: E, started_at: float, now: float) -> None:
         """Record the outcome of a request picked at ``started_at`` (latency = now - start)."""
@@ -123,6 +156,7 @@ class PeakEwmaBalancer(Generic[E]):
             return
         if state.pending > 0:
             state.pending -= 1
+        state.failures = 0
         # EndpointLoad.observe, inlined: this runs once per request.
         rtt = now - started_at
         if rtt > state.rtt:

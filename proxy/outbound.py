@@ -11,16 +11,18 @@ services are forwarded per request whatever the ``Host``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from dataclasses import dataclass
 
 from pki.errors import quoted
 from proxy.balancer import PeakEwmaBalancer
 from proxy.detect import Detected, Proto
-from proxy.errors import ProxyError, UnknownRoute
+from proxy.errors import ProxyError, UnknownRoute, UpstreamError
 from proxy.http1 import Exchange, Http1Server, LingeringClose
 from proxy.link import Link, NullSink
 from proxy.listener import Detector
+from proxy.lograte import PeerLog
 from proxy.metrics import HttpSeries, ProxyMetrics
 from proxy.routes import Endpoint, RouteSource, Service, ServiceProtocol
 from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT
@@ -33,6 +35,13 @@ from proxy.upstream import Connector, Pool
 MAX_SPELLINGS = 4096
 # Balancers by service name; past this many (services come and go) the map starts over.
 MAX_BALANCERS = 1024
+# A refused or timed-out connection sent nothing, so another endpoint can take the request (or
+# TCP connection): at most this many endpoints are tried, and none once this long has passed
+# since the first try (Linkerd's outbound failfast, 3 s: three connect timeouts).
+MAX_CONNECT_ATTEMPTS = 8
+CONNECT_FAILFAST = 3.0
+
+connect_log = PeerLog(logging.getLogger(__name__))
 
 
 def authority_label(svc: Service, authority: str) -> str:
@@ -115,7 +124,29 @@ class OutboundHttp:
             if svc is None:
                 raise UnknownRoute(f"no service is known for authority {quoted(ex.authority)}")
             self._choose(ex, svc, self.outbound.clock())
-        return await self.outbound.connector.connect(ex.target.endpoint, SessionProtocol.HTTP1)
+        out = self.outbound
+        first = out.clock()
+        for attempt in range(1, MAX_CONNECT_ATTEMPTS + 1):
+            choice: _Choice = ex.target
+            try:
+                return await out.connector.connect(choice.endpoint, SessionProtocol.HTTP1)
+            except UpstreamError as e:
+                # Nothing of the request has been sent: another endpoint can take it.
+                now = out.clock()
+                choice.completed = True
+                choice.balancer.failed(choice.endpoint, now)
+                svc = self._service(ex)
+                if (
+                    attempt == MAX_CONNECT_ATTEMPTS
+                    or now - first >= CONNECT_FAILFAST
+                    or svc is None
+                    or not out.balancer(svc, now).available(now)
+                ):
+                    raise
+                connect_log.info("%s; trying another endpoint of %s", e, svc.name)
+                choice.series.requests.n -= 1  # counted where it goes instead
+                self._choose(ex, svc, now)
+        raise AssertionError("unreachable")
 
     def response_head(self, ex: Exchange, status: int, now: float) -> None:
         choice: _Choice | None = ex.target
@@ -257,20 +288,31 @@ class UpstreamListener:
     ) -> None:
         out = self.outbound
         link.pause_reading()
-        now = out.clock()
-        try:
-            bal = out.balancer(svc, now)
-            ep = bal.pick(now)
-        except ProxyError:
-            link.abort()
-            return
-        try:
-            upstream = await out.connector.connect(ep, None)
-        except ProxyError:
-            link.abort()
-            return
-        finally:
+        first = out.clock()
+        for attempt in range(1, MAX_CONNECT_ATTEMPTS + 1):
+            now = out.clock()
+            try:
+                bal = out.balancer(svc, now)
+                ep = bal.pick(now)
+                upstream = await out.connector.connect(ep, None)
+            except UpstreamError as e:
+                failed_at = out.clock()
+                bal.failed(ep, failed_at)
+                if (
+                    attempt < MAX_CONNECT_ATTEMPTS
+                    and failed_at - first < CONNECT_FAILFAST
+                    and bal.available(failed_at)
+                    and not link.closed
+                ):
+                    connect_log.info("%s; trying another endpoint of %s", e, svc.name)
+                    continue
+                link.abort()
+                return
+            except ProxyError:
+                link.abort()
+                return
             bal.complete(ep, now, out.clock())
+            break
         if link.closed:
             upstream.close()
             return

@@ -127,3 +127,37 @@ async def test_the_outbound_side_keeps_a_bounded_number_of_balancers(monkeypatch
         svc = Service(f"svc-{n}", (Endpoint("127.0.0.1", 1000 + n),))
         assert out.balancer(svc, 0.0) is out.balancer(svc, 1.0)  # kept while in use
         assert len(out._balancers) <= 8
+
+
+def test_an_endpoint_that_refused_a_connection_sits_out_its_backoff() -> None:
+    """Linkerd's balancer holds an endpoint unready while it reconnects (100 ms doubling to
+    500 ms, 10 % jitter); ours leaves it out of the picks for as long."""
+    bal = PeakEwmaBalancer(["dead", "good"], now=0.0, rng=random.Random(5))
+    assert bal.available(0.0)
+    for failures, backoff in ((1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (9, 0.5)):
+        while bal.state("dead").failures < failures:
+            bal.failed("dead", 0.0)
+        until = bal.state("dead").down_until
+        assert backoff * 0.9 <= until <= backoff * 1.1, (failures, until)
+        assert bal.load("dead", until - 0.001) == math.inf
+        # Out of every pick while it backs off, whatever the loads.
+        bal.state("good").pending = 1000
+        assert {bal.pick(until / 2) for _ in range(50)} == {"good"}
+        bal.state("good").pending = 0
+    assert bal.state("dead").pending == 0  # failed() took back each pick it was given
+    # Back in the picks after it; a completed request clears the count.
+    assert bal.load("dead", 0.6) < math.inf
+    bal.pick(0.6)
+    bal.complete("dead", 0.6, 0.601)
+    assert bal.state("dead").failures == 0
+    # Every endpoint backing off: picks go on (a connection attempt finds out), and
+    # available() says so.
+    for ep in ("dead", "good"):
+        bal.failed(ep, 1.0)
+    assert not bal.available(1.05) and bal.available(1.2)
+    assert bal.pick(1.05) in ("dead", "good")
+    # Among many, when both of a pair back off, the least loaded of the rest is picked.
+    many = PeakEwmaBalancer([f"e{i}" for i in range(10)], now=0.0, rng=random.Random(2))
+    for i in range(9):
+        many.failed(f"e{i}", 0.0)
+    assert {many.pick(0.05) for _ in range(100)} == {"e9"}

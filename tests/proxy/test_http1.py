@@ -303,6 +303,40 @@ async def test_unknown_authority_wrong_identity_and_dead_endpoint(pki, caplog) -
         assert reply.startswith(b"HTTP/1.1 200") and b"x-client-id: -" in reply
 
 
+def _dead_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_an_endpoint_refusing_connections_is_passed_over(pki, caplog) -> None:
+    """A refused connection sent nothing of the request, so another endpoint takes it (as
+    Linkerd's balancer holds such an endpoint unready): a workload starting or going away
+    behind a service costs no request a 502."""
+    caplog.set_level(logging.INFO, logger="proxy.outbound")
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+        live = Endpoint("127.0.0.1", app_port, api.identity, mesh.server.port("inbound"))
+        dead = [Endpoint("127.0.0.1", app_port, api.identity, _dead_port()) for _ in range(3)]
+        mesh.routes.replace((Service("api", (*dead, live)),))
+        for _ in range(30):  # a new connection each: an endpoint choice and a dial each
+            reply = await raw_exchange(
+                mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+            )
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+        assert "; trying another endpoint of api" in caplog.text
+        text = mesh.client.metrics.render()
+        assert sample(text, "request_total", direction="outbound", authority="api") == 30
+        assert sample(text, "response_total", direction="outbound", status_code="200") == 30
+        # Only when every endpoint refuses is the request answered 502.
+        mesh.routes.replace((Service("api", tuple(dead)),))
+        reply = await raw_exchange(
+            mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 502") and b"connecting to 127.0.0.1:" in reply
+
+
 async def test_malformed_request_gets_400(pki) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
     async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
+import socket
 
 import pytest
 from proxy_mesh import run_mesh, sample
@@ -41,6 +43,35 @@ async def test_opaque_relay_with_half_close(pki) -> None:
             writer.close()
             text = mesh.server.metrics.render()
             assert sample(text, "inbound_tcp_authz_allow_total", client_id=web.identity) == 1
+    finally:
+        server.close()
+
+
+async def test_an_opaque_endpoint_refusing_connections_is_passed_over(pki) -> None:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    server = await asyncio.start_server(_read_all_then_reply, "127.0.0.1", 0)
+    tcp_port = server.sockets[0].getsockname()[1]
+    try:
+        async with run_mesh(web, api, app_port=tcp_port, tcp_port=tcp_port) as mesh:
+            svc = mesh.routes.by_name("tcp-echo")
+            assert svc is not None
+            (live,) = svc.endpoints
+            dead = []
+            for _ in range(3):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    dead.append(dataclasses.replace(live, proxy_port=s.getsockname()[1]))
+            mesh.routes.replace((dataclasses.replace(svc, endpoints=(*dead, live)),))
+            port = mesh.client.port("upstream:tcp-echo")
+            for n in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"x" * n)
+                writer.write_eof()
+                async with asyncio.timeout(10):
+                    assert await reader.read(-1) == b"got %d" % n
+                writer.close()
+            text = mesh.server.metrics.render()
+            assert sample(text, "inbound_tcp_authz_allow_total", client_id=web.identity) == 20
     finally:
         server.close()
 
