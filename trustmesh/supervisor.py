@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,13 +213,19 @@ class Supervisor:
         except OSError:
             return 0
 
-    def start(self, spec: ChildSpec) -> None:
-        """Start ``spec`` and wait until it is ready (or raise, naming its log file)."""
+    def launch(self, spec: ChildSpec) -> _Child:
+        """Start ``spec`` without waiting for it (its ``ready`` check is the caller's)."""
         offset = self._log_size(spec.name)
         proc = self._spawn(spec)
         child = _Child(spec, proc, started=time.monotonic(), log_offset=offset)
         self.children.append(child)
         log.info("started %s (pid %d)", spec.name, proc.pid)
+        return child
+
+    def start(self, spec: ChildSpec) -> None:
+        """Start ``spec`` and wait until it is ready (or raise, naming its log file)."""
+        child = self.launch(spec)
+        proc = child.proc
         if spec.ready is None:
             return
         deadline = time.monotonic() + spec.ready_timeout
@@ -279,14 +285,26 @@ class Supervisor:
                 restarted.append(child.spec.name)
         return restarted
 
+    def child(self, name: str) -> _Child | None:
+        return next((c for c in self.children if c.spec.name == name), None)
+
+    def remove(self, names: Collection[str], timeout: float = 5.0) -> None:
+        """Stop the children named (as :meth:`stop` does) and supervise them no more."""
+        leaving = [c for c in self.children if c.spec.name in names]
+        self.children = [c for c in self.children if c.spec.name not in names]
+        self._terminate(leaving, timeout)
+
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every child in reverse start order, then SIGKILL what is left."""
         self._stopping = True
-        for child in reversed(self.children):
+        self._terminate(self.children, timeout)
+
+    def _terminate(self, children: list[_Child], timeout: float) -> None:
+        for child in reversed(children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for child in reversed(self.children):
+        for child in reversed(children):
             remaining = max(0.0, deadline - time.monotonic())
             try:
                 child.proc.wait(remaining)

@@ -4,6 +4,7 @@ cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import selectors
@@ -235,6 +236,101 @@ def test_a_running_up_renews_a_due_issuer_and_identity_takes_it(tmp_path: Path) 
         assert proc.returncode == 0, err
         assert f"issuer renewed: {new.fingerprint[:16]}" in err
         assert "trust anchors file updated from store version" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+
+def _service_via(upstream: int) -> str | None:
+    """The service that answered through an upstream listener; None: no answer (yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{upstream}/", timeout=10) as r:
+            return str(json.loads(r.read())["service"])
+    except OSError:  # urllib's errors included: not listening yet, 502/503 while it changes
+        return None
+
+
+def test_a_running_up_starts_and_stops_workloads_as_the_mesh_file_changes(
+    tmp_path: Path,
+) -> None:
+    web_app, web_in, client_in, upstream = free_ports(4)
+    web1_app, web1_in, upstream2 = free_ports(3)
+    docs = _mesh(web_app, web_in, client_in, upstream)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(yaml.safe_dump_all(docs))
+    home = tmp_path / "home"
+    published = home / "up" / "mesh.json"
+    proc = _start_up(mesh_file, home)
+    try:
+        info = json.loads(_read_line(proc, 60))
+        before = {w["workload"]: w for w in info["workloads"]}
+        children = {p.pid: p for p in psutil.Process(proc.pid).children()}
+        control_pids = {
+            pid for pid, p in children.items() if {"identity", "destination"} & set(p.cmdline())
+        }
+        assert _service_via(upstream) == "web"
+
+        # A second web replica (application and proxy), a new service account.
+        web1 = copy.deepcopy(docs[0])
+        web1["metadata"]["name"] = "web-1"
+        web1["metadata"]["annotations"]["up.trustmesh.io/command"] = (
+            f"{{python}} -m trustmesh.demo.apps http --name web1 --listen 127.0.0.1:{web1_app}"
+        )
+        web1["spec"].update(
+            serviceAccount="web1", inboundProxyPort=web1_in,
+            ports=[{"name": "http", "port": web1_app}],
+        )  # fmt: skip
+        mesh_file.write_text(yaml.safe_dump_all([*docs, web1]))
+
+        def ready(key: str) -> bool:
+            admin = {w["workload"]: w["admin"] for w in json.loads(published.read_text())[
+                "workloads"]}.get(key)  # fmt: skip
+            try:
+                with urllib.request.urlopen(f"http://{admin}/ready", timeout=5) as r:
+                    return admin is not None and r.status == 200
+            except OSError:
+                return False
+
+        _wait_for(lambda: ready("shop/web-1"), 40)
+        workloads = {w["workload"] for w in json.loads(published.read_text())["workloads"]}
+        assert workloads == {"shop/web-0", "shop/shell-0", "shop/web-1"}
+        token = home / "up" / "tokens" / "shop.web1.jwt"
+        assert oct(token.stat().st_mode & 0o777) == "0o600"
+
+        # web-0 removed, shell-0 given a second upstream: web-0's processes stop, shell-0's
+        # proxy is restarted on the admin port up chose for it, and its app-less peer stays.
+        shell = copy.deepcopy(docs[2])
+        shell["metadata"]["annotations"]["up.trustmesh.io/upstreams"] += (
+            f",127.0.0.1:{upstream2}=web.shop.svc.cluster.local:80"
+        )
+        web0 = [
+            p for p in children.values() if "web-0" in " ".join(p.cmdline()) or
+            f"127.0.0.1:{web_app}" in " ".join(p.cmdline())
+        ]  # fmt: skip
+        assert len(web0) == 2
+        mesh_file.write_text(yaml.safe_dump_all([docs[1], shell, web1]))
+        _, alive = psutil.wait_procs(web0, timeout=20)
+        assert not alive
+        _wait_for(lambda: all(_service_via(upstream2) == "web1" for _ in range(5)), 40)
+        assert _service_via(upstream) == "web1"
+        after = {w["workload"]: w for w in json.loads(published.read_text())["workloads"]}
+        assert set(after) == {"shop/shell-0", "shop/web-1"}
+        assert after["shop/shell-0"]["admin"] == before["shop/shell-0"]["admin"]
+        control = [p for p in children.values() if p.pid in control_pids]
+        assert len(control) == 2 and all(p.is_running() for p in control)  # they stay
+
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        err = " ".join(err.split())  # rich wraps long lines on a pipe
+        assert "workloads added shop/web-1" in err and "workload shop/web-1 is ready" in err
+        assert "workloads removed shop/web-0; changed shop/shell-0" in err
+        assert "stopped app-shop-web-0, proxy-shop-shell-0, proxy-shop-web-0" in err
+        assert {w["workload"] for w in json.loads(out)["workloads"]} == {
+            "shop/shell-0",
+            "shop/web-1",
+        }
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,12 +1,17 @@
-"""Preparing ``up``'s run (``trustmesh.up.runtime.Mesh.prepare``): the ports it chooses."""
+"""``up``'s run (``trustmesh.up.runtime.Mesh``): the ports it chooses, the issuer and anchors it
+keeps current, and the processes it starts and stops as the mesh file changes."""
 
 from __future__ import annotations
 
-import copy
+import json
 import os
+import socket
+import time
+import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -14,9 +19,10 @@ import trustmesh.up.runtime as runtime
 from pki.certs import utcnow
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import ANCHOR_KEY, FileStore
-from trustmesh.supervisor import Supervisor
+from trustmesh.supervisor import Supervisor, free_ports
 from trustmesh.up.demo import demo_mesh
 from trustmesh.up.home import ensure_pki
+from trustmesh.up.plan import ControlPlane
 from trustmesh.up.runtime import Mesh, UpOptions
 
 # Below the ephemeral range, so no port picked by the kernel for someone else lands here.
@@ -113,47 +119,146 @@ def test_a_store_the_anchors_file_cannot_follow_is_said_once(tmp_path: Path) -> 
     assert mesh.sync_trust_anchors() is None  # not again on every tick
 
 
-def test_a_changed_mesh_file_is_said_with_the_workloads_up_would_have_to_restart(
-    tmp_path: Path,
-) -> None:
-    # Destination applies a mesh file change at once, but up starts processes only when it
-    # starts: a workload added to the file got endpoints and no process, and nothing said so.
-    mesh_file = tmp_path / "mesh.yaml"
-    docs = list(yaml.safe_load_all(demo_mesh(iter(NAMED))))
-    mesh_file.write_text(yaml.safe_dump_all(docs))
-    mesh = Mesh(UpOptions(mesh_file, tmp_path / "home"), Supervisor(tmp_path / "logs"))
-    mesh.prepare()
-    stamp = iter(range(1, 100))
+def _app(name: str, port: int, command: str | None = None) -> dict:
+    """An application-only workload (no proxy: this test runs no control plane)."""
+    command = (
+        command or f"{{python}} -m trustmesh.demo.apps http --name {name} --listen 127.0.0.1:{port}"
+    )
+    return {
+        "apiVersion": "trustmesh.io/v1alpha1", "kind": "Workload",
+        "metadata": {"name": f"{name}-0", "namespace": "demo", "labels": {"app": name},
+                     "annotations": {"up.trustmesh.io/command": command}},
+        "spec": {"serviceAccount": name, "address": "127.0.0.1",
+                 "ports": [{"name": "http", "port": port}]},
+    }  # fmt: skip
 
-    def write(text: str) -> list[str]:
-        mesh_file.write_text(text)
+
+def _answer(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        return str(json.loads(r.read())["service"])
+
+
+def test_a_running_up_follows_the_mesh_file(tmp_path: Path) -> None:
+    # Destination applied a mesh file change at once, but up started processes only when it
+    # started: a workload added to the file got endpoints and no process, and one removed
+    # kept running. Now the processes follow the file.
+    ports = free_ports(5)
+    mesh_file = tmp_path / "mesh.yaml"
+    stamp = iter(range(1, 100))
+    supervisor = Supervisor(tmp_path / "logs")
+    mesh = Mesh(UpOptions(mesh_file, tmp_path / "home", ready_timeout=20), supervisor)
+
+    def write(docs: list[dict] | str) -> None:
+        mesh_file.write_text(docs if isinstance(docs, str) else yaml.safe_dump_all(docs))
         t = next(stamp) * 10**9  # a new mtime whatever the clock's granularity
         os.utime(mesh_file, ns=(t, t))
-        return mesh.mesh_file_changes()
 
-    assert mesh.mesh_file_changes() == []  # not touched: one stat, nothing said
-    assert write(yaml.safe_dump_all(docs)) == [
-        "the mesh file changed; destination applies it (workloads unchanged)"
-    ]
-    extra = copy.deepcopy(docs[0])
-    extra["metadata"]["name"] = "web-9"
-    changed = copy.deepcopy(docs)
-    changed[1]["metadata"]["annotations"]["up.trustmesh.io/command"] += " --extra"
-    # web-0 renamed web-9, echo-0 dropped, api-0's command changed
-    assert write(yaml.safe_dump_all([extra, *changed[1:4], *changed[5:]])) == [
-        "the mesh file changed: workloads added demo/web-9; removed demo/echo-0, demo/web-0; "
-        "changed demo/api-0. Destination applies it now, but up starts and stops processes "
-        "only when it starts: restart up for them"
-    ]
-    (said,) = write("kind: [")
-    assert said.startswith("the mesh file changed and is refused (") and said.endswith(
-        "destination serves the last valid one"
-    )
-    assert write("kind: [") == []  # the same refusal is said once
-    # A resource refused (here a duplicate) is a refusal too, not an error that ends up.
-    (said,) = write(yaml.safe_dump_all([docs[0], docs[0]]))
-    assert "duplicates document 1" in said and said.startswith("the mesh file changed and is")
-    mesh_file.unlink()
-    assert mesh.mesh_file_changes() == [
-        f"the mesh file {mesh_file} is gone; destination serves its last state"
-    ]
+    def settle(*keys: str) -> list[str]:
+        """reconcile() until each workload in ``keys`` is ready or stopped; what it said."""
+        said: list[str] = []
+        for _ in range(400):  # 20 s
+            said += mesh.reconcile()
+            if not mesh._starting.keys() & set(keys):
+                return said
+            time.sleep(0.05)
+        raise AssertionError(f"still starting: {mesh._starting}; said {said}")
+
+    def pid(name: str) -> int:
+        child = supervisor.child(name)
+        assert child is not None, name
+        return child.proc.pid
+
+    write([_app("a", ports[0]), _app("b", ports[1])])
+    try:
+        mesh.prepare()
+        mesh.control = ControlPlane("127.0.0.1:1", "127.0.0.1:2")
+        mesh.start_workloads()
+        assert mesh.reconcile() == []  # not touched: one stat, nothing said
+        a_pid, b_pid = pid("app-demo-a-0"), pid("app-demo-b-0")
+        generation = mesh.generation
+
+        # Labels only: destination's business; no process changes.
+        docs = [_app("a", ports[0]), _app("b", ports[1])]
+        docs[0]["metadata"]["labels"]["tier"] = "front"
+        write(docs)
+        assert mesh.reconcile() == [
+            "the mesh file changed; destination applies it (workloads unchanged)"
+        ]
+        assert pid("app-demo-a-0") == a_pid and mesh.generation == generation
+
+        # b removed, c added, a's command changed.
+        a2 = f"{{python}} -m trustmesh.demo.apps http --name a2 --listen 127.0.0.1:{ports[0]}"
+        write([_app("a", ports[0], a2), _app("c", ports[2])])
+        said = mesh.reconcile()
+        assert said == [
+            "the mesh file changed: workloads added demo/c-0; removed demo/b-0; changed demo/a-0",
+            "stopped app-demo-a-0, app-demo-b-0",
+            "starting workload demo/a-0",
+            "starting workload demo/c-0",
+        ]
+        assert not psutil.pid_exists(b_pid) or psutil.Process(b_pid).status() == "zombie"
+        assert supervisor.child("app-demo-b-0") is None
+        assert sorted(settle("demo/a-0", "demo/c-0")) == [
+            "workload demo/a-0 is ready",
+            "workload demo/c-0 is ready",
+        ]
+        assert pid("app-demo-a-0") != a_pid
+        assert _answer(ports[0]) == "a2" and _answer(ports[2]) == "c"
+        assert [p.key for p in mesh.plans] == ["demo/a-0", "demo/c-0"]
+        assert mesh.generation > generation
+        # Ready, they are supervised like the rest: restarted when they exit.
+        assert all(c.spec.restart for c in supervisor.children)
+
+        # A new workload that exits while starting is stopped and said; the rest runs on.
+        crash = "{python} -c 'import sys; print(\"no config\"); sys.exit(3)'"
+        write([_app("a", ports[0], a2), _app("c", ports[2]), _app("d", ports[3], crash)])
+        said = mesh.reconcile()
+        assert said[-1] == "starting workload demo/d-0"
+        said = settle("demo/d-0")
+        assert len(said) == 1 and "app-demo-d-0 exited with status 3 while starting" in said[0]
+        assert "| no config" in said[0]
+        assert said[0].endswith("workload demo/d-0 is stopped; the rest of the mesh runs on")
+        assert supervisor.child("app-demo-d-0") is None
+        assert [p.key for p in mesh.plans] == ["demo/a-0", "demo/c-0"]
+
+        # Fixed, it is started: a failed workload is retried on the next change that names it.
+        # One whose port is taken is refused, naming the port, before anything is started.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", ports[4]))
+            taken.listen()
+            write(
+                [_app("a", ports[0], a2), _app("c", ports[2]), _app("d", ports[3]),
+                 _app("e", ports[4])]
+            )  # fmt: skip
+            said = mesh.reconcile()
+            assert said == [
+                "the mesh file changed: workloads added demo/d-0, demo/e-0",
+                "starting workload demo/d-0",
+                f"cannot start workload demo/e-0: 127.0.0.1:{ports[4]} (application port of "
+                "demo/e-0) is already in use; stop what listens there or change the mesh "
+                "file; the rest of the mesh runs on",
+            ]
+        assert settle("demo/d-0") == ["workload demo/d-0 is ready"]
+        assert _answer(ports[3]) == "d"
+        assert supervisor.child("app-demo-e-0") is None
+
+        # A refused file changes nothing, and is said once.
+        write("kind: [")
+        (said,) = mesh.reconcile()
+        assert said.startswith("the mesh file changed and is refused (") and said.endswith(
+            "destination serves the last valid one"
+        )
+        write("kind: [")
+        assert mesh.reconcile() == []
+        # A resource refused (here a duplicate) is a refusal too, not an error that ends up.
+        docs = [_app("a", ports[0], a2)]
+        write([*docs, *docs])
+        (said,) = mesh.reconcile()
+        assert "duplicates document 1" in said and said.startswith("the mesh file changed and is")
+        mesh_file.unlink()
+        assert mesh.reconcile() == [
+            f"the mesh file {mesh_file} is gone; destination serves its last state"
+        ]
+        assert _answer(ports[0]) == "a2" and _answer(ports[2]) == "c"
+    finally:
+        supervisor.stop()

@@ -191,8 +191,14 @@ def _run(
             synced = mesh.sync_trust_anchors()
             if synced:
                 progress(synced)
-            for message in mesh.mesh_file_changes():
+            generation = mesh.generation
+            for message in mesh.reconcile():
                 progress(message)
+            if mesh.generation != generation:  # workloads started or stopped: for 'check'
+                try:
+                    paths.publish(_ready_info(mesh))
+                except OSError as e:
+                    progress(f"cannot update {paths.published} ({e})")
             if live is not None and now - last_scrape >= SCRAPE_EVERY:
                 last_scrape = now
                 rows = workload_rows(_scrape_all(mesh, scrape), time.time())

@@ -111,15 +111,18 @@ def plan_mesh(state: ClusterState, free: Iterator[int]) -> tuple[WorkloadPlan, .
     return tuple(plan_workload(w, free) for w in state.workloads)
 
 
-def listen_ports(plans: Iterable[WorkloadPlan]) -> list[tuple[str, int, str]]:
+def listen_ports(
+    plans: Iterable[WorkloadPlan], *, apps: bool = True, proxies: bool = True
+) -> list[tuple[str, int, str]]:
     """Every (host, port, what) that ``up``'s children will listen on: each proxy's inbound,
     outbound, admin and upstream listeners, and the ports of the applications ``up`` starts
-    (an application without a command runs elsewhere; its ports are its own business)."""
+    (an application without a command runs elsewhere; its ports are its own business).
+    ``apps``/``proxies`` False leave out the applications' or the proxies' ports."""
     found: list[tuple[str, int, str]] = []
     for plan in plans:
-        if plan.command:
+        if plan.command and apps:
             found += [(HOST, port, f"application port of {plan.key}") for port in plan.app_ports]
-        if plan.meshed:
+        if plan.meshed and proxies:
             for what, port in (
                 ("inbound", plan.inbound_port),
                 ("outbound", plan.outbound_port),

@@ -7,6 +7,11 @@ checked free (so a bad file or a busy port is refused before anything is created
 ``/ready``), then every application and proxy side by side (applications until they accept,
 proxies until ``/ready``, which a proxy reaches only with a certificate). Stop is the
 supervisor's: SIGTERM in reverse start order, SIGKILL after a grace period.
+
+While it runs, ``up`` follows the mesh file (:meth:`Mesh.reconcile`): the processes of a
+workload removed from it are stopped, those of a new workload started, and of a changed one
+only the processes whose command line changed are restarted. A workload started that way that
+fails before it is ready is stopped and reported; the rest of the mesh runs on.
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ import errno
 import itertools
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from destination.errors import DestinationError, InvalidMeshFile
 from destination.meshfile import load_mesh_text
-from destination.resources import ClusterState
+from destination.resources import ClusterState, Workload
+from pki.certs import utcnow
 from pki.errors import PKIError
 from trustmesh.rotation_job import ExitCode, run_once
 from trustmesh.supervisor import (
@@ -43,6 +49,7 @@ from trustmesh.up.plan import (
     listen_ports,
     named_ports,
     plan_mesh,
+    plan_workload,
     proxy_args,
 )
 
@@ -91,6 +98,10 @@ def check_ports_free(ports: Sequence[tuple[str, int, str]]) -> None:
                 ) from None
 
 
+def _same_process(a: ChildSpec, b: ChildSpec) -> bool:
+    return a.argv == b.argv and dict(a.env) == dict(b.env) and a.ready == b.ready
+
+
 def start_all(supervisor: Supervisor, specs: Sequence[ChildSpec], timeout: float) -> None:
     """Start ``specs`` at once and wait until each is ready (their ``ready`` checks), failing
     fast, with the child's log file named, when one exits or the deadline passes."""
@@ -135,9 +146,12 @@ class Mesh:
         self._store_version: int | None = None  # the store version the anchors file follows
         self._said: set[str] = set()  # problems already reported: each is said once
         self._control_ports: tuple[int, int, int, int] = (0, 0, 0, 0)
-        # The mesh file as planned at start (ports up chooses left 0), and its stat then.
+        # The mesh file's workloads as running (ports up chooses left 0), and its stat.
         self._drafts: dict[str, WorkloadPlan] = {}
         self._mesh_stat: tuple[int, int, int] | None = None
+        self._specs: dict[str, tuple[ChildSpec, ...]] = {}  # workload -> its children
+        self._starting: dict[str, float] = {}  # workload started while up runs -> deadline
+        self.generation = 0  # +1 whenever workloads were started or stopped while running
 
     def prepare(self) -> None:
         """Read and plan the mesh file, check its listen ports, choose the free ones (no file
@@ -200,35 +214,44 @@ class Mesh:
             o.ready_timeout,
         )
         progress(f"starting {len(self.plans)} workloads")
-        start_all(self.supervisor, self._workload_specs(), o.ready_timeout)
+        self.start_workloads()
 
-    def _workload_specs(self) -> list[ChildSpec]:
+    def start_workloads(self) -> None:
+        """Start every planned workload and wait until all are ready (the control plane is
+        up). Raises SupervisorError naming the one that failed."""
+        for plan in self.plans:
+            self._specs[plan.key] = self._workload_specs(plan)
+            if plan.admin_port is not None:
+                self.admin[plan.key] = f"{HOST}:{plan.admin_port}"
+        specs = [spec for specs in self._specs.values() for spec in specs]
+        start_all(self.supervisor, specs, self.options.ready_timeout)
+
+    def _workload_specs(self, plan: WorkloadPlan) -> tuple[ChildSpec, ...]:
+        """The children that run ``plan``: its application (if ``up`` starts it), its proxy."""
         assert self.control is not None
         specs = []
-        for plan in self.plans:
-            slug = f"{plan.namespace}-{plan.name}"
-            if plan.command:
-                ready = ReadyCheck((HOST, plan.app_ports[0]), None) if plan.app_ports else None
-                specs.append(ChildSpec(f"app-{slug}", plan.command, ready, CHILD_ENV))
-            if plan.meshed:
-                args = proxy_args(
-                    plan,
-                    self.control,
-                    token_file=str(self.home.token(plan.namespace, plan.service_account)),
-                    anchors=str(self.home.anchors),
-                    kex=self.options.kex,
+        slug = f"{plan.namespace}-{plan.name}"
+        if plan.command:
+            ready = ReadyCheck((HOST, plan.app_ports[0]), None) if plan.app_ports else None
+            specs.append(ChildSpec(f"app-{slug}", plan.command, ready, CHILD_ENV))
+        if plan.meshed:
+            args = proxy_args(
+                plan,
+                self.control,
+                token_file=str(self.home.token(plan.namespace, plan.service_account)),
+                anchors=str(self.home.anchors),
+                kex=self.options.kex,
+            )
+            assert plan.admin_port is not None
+            specs.append(
+                ChildSpec(
+                    f"proxy-{slug}",
+                    trustmesh_argv(*args),
+                    ReadyCheck((HOST, plan.admin_port)),
+                    CHILD_ENV,
                 )
-                assert plan.admin_port is not None
-                self.admin[plan.key] = f"{HOST}:{plan.admin_port}"
-                specs.append(
-                    ChildSpec(
-                        f"proxy-{slug}",
-                        trustmesh_argv(*args),
-                        ReadyCheck((HOST, plan.admin_port)),
-                        CHILD_ENV,
-                    )
-                )
-        return specs
+            )
+        return tuple(specs)
 
     def refresh_tokens(self, now: datetime) -> bool:
         """Re-sign every workload token when due (the first call always signs); True if done."""
@@ -283,26 +306,33 @@ class Mesh:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def mesh_file_changes(self) -> list[str]:
-        """What to tell the user when the mesh file changed while ``up`` runs (cheap when it
-        did not: one stat). Destination applies a valid change at once (endpoints, routes,
-        policy), but ``up`` starts and stops processes only when it starts, so workloads
-        added, removed or changed need a restart of ``up``: say which. Each message once."""
+    def reconcile(self, now: float | None = None) -> list[str]:
+        """Follow the mesh file while ``up`` runs (cheap when it did not change: one stat),
+        and see the workloads started by an earlier change through to ready. Destination
+        applies a valid change itself (endpoints, routes, policy); here the processes follow:
+        a removed workload's are stopped, a new one's started, and of a changed one only the
+        processes whose command line changed are restarted. Returns what to tell the user; a
+        refusal is said once."""
+        now = time.monotonic() if now is None else now
+        said = self._check_starting(now)
         seen = self._stat_mesh_file()
         if seen == self._mesh_stat:
-            return []
+            return said
         self._mesh_stat = seen
         path = self.options.mesh_file
         if seen is None:
-            return self._once([f"the mesh file {path} is gone; destination serves its last state"])
+            return said + self._once(
+                [f"the mesh file {path} is gone; destination serves its last state"]
+            )
         try:
-            drafts = {d.key: d for d in self._read_mesh()[1]}
+            state, planned = self._read_mesh()
         except (OSError, DestinationError, PlanError) as e:  # DestinationError: any refusal
-            return self._once(
+            return said + self._once(
                 [
                     f"the mesh file changed and is refused ({e}); destination serves the last valid one"
                 ]
             )
+        drafts = {d.key: d for d in planned}
         added = sorted(drafts.keys() - self._drafts.keys())
         removed = sorted(self._drafts.keys() - drafts.keys())
         changed = sorted(
@@ -314,13 +344,155 @@ class Mesh:
             if keys
         ]
         if not parts:
-            return ["the mesh file changed; destination applies it (workloads unchanged)"]
-        return self._once(
-            [
-                f"the mesh file changed: workloads {'; '.join(parts)}. Destination applies it "
-                "now, but up starts and stops processes only when it starts: restart up for them"
-            ]
-        )
+            return [*said, "the mesh file changed; destination applies it (workloads unchanged)"]
+        said.append(f"the mesh file changed: workloads {'; '.join(parts)}")
+        wanted = [k for k in drafts if k in added or k in changed]  # in file order
+        return said + self._apply(state, drafts, removed, wanted, now)
+
+    def _apply(
+        self,
+        state: ClusterState,
+        drafts: Mapping[str, WorkloadPlan],
+        removed: Sequence[str],
+        wanted: Sequence[str],
+        now: float,
+    ) -> list[str]:
+        said: list[str] = []
+        plans = {p.key: p for p in self.plans}
+        workloads = {f"{w.meta.namespace}/{w.meta.name}": w for w in state.workloads}
+        free = self._free_ports(named_ports(list(drafts.values())))
+        stop: set[str] = set()
+        start: dict[str, list[ChildSpec]] = {}
+        new_plans: dict[str, WorkloadPlan] = {}
+        for key in removed:
+            stop.update(spec.name for spec in self._specs.get(key, ()))
+        for key in wanted:
+            plan = self._replan(workloads[key], drafts[key], plans.get(key), free)
+            new_plans[key] = plan
+            running = {spec.name: spec for spec in self._specs.get(key, ())}
+            specs = self._workload_specs(plan)
+            names = {spec.name for spec in specs}
+            stop.update(name for name in running if name not in names)
+            start[key] = []
+            for spec in specs:
+                if spec.name not in running:
+                    start[key].append(spec)
+                elif not _same_process(running[spec.name], spec):
+                    stop.add(spec.name)
+                    start[key].append(spec)
+        if stop:
+            self.supervisor.remove(stop)
+            said.append(f"stopped {', '.join(sorted(stop))}")
+            self.generation += 1
+        for key in removed:
+            self._forget(key)
+        for key, plan in new_plans.items():
+            said += self._start_workload(plan, drafts[key], start[key], now)
+        merged = {**plans, **new_plans}
+        self.plans = tuple(merged[k] for k in drafts if k in merged and k in self._specs)
+        return said
+
+    def _replan(
+        self,
+        workload: Workload,
+        draft: WorkloadPlan,
+        old: WorkloadPlan | None,
+        free: Iterator[int],
+    ) -> WorkloadPlan:
+        """``workload`` planned with free ports, keeping the ports ``up`` chose for it before
+        when the file still leaves them to ``up`` (its clients and ``check`` know them)."""
+        plan = plan_workload(workload, free)
+        previous = self._drafts.get(draft.key)
+        if old is None or previous is None:
+            return plan
+        kept = {
+            field: getattr(old, field)
+            for field in ("admin_port", "outbound_port")
+            if getattr(draft, field) == 0
+            and getattr(previous, field) == 0
+            and getattr(old, field) is not None
+        }
+        return dataclasses.replace(plan, **kept)
+
+    def _start_workload(
+        self, plan: WorkloadPlan, draft: WorkloadPlan, specs: Sequence[ChildSpec], now: float
+    ) -> list[str]:
+        key = plan.key
+        if specs:
+            restarting = {spec.name.split("-", 1)[0] for spec in specs}
+            try:
+                check_ports_free(
+                    listen_ports([plan], apps="app" in restarting, proxies="proxy" in restarting)
+                )
+                if "proxy" in restarting:  # its token, signed now (a file left by an
+                    # earlier run may have expired; refresh_tokens re-signs it from here on)
+                    write_token(self.home, plan.namespace, plan.service_account, now=utcnow())
+                for spec in specs:
+                    # Not restarted by the supervisor until ready: a new workload that cannot
+                    # start is reported and stopped, not left to crash-loop the whole mesh.
+                    self.supervisor.launch(dataclasses.replace(spec, restart=False))
+            except (SupervisorError, PKIError, OSError) as e:
+                self._specs[key] = self._workload_specs(plan)
+                self._forget(key)
+                return [f"cannot start workload {key}: {e}; the rest of the mesh runs on"]
+            self.generation += 1
+            self._starting[key] = now + self.options.ready_timeout
+        self._specs[key] = self._workload_specs(plan)
+        self._drafts[key] = draft
+        if plan.admin_port is not None:
+            self.admin[key] = f"{HOST}:{plan.admin_port}"
+        else:
+            self.admin.pop(key, None)
+        return [f"starting workload {key}"] if specs else []
+
+    def _check_starting(self, now: float) -> list[str]:
+        """Workloads started while running: ready (then supervised as any other), exited or
+        out of time (then stopped, and said)."""
+        said = []
+        for key, deadline in list(self._starting.items()):
+            children = [self.supervisor.child(spec.name) for spec in self._specs[key]]
+            exited = next(
+                (c for c in children if c is not None and c.proc.poll() is not None), None
+            )
+            if exited is not None:
+                failure = self.supervisor.failure(exited, "while starting")
+                self._forget(key)
+                said.append(f"{failure}\nworkload {key} is stopped; the rest of the mesh runs on")
+            elif all(c is None or c.spec.ready is None or c.spec.ready() for c in children):
+                for child in children:
+                    if child is not None:
+                        child.spec = dataclasses.replace(child.spec, restart=True)
+                del self._starting[key]
+                said.append(f"workload {key} is ready")
+            elif now > deadline:
+                self._forget(key)
+                said.append(
+                    f"workload {key} was not ready within {self.options.ready_timeout:.0f}s and "
+                    f"is stopped; see its logs in {self.supervisor.log_dir}"
+                )
+        return said
+
+    def _forget(self, key: str) -> None:
+        """Stop ``key``'s children (those still running) and drop it: a later change of the
+        mesh file that names it again starts it afresh."""
+        names = {spec.name for spec in self._specs.pop(key, ())}
+        if names & {c.spec.name for c in self.supervisor.children}:
+            self.supervisor.remove(names)
+            self.generation += 1
+        self._drafts.pop(key, None)
+        self._starting.pop(key, None)
+        self.admin.pop(key, None)
+        self.plans = tuple(p for p in self.plans if p.key != key)
+
+    @staticmethod
+    def _free_ports(exclude: set[int]) -> Iterator[int]:
+        """Free ports, none of them in ``exclude``, none twice."""
+        seen = set(exclude)
+        while True:
+            for port in free_ports(8):
+                if port not in seen:
+                    seen.add(port)
+                    yield port
 
     def _once(self, problems: list[str]) -> list[str]:
         """The problems not reported yet (each is said once per run, not at every check)."""
