@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -41,13 +40,6 @@ kind: Workload
 metadata: {name: web-1, namespace: default, labels: {app: web}}
 spec: {serviceAccount: web, address: 127.0.0.2, inboundProxyPort: 14144}
 """
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now, for a server that must restart on the same address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def quick_client(port: int, workload: WorkloadRef | None = None) -> DestinationClient:

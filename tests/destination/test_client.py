@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from destination_testlib import WEB, WEB_1, eventually, free_port, quick_client, write_atomic
+from destination_testlib import WEB, WEB_1, eventually, quick_client, write_atomic
+from loopback import unused_port
 
 from destination.client import Backoff, DestinationClient
 from destination.paths import WorkloadRef
@@ -32,7 +33,7 @@ def test_backoff_is_jittered_and_capped() -> None:
 async def test_last_known_state_while_server_is_away(tmp_path: Path) -> None:
     mesh = tmp_path / "mesh.yaml"
     write_atomic(mesh, WEB)
-    port = free_port()
+    port = unused_port()
     options = ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
     server = DestinationServer(options)
     await server.start()

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+from loopback import unused_port
 
 from alerts.rulebook import RULES_DIR
 from pki.rotation import init_anchor, issue_issuer
@@ -42,12 +42,6 @@ pytestmark = pytest.mark.skipif(
 EVALUATION_INTERVAL = 1.0
 TARGET_SECONDS = EVALUATION_INTERVAL + 2.0
 CYCLES = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _poll(what: str, predicate: Callable[[], Any], timeout: float) -> Any:
@@ -149,7 +143,7 @@ def test_issuer_expiring_soon_fires_and_rotation_resolves_it(tmp_path: Path) -> 
     webhook = Webhook()
     hook_thread = threading.Thread(target=webhook.server.serve_forever, daemon=True)
     hook_thread.start()
-    am_port, prom_port = _free_port(), _free_port()
+    am_port, prom_port = unused_port(), unused_port()
     (tmp_path / "alertmanager.yml").write_text(
         yaml.safe_dump(
             {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from identity_testkit import Env, identity, make_env
+from loopback import unused_port
 
 from identity.client import Backoff, IdentityClient, IdentityClientConfig, next_refresh
 from identity.server import IdentityServer, ServerConfig
@@ -60,12 +60,6 @@ def test_failure_retry_never_passes_the_refresh_point() -> None:
     assert next_refresh(T0 - H, T0, failures=1, backoff=b, sample=0) == timedelta(seconds=5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_certifies_and_schedules(env: Env, server: IdentityServer) -> None:
     bundle = env.store.load().require_bundle()
     updates: list = []
@@ -109,7 +103,7 @@ async def test_refuses_a_certificate_it_cannot_verify(env: Env, server: Identity
 
 async def test_run_backs_off_then_recovers(env: Env) -> None:
     """The loop with an injected sleep: failures while the server is down, then success."""
-    port = free_port()
+    port = unused_port()
     bundle = env.store.load().require_bundle()
     sleeps: list[float] = []
     srv_box: list[IdentityServer] = []

@@ -19,10 +19,10 @@ from destination_testlib import (
     WEB,
     WEB_1,
     eventually,
-    free_port,
     tls_server,
     write_atomic,
 )
+from loopback import unused_port
 
 from destination.client import Backoff, DestinationClient
 from destination.errors import Unavailable
@@ -54,7 +54,7 @@ async def test_destination_channel_follows_an_anchor_rotation(
     anchors_file.write_bytes(old.pem())
     mesh = tmp_path / "mesh.yaml"
     write_atomic(mesh, WEB)
-    listen = f"127.0.0.1:{free_port()}"
+    listen = f"127.0.0.1:{unused_port()}"
     backoff = Backoff(0.05, 0.2)
 
     anchors = TrustAnchors(anchors_file, clock=asyncio.get_running_loop().time, watch_file=False)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
+from loopback import unused_port
 from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh, sample
 
 import proxy.inbound as inbound_module
@@ -303,13 +304,6 @@ async def test_unknown_authority_wrong_identity_and_dead_endpoint(pki, caplog) -
         assert reply.startswith(b"HTTP/1.1 200") and b"x-client-id: -" in reply
 
 
-def _dead_port() -> int:
-    """A loopback port nothing listens on (connections to it are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_an_endpoint_refusing_connections_is_passed_over(pki, caplog) -> None:
     """A refused connection sent nothing of the request, so another endpoint takes it (as
     Linkerd's balancer holds such an endpoint unready): a workload starting or going away
@@ -318,7 +312,7 @@ async def test_an_endpoint_refusing_connections_is_passed_over(pki, caplog) -> N
     web, api = pki.credentials("web"), pki.credentials("api")
     async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
         live = Endpoint("127.0.0.1", app_port, api.identity, mesh.server.port("inbound"))
-        dead = [Endpoint("127.0.0.1", app_port, api.identity, _dead_port()) for _ in range(3)]
+        dead = [Endpoint("127.0.0.1", app_port, api.identity, unused_port()) for _ in range(3)]
         mesh.routes.replace((Service("api", (*dead, live)),))
         for _ in range(30):  # a new connection each: an endpoint choice and a dial each
             reply = await raw_exchange(

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from destination_testlib import eventually, free_port, quick_client, write_atomic
+from destination_testlib import eventually, quick_client, write_atomic
+from loopback import unused_port
 
 import proxy.control as control_module
 from destination.client import DestinationClient
@@ -57,7 +58,7 @@ async def _destination(
 ) -> AsyncIterator[tuple[DestinationServer, DestinationClient]]:
     """A plaintext destination service on ``mesh`` and a quick client of it, both stopped
     afterwards (stopping the server earlier is fine)."""
-    port = free_port()
+    port = unused_port()
     server = DestinationServer(
         ServeOptions(listen=f"127.0.0.1:{port}", admin_listen="127.0.0.1:0", mesh_file=mesh)
     )

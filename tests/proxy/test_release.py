@@ -14,12 +14,12 @@ import asyncio
 import collections
 import contextlib
 import gc
-import socket
 import weakref
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
+from loopback import unused_port
 from OpenSSL import SSL
 from proxy_mesh import raw_exchange, run_app, run_mesh
 from test_meshtls_inbound import http_request, tls_exchange
@@ -203,7 +203,7 @@ async def test_failed_exchanges_free_their_connections(pki) -> None:
         with collector_off():
             reply = await raw_exchange(mesh.outbound, REQUEST)
             assert reply.startswith(b"HTTP/1.1 502"), reply  # the server refuses our SNI
-            dead = Endpoint("127.0.0.1", _dead_port())
+            dead = Endpoint("127.0.0.1", unused_port())
             mesh.routes.replace((Service("api", (dead,), authorities=("api.local",)),))
             reply = await raw_exchange(mesh.outbound, REQUEST)
             assert reply.startswith(b"HTTP/1.1 502"), reply  # connection refused
@@ -223,13 +223,6 @@ async def test_failed_exchanges_free_their_connections(pki) -> None:
                 assert await reader.read(-1) == b""
             writer.close()
             await assert_all_freed(*pools)
-
-
-def _dead_port() -> int:
-    """A loopback port nothing listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Cyclic:

@@ -6,9 +6,9 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import socket
 
 import pytest
+from loopback import unused_port
 from proxy_mesh import run_mesh, sample
 
 from proxy.policy import DefaultPolicy, InboundPolicy
@@ -56,11 +56,7 @@ async def test_an_opaque_endpoint_refusing_connections_is_passed_over(pki) -> No
             svc = mesh.routes.by_name("tcp-echo")
             assert svc is not None
             (live,) = svc.endpoints
-            dead = []
-            for _ in range(3):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    dead.append(dataclasses.replace(live, proxy_port=s.getsockname()[1]))
+            dead = [dataclasses.replace(live, proxy_port=unused_port()) for _ in range(3)]
             mesh.routes.replace((dataclasses.replace(svc, endpoints=(*dead, live)),))
             port = mesh.client.port("upstream:tcp-echo")
             for n in range(20):

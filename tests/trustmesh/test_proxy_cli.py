@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from loopback import unused_port
 
 from pki.rotation import init_anchor
 from pki.store import FileStore
@@ -58,12 +59,6 @@ def _proxy_process(tmp_path: Path, *options: str) -> subprocess.Popen[str]:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_an_admin_address_in_use_is_one_line_naming_the_listener(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -83,11 +78,11 @@ def test_an_admin_address_in_use_is_one_line_naming_the_listener(tmp_path: Path)
 
 def test_proxy_run_becomes_the_sidecar_process_without_the_cli(tmp_path: Path) -> None:
     """Same PID, the sidecar's own module, serving its admin port; SIGTERM ends it with 0."""
-    admin = _free_port()
+    admin = unused_port()
     # Nothing answers on the control-plane addresses: the proxy waits for its certificate.
     proc = _proxy_process(
         tmp_path, "--admin-listen", f"127.0.0.1:{admin}",
-        "--identity-addr", f"127.0.0.1:{_free_port()}", "--destination-addr", f"127.0.0.1:{_free_port()}",
+        "--identity-addr", f"127.0.0.1:{unused_port()}", "--destination-addr", f"127.0.0.1:{unused_port()}",
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
