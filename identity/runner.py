@@ -48,6 +48,7 @@ class ServeOptions:
     control_plane_namespace: str = "trustmesh"
     token_validator: str = "local"
     token_audience: str = "identity.l5d.io"
+    token_store: Path | None = None  # the local validator's key (default: the store)
     allowed_algorithms: tuple[KeyAlgorithm, ...] = (KeyAlgorithm.ECDSA_P256,)
     tls: bool = False
     workers: int = 1
@@ -60,8 +61,8 @@ class ServeOptions:
             raise ValueError("exactly one issuer source is needed: store, issuer_dir or kubernetes")
         if self.token_validator not in ("local", "kubernetes"):
             raise ValueError(f"unknown token validator {self.token_validator!r}")
-        if self.token_validator == "local" and self.store is None:
-            raise ValueError("the local token validator needs the store (it holds the token key)")
+        if self.token_validator == "local" and self.store is None and self.token_store is None:
+            raise ValueError("the local token validator needs a store that holds the token key")
 
 
 def kubernetes_api_client(kubeconfig: Path | None) -> Any:
@@ -109,8 +110,9 @@ def build(options: ServeOptions) -> IdentityServer:
 
     validator: TokenValidator
     if options.token_validator == "local":
-        assert options.store is not None
-        key = tokens.token_signing_key(FileStore(options.store), now=utcnow())
+        key_store = options.token_store or options.store
+        assert key_store is not None
+        key = tokens.token_signing_key(FileStore(key_store), now=utcnow())
         validator = LocalTokenValidator(
             key,
             domain,

@@ -121,6 +121,63 @@ async def test_serve_subprocess_tls_with_workers(
     assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
 
 
+async def test_serve_an_issuer_directory_with_local_tokens_from_a_token_store(
+    make_store: Callable[..., FileStore], tmp_path: Path, capsys: object
+) -> None:
+    # --issuer-dir worked only with the Kubernetes validator: the local one's key lives in a
+    # store, and --store is the other issuer source. --token-store names it.
+    store = make_store(utcnow())
+    state = store.load()
+    issuer = state.require_issuer()
+    secret = tmp_path / "issuer"
+    secret.mkdir()
+    (secret / "tls.crt").write_bytes(issuer.chain_pem())
+    (secret / "tls.key").write_bytes(issuer.key.to_pem())
+    (secret / "ca.crt").write_bytes(state.require_bundle().pem())
+    code, _, err = run(
+        ["identity", "serve", "--issuer-dir", str(secret), "--token-validator", "kubernetes",
+         "--token-store", str(store.root)],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "--token-store is for --token-validator local" in err
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trustmesh", "identity", "serve", "--issuer-dir", str(secret),
+         "--token-validator", "local", "--token-store", str(store.root),
+         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)  # type: ignore[union-attr]
+        grpc_port = line.split()[2]
+        now = utcnow().replace(microsecond=0)
+        token = tokens.sign_token(
+            tokens.TokenClaims(
+                "system:serviceaccount:default:web",
+                "identity.l5d.io",
+                now,
+                now + timedelta(hours=1),
+            ),
+            tokens.token_signing_key(store, now=now),
+        )
+        client = IdentityClient(
+            IdentityClientConfig(f"127.0.0.1:{grpc_port}", WEB),
+            lambda: token, lambda: state.require_bundle(), channels=Channel, clock=utcnow,
+        )  # fmt: skip
+        await client.certify_once()
+        current = client.current()
+        assert current is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
+
+
 def test_serve_startup_errors_are_one_line(
     make_store: Callable[..., FileStore], tmp_path: Path, capsys: object
 ) -> None:

@@ -70,6 +70,12 @@ def identity() -> None:
 )
 @click.option("--token-audience", default="identity.l5d.io", show_default=True)
 @click.option(
+    "--token-store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="FileStore holding the local token key (default: --store, else the TrustMesh "
+    "home): how --issuer-dir or --kubernetes pair with --token-validator local.",
+)
+@click.option(
     "--allowed-key-algorithms",
     default="ecdsa-p256",
     show_default=True,
@@ -122,12 +128,15 @@ def serve(**opts: Any) -> None:
     if not any(sources):
         store = default_store_path()
     validator = opts["token_validator"] or ("local" if store is not None else "kubernetes")
-    if validator == "local" and store is None:
-        raise CLIError(
-            "--token-validator local needs --store (the token key lives there)", EXIT_USAGE
-        )
+    token_store = opts["token_store"]
+    if token_store is not None and validator != "local":
+        raise CLIError("--token-store is for --token-validator local", EXIT_USAGE)
+    if validator == "local" and token_store is None:
+        # The key 'trustmesh identity token' signs with: the same default store.
+        token_store = store if store is not None else default_store_path()
     options = ServeOptions(
         store=store,
+        token_store=token_store,
         issuer_dir=opts["issuer_dir"],
         kubernetes=opts["use_kubernetes"],
         trust_anchors=opts["trust_anchors"],
