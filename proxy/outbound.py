@@ -59,6 +59,7 @@ class _Choice:
     balancer: PeakEwmaBalancer[Endpoint]
     endpoint: Endpoint
     series: HttpSeries
+    picked_at: float  # the endpoint's latency counts from here (not from a failed try before)
     completed: bool = False
 
 
@@ -109,7 +110,7 @@ class OutboundHttp:
                 out.series.clear()  # clients' spellings of authorities, not series: refilled
             out.series[key] = series
         series.requests.n += 1
-        ex.target = _Choice(balancer, ep, series)
+        ex.target = _Choice(balancer, ep, series, now)
 
     def take(self, ex: Exchange) -> Link | None:
         if not isinstance(ex.target, _Choice):
@@ -157,14 +158,14 @@ class OutboundHttp:
             series = choice.series
             if not choice.completed:
                 choice.completed = True
-                choice.balancer.complete(choice.endpoint, ex.started, now)
+                choice.balancer.complete(choice.endpoint, choice.picked_at, now)
         series.respond(status, (now - ex.started) * 1000.0)
 
     def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         choice: _Choice | None = ex.target
         if choice is not None and not choice.completed:  # failed before any response head
             choice.completed = True
-            choice.balancer.complete(choice.endpoint, ex.started, self.outbound.clock())
+            choice.balancer.complete(choice.endpoint, choice.picked_at, self.outbound.clock())
         if link is not None:
             if reusable and choice is not None:
                 self.outbound.pool.put(choice.endpoint, link)

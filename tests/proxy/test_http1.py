@@ -331,6 +331,41 @@ async def test_an_endpoint_refusing_connections_is_passed_over(pki, caplog) -> N
         assert reply.startswith(b"HTTP/1.1 502") and b"connecting to 127.0.0.1:" in reply
 
 
+async def test_a_failed_try_does_not_count_in_the_next_endpoints_latency(pki) -> None:
+    """The endpoint a request fails over to is charged its own latency, not the time the
+    request spent on the one that failed first (here a peer that stalls the handshake until
+    the connect timeout): else one slow failure would make a healthy endpoint look slow."""
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # reads the ClientHello, answers nothing
+        writer.close()
+
+    web, api = pki.credentials("web"), pki.credentials("api")
+    staller = await asyncio.start_server(stall, "127.0.0.1", 0)
+    try:
+        async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
+            assert mesh.client.outbound is not None
+            mesh.client.outbound.connector.connect_timeout = 0.5
+            live = Endpoint("127.0.0.1", app_port, api.identity, mesh.server.port("inbound"))
+            stalled = Endpoint(
+                "127.0.0.1", app_port, api.identity, staller.sockets[0].getsockname()[1]
+            )
+            svc = Service("api", (stalled, live))
+            mesh.routes.replace((svc,))
+            balancer = mesh.client.outbound.balancer(svc, mesh.client.outbound.clock())
+            balancer.state(live).pending = 1000  # the first pick goes to the staller
+            started = time.monotonic()
+            reply = await raw_exchange(
+                mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+            )
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+            assert time.monotonic() - started >= 0.5  # it did wait out the staller
+            assert balancer.state(stalled).failures == 1
+            assert balancer.state(live).rtt < 0.25
+    finally:
+        staller.close()
+
+
 async def test_malformed_request_gets_400(pki) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
     async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
