@@ -34,6 +34,17 @@ def run(args: list[str], capsys: object) -> tuple[int, str, str]:
     return code, out, err
 
 
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, as an operator stops the service; SIGKILL if it has not exited in 15 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_token_and_manifests(make_store: Callable[..., FileStore], capsys: object) -> None:
     store = make_store(utcnow())
     code, out, _ = run(
@@ -111,13 +122,7 @@ async def test_serve_subprocess_tls_with_workers(
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=5) as r:
             assert r.status == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
     assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
 
 
@@ -168,13 +173,7 @@ async def test_serve_an_issuer_directory_with_local_tokens_from_a_token_store(
         current = client.current()
         assert current is not None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
     assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
 
 
