@@ -145,7 +145,8 @@ def _derive_slices(svc: Service, workloads: list[Workload], source: str) -> list
     return out
 
 
-def _has_resources(state: ClusterState) -> bool:
+def has_resources(state: ClusterState) -> bool:
+    """Whether ``state`` holds any resource at all (an empty or comment-only file does not)."""
     return any(
         (state.workloads, state.services, state.slices, state.servers,
          state.authorization_policies, state.mesh_tls, state.network_authentications,
@@ -192,7 +193,7 @@ class MeshFileSource:
         data = self._read()
         state = self._parse(data)
         self._digest = hashlib.sha256(data).hexdigest()
-        self._serving_resources = _has_resources(state)
+        self._serving_resources = has_resources(state)
         return state
 
     def _parse(self, data: bytes) -> ClusterState:
@@ -221,8 +222,8 @@ class MeshFileSource:
             state = self._parse(data)
         except (InvalidMeshFile, InvalidResource) as e:
             return self._refuse(str(e), digest)
-        has_resources = _has_resources(state)
-        if self._serving_resources and not has_resources:
+        has_resources_now = has_resources(state)
+        if self._serving_resources and not has_resources_now:
             return self._refuse(
                 f"{self.path}: no resources (empty, or only comments); a file being written, or "
                 "truncated by mistake, looks like this, so the mesh is not emptied by a reload. "
@@ -230,7 +231,7 @@ class MeshFileSource:
                 digest,
             )
         self._digest, self._refused_digest, self.last_error = digest, None, None
-        self._serving_resources = has_resources
+        self._serving_resources = has_resources_now
         self._publish(state)
         self._on_reload("applied", None)
         log.info("mesh file %s applied", self.path)

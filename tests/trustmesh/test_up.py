@@ -242,6 +242,13 @@ def test_a_running_up_renews_a_due_issuer_and_identity_takes_it(tmp_path: Path) 
             proc.communicate(timeout=10)
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` atomically, as the README asks of mesh file edits."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _service_via(upstream: int) -> str | None:
     """The service that answered through an upstream listener; None: no answer (yet)."""
     try:
@@ -281,7 +288,7 @@ def test_a_running_up_starts_and_stops_workloads_as_the_mesh_file_changes(
             serviceAccount="web1", inboundProxyPort=web1_in,
             ports=[{"name": "http", "port": web1_app}],
         )  # fmt: skip
-        mesh_file.write_text(yaml.safe_dump_all([*docs, web1]))
+        _replace(mesh_file, yaml.safe_dump_all([*docs, web1]))
 
         def ready(key: str) -> bool:
             admin = {w["workload"]: w["admin"] for w in json.loads(published.read_text())[
@@ -309,7 +316,7 @@ def test_a_running_up_starts_and_stops_workloads_as_the_mesh_file_changes(
             f"127.0.0.1:{web_app}" in " ".join(p.cmdline())
         ]  # fmt: skip
         assert len(web0) == 2
-        mesh_file.write_text(yaml.safe_dump_all([docs[1], shell, web1]))
+        _replace(mesh_file, yaml.safe_dump_all([docs[1], shell, web1]))
         _, alive = psutil.wait_procs(web0, timeout=20)
         assert not alive
         _wait_for(lambda: all(_service_via(upstream2) == "web1" for _ in range(5)), 40)

@@ -147,6 +147,7 @@ def test_a_running_up_follows_the_mesh_file(tmp_path: Path) -> None:
     stamp = iter(range(1, 100))
     supervisor = Supervisor(tmp_path / "logs")
     mesh = Mesh(UpOptions(mesh_file, tmp_path / "home", ready_timeout=20), supervisor)
+    mesh.settle = 0.0  # act on each write at once (the settling is tested below)
 
     def write(docs: list[dict] | str) -> None:
         mesh_file.write_text(docs if isinstance(docs, str) else yaml.safe_dump_all(docs))
@@ -241,6 +242,29 @@ def test_a_running_up_follows_the_mesh_file(tmp_path: Path) -> None:
         assert settle("demo/d-0") == ["workload demo/d-0 is ready"]
         assert _answer(ports[3]) == "d"
         assert supervisor.child("app-demo-e-0") is None
+
+        # A file with no resources (being written, or truncated) does not stop the mesh.
+        write("# nothing yet\n")
+        assert mesh.reconcile() == [
+            f"the mesh file {mesh_file} has no resources (a file being written, or truncated by "
+            "mistake, looks like this): up keeps its workloads running, and destination serves "
+            "the last state"
+        ]
+        assert [p.key for p in mesh.plans] == ["demo/a-0", "demo/c-0", "demo/d-0"]
+        assert _answer(ports[2]) == "c"
+
+        # up acts on a file once it has stopped changing for ``settle`` seconds: a write in
+        # progress (here c-0 not written yet) is not taken for c-0's removal.
+        mesh.settle = 5.0
+        write([_app("a", ports[0], a2)])
+        t = time.monotonic()
+        assert mesh.reconcile(t) == [] and mesh.reconcile(t + 4.9) == []
+        write([_app("a", ports[0], a2), _app("c", ports[2]), _app("d", ports[3])])
+        assert mesh.reconcile(t + 5.1) == []  # changed again: its 5 s start over
+        assert mesh.reconcile(t + 10.2) == [
+            "the mesh file changed; destination applies it (workloads unchanged)"
+        ]
+        mesh.settle = 0.0
 
         # A refused file changes nothing, and is said once.
         write("kind: [")

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from destination.errors import DestinationError, InvalidMeshFile
-from destination.meshfile import load_mesh_text
+from destination.meshfile import has_resources, load_mesh_text
 from destination.resources import ClusterState, Workload
 from pki.certs import utcnow
 from pki.errors import PKIError
@@ -133,6 +133,8 @@ def start_all(supervisor: Supervisor, specs: Sequence[ChildSpec], timeout: float
 class Mesh:
     """The running embedded mesh (owned by a :class:`Supervisor`)."""
 
+    settle = 0.3  # seconds the mesh file must stay unchanged before up acts on a change
+
     def __init__(self, options: UpOptions, supervisor: Supervisor) -> None:
         self.options = options
         self.supervisor = supervisor
@@ -149,6 +151,7 @@ class Mesh:
         # The mesh file's workloads as running (ports up chooses left 0), and its stat.
         self._drafts: dict[str, WorkloadPlan] = {}
         self._mesh_stat: tuple[int, int, int] | None = None
+        self._seen_stat: tuple[tuple[int, int, int] | None, float] | None = None  # (stat, since)
         self._specs: dict[str, tuple[ChildSpec, ...]] = {}  # workload -> its children
         self._starting: dict[str, float] = {}  # workload started while up runs -> deadline
         self.generation = 0  # +1 whenever workloads were started or stopped while running
@@ -318,6 +321,12 @@ class Mesh:
         seen = self._stat_mesh_file()
         if seen == self._mesh_stat:
             return said
+        # Act on a file that has stopped changing: an editor's write in progress is not
+        # taken for a mesh without the workloads it has not written yet.
+        if self._seen_stat is None or self._seen_stat[0] != seen:
+            self._seen_stat = (seen, now)
+        if now - self._seen_stat[1] < self.settle:
+            return said
         self._mesh_stat = seen
         path = self.options.mesh_file
         if seen is None:
@@ -330,6 +339,14 @@ class Mesh:
             return said + self._once(
                 [
                     f"the mesh file changed and is refused ({e}); destination serves the last valid one"
+                ]
+            )
+        if self._drafts and not has_resources(state):
+            return said + self._once(
+                [
+                    f"the mesh file {path} has no resources (a file being written, or truncated "
+                    "by mistake, looks like this): up keeps its workloads running, and "
+                    "destination serves the last state"
                 ]
             )
         drafts = {d.key: d for d in planned}
