@@ -32,7 +32,7 @@ async def _run(config_path: Path) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     collections.cancel()
-    await proxy.stop()
+    await proxy.stop(proxy.settings.shutdown_grace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from proxy.policy import (
     parse_networks,
 )
 from proxy.routes import RouteSource, StaticRoutes
-from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT, KexPolicy, Listen
+from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT, SHUTDOWN_GRACE, KexPolicy, Listen
 from proxy.upstream import Connector
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class ProxySettings:
     inbound_ports: frozenset[int] | None = None
     detect_timeout: float = DETECT_TIMEOUT
     head_timeout: float = HEAD_TIMEOUT  # seconds for a started request head to complete
+    shutdown_grace: float = SHUTDOWN_GRACE  # what the process's stop gives Proxy.stop
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +62,9 @@ class ProxySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        grace = self.shutdown_grace
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+            raise ConfigError(f"shutdown_grace must be a number of seconds >= 0, got {grace!r}")
 
 
 class FileCredentials:
@@ -170,9 +174,16 @@ class Proxy:
         bound = [sock.getsockname()[:2] for srv in self.servers.values() for sock in srv.sockets]
         inb.own_ports = listener_ports(bound, s.app_host)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting connections, then (``grace`` > 0) drain: each client connection
+        ends once the request it has in progress is answered (which says ``connection:
+        close``), an idle one at once, and what is still open after ``grace`` seconds (an
+        opaque stream, a request still running) is cut. A process stopping on SIGTERM passes
+        ``settings.shutdown_grace``."""
         for server in self.servers.values():
             server.close()
+        if grace > 0:
+            await self._drain(grace)
         for pool in (
             self.outbound.pool if self.outbound else None,
             self.inbound.pool if self.inbound else None,
@@ -186,6 +197,19 @@ class Proxy:
             except TimeoutError:
                 pass
         self.servers.clear()
+
+    async def _drain(self, grace: float) -> None:
+        links = self.metrics.accepted()
+        for link in links:
+            if not link.closed:
+                link.retire()  # an HTTP/1 server closes it now if idle, else after its answer
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(not link.closed for link in links):
+            await asyncio.sleep(0.02)
+        for link in links:
+            if not link.closed:
+                link.abort()
 
 
 def _listen(raw: Any, default: Listen) -> Listen:
@@ -262,6 +286,7 @@ def proxy_from_config(config: Mapping[str, Any], base: Path, clock: Callable[[],
             inbound_ports=frozenset(int(p) for p in ports) if ports is not None else None,
             detect_timeout=_seconds(config, "detect_timeout", DETECT_TIMEOUT),
             head_timeout=_seconds(config, "head_timeout", HEAD_TIMEOUT),
+            shutdown_grace=_seconds(config, "shutdown_grace", SHUTDOWN_GRACE),
         )
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ConfigError):

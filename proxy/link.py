@@ -181,9 +181,12 @@ class Link(asyncio.Protocol):
         idle owner is told (``link_retired()``, e.g. the pool, which closes it) and a busy one
         sees ``retired`` when it would hand the link on."""
         loop = asyncio.get_running_loop()
-        self.retire_timer = loop.call_at(when, self._retire)
+        self.retire_timer = loop.call_at(when, self.retire)
 
-    def _retire(self) -> None:
+    def retire(self) -> None:
+        """Retire the link now (see :meth:`retire_at`)."""
+        if self.retire_timer is not None:
+            self.retire_timer.cancel()
         self.retire_timer = None
         self.retired = True
         retired = getattr(self.sink, "link_retired", None)

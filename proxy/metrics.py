@@ -256,6 +256,10 @@ class ProxyMetrics:
         link.tracker = self
         self.tcp_open_total.inc(labels)
 
+    def accepted(self) -> list[Any]:
+        """The open connections clients made to this proxy (not the ones it dialled)."""
+        return [link for link, labels in self._live.items() if labels[1] == "src"]
+
     def closed(self, link: Any, errno: str = "") -> None:
         labels = self._live.pop(link, None)
         if labels is None:

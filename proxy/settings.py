@@ -18,6 +18,9 @@ DETECT_TIMEOUT = 10.0
 # A client that starts a request head and does not finish it within this many seconds gets
 # 408 (slowloris): each stalled head would otherwise hold a connection and its buffer forever.
 HEAD_TIMEOUT = 30.0
+# On SIGTERM the proxy stops accepting, ends each client connection once its request in
+# progress is answered, and waits this long for the rest (opaque streams) before cutting them.
+SHUTDOWN_GRACE = 10.0
 
 
 class KexPolicy(enum.Enum):

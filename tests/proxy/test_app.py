@@ -206,3 +206,104 @@ def test_file_credentials_keep_the_last_good_set(pki, tmp_path) -> None:
     change(key, other.key_pem)
     renewed = source.current()
     assert renewed is not good and renewed is not None and renewed.chain_pem == other.chain_pem
+
+
+SLOW_APP = """
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        time.sleep(float(self.path.rsplit("/", 1)[1]))
+        self.send_response(200)
+        self.send_header("content-length", "5")
+        self.end_headers()
+        self.wfile.write(b"slept")
+    def log_message(self, *a):
+        pass
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"""
+
+
+def _exchange(sock: socket.socket, path: str) -> bytes:
+    """One keep-alive request on ``sock``; the answer read to its 5-byte body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+    reply = b""
+    while not reply.endswith(b"slept"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
+def test_sigterm_drains_the_requests_in_progress(pki, tmp_path, procs) -> None:
+    """A proxy told to stop (SIGTERM) takes no new connection, answers the requests it has in
+    progress (saying ``connection: close``), closes idle connections at once, and exits as
+    soon as they are done, well inside its shutdown grace. Before, it exited at once and the
+    requests in progress were cut."""
+    app = _start([sys.executable, "-c", SLOW_APP])
+    procs.append(app)
+    app_port = int(_first_line(app))
+    api_id, api_files = _write_identity(pki, tmp_path, "api")
+    web_id, web_files = _write_identity(pki, tmp_path, "web")
+    zero = {"host": "127.0.0.1", "port": 0}
+    api_cfg = tmp_path / "api.yaml"
+    api_cfg.write_text(yaml.safe_dump({
+        "identity": api_id, "credentials": api_files, "outbound": zero, "admin": zero,
+        "inbound": {**zero, "ports": [app_port]},
+    }))  # fmt: skip
+    api = _start([sys.executable, "-m", "proxy", "--config", str(api_cfg)])
+    procs.append(api)
+    inbound = json.loads(_first_line(api))["inbound"]
+
+    def web() -> tuple[subprocess.Popen[str], int]:
+        cfg = tmp_path / "web.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "identity": web_id, "credentials": web_files, "outbound": zero, "admin": zero,
+            "inbound": zero, "shutdown_grace": 20,
+            "routes": {"services": [{"name": "api", "endpoints": [
+                {"host": "127.0.0.1", "port": app_port, "identity": api_id,
+                 "proxy_port": inbound}]}]},
+        }))  # fmt: skip
+        proc = _start([sys.executable, "-m", "proxy", "--config", str(cfg)])
+        procs.append(proc)
+        return proc, json.loads(_first_line(proc))["outbound"]
+
+    # The outbound proxy stops with a request in progress and an idle keep-alive connection.
+    client, outbound = web()
+    with (
+        socket.create_connection(("127.0.0.1", outbound), timeout=10) as busy,
+        socket.create_connection(("127.0.0.1", outbound), timeout=10) as idle,
+    ):
+        assert _exchange(idle, "/0").startswith(b"HTTP/1.1 200")
+        busy.sendall(b"GET /1.0 HTTP/1.1\r\nHost: api\r\n\r\n")
+        time.sleep(0.3)  # the request is at the app
+        started = time.monotonic()
+        client.send_signal(signal.SIGTERM)
+        assert idle.recv(1) == b""  # closed at once, not after the grace
+        reply = b""
+        while chunk := busy.recv(65536):
+            reply += chunk  # to EOF: the proxy closes after this answer
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"slept"), reply
+        assert b"\r\nconnection: close\r\n" in reply.lower()
+        assert client.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5  # done when the answer was, not at the grace
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", outbound), timeout=2).close()
+
+    # The inbound proxy stops with a request in progress from the other proxy's pool.
+    client, outbound = web()
+    with socket.create_connection(("127.0.0.1", outbound), timeout=10) as sock:
+        sock.sendall(b"GET /1.0 HTTP/1.1\r\nHost: api\r\n\r\n")
+        time.sleep(0.3)
+        api.send_signal(signal.SIGTERM)
+        reply = b""
+        while not reply.endswith(b"slept"):
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert api.wait(timeout=10) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -121,3 +122,37 @@ async def test_classical_only_client_is_refused_under_hybrid_required(pki, tmp_p
             in text
         )
         assert b"x25519" in output.lower()
+
+
+async def test_a_stopping_proxy_cuts_an_opaque_stream_after_its_grace(pki) -> None:
+    """An opaque stream has no request boundary to end it at: draining leaves it running for
+    the grace, then cuts it; the listener takes no new connection meanwhile."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)
+        writer.close()
+
+    web, api = pki.credentials("web"), pki.credentials("api")
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    tcp_port = server.sockets[0].getsockname()[1]
+    try:
+        async with run_mesh(web, api, app_port=tcp_port, tcp_port=tcp_port) as mesh:
+            port = mesh.client.port("upstream:tcp-echo")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello")
+            await writer.drain()
+            await asyncio.sleep(0.2)  # relayed and open
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            stopping = asyncio.ensure_future(mesh.client.stop(grace=0.5))
+            await asyncio.sleep(0.1)
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)
+            assert not stopping.done()  # the stream still runs within the grace
+            await asyncio.wait_for(stopping, 5)
+            assert 0.5 <= loop.time() - started < 2
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(-1), 5) == b""
+            writer.close()
+    finally:
+        server.close()

@@ -176,7 +176,7 @@ def test_the_handed_over_configuration_reads_back_equal(tmp_path: Path) -> None:
         app_host="127.0.0.2", app_ports=(8080, 9090), kex=KexPolicy.HYBRID_PREFERRED,
         default_inbound_policy=DefaultPolicy.DENY, bundle_from="file", trust_domain="example.org",
         control_plane_namespace="cp", cluster_domain="corp.local", startup_wait=1.5,
-        detect_timeout=0.25, head_timeout=3.0,
+        detect_timeout=0.25, head_timeout=3.0, shutdown_grace=2.5,
     )  # fmt: skip
     assert SidecarConfig.from_json(config.to_json()) == config
 
@@ -197,3 +197,10 @@ def test_the_handed_over_configuration_reads_back_equal(tmp_path: Path) -> None:
 def test_a_bad_hand_over_is_refused_by_name(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         SidecarConfig.from_json(text)
+
+
+def test_the_shutdown_grace_is_a_number_of_seconds_not_below_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _proxy_run(tmp_path, "--shutdown-grace", "-1") == 2
+    assert "--shutdown-grace" in capsys.readouterr().err

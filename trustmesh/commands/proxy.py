@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from proxy.policy import DefaultPolicy
-from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT
+from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT, SHUTDOWN_GRACE
 from trustmesh.errors import EXIT_USAGE, CLIError
 from trustmesh.up.sidecar_config import SidecarConfig, parse_listen, parse_upstream
 
@@ -133,6 +133,14 @@ def proxy() -> None:
     show_default=True,
     help="Seconds a started HTTP/1 request head may take to complete (then 408).",
 )
+@_opt(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=SHUTDOWN_GRACE,
+    show_default=True,
+    help="Seconds to drain on SIGTERM: no new connections, each client connection closed "
+    "once its request in progress is answered, the rest cut after this.",
+)
 @_opt("--trust-domain", default="cluster.local", show_default=True)
 @_opt("--control-plane-namespace", default="trustmesh", show_default=True)
 @_opt("--cluster-domain", default="cluster.local", show_default=True)
@@ -191,6 +199,7 @@ def run(**o: Any) -> None:
             cluster_domain=o["cluster_domain"],
             detect_timeout=o["detect_timeout"],
             head_timeout=o["head_timeout"],
+            shutdown_grace=o["shutdown_grace"],
         )
         config.identity  # noqa: B018 - validates service account, trust domain and namespace
     except ValueError as e:

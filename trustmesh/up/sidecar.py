@@ -99,6 +99,7 @@ class Sidecar:
             inbound_ports=frozenset(c.app_ports) if c.app_ports else None,
             detect_timeout=c.detect_timeout,
             head_timeout=c.head_timeout,
+            shutdown_grace=c.shutdown_grace,
         )
         self.proxy = Proxy(self.credentials, self.routes, self.policy, settings)
         self.metrics = ControlMetrics(self.credentials, client_metrics, handshakes)
@@ -158,10 +159,12 @@ class Sidecar:
                 )
 
     async def stop(self) -> None:
-        self.serving = False
+        serving, self.serving = self.serving, False
         if self._collections is not None:
             self._collections.cancel()
-        await self.proxy.stop()
+        # Serving: drain the connections clients have open (identity and destination stay
+        # up meanwhile); stopped while still waiting for a certificate, there are none.
+        await self.proxy.stop(self.proxy.settings.shutdown_grace if serving else 0.0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

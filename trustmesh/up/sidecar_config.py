@@ -17,7 +17,7 @@ from typing import Any
 
 from pki.names import Identity, check_label, split_host_port
 from proxy.policy import DefaultPolicy
-from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT, KexPolicy, Listen
+from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT, SHUTDOWN_GRACE, KexPolicy, Listen
 
 HOST = "127.0.0.1"  # where `up` binds, and the host of a listen address given as ":PORT"
 
@@ -73,6 +73,7 @@ class SidecarConfig:
     startup_wait: float = 5.0  # for policies and upstream endpoints, once certified
     detect_timeout: float = DETECT_TIMEOUT
     head_timeout: float = HEAD_TIMEOUT
+    shutdown_grace: float = SHUTDOWN_GRACE
 
     def __post_init__(self) -> None:
         check_label("namespace", self.namespace)
