@@ -84,14 +84,15 @@ def _write_identity(pki, tmp: Path, name: str) -> tuple[str, dict[str, str]]:
     return creds.identity, {"chain": f"{name}.crt", "key": f"{name}.key", "bundle": "bundle.pem"}
 
 
-@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("tshark")), reason="curl+tshark")
-def test_curl_through_two_proxy_processes_with_hybrid_mesh_tls(pki, tmp_path, procs) -> None:
-    app = _start([sys.executable, "-c", APP])
+def _app_behind_proxy(
+    app_source: str, pki, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> tuple[int, str, subprocess.Popen[str], int]:
+    """The app (Python source printing its port) and an inbound proxy process (identity api)
+    in front of it: the app's port, api's identity, the proxy process and its inbound port."""
+    app = _start([sys.executable, "-c", app_source])
     procs.append(app)
     app_port = int(_first_line(app))
-
     api_id, api_files = _write_identity(pki, tmp_path, "api")
-    web_id, web_files = _write_identity(pki, tmp_path, "web")
     zero = {"host": "127.0.0.1", "port": 0}
     api_cfg = tmp_path / "api.yaml"
     api_cfg.write_text(yaml.safe_dump({
@@ -100,7 +101,14 @@ def test_curl_through_two_proxy_processes_with_hybrid_mesh_tls(pki, tmp_path, pr
     }))  # fmt: skip
     server = _start([sys.executable, "-m", "proxy", "--config", str(api_cfg)])
     procs.append(server)
-    inbound = json.loads(_first_line(server))["inbound"]
+    return app_port, api_id, server, json.loads(_first_line(server))["inbound"]
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("tshark")), reason="curl+tshark")
+def test_curl_through_two_proxy_processes_with_hybrid_mesh_tls(pki, tmp_path, procs) -> None:
+    app_port, api_id, _, inbound = _app_behind_proxy(APP, pki, tmp_path, procs)
+    web_id, web_files = _write_identity(pki, tmp_path, "web")
+    zero = {"host": "127.0.0.1", "port": 0}
 
     web_cfg = tmp_path / "web.yaml"
     web_cfg.write_text(yaml.safe_dump({
@@ -244,20 +252,9 @@ def test_sigterm_drains_the_requests_in_progress(pki, tmp_path, procs) -> None:
     progress (saying ``connection: close``), closes idle connections at once, and exits as
     soon as they are done, well inside its shutdown grace. Before, it exited at once and the
     requests in progress were cut."""
-    app = _start([sys.executable, "-c", SLOW_APP])
-    procs.append(app)
-    app_port = int(_first_line(app))
-    api_id, api_files = _write_identity(pki, tmp_path, "api")
+    app_port, api_id, api, inbound = _app_behind_proxy(SLOW_APP, pki, tmp_path, procs)
     web_id, web_files = _write_identity(pki, tmp_path, "web")
     zero = {"host": "127.0.0.1", "port": 0}
-    api_cfg = tmp_path / "api.yaml"
-    api_cfg.write_text(yaml.safe_dump({
-        "identity": api_id, "credentials": api_files, "outbound": zero, "admin": zero,
-        "inbound": {**zero, "ports": [app_port]},
-    }))  # fmt: skip
-    api = _start([sys.executable, "-m", "proxy", "--config", str(api_cfg)])
-    procs.append(api)
-    inbound = json.loads(_first_line(api))["inbound"]
 
     def web() -> tuple[subprocess.Popen[str], int]:
         cfg = tmp_path / "web.yaml"
