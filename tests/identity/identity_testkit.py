@@ -6,14 +6,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from identity.client import IdentityClient, IdentityClientConfig
 from identity.validators import DEFAULT_AUDIENCE, Domain, LocalTokenValidator
 from pki import tokens
+from pki.bundle import TrustBundle
+from pki.certs import utcnow
 from pki.csr import create_csr
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import FileStore
+from proxy.rpc import Channel
 
 DOMAIN = Domain("trustmesh", "cluster.local")
 
@@ -45,6 +50,22 @@ class Env:
 
     def validator(self, clock: Callable[[], datetime] | None = None) -> LocalTokenValidator:
         return LocalTokenValidator(self.token_key, DOMAIN, clock=clock or (lambda: self.now))
+
+    def client(
+        self,
+        config: IdentityClientConfig | str,
+        *,
+        bundle: TrustBundle | None = None,
+        **options: Any,
+    ) -> IdentityClient:
+        """The proxy's identity client, as the sidecar builds it: ``config`` (a bare target
+        means certifying as ``identity()``), this store's tokens, and the store's bundle
+        unless ``bundle`` is given; ``options`` go to IdentityClient (clock: ``utcnow``)."""
+        if isinstance(config, str):
+            config = IdentityClientConfig(config, identity())
+        anchors = bundle if bundle is not None else self.store.load().require_bundle()
+        options.setdefault("clock", utcnow)
+        return IdentityClient(config, self.token, lambda: anchors, channels=Channel, **options)
 
 
 def identity(sa: str = "web", ns: str = "default") -> str:

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from identity_testkit import Env, identity, make_env
 from loopback import unused_port
 
-from identity.client import Backoff, IdentityClient, IdentityClientConfig, next_refresh
+from identity.client import Backoff, IdentityClientConfig, next_refresh
 from identity.server import IdentityServer, ServerConfig
 from identity.sources import StoreSource
 from pki.bundle import TrustBundle
@@ -22,7 +22,6 @@ from pki.certs import create_anchor, issue_leaf, utcnow
 from pki.csr import validate_csr
 from pki.keys import KeyAlgorithm, PrivateKey
 from protos import identity_pb2, identity_pb2_grpc
-from proxy.rpc import Channel
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 H = timedelta(hours=1)
@@ -61,16 +60,8 @@ def test_failure_retry_never_passes_the_refresh_point() -> None:
 
 
 async def test_certifies_and_schedules(env: Env, server: IdentityServer) -> None:
-    bundle = env.store.load().require_bundle()
     updates: list = []
-    client = IdentityClient(
-        IdentityClientConfig(f"127.0.0.1:{server.port}", identity()),
-        env.token,
-        lambda: bundle,
-        channels=Channel,
-        clock=utcnow,
-        on_update=updates.append,
-    )
+    client = env.client(f"127.0.0.1:{server.port}", on_update=updates.append)
     assert client.current() is None and not client.ready
     delay = await client.step()
     cred = client.current()
@@ -87,14 +78,7 @@ async def test_certifies_and_schedules(env: Env, server: IdentityServer) -> None
 
 async def test_refuses_a_certificate_it_cannot_verify(env: Env, server: IdentityServer) -> None:
     other = TrustBundle((create_anchor(PrivateKey.generate(), now=utcnow()),))
-    client = IdentityClient(
-        IdentityClientConfig(f"127.0.0.1:{server.port}", identity()),
-        env.token,
-        lambda: other,
-        channels=Channel,
-        clock=utcnow,
-        rand=lambda: 0.0,
-    )
+    client = env.client(f"127.0.0.1:{server.port}", bundle=other, rand=lambda: 0.0)
     delay = await client.step()
     assert client.current() is None and client.failures == 1
     assert "not acceptable" in (client.last_error or "")
@@ -104,7 +88,6 @@ async def test_refuses_a_certificate_it_cannot_verify(env: Env, server: Identity
 async def test_run_backs_off_then_recovers(env: Env) -> None:
     """The loop with an injected sleep: failures while the server is down, then success."""
     port = unused_port()
-    bundle = env.store.load().require_bundle()
     sleeps: list[float] = []
     srv_box: list[IdentityServer] = []
 
@@ -122,12 +105,8 @@ async def test_run_backs_off_then_recovers(env: Env) -> None:
         if len(sleeps) == 4:
             raise asyncio.CancelledError
 
-    client = IdentityClient(
+    client = env.client(
         IdentityClientConfig(f"127.0.0.1:{port}", identity(), timeout=2),
-        env.token,
-        lambda: bundle,
-        channels=Channel,
-        clock=utcnow,
         sleep=sleep,
         rand=lambda: 0.0,
     )
@@ -153,15 +132,10 @@ async def test_tls_client_against_tls_server(tmp_path: Path, algorithm: KeyAlgor
     )
     await srv.start()
     try:
-        bundle = env.store.load().require_bundle()
-        client = IdentityClient(
+        client = env.client(
             IdentityClientConfig(
                 f"127.0.0.1:{srv.port}", identity(), server_name=srv.config.server_identity.dns_name
-            ),
-            env.token,
-            lambda: bundle,
-            channels=Channel,
-            clock=utcnow,
+            )
         )
         task = asyncio.create_task(client.run())
         try:
@@ -206,15 +180,7 @@ async def test_refuses_answers_it_must_not_use(env: Env) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        bundle = env.store.load().require_bundle()
-        client = IdentityClient(
-            IdentityClientConfig(f"127.0.0.1:{port}", identity()),
-            env.token,
-            lambda: bundle,
-            channels=Channel,
-            clock=utcnow,
-            rand=lambda: 0.0,
-        )
+        client = env.client(f"127.0.0.1:{port}", rand=lambda: 0.0)
         await client.step()
         good = client.current()
         assert good is not None and client.refreshes == {"ok": 1, "error": 0}
@@ -265,14 +231,7 @@ async def test_an_answer_that_is_not_a_certify_response_is_refused(env: Env) -> 
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        bundle = env.store.load().require_bundle()
-        client = IdentityClient(
-            IdentityClientConfig(f"127.0.0.1:{port}", identity()),
-            env.token,
-            lambda: bundle,
-            channels=Channel,
-            clock=utcnow,
-        )
+        client = env.client(f"127.0.0.1:{port}")
         await client.step()
         assert client.last_error == "the Certify response does not parse"
         assert client.current() is None and client.refreshes == {"ok": 0, "error": 1}

@@ -12,12 +12,10 @@ from identity_testkit import identity, make_env
 from prometheus_client.parser import text_string_to_metric_families
 
 from destination.client import ClientMetrics
-from identity.client import IdentityClient, IdentityClientConfig
 from identity.server import IdentityServer, ServerConfig
 from identity.sources import StoreSource
 from pki.certs import utcnow
 from proxy.control import ControlMetrics, IdentityCredentials, TrustAnchors
-from proxy.rpc import Channel
 
 PROMTOOL = shutil.which("promtool")
 
@@ -39,13 +37,7 @@ async def test_control_families_follow_the_clients(tmp_path: Path) -> None:
     )
     await server.start()
     try:
-        client = IdentityClient(
-            IdentityClientConfig(f"127.0.0.1:{server.port}", identity()),
-            env.token,
-            lambda: bundle,
-            channels=Channel,
-            clock=utcnow,
-        )
+        client = env.client(f"127.0.0.1:{server.port}", bundle=bundle)
         anchors = TrustAnchors(tmp_path / "anchors.pem", clock=lambda: 0.0, watch_file=False)
         destination = ClientMetrics()
         metrics = ControlMetrics(IdentityCredentials(client, anchors), destination)
