@@ -333,16 +333,19 @@ class _Connection(asyncio.Protocol):
                 _unavailable(f"{reason}; the call was not processed"),
                 reset=False,
             )
-        if not self.calls:
-            self.close(_unavailable(f"{reason} before the call ended"))
+        self._close_if_drained(f"{reason} before the call ended")
+
+    def _close_if_drained(self, why: str | None = None) -> None:
+        """After a GOAWAY (or the last stream id), close once the last call has ended."""
+        if self.draining and not self.calls:
+            self.close(_unavailable(why or f"the connection to {self.target} was closed"))
 
     def _end(self, call: _Call, error: RpcError | None, *, reset: bool) -> None:
         if reset:
             self.reset(call.stream_id)
         self.calls.pop(call.stream_id, None)
         call.finish(error)
-        if self.draining and not self.calls:
-            self.close(_unavailable(f"the connection to {self.target} was closed"))
+        self._close_if_drained()
 
     def reset(self, stream_id: int) -> None:
         """Cancel one stream (the caller abandoned it, or its answer was refused)."""
@@ -351,8 +354,7 @@ class _Connection(asyncio.Protocol):
             with contextlib.suppress(H2Error):
                 self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
                 self._flush()
-        if self.draining and not self.calls:
-            self.close(_unavailable(f"the connection to {self.target} was closed"))
+        self._close_if_drained()
 
     # --- calls -----------------------------------------------------------------------------
 
