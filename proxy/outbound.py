@@ -44,6 +44,24 @@ CONNECT_FAILFAST = 3.0
 connect_log = PeerLog(logging.getLogger(__name__))
 
 
+def _try_another(
+    error: UpstreamError,
+    svc: Service,
+    balancer: PeakEwmaBalancer[Endpoint],
+    attempt: int,
+    first: float,
+    now: float,
+) -> bool:
+    """After connection attempt number ``attempt`` (the first at ``first``) failed with
+    ``error``: whether another endpoint of ``svc`` is to be tried at ``now`` (and said so)."""
+    if attempt >= MAX_CONNECT_ATTEMPTS or now - first >= CONNECT_FAILFAST:
+        return False
+    if not balancer.available(now):
+        return False
+    connect_log.info("%s; trying another endpoint of %s", error, svc.name)
+    return True
+
+
 def authority_label(svc: Service, authority: str) -> str:
     """The ``authority`` label of a request routed to ``svc``: the authority as asked, when it
     is one of the service's own names (in lower case), else the service's name. Case, port and
@@ -137,14 +155,10 @@ class OutboundHttp:
                 choice.completed = True
                 choice.balancer.failed(choice.endpoint, now)
                 svc = self._service(ex)
-                if (
-                    attempt == MAX_CONNECT_ATTEMPTS
-                    or now - first >= CONNECT_FAILFAST
-                    or svc is None
-                    or not out.balancer(svc, now).available(now)
+                if svc is None or not _try_another(
+                    e, svc, out.balancer(svc, now), attempt, first, now
                 ):
                     raise
-                connect_log.info("%s; trying another endpoint of %s", e, svc.name)
                 choice.series.requests.n -= 1  # counted where it goes instead
                 self._choose(ex, svc, now)
         raise AssertionError("unreachable")
@@ -299,13 +313,7 @@ class UpstreamListener:
             except UpstreamError as e:
                 failed_at = out.clock()
                 bal.failed(ep, failed_at)
-                if (
-                    attempt < MAX_CONNECT_ATTEMPTS
-                    and failed_at - first < CONNECT_FAILFAST
-                    and bal.available(failed_at)
-                    and not link.closed
-                ):
-                    connect_log.info("%s; trying another endpoint of %s", e, svc.name)
+                if not link.closed and _try_another(e, svc, bal, attempt, first, failed_at):
                     continue
                 link.abort()
                 return
