@@ -379,7 +379,8 @@ class Mesh:
         workloads = {f"{w.meta.namespace}/{w.meta.name}": w for w in state.workloads}
         free = self._free_ports(named_ports(list(drafts.values())))
         stop: set[str] = set()
-        start: dict[str, list[ChildSpec]] = {}
+        children: dict[str, tuple[ChildSpec, ...]] = {}  # of each wanted workload
+        start: dict[str, list[ChildSpec]] = {}  # the ones to (re)start
         new_plans: dict[str, WorkloadPlan] = {}
         for key in removed:
             stop.update(spec.name for spec in self._specs.get(key, ()))
@@ -387,7 +388,7 @@ class Mesh:
             plan = self._replan(workloads[key], drafts[key], plans.get(key), free)
             new_plans[key] = plan
             running = {spec.name: spec for spec in self._specs.get(key, ())}
-            specs = self._workload_specs(plan)
+            specs = children[key] = self._workload_specs(plan)
             names = {spec.name for spec in specs}
             stop.update(name for name in running if name not in names)
             start[key] = []
@@ -404,9 +405,9 @@ class Mesh:
         for key in removed:
             self._forget(key)
         for key, plan in new_plans.items():
-            said += self._start_workload(plan, drafts[key], start[key], now)
+            said += self._start_workload(plan, drafts[key], children[key], start[key], now)
         merged = {**plans, **new_plans}
-        self.plans = tuple(merged[k] for k in drafts if k in merged and k in self._specs)
+        self.plans = tuple(merged[k] for k in drafts if k in self._specs)
         return said
 
     def _replan(
@@ -432,9 +433,16 @@ class Mesh:
         return dataclasses.replace(plan, **kept)
 
     def _start_workload(
-        self, plan: WorkloadPlan, draft: WorkloadPlan, specs: Sequence[ChildSpec], now: float
+        self,
+        plan: WorkloadPlan,
+        draft: WorkloadPlan,
+        children: tuple[ChildSpec, ...],
+        specs: Sequence[ChildSpec],
+        now: float,
     ) -> list[str]:
+        """Start ``specs``, those of ``plan``'s ``children`` not running as they should."""
         key = plan.key
+        self._specs[key] = children
         if specs:
             restarting = {spec.name.split("-", 1)[0] for spec in specs}
             try:
@@ -449,12 +457,10 @@ class Mesh:
                     # start is reported and stopped, not left to crash-loop the whole mesh.
                     self.supervisor.launch(dataclasses.replace(spec, restart=False))
             except (SupervisorError, PKIError, OSError) as e:
-                self._specs[key] = self._workload_specs(plan)
                 self._forget(key)
                 return [f"cannot start workload {key}: {e}; the rest of the mesh runs on"]
             self.generation += 1
             self._starting[key] = now + self.options.ready_timeout
-        self._specs[key] = self._workload_specs(plan)
         self._drafts[key] = draft
         if plan.admin_port is not None:
             self.admin[key] = f"{HOST}:{plan.admin_port}"
