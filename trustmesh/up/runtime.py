@@ -105,11 +105,8 @@ def _same_process(a: ChildSpec, b: ChildSpec) -> bool:
 def start_all(supervisor: Supervisor, specs: Sequence[ChildSpec], timeout: float) -> None:
     """Start ``specs`` at once and wait until each is ready (their ``ready`` checks), failing
     fast, with the child's log file named, when one exits or the deadline passes."""
-    first = len(supervisor.children)
-    for spec in specs:
-        supervisor.start(dataclasses.replace(spec, ready=None))
-    children = supervisor.children[first:]
-    waiting = {c.spec.name: spec for c, spec in zip(children, specs, strict=True)}
+    children = [supervisor.launch(spec) for spec in specs]
+    waiting = {spec.name: spec for spec in specs}
     deadline = time.monotonic() + timeout
     while waiting:
         for child in children:
