@@ -184,6 +184,8 @@ class Proxy:
             server.close()
         if grace > 0:
             await self._drain(grace)
+        if self.outbound is not None:
+            self.outbound.close()
         for pool in (
             self.outbound.pool if self.outbound else None,
             self.inbound.pool if self.inbound else None,

@@ -7,10 +7,13 @@ endpoints at random and takes the one with the lower load, so a slow or busy end
 gets a small share without any one endpoint being starved of probes. Time is always passed in
 (seconds on any monotonic clock); randomness comes from the ``rng`` the caller provides.
 
-An endpoint that could not be connected to (:meth:`PeakEwmaBalancer.failed`) is out of the
-picks for a backoff that grows with its consecutive failures, 100 ms doubling to 500 ms with
-10 % jitter (Linkerd's connect backoff, during which its balancer holds the endpoint unready),
-unless every endpoint is out; its next completed request clears the count.
+An endpoint that could not be connected to (:meth:`PeakEwmaBalancer.failed`) is *down*: out of
+the picks, unless every endpoint is down, until a new connection to it succeeds
+(:meth:`PeakEwmaBalancer.connected`), as Linkerd's balancer holds an endpoint unready while it
+reconnects. ``failed`` returns how long to wait before the next connection attempt, the connect
+backoff growing with the consecutive failures: 100 ms doubling to 500 ms, 10 % jitter
+(Linkerd's). The caller reconnects in the background (``proxy.outbound``), so no request waits
+on an endpoint that is down.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class EndpointLoad:
     updated_at: float
     pending: int = 0
     failures: int = 0  # connection failures in a row
-    down_until: float = 0.0  # out of the picks until then (after a connection failure)
+    down: bool = False  # out of the picks until a connection to it succeeds
 
     def decayed(self, now: float, decay: float) -> float:
         """The estimate decayed towards zero for the time since its last update."""
@@ -104,7 +107,7 @@ class PeakEwmaBalancer(Generic[E]):
     def load(self, endpoint: E, now: float) -> float:
         """The current cost of ``endpoint``: decayed RTT estimate times (pending + 1)."""
         state = self._loads[endpoint]
-        if state.down_until > now:
+        if state.down:
             return math.inf
         return state.decayed(now, self._decay) * (state.pending + 1)
 
@@ -127,27 +130,44 @@ class PeakEwmaBalancer(Generic[E]):
             a, b = eps[i], eps[j]
             load_a, load_b = self.load(a, now), self.load(b, now)
             chosen = a if load_a <= load_b else b
-            if load_a == load_b == math.inf:  # both backing off: the least loaded of the rest
-                chosen = min(eps, key=lambda ep: self.load(ep, now))
+            if load_a == load_b == math.inf:  # both down: the least loaded of the rest
+                best = min(eps, key=lambda ep: self.load(ep, now))
+                if self._loads[best].down:
+                    best = a  # every endpoint down: a connection attempt finds out (random)
+                chosen = best
         self._loads[chosen].pending += 1
         return chosen
 
-    def failed(self, endpoint: E, now: float) -> None:
-        """A request picked for ``endpoint`` could not connect to it: the request is no longer
-        pending there, and the endpoint sits out its backoff."""
+    def failed(self, endpoint: E, *, picked: bool = True) -> float | None:
+        """A connection to ``endpoint`` failed: it is down (out of the picks) until
+        :meth:`connected`. ``picked``: the attempt was a request's pick, which is no longer
+        pending there. Returns the seconds to wait before trying to connect again (the
+        connect backoff), or None when ``endpoint`` is not in the set."""
         state = self._loads.get(endpoint)
         if state is None:
-            return
-        if state.pending > 0:
+            return None
+        if picked and state.pending > 0:
             state.pending -= 1
         state.failures += 1
+        state.down = True
         backoff = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(state.failures - 1, 16))
-        jitter = 1.0 + BACKOFF_JITTER * (2.0 * self._rng.random() - 1.0)
-        state.down_until = now + backoff * jitter
+        return backoff * (1.0 + BACKOFF_JITTER * (2.0 * self._rng.random() - 1.0))
 
-    def available(self, now: float) -> bool:
-        """Whether some endpoint is not backing off after a connection failure."""
-        return any(state.down_until <= now for state in self._loads.values())
+    def connected(self, endpoint: E) -> None:
+        """A new connection to ``endpoint`` succeeded: it is back in the picks."""
+        state = self._loads.get(endpoint)
+        if state is not None:
+            state.down = False
+            state.failures = 0
+
+    def is_down(self, endpoint: E) -> bool:
+        """Whether ``endpoint`` is in the set and down (see :meth:`failed`)."""
+        state = self._loads.get(endpoint)
+        return state is not None and state.down
+
+    def available(self) -> bool:
+        """Whether some endpoint is not down."""
+        return any(not state.down for state in self._loads.values())
 
     def complete(self, endpoint: E, started_at: float, now: float) -> None:
         """Record the outcome of a request picked at ``started_at`` (latency = now - start)."""
@@ -156,7 +176,6 @@ class PeakEwmaBalancer(Generic[E]):
             return
         if state.pending > 0:
             state.pending -= 1
-        state.failures = 0
         # EndpointLoad.observe, inlined: this runs once per request.
         rtt = now - started_at
         if rtt > state.rtt:

@@ -41,7 +41,8 @@ MAX_BALANCERS = 1024
 MAX_CONNECT_ATTEMPTS = 8
 CONNECT_FAILFAST = 3.0
 
-connect_log = PeerLog(logging.getLogger(__name__))
+log = logging.getLogger(__name__)
+connect_log = PeerLog(log)
 
 
 def _try_another(
@@ -56,7 +57,7 @@ def _try_another(
     ``error``: whether another endpoint of ``svc`` is to be tried at ``now`` (and said so)."""
     if attempt >= MAX_CONNECT_ATTEMPTS or now - first >= CONNECT_FAILFAST:
         return False
-    if not balancer.available(now):
+    if not balancer.available():
         return False
     connect_log.info("%s; trying another endpoint of %s", error, svc.name)
     return True
@@ -148,12 +149,12 @@ class OutboundHttp:
         for attempt in range(1, MAX_CONNECT_ATTEMPTS + 1):
             choice: _Choice = ex.target
             try:
-                return await out.connector.connect(choice.endpoint, SessionProtocol.HTTP1)
+                link = await out.connector.connect(choice.endpoint, SessionProtocol.HTTP1)
             except UpstreamError as e:
                 # Nothing of the request has been sent: another endpoint can take it.
                 now = out.clock()
                 choice.completed = True
-                choice.balancer.failed(choice.endpoint, now)
+                out.failed(choice.balancer, choice.endpoint, e, pooled=True)
                 svc = self._service(ex)
                 if svc is None or not _try_another(
                     e, svc, out.balancer(svc, now), attempt, first, now
@@ -161,6 +162,9 @@ class OutboundHttp:
                     raise
                 choice.series.requests.n -= 1  # counted where it goes instead
                 self._choose(ex, svc, now)
+            else:
+                choice.balancer.connected(choice.endpoint)
+                return link
         raise AssertionError("unreachable")
 
     def response_head(self, ex: Exchange, status: int, now: float) -> None:
@@ -213,6 +217,8 @@ class Outbound:
         self._balancers: dict[str, tuple[Service, PeakEwmaBalancer[Endpoint]]] = {}
         # (authority, endpoint) -> the metrics series its requests count in
         self.series: dict[tuple[str, Endpoint], HttpSeries] = {}
+        # (service name, endpoint) -> the task reconnecting to that endpoint while it is down
+        self._probes: dict[tuple[str, Endpoint], asyncio.Task[None]] = {}
 
     def balancer(self, svc: Service, now: float) -> PeakEwmaBalancer[Endpoint]:
         """The balancer of ``svc``, following endpoint changes (a new Service value)."""
@@ -229,6 +235,76 @@ class Outbound:
                 bal.set_endpoints(svc.endpoints, now=now)
             self._balancers[svc.name] = (svc, bal)
         return bal
+
+    # -- endpoints that are down ----------------------------------------------------------------
+
+    def failed(
+        self,
+        balancer: PeakEwmaBalancer[Endpoint],
+        endpoint: Endpoint,
+        error: UpstreamError,
+        *,
+        pooled: bool,
+    ) -> None:
+        """A request's connection to ``endpoint`` failed: it is down in ``balancer`` and
+        reconnected to in the background until a connection succeeds (the balancer has it back
+        then). A probe of an HTTP endpoint (``pooled``) opens the connection the next request
+        takes from the pool; one of an opaque endpoint stops after the TLS handshake, so the
+        application behind it sees no connection."""
+        delay = balancer.failed(endpoint)
+        if delay is None:
+            return
+        name = next((n for n, (_, b) in self._balancers.items() if b is balancer), None)
+        if name is None or (name, endpoint) in self._probes:
+            return  # a balancer no longer in use, or the endpoint is being probed already
+        connect_log.info(
+            "%s; endpoint %s of %s is out of the balancer until a reconnection succeeds",
+            error, endpoint.label, name,
+        )  # fmt: skip
+        task = self.loop.create_task(self._probe(name, balancer, endpoint, delay, pooled))
+        self._probes[(name, endpoint)] = task
+
+    async def _probe(
+        self,
+        name: str,
+        balancer: PeakEwmaBalancer[Endpoint],
+        endpoint: Endpoint,
+        delay: float | None,
+        pooled: bool,
+    ) -> None:
+        attempts = 0
+        try:
+            while delay is not None:
+                await asyncio.sleep(delay)
+                known = self._balancers.get(name)
+                if known is None or known[1] is not balancer or not balancer.is_down(endpoint):
+                    return  # gone from the service, or a request connected to it meanwhile
+                attempts += 1
+                protocol = SessionProtocol.HTTP1 if pooled else None
+                try:
+                    link = await self.connector.connect(endpoint, protocol, header=pooled)
+                except UpstreamError as e:
+                    log.debug("reconnecting to %s of %s: %s", endpoint.label, name, e)
+                    delay = balancer.failed(endpoint, picked=False)
+                    continue
+                balancer.connected(endpoint)
+                if pooled:
+                    self.pool.put(endpoint, link)
+                else:
+                    link.close()
+                connect_log.info(
+                    "endpoint %s of %s is back in the balancer (reconnected after %d %s)",
+                    endpoint.label, name, attempts, "try" if attempts == 1 else "tries",
+                )  # fmt: skip
+                return
+        finally:
+            self._probes.pop((name, endpoint), None)
+
+    def close(self) -> None:
+        """Stop reconnecting to the endpoints that are down (the proxy is stopping)."""
+        for task in list(self._probes.values()):
+            task.cancel()
+        self._probes.clear()
 
     # -- accepting ----------------------------------------------------------------------------
 
@@ -311,15 +387,15 @@ class UpstreamListener:
                 ep = bal.pick(now)
                 upstream = await out.connector.connect(ep, None)
             except UpstreamError as e:
-                failed_at = out.clock()
-                bal.failed(ep, failed_at)
-                if not link.closed and _try_another(e, svc, bal, attempt, first, failed_at):
+                out.failed(bal, ep, e, pooled=False)
+                if not link.closed and _try_another(e, svc, bal, attempt, first, out.clock()):
                     continue
                 link.abort()
                 return
             except ProxyError:
                 link.abort()
                 return
+            bal.connected(ep)
             bal.complete(ep, now, out.clock())
             break
         if link.closed:

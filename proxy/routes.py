@@ -59,6 +59,13 @@ class Endpoint:
     def meshed(self) -> bool:
         return self.identity is not None
 
+    @property
+    def label(self) -> str:
+        """How logs name the endpoint: the address dialled, and the identity expected there."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        dialled = f"{host}:{self.proxy_port or self.port}"
+        return f"{dialled} ({self.identity})" if self.identity else dialled
+
 
 @dataclass(frozen=True, slots=True)
 class Service:

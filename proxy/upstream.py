@@ -43,8 +43,12 @@ class Connector:
         self.direction = direction
         self.connect_timeout = connect_timeout
 
-    async def connect(self, endpoint: Endpoint, protocol: SessionProtocol | None) -> Link:
-        """An open link to ``endpoint``; for a meshed one, handshaken and header sent."""
+    async def connect(
+        self, endpoint: Endpoint, protocol: SessionProtocol | None, *, header: bool = True
+    ) -> Link:
+        """An open link to ``endpoint``; for a meshed one, handshaken and (``header``) its
+        transport header sent. Without the header the link can only show that the endpoint
+        answers: its peer closes it quietly when it closes."""
         loop = asyncio.get_running_loop()
         meshed = endpoint.identity is not None and self.tls is not None
         port = endpoint.proxy_port if meshed and endpoint.proxy_port else endpoint.port
@@ -54,7 +58,8 @@ class Connector:
                 if meshed:
                     assert self.tls is not None and endpoint.identity is not None
                     info = await self._handshake(link, endpoint.identity)
-                    link.write(TransportHeader(endpoint.port, None, protocol).encode())
+                    if header:
+                        link.write(TransportHeader(endpoint.port, None, protocol).encode())
                     # Requests are not sent over a connection whose peer certificate has
                     # expired, however busy it keeps: a new one verifies the peer again.
                     link.retire_at(loop.time() + info.peer_not_after - time.time())
@@ -177,7 +182,10 @@ class Pool:
             stack.remove(entry)
         self._close(entry.link)
 
-    def idle_count(self) -> int:
+    def idle_count(self, key: Any = None) -> int:
+        """Idle links in the pool, or (``key``) of that key."""
+        if key is not None:
+            return len(self._idle.get(key, ()))
         return sum(len(s) for s in self._idle.values())
 
     def close_all(self) -> None:

@@ -177,3 +177,55 @@ def sample(text: str, name: str, **labels: str) -> float:
         for s in family.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+class FlakyPeer:
+    """A port that stalls every connection (reads, answers nothing: a connect timeout for a
+    mesh client) until :meth:`relay_to` a real port, whose connections it then relays."""
+
+    def __init__(self) -> None:
+        self.target: int | None = None
+        self.relayed = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def relay_to(self, port: int | None) -> None:
+        self.target = port
+
+    async def _peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.target is None:
+            await reader.read(-1)
+            writer.close()
+            return
+        self.relayed += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers.append(up_writer)
+        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        writer.close()
+        up_writer.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FlakyPeer]:
+        self._server = await asyncio.start_server(self._peer, "127.0.0.1", 0)
+        try:
+            yield self
+        finally:
+            self._server.close()
+            for w in self._writers:
+                w.close()
+            await asyncio.sleep(0.05)  # the relays see EOF and end
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copies to EOF, then half-closes (the other direction may still be answering)."""
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+        dst.write_eof()

@@ -129,35 +129,55 @@ async def test_the_outbound_side_keeps_a_bounded_number_of_balancers(monkeypatch
         assert len(out._balancers) <= 8
 
 
-def test_an_endpoint_that_refused_a_connection_sits_out_its_backoff() -> None:
-    """Linkerd's balancer holds an endpoint unready while it reconnects (100 ms doubling to
-    500 ms, 10 % jitter); ours leaves it out of the picks for as long."""
+def test_an_endpoint_that_failed_to_connect_is_down_until_a_connection_succeeds() -> None:
+    """Linkerd's balancer holds an endpoint unready while it reconnects: ours leaves it out of
+    the picks until connected(), whatever the time, and failed() gives the connect backoff
+    before the next try (100 ms doubling to 500 ms, 10 % jitter)."""
     bal = PeakEwmaBalancer(["dead", "good"], now=0.0, rng=random.Random(5))
-    assert bal.available(0.0)
-    for failures, backoff in ((1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (9, 0.5)):
-        while bal.state("dead").failures < failures:
-            bal.failed("dead", 0.0)
-        until = bal.state("dead").down_until
-        assert backoff * 0.9 <= until <= backoff * 1.1, (failures, until)
-        assert bal.load("dead", until - 0.001) == math.inf
-        # Out of every pick while it backs off, whatever the loads.
-        bal.state("good").pending = 1000
-        assert {bal.pick(until / 2) for _ in range(50)} == {"good"}
-        bal.state("good").pending = 0
-    assert bal.state("dead").pending == 0  # failed() took back each pick it was given
-    # Back in the picks after it; a completed request clears the count.
-    assert bal.load("dead", 0.6) < math.inf
-    bal.pick(0.6)
-    bal.complete("dead", 0.6, 0.601)
-    assert bal.state("dead").failures == 0
-    # Every endpoint backing off: picks go on (a connection attempt finds out), and
-    # available() says so.
+    assert bal.available() and not bal.is_down("dead")
+    backoffs = []
+    for _ in range(5):
+        backoffs.append(bal.failed("dead", picked=False))
+    for got, want in zip(backoffs, (0.1, 0.2, 0.4, 0.5, 0.5), strict=True):
+        assert got is not None and want * 0.9 <= got <= want * 1.1, backoffs
+    assert len(set(backoffs)) == 5  # jittered
+    assert bal.is_down("dead") and bal.state("dead").failures == 5
+    # Out of every pick, however long ago it failed and however loaded the other one is.
+    bal.state("good").pending = 1000
+    for now in (0.5, 60.0, 3600.0):
+        assert bal.load("dead", now) == math.inf
+        assert {bal.pick(now) for _ in range(50)} == {"good"}
+    bal.state("good").pending = 0
+    # A request's pick that fails is no longer pending there; a reconnection's try was no pick.
+    bal.connected("dead")
+    bal.state("dead").pending = 2
+    bal.failed("dead")
+    bal.failed("dead", picked=False)
+    assert bal.state("dead").pending == 1
+    # A connection that succeeds puts it back and clears the count; a completed request
+    # (perhaps on a connection opened before it went down) does neither.
+    bal.state("dead").pending = 0
+    bal.complete("dead", 0.0, 0.01)
+    assert bal.is_down("dead") and bal.state("dead").failures == 2
+    bal.connected("dead")
+    assert not bal.is_down("dead") and bal.state("dead").failures == 0
+    assert bal.load("dead", 1.0) < math.inf
+    assert bal.failed("gone") is None and not bal.is_down("gone")
+    bal.connected("gone")  # an endpoint no longer in the set: nothing to do
+    # Every endpoint down: picks go on (a connection attempt finds out), spread at random,
+    # and available() says so.
     for ep in ("dead", "good"):
-        bal.failed(ep, 1.0)
-    assert not bal.available(1.05) and bal.available(1.2)
-    assert bal.pick(1.05) in ("dead", "good")
-    # Among many, when both of a pair back off, the least loaded of the rest is picked.
+        bal.failed(ep, picked=False)
+    assert not bal.available()
+    assert {bal.pick(1.0) for _ in range(50)} == {"dead", "good"}
+    # Among many, when both of a pair are down, the least loaded of the rest is picked.
     many = PeakEwmaBalancer([f"e{i}" for i in range(10)], now=0.0, rng=random.Random(2))
     for i in range(9):
-        many.failed(f"e{i}", 0.0)
+        many.failed(f"e{i}", picked=False)
     assert {many.pick(0.05) for _ in range(100)} == {"e9"}
+    # An endpoint that stays in a new set stays down; one that leaves and comes back is new.
+    many.set_endpoints([f"e{i}" for i in range(5)], now=1.0)
+    assert many.is_down("e0")
+    many.set_endpoints(["e9"], now=1.0)
+    many.set_endpoints(["e0", "e9"], now=1.0)
+    assert not many.is_down("e0")

@@ -16,13 +16,14 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 from loopback import unused_port
-from proxy_mesh import behind_the_mesh, raw_exchange, run_app, run_mesh, sample
+from proxy_mesh import FlakyPeer, behind_the_mesh, raw_exchange, run_app, run_mesh, sample
 
 import proxy.inbound as inbound_module
 from destination.policy import HttpMatch, PathMatch, ValueMatch
 from pki.certs import issue_identity
 from pki.keys import KeyAlgorithm, PrivateKey
 from pki.names import Identity
+from proxy.errors import UpstreamError
 from proxy.http1 import MAX_DROPPED_BODY, MAX_HEAD_BYTES, MAX_HEADERS, MAX_PIPELINED, Http1Server
 from proxy.listener import serve
 from proxy.meshtls import MeshCredentials, MeshTls, StaticCredentials
@@ -331,39 +332,68 @@ async def test_an_endpoint_refusing_connections_is_passed_over(pki, caplog) -> N
         assert reply.startswith(b"HTTP/1.1 502") and b"connecting to 127.0.0.1:" in reply
 
 
-async def test_a_failed_try_does_not_count_in_the_next_endpoints_latency(pki) -> None:
-    """The endpoint a request fails over to is charged its own latency, not the time the
-    request spent on the one that failed first (here a peer that stalls the handshake until
-    the connect timeout): else one slow failure would make a healthy endpoint look slow."""
-
-    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(-1)  # reads the ClientHello, answers nothing
-        writer.close()
-
+async def test_an_endpoint_that_times_out_is_reconnected_in_the_background(pki, caplog) -> None:
+    """An endpoint whose connections time out (a stalled or blackholed peer) costs one request
+    one connect timeout, not one every backoff: it stays out of the picks while the proxy
+    reconnects in the background, and is back as soon as a reconnection succeeds, with the
+    connection it opened pooled for the next request. The request that failed over is charged
+    to the endpoint that answered from when that one was picked: else one slow failure would
+    make a healthy endpoint look slow."""
+    caplog.set_level(logging.INFO, logger="proxy.outbound")
     web, api = pki.credentials("web"), pki.credentials("api")
-    staller = await asyncio.start_server(stall, "127.0.0.1", 0)
-    try:
-        async with run_app() as app_port, run_mesh(web, api, app_port=app_port) as mesh:
-            assert mesh.client.outbound is not None
-            mesh.client.outbound.connector.connect_timeout = 0.5
-            live = Endpoint("127.0.0.1", app_port, api.identity, mesh.server.port("inbound"))
-            stalled = Endpoint(
-                "127.0.0.1", app_port, api.identity, staller.sockets[0].getsockname()[1]
-            )
-            svc = Service("api", (stalled, live))
-            mesh.routes.replace((svc,))
-            balancer = mesh.client.outbound.balancer(svc, mesh.client.outbound.clock())
-            balancer.state(live).pending = 1000  # the first pick goes to the staller
+    request = b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+    async with (
+        FlakyPeer().running() as flaky,
+        run_app() as app_port,
+        run_mesh(web, api, app_port=app_port) as mesh,
+    ):
+        out = mesh.client.outbound
+        assert out is not None
+        out.connector.connect_timeout = 0.3
+        live = Endpoint("127.0.0.1", app_port, api.identity, mesh.server.port("inbound"))
+        stalled = Endpoint("127.0.0.1", app_port, api.identity, flaky.port)
+        svc = Service("api", (stalled, live))
+        mesh.routes.replace((svc,))
+        balancer = out.balancer(svc, out.clock())
+        # Every pick prefers the stalled endpoint whenever it is in the picks (as a fast
+        # endpoint would beside a slow one that is busy).
+        balancer.state(live).pending = 1000
+        started = time.monotonic()
+        reply = await raw_exchange(mesh.outbound, request)
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+        assert time.monotonic() - started >= 0.3  # the first request found out
+        assert balancer.state(stalled).failures == 1
+        assert balancer.state(live).rtt < 0.25
+        # For the next 1.5 s (several backoffs and reconnection timeouts), no request waits.
+        slowest, deadline = 0.0, time.monotonic() + 1.5
+        while time.monotonic() < deadline:
             started = time.monotonic()
-            reply = await raw_exchange(
-                mesh.outbound, b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-            )
+            reply = await raw_exchange(mesh.outbound, request)
             assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
-            assert time.monotonic() - started >= 0.5  # it did wait out the staller
-            assert balancer.state(stalled).failures == 1
-            assert balancer.state(live).rtt < 0.25
-    finally:
-        staller.close()
+            slowest = max(slowest, time.monotonic() - started)
+            await asyncio.sleep(0.02)
+        assert slowest < 0.25, slowest
+        assert balancer.is_down(stalled) and balancer.state(stalled).failures >= 3
+        assert "is out of the balancer until a reconnection succeeds" in caplog.text
+        # The peer recovers: a reconnection gets through and puts it back in the picks.
+        flaky.relay_to(mesh.server.port("inbound"))
+        for _ in range(100):
+            if not balancer.is_down(stalled):
+                break
+            await asyncio.sleep(0.02)
+        assert not balancer.is_down(stalled)
+        assert "is back in the balancer (reconnected after" in caplog.text
+        assert flaky.relayed == 1 and out.pool.idle_count(stalled) == 1  # the probe's link
+        started = time.monotonic()
+        reply = await raw_exchange(mesh.outbound, request)
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+        assert time.monotonic() - started < 0.25
+        assert flaky.relayed == 1  # the request took the pooled connection
+        # A stopping proxy stops reconnecting.
+        flaky.relay_to(None)
+        out.failed(balancer, stalled, UpstreamError("test"), pooled=True)
+        assert len(out._probes) == 1
+    assert not out._probes
 
 
 async def test_malformed_request_gets_400(pki) -> None:

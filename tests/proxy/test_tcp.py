@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 from loopback import unused_port
-from proxy_mesh import run_mesh, sample
+from proxy_mesh import FlakyPeer, run_mesh, sample
 
 from proxy.policy import DefaultPolicy, InboundPolicy
 
@@ -69,6 +69,63 @@ async def test_an_opaque_endpoint_refusing_connections_is_passed_over(pki) -> No
                 writer.close()
             text = mesh.server.metrics.render()
             assert sample(text, "inbound_tcp_authz_allow_total", client_id=web.identity) == 20
+    finally:
+        server.close()
+
+
+async def test_an_opaque_endpoint_is_reconnected_without_reaching_its_application(pki) -> None:
+    """While an opaque endpoint is down the proxy reconnects to it in the background, up to
+    the end of the TLS handshake: the application behind the peer never sees those
+    connections, only the sessions relayed to it."""
+    web, api = pki.credentials("web"), pki.credentials("api")
+    accepted = 0
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await _read_all_then_reply(reader, writer)
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    tcp_port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            FlakyPeer().running() as flaky,
+            run_mesh(web, api, app_port=tcp_port, tcp_port=tcp_port) as mesh,
+        ):
+            out = mesh.client.outbound
+            assert out is not None
+            out.connector.connect_timeout = 0.3
+            svc = mesh.routes.by_name("tcp-echo")
+            assert svc is not None
+            (live,) = svc.endpoints
+            stalled = dataclasses.replace(live, proxy_port=flaky.port)
+            svc = dataclasses.replace(svc, endpoints=(stalled, live))
+            mesh.routes.replace((svc,))
+            balancer = out.balancer(svc, out.clock())
+            balancer.state(live).pending = 1000  # picks prefer the stalled one when it is up
+            port = mesh.client.port("upstream:tcp-echo")
+
+            async def session(n: int) -> None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"x" * n)
+                writer.write_eof()
+                async with asyncio.timeout(10):
+                    assert await reader.read(-1) == b"got %d" % n
+                writer.close()
+
+            await session(1)  # waits out the stalled endpoint's connect timeout, then fails over
+            assert balancer.is_down(stalled)
+            flaky.relay_to(mesh.server.port("inbound"))
+            for _ in range(100):
+                if not balancer.is_down(stalled):
+                    break
+                await asyncio.sleep(0.02)
+            assert not balancer.is_down(stalled) and flaky.relayed == 1
+            assert accepted == 1  # the reconnection stopped after its handshake
+            await session(2)  # through the recovered endpoint
+            assert flaky.relayed == 2 and accepted == 2
+            text = mesh.server.metrics.render()
+            assert sample(text, "inbound_tcp_authz_allow_total", client_id=web.identity) == 2
     finally:
         server.close()
 
