@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -30,6 +31,7 @@ from mesh_testkit import (
     http_status,
     identity_of,
     metric,
+    roundtrip,
     service_doc,
     workload_doc,
 )
@@ -305,6 +307,35 @@ def test_proxy_serves_nothing_before_its_first_certificate(mesh: Mesh) -> None:
         )
     finally:
         kit.stop("proxy-orphan-0")
+
+
+def test_a_stopping_sidecar_is_not_ready_while_it_drains(mesh: Mesh) -> None:
+    """SIGTERM to ``trustmesh proxy run``: /ready turns 503 at once (so a kubelet or ``up``
+    stops sending it traffic) while /live stays 200; new connections are refused; an opaque
+    stream in progress runs on until the shutdown grace, and then the process exits 0."""
+    kit = mesh.kit
+    ports = kit.proxy_ports(ECHO)
+    kit.start_proxy("drainer-0", NS, "client", ports, extra=("--shutdown-grace", "3"))
+    (proc,) = (c.proc for c in kit.supervisor.children if c.spec.name == "proxy-drainer-0")
+    try:
+        with socket.create_connection((HOST, ports.upstreams[ECHO]), timeout=10) as sock:
+            assert roundtrip(sock, b"before") == b"before"
+            assert http_status(ports.admin_addr, "/ready") == 200
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            eventually(
+                lambda: http_status(ports.admin_addr, "/ready") == 503, 5, "/ready turning 503"
+            )
+            assert http_status(ports.admin_addr, "/live") == 200
+            with pytest.raises(OSError):
+                socket.create_connection((HOST, ports.upstreams[ECHO]), timeout=2).close()
+            assert roundtrip(sock, b"during the drain") == b"during the drain"
+            assert proc.wait(timeout=15) == 0
+            assert time.monotonic() - started >= 2.5  # the stream held it to its grace
+            with pytest.raises(ConnectionResetError):  # cut (reset) at the grace
+                sock.recv(1)
+    finally:
+        kit.stop("proxy-drainer-0")
 
 
 def test_traffic_continues_while_destination_is_down_and_recovers(mesh: Mesh) -> None:
