@@ -2,7 +2,7 @@
 crashed child with backoff, and stop everything on Ctrl-C or SIGTERM.
 
 Children run in their own session (a terminal's Ctrl-C reaches only the supervisor, which then
-stops them in reverse order) and get ``PR_SET_PDEATHSIG`` so that none outlives a supervisor
+stops them in rounds, see :class:`ChildSpec`) and get ``PR_SET_PDEATHSIG`` so that none outlives a supervisor
 that was killed outright. Each child's output goes to ``<log_dir>/<name>.log``.
 
 The death signal is set by ``setpriv --pdeathsig`` (util-linux) exec'ing the child, not by a
@@ -89,12 +89,19 @@ class ReadyCheck:
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
+    """One child. Stopping, children go in rounds by ``stop_order``, lowest first: a round is
+    sent SIGTERM together and awaited before the next round is (so a proxy can drain before
+    the application it forwards to goes). ``stop_timeout``: the seconds it has after SIGTERM
+    before SIGKILL, when it needs longer than the supervisor's timeout (a drain grace)."""
+
     name: str
     argv: tuple[str, ...]
     ready: Callable[[], bool] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     ready_timeout: float = 30.0
     restart: bool = True
+    stop_order: int = 0
+    stop_timeout: float | None = None
 
 
 class SupervisorError(RuntimeError):
@@ -295,23 +302,27 @@ class Supervisor:
         self._terminate(leaving, timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM every child in reverse start order, then SIGKILL what is left."""
+        """SIGTERM every child, round by round (``ChildSpec.stop_order``; in reverse start
+        order within a round), and SIGKILL what is left of a round after its timeout."""
         self._stopping = True
         self._terminate(self.children, timeout)
 
     def _terminate(self, children: list[_Child], timeout: float) -> None:
-        for child in reversed(children):
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for child in reversed(children):
-            remaining = max(0.0, deadline - time.monotonic())
-            try:
-                child.proc.wait(remaining)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", child.spec.name, timeout)
-                child.proc.kill()
-                child.proc.wait()
+        for order in sorted({c.spec.stop_order for c in children}):
+            round_ = [c for c in reversed(children) if c.spec.stop_order == order]
+            for child in round_:
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            for child in round_:
+                allowed = max(timeout, child.spec.stop_timeout or 0.0)
+                remaining = max(0.0, started + allowed - time.monotonic())
+                try:
+                    child.proc.wait(remaining)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0fs; killing it", child.spec.name, allowed)
+                    child.proc.kill()
+                    child.proc.wait()
 
     def __enter__(self) -> Supervisor:
         return self

@@ -257,3 +257,62 @@ def test_a_log_that_cannot_be_kept_is_emptied_all_the_same(tmp_path, caplog):
         ]
     finally:
         sup.stop()
+
+
+# A child that notes when SIGTERM reaches it, takes LINGER seconds to exit, and notes its exit.
+_LINGERING = """
+import signal, sys, time
+name, linger, journal = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+def note(what):
+    with open(journal, "a") as f:
+        f.write(f"{name} {what}\\n")
+def term(*_):
+    note("term")
+    time.sleep(linger)
+    note("exit")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+note("up")
+while True:
+    time.sleep(1)
+"""
+
+
+def test_children_stop_in_rounds_each_round_awaited_within_its_own_timeout(tmp_path):
+    """``up`` stops proxies first so they drain while their applications still answer: a
+    round is awaited before the next gets SIGTERM, and a child with a longer stop timeout (a
+    proxy's drain grace) is not killed at the supervisor's."""
+    journal = tmp_path / "journal"
+
+    def child(name: str, linger: float, order: int, stop_timeout: float | None = None):
+        argv = (sys.executable, "-c", _LINGERING, name, str(linger), str(journal))
+        return ChildSpec(name, argv, stop_order=order, stop_timeout=stop_timeout)
+
+    sup = Supervisor(tmp_path / "logs")
+    specs = [
+        child("control", 0.0, 2),
+        child("app", 0.2, 1),
+        child("proxy", 1.0, 0, stop_timeout=3.0),
+        child("stubborn", 60.0, 1),  # outlives the timeout: killed, and the rounds go on
+    ]
+    try:
+        for spec in specs:
+            sup.launch(spec)
+        for _ in range(200):
+            if journal.exists() and journal.read_text().count(" up") == 4:
+                break
+            time.sleep(0.05)
+        assert journal.read_text().count(" up") == 4
+        started = time.monotonic()
+        sup.stop(timeout=0.5)
+        took = time.monotonic() - started
+    finally:
+        sup.stop()
+    events = [line for line in journal.read_text().splitlines() if not line.endswith(" up")]
+    order = {event: i for i, event in enumerate(events)}
+    assert order["proxy exit"] < order["app term"] and order["proxy exit"] < order["stubborn term"]
+    assert order["app exit"] < order["control term"]
+    assert "stubborn exit" not in order
+    returncodes = {c.spec.name: c.proc.returncode for c in sup.children}
+    assert returncodes == {"control": 0, "app": 0, "proxy": 0, "stubborn": -signal.SIGKILL}
+    assert 1.5 <= took < 5  # proxy's 1 s, then the second round's 0.5 s timeout

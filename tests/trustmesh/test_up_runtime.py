@@ -19,6 +19,7 @@ import trustmesh.up.runtime as runtime
 from pki.certs import utcnow
 from pki.rotation import init_anchor, issue_issuer
 from pki.store import ANCHOR_KEY, FileStore
+from proxy.settings import SHUTDOWN_GRACE
 from trustmesh.supervisor import Supervisor, free_ports
 from trustmesh.up.demo import demo_mesh
 from trustmesh.up.home import ensure_pki
@@ -48,6 +49,28 @@ def test_ports_up_chooses_never_collide_with_ports_the_mesh_file_names(
     control = set(mesh._control_ports)
     assert len(control) == 4 and not control & named
     assert not (tmp_path / "home" / "current").exists()  # prepare() creates nothing
+
+
+def test_up_stops_proxies_before_their_applications_and_the_control_plane_last(
+    tmp_path: Path,
+) -> None:
+    """The stop rounds (see test_supervisor): a proxy drains while its application still
+    answers, and has its shutdown grace to do it before it is killed."""
+    mesh_file = tmp_path / "demo-mesh.yaml"
+    mesh_file.write_text(demo_mesh(iter(NAMED)))
+    mesh = Mesh(UpOptions(mesh_file, tmp_path / "home"), Supervisor(tmp_path / "logs"))
+    mesh.prepare()
+    mesh.control = ControlPlane("127.0.0.1:1", "127.0.0.1:2")
+    rounds: dict[str, set[tuple[int, float | None]]] = {}
+    for plan in mesh.plans:
+        for spec in mesh._workload_specs(plan):
+            kind = spec.name.split("-", 1)[0]
+            rounds.setdefault(kind, set()).add((spec.stop_order, spec.stop_timeout))
+    assert rounds == {
+        "proxy": {(runtime.STOP_PROXIES, SHUTDOWN_GRACE + runtime.PROXY_EXIT_MARGIN)},
+        "app": {(runtime.STOP_APPS, None)},
+    }
+    assert runtime.STOP_PROXIES < runtime.STOP_APPS < runtime.STOP_CONTROL_PLANE
 
 
 def test_a_running_up_renews_the_issuer_when_due(tmp_path: Path) -> None:

@@ -5,8 +5,11 @@ Start order: the mesh file is read and planned, and every port the children will
 checked free (so a bad file or a busy port is refused before anything is created), then the PKI
 (first run only), identity and destination side by side (each until its admin
 ``/ready``), then every application and proxy side by side (applications until they accept,
-proxies until ``/ready``, which a proxy reaches only with a certificate). Stop is the
-supervisor's: SIGTERM in reverse start order, SIGKILL after a grace period.
+proxies until ``/ready``, which a proxy reaches only with a certificate). Stop goes in the
+supervisor's rounds: the proxies first, which drain (each connection closes after the request
+in progress, opaque streams run to the shutdown grace) while their applications still answer,
+then the applications, then the control plane; SIGKILL for what outlives its round's grace.
+A workload removed from the mesh file is stopped the same way, proxy before application.
 
 While it runs, ``up`` follows the mesh file (:meth:`Mesh.reconcile`): the processes of a
 workload removed from it are stopped, those of a new workload started, and of a changed one
@@ -31,6 +34,7 @@ from destination.meshfile import has_resources, load_mesh_text
 from destination.resources import ClusterState, Workload
 from pki.certs import utcnow
 from pki.errors import PKIError
+from proxy.settings import SHUTDOWN_GRACE
 from trustmesh.rotation_job import ExitCode, run_once
 from trustmesh.supervisor import (
     ChildSpec,
@@ -54,6 +58,11 @@ from trustmesh.up.plan import (
 )
 
 CHILD_ENV = {"PYTHONUNBUFFERED": "1"}
+# The supervisor's stop rounds (ChildSpec.stop_order): proxies drain while their applications
+# still answer; the control plane goes last. A proxy has its shutdown grace and this margin to
+# exit after SIGTERM before it is killed.
+STOP_PROXIES, STOP_APPS, STOP_CONTROL_PLANE = 0, 1, 2
+PROXY_EXIT_MARGIN = 2.0
 
 
 # How often a running 'up' checks whether the issuer is due (the renewal point is hours away).
@@ -203,12 +212,14 @@ class Mesh:
                     trustmesh_argv(*identity),
                     ReadyCheck((HOST, id_admin)),
                     CHILD_ENV,
+                    stop_order=STOP_CONTROL_PLANE,
                 ),
                 ChildSpec(
                     "destination",
                     trustmesh_argv(*destination),
                     ReadyCheck((HOST, dst_admin)),
                     CHILD_ENV,
+                    stop_order=STOP_CONTROL_PLANE,
                 ),
             ],
             o.ready_timeout,
@@ -233,7 +244,9 @@ class Mesh:
         slug = f"{plan.namespace}-{plan.name}"
         if plan.command:
             ready = ReadyCheck((HOST, plan.app_ports[0]), None) if plan.app_ports else None
-            specs.append(ChildSpec(f"app-{slug}", plan.command, ready, CHILD_ENV))
+            specs.append(
+                ChildSpec(f"app-{slug}", plan.command, ready, CHILD_ENV, stop_order=STOP_APPS)
+            )
         if plan.meshed:
             args = proxy_args(
                 plan,
@@ -249,6 +262,8 @@ class Mesh:
                     trustmesh_argv(*args),
                     ReadyCheck((HOST, plan.admin_port)),
                     CHILD_ENV,
+                    stop_order=STOP_PROXIES,
+                    stop_timeout=SHUTDOWN_GRACE + PROXY_EXIT_MARGIN,
                 )
             )
         return tuple(specs)
