@@ -50,7 +50,7 @@ from destination.decode import (
 from destination.errors import DestinationError, InvalidTarget, NotFound, Unavailable
 from destination.model import EndpointSet, NoEndpoints, apply
 from destination.paths import WorkloadRef
-from destination.policy import InboundPolicy, OutboundPolicy
+from destination.policy import InboundPolicy, OutboundPolicy, Protocol, Ref
 from pki.bundle import TrustBundle
 from protos import lite
 from protos.rpc import Channel, ChannelFactory, RpcError, StatusCode
@@ -434,6 +434,8 @@ class DestinationClient:
         )
 
     def outbound_policy(self, authority: str) -> Watch[OutboundPolicy]:
+        """The outbound policy (routes, timeouts, retries) of ``authority``. A service that
+        does not exist is an answer, not an outage: a policy without routes (not stale)."""
         request = lite.encode(
             "trustmesh.policy.v1.TrafficSpec",
             source_workload=self.workload.token(),
@@ -448,6 +450,9 @@ class DestinationClient:
                 lite.decoder(OUTBOUND_POLICY),
                 lambda _old, msg: outbound_from_proto(msg),
                 lambda: None,
+                on_not_found=lambda: OutboundPolicy(
+                    authority, Ref("default", "not-found"), Protocol.DETECT, ()
+                ),
             )
         )
 

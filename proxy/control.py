@@ -9,8 +9,9 @@ the proxy's three source interfaces, and the metrics they add to the admin endpo
   :class:`~proxy.meshtls.MeshCredentials` value per (certificate, bundle) pair, so that the
   mesh TLS contexts are rebuilt only when either changes.
 - :class:`DestinationRoutes` is a :class:`~proxy.routes.RouteSource`: each service authority
-  gets one ``Get`` watch, started on first use (or ahead of time with :meth:`prefetch`), and
-  its last-known endpoints keep serving while the destination service is away.
+  gets one ``Get`` watch and one outbound policy watch (its routes' timeouts), started on
+  first use (or ahead of time with :meth:`prefetch`), and its last-known endpoints and policy
+  keep serving while the destination service is away.
 - :class:`DestinationPolicy` is a :class:`~proxy.policy.PolicySource` built from one inbound
   policy watch per application port.
 
@@ -25,6 +26,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 from destination import policy as dpolicy
@@ -50,7 +52,7 @@ from proxy.policy import (
     Server,
     parse_networks,
 )
-from proxy.routes import Endpoint, Service, ServiceProtocol
+from proxy.routes import Endpoint, OutboundRule, RouteTimeouts, Service, ServiceProtocol
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +204,34 @@ def canonical_authority(
     return f"{fqdn}:{number}"
 
 
-def service_of(endpoints: EndpointSet) -> Service:
-    """The proxy's view of a resolved service (opaque when every endpoint is opaque)."""
+def _seconds(value: timedelta | None) -> float | None:
+    return value.total_seconds() if value is not None and value > timedelta(0) else None
+
+
+def rules_of(policy: dpolicy.OutboundPolicy | None) -> tuple[OutboundRule, ...]:
+    """The outbound rules of a service's policy, for their timeouts: none at all when no rule
+    has one (requests are then not matched), else every rule, so that a rule without
+    timeouts still wins the requests it matches best."""
+    if policy is None:
+        return ()
+    rules = tuple(
+        OutboundRule(
+            f"{route.ref.kind} {route.ref.namespace + '/' if route.ref.namespace else ''}"
+            f"{route.ref.name}",
+            rule.matches,
+            RouteTimeouts(_seconds(rule.timeouts.request), _seconds(rule.timeouts.response)),
+        )
+        for route in policy.routes
+        for rule in route.rules
+    )
+    if all(r.timeouts.shortest is None for r in rules):
+        return ()
+    return rules
+
+
+def service_of(endpoints: EndpointSet, policy: dpolicy.OutboundPolicy | None = None) -> Service:
+    """The proxy's view of a resolved service (opaque when every endpoint is opaque), with
+    the rules of its outbound policy when known."""
     eps = []
     for e in endpoints.endpoints:
         if e.identity is None:
@@ -219,6 +247,7 @@ def service_of(endpoints: EndpointSet) -> Service:
         tuple(eps),
         ServiceProtocol.OPAQUE if opaque else ServiceProtocol.HTTP1,
         (endpoints.authority,),
+        () if opaque else rules_of(policy),
     )
 
 
@@ -240,7 +269,9 @@ class DestinationRoutes:
         self.cluster_domain = cluster_domain
         self._names: dict[str, str | None] = {}
         self._watches: dict[str, Watch[EndpointSet]] = {}
-        self._services: dict[str, tuple[EndpointSet, Service]] = {}
+        self._policies: dict[str, Watch[dpolicy.OutboundPolicy]] = {}
+        # name -> (the endpoints and policy it was built from, the service)
+        self._services: dict[str, tuple[EndpointSet, dpolicy.OutboundPolicy | None, Service]] = {}
         self._used: set[str] = set()  # names looked up since the last sweep
         self._pinned: set[str] = set()  # prefetched (upstream listeners): never idle
         self._sweeper: asyncio.TimerHandle | None = None
@@ -270,6 +301,7 @@ class DestinationRoutes:
                 )
                 return None
             watch = self._watches[name] = self.client.resolve(name)
+            self._policies[name] = self.client.outbound_policy(name)
             if self._sweeper is None:
                 loop = asyncio.get_running_loop()
                 self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
@@ -282,11 +314,12 @@ class DestinationRoutes:
         idle = [n for n in self._watches if n not in self._used and n not in self._pinned]
         self._used.clear()
         for name in idle:
-            watch = self._watches.pop(name)
             self._services.pop(name, None)
-            task = asyncio.ensure_future(self.client.forget(watch))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            for closing in (self._watches.pop(name), self._policies.pop(name, None)):
+                if closing is not None:
+                    task = asyncio.ensure_future(self.client.forget(closing))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
         if idle:
             log.info("closed %d service watch(es) idle for %gs", len(idle), self.idle_timeout)
         if self._watches:
@@ -330,11 +363,14 @@ class DestinationRoutes:
         current = watch.current
         if current is None or not current.exists:
             return None
-        cached = self._services.get(current.authority)
-        if cached is not None and cached[0] is current:
-            return cached[1]
-        svc = service_of(current)
-        self._services[current.authority] = (current, svc)
+        name = current.authority
+        policy_watch = self._policies.get(name)
+        policy = policy_watch.current if policy_watch is not None else None
+        cached = self._services.get(name)
+        if cached is not None and cached[0] is current and cached[1] is policy:
+            return cached[2]
+        svc = service_of(current, policy)
+        self._services[name] = (current, policy, svc)
         return svc
 
     def by_name(self, name: str) -> Service | None:

@@ -52,6 +52,10 @@ class UpstreamError(ProxyError):
     """The upstream connection failed or broke mid-exchange (HTTP 502)."""
 
 
+class RequestTimeout(ProxyError):
+    """A route's timeout expired before the response (HTTP 504)."""
+
+
 class Forbidden(ProxyError):
     """Inbound policy denied the connection or request (HTTP 403 / closed connection)."""
 

@@ -37,6 +37,7 @@ from proxy.errors import (
     MalformedRequest,
     NoEndpoints,
     ProxyError,
+    RequestTimeout,
     TLSError,
     UnknownRoute,
     UpstreamError,
@@ -89,6 +90,7 @@ _STATUS: tuple[tuple[type[ProxyError], int, bytes], ...] = (
     (NoEndpoints, 503, b"Service Unavailable"),
     (UpstreamError, 502, b"Bad Gateway"),
     (TLSError, 502, b"Bad Gateway"),
+    (RequestTimeout, 504, b"Gateway Timeout"),
 )
 
 
@@ -357,6 +359,7 @@ class Http1Server:
             self.head_timer.cancel()
         while self.queue:
             ex = self.queue.popleft()
+            self._disarm(ex)
             if ex.link is not None:
                 self.dispatcher.finish(ex, ex.link, reusable=False)
                 ex.link = None
@@ -396,6 +399,8 @@ class Http1Server:
         except ProxyError as e:
             self.fail(ex, e)
             return
+        if ex.timeouts is not None:
+            self._arm(ex)
         link = self.dispatcher.take(ex)
         if link is not None:
             self._attach(ex, link)
@@ -412,7 +417,61 @@ class Http1Server:
         if self.link.closed or not self.queue or self.queue[0] is not ex:
             self.dispatcher.finish(ex, link, reusable=False)
             return
+        if ex.timeouts is not None and ex.timers is None:  # routed while resolving
+            self._arm(ex)
         self._attach(ex, link)
+
+    # -- route timeouts ---------------------------------------------------------------------
+
+    def _arm(self, ex: Exchange) -> None:
+        """Start the timers of the route's timeouts, counted from the start of the request."""
+        t = ex.timeouts
+        assert t is not None
+        loop, timers = self._loop, []
+        if t.response is not None:
+            timers.append(loop.call_at(ex.started + t.response, self._timed_out, ex, "response"))
+        if t.request is not None:
+            timers.append(loop.call_at(ex.started + t.request, self._timed_out, ex, "request"))
+        ex.timers = tuple(timers)
+
+    @staticmethod
+    def _disarm(ex: Exchange) -> None:
+        timers = ex.timers
+        if timers is not None:
+            ex.timers = None
+            for timer in timers:
+                timer.cancel()
+
+    def _timed_out(self, ex: Exchange, which: str) -> None:
+        """A route timeout expired: before the response head, the request is answered 504
+        (and its upstream connection closed); after it (the request timeout only: the
+        response timeout was met), the status is out, so the client connection is cut."""
+        if self.link.closed or not self.queue or self.queue[0] is not ex:
+            return
+        resp = ex.resp
+        t = ex.timeouts
+        assert t is not None
+        seconds = t.request if which == "request" else t.response
+        if resp is not None and resp.head_sent:
+            if which == "response":
+                return
+            self._disarm(ex)
+            failure_log.info(
+                "%s %s request to %s cut mid-response: the route's request timeout (%gs) "
+                "expired",
+                self.dispatcher.describe(), ex.method.decode("latin-1"), quoted(ex.authority),
+                seconds,
+            )  # fmt: skip
+            self.link.abort()  # connection_lost ends the exchange; its upstream is not reused
+            return
+        self._disarm(ex)
+        if resp is not None:
+            resp.done = True  # closing its upstream link must not answer the client again
+        self.fail(
+            ex,
+            RequestTimeout(f"no response within the route's {which} timeout of {seconds:g}s"),
+            ex.link,
+        )
 
     def _attach(self, ex: Exchange, link: Link) -> None:
         ex.link = link
@@ -522,6 +581,7 @@ class Http1Server:
         if self.queue[0] is not ex:
             self.queue.remove(ex)  # not started yet
             return
+        self._disarm(ex)
         resp = ex.resp
         if resp is not None and resp.head_sent:
             self.refusal = b""  # a response is mid-way: nothing else can be said
@@ -540,6 +600,8 @@ class Http1Server:
 
     def complete(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The response to ``ex`` has been fully written: move on to the next request."""
+        if ex.timers is not None:
+            self._disarm(ex)
         self.dispatcher.finish(ex, link, reusable and ex.req_done)
         # The response points at the exchange (resp.ex): a cycle that would keep both, this
         # server and its link until a full garbage collection.
@@ -584,6 +646,7 @@ class Http1Server:
     def switch(self, ex: Exchange, upstream: Link, tail: bytes) -> None:
         """101 Switching Protocols (or 2xx to a CONNECT): both sides become an opaque relay."""
         self.queue.clear()
+        self._disarm(ex)  # an upgraded connection is no longer one request
         self.dispatcher.finish(ex, None, reusable=False)
         ex.resp = None
         self.link.resume_reading()

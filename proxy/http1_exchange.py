@@ -9,9 +9,11 @@ header rules both directions apply (hop-by-hop names, the head size bound) live 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 from proxy.link import Link
+from proxy.routes import RouteTimeouts
 from proxy.transfer_coding import TransferDecoder
 
 HOP_BY_HOP = frozenset(
@@ -73,8 +75,8 @@ class Exchange:
     __slots__ = (
         "authority", "client_10", "close_after", "conn_tokens", "drop_left", "dropping",
         "extra_headers", "head", "head_bytes", "is_head", "keep_alive", "link", "method",
-        "pending", "pending_size", "req_done", "resp", "started", "target", "te", "tunnel_tail",
-        "upgrade", "upgrade_to", "url",
+        "pending", "pending_size", "req_done", "resp", "started", "target", "te", "timeouts",
+        "timers", "tunnel_tail", "upgrade", "upgrade_to", "url",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -105,6 +107,8 @@ class Exchange:
         self.extra_headers = b""  # added by the dispatcher, e.g. l5d-client-id
         self.started = 0.0
         self.tunnel_tail = b""
+        self.timeouts: RouteTimeouts | None = None  # the dispatcher's, from the matched route
+        self.timers: tuple[asyncio.TimerHandle, ...] | None = None  # armed for ``timeouts``
 
 
 class Dispatcher(Protocol):
@@ -114,7 +118,9 @@ class Dispatcher(Protocol):
         """The side and the client, for a log line: ``outbound`` or ``inbound from <id>``."""
 
     def begin(self, ex: Exchange, now: float) -> None:
-        """Route ``ex`` (set ``target``, maybe ``extra_headers``) or raise a ProxyError."""
+        """Route ``ex`` (set ``target``, maybe ``extra_headers`` and ``timeouts``; these may
+        be set in ``connect`` instead, while the route is being resolved) or raise a
+        ProxyError."""
 
     def take(self, ex: Exchange) -> Link | None:
         """A pooled upstream link for ``ex.target``, if one is idle."""
@@ -127,3 +133,30 @@ class Dispatcher(Protocol):
 
     def finish(self, ex: Exchange, link: Link | None, reusable: bool) -> None:
         """The exchange ended; pool ``link`` when ``reusable``, else close it."""
+
+
+def request_headers(ex: Exchange) -> list[tuple[str, str]]:
+    """A request's headers as policy judges them: every value in order (repeated headers
+    are judged both ways), none that the client's Connection header names, as those never
+    reach the application."""
+    head = ex.head
+    return [
+        (head[i].decode("latin-1"), head[i + 2].decode("latin-1"))
+        for i in range(0, len(head), 4)
+        if head[i].lower() not in ex.conn_tokens
+    ]
+
+
+def request_path(url: bytes) -> str:
+    """The path and query of a request target: origin form as is, absolute form without its
+    scheme and authority (``*`` and authority form stay, and match no path)."""
+    text = url.decode("latin-1")
+    scheme_end = text.find("://")
+    if scheme_end > 0 and "/" not in text[:scheme_end]:
+        # The authority ends at the first '/', '?' or '#' (RFC 3986 3.2): in
+        # "http://h?x=/public" the path is empty ("/"), not "/public".
+        rest = text[scheme_end + 3 :]
+        end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+        path = rest[end:]
+        return path if path.startswith("/") else "/" + path
+    return text

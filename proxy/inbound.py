@@ -33,6 +33,7 @@ from proxy.errors import (
     handshake_result,
 )
 from proxy.http1 import Exchange, Http1Server
+from proxy.http1_exchange import request_headers, request_path
 from proxy.link import NULL_SINK, Link, NullSink
 from proxy.listener import Detector
 from proxy.lograte import PeerLog
@@ -203,33 +204,6 @@ def count_http_denial(metrics: ProxyMetrics, labels: tuple[str, ...], decision: 
         metrics.inbound_http_route_not_found_total.inc(labels)
     else:
         metrics.inbound_http_authz_deny_total.inc((*labels, decision.route or "", "unauthorized"))
-
-
-def request_headers(ex: Exchange) -> list[tuple[str, str]]:
-    """A request's headers as policy judges them: every value in order (repeated headers
-    are judged both ways), none that the client's Connection header names, as those never
-    reach the application."""
-    head = ex.head
-    return [
-        (head[i].decode("latin-1"), head[i + 2].decode("latin-1"))
-        for i in range(0, len(head), 4)
-        if head[i].lower() not in ex.conn_tokens
-    ]
-
-
-def request_path(url: bytes) -> str:
-    """The path and query of a request target: origin form as is, absolute form without its
-    scheme and authority (``*`` and authority form stay, and match no path)."""
-    text = url.decode("latin-1")
-    scheme_end = text.find("://")
-    if scheme_end > 0 and "/" not in text[:scheme_end]:
-        # The authority ends at the first '/', '?' or '#' (RFC 3986 3.2): in
-        # "http://h?x=/public" the path is empty ("/"), not "/public".
-        rest = text[scheme_end + 3 :]
-        end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
-        path = rest[end:]
-        return path if path.startswith("/") else "/" + path
-    return text
 
 
 class _Conn:

@@ -14,17 +14,19 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from pki.errors import quoted
 from proxy.balancer import PeakEwmaBalancer
 from proxy.detect import Detected, Proto
 from proxy.errors import ProxyError, UnknownRoute, UpstreamError
 from proxy.http1 import Exchange, Http1Server, LingeringClose
+from proxy.http1_exchange import request_headers, request_path
 from proxy.link import Link, NullSink
 from proxy.listener import Detector
 from proxy.lograte import PeerLog
 from proxy.metrics import HttpSeries, ProxyMetrics
-from proxy.routes import Endpoint, RouteSource, Service, ServiceProtocol
+from proxy.routes import Endpoint, RouteSource, RouteTimeouts, Service, ServiceProtocol
 from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT
 from proxy.tcp import Relay
 from proxy.transport_header import SessionProtocol
@@ -61,6 +63,20 @@ def _try_another(
         return False
     connect_log.info("%s; trying another endpoint of %s", error, svc.name)
     return True
+
+
+def route_timeouts(svc: Service, ex: Exchange) -> RouteTimeouts | None:
+    """The timeouts of the rule of ``svc`` that ``ex`` matches (None: no limit)."""
+    target = request_path(ex.url)
+    path, _, query_text = target.partition("?")
+    headers = (
+        {name.lower(): value for name, value in request_headers(ex)} if svc.needs_headers else {}
+    )
+    query = dict(parse_qsl(query_text, keep_blank_values=True)) if svc.needs_query else {}
+    rule = svc.rule_for(ex.method.decode("latin-1"), path.partition("#")[0], headers, query)
+    if rule is None or rule.timeouts.shortest is None:
+        return None
+    return rule.timeouts
 
 
 def authority_label(svc: Service, authority: str) -> str:
@@ -130,6 +146,8 @@ class OutboundHttp:
             out.series[key] = series
         series.requests.n += 1
         ex.target = _Choice(balancer, ep, series, now)
+        if svc.rules:
+            ex.timeouts = route_timeouts(svc, ex)
 
     def take(self, ex: Exchange) -> Link | None:
         if not isinstance(ex.target, _Choice):

@@ -13,7 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from destination.policy import HttpMatch
 from proxy.errors import ConfigError
+from proxy.policy import match_rank
+
+_EVERY_REQUEST = (HttpMatch(),)
 
 
 class ServiceProtocol(enum.Enum):
@@ -68,13 +72,59 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteTimeouts:
+    """An outbound route's timeouts, in seconds (None: no limit). ``request``: from when the
+    proxy starts forwarding the request until its response is complete; ``response``: until
+    the response's head arrives. Without retries a request is one try, so both count from the
+    start of the request."""
+
+    request: float | None = None
+    response: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("request", "response"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(
+                    f"the {name} timeout must be a positive number of seconds, got {value!r}"
+                )
+            object.__setattr__(self, name, float(value))
+
+    @property
+    def shortest(self) -> float | None:
+        """The first of the two to expire (None when neither is set)."""
+        values = [v for v in (self.request, self.response) if v is not None]
+        return min(values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRule:
+    """One rule of an outbound route (an HTTPRoute rule, or a service's default route): the
+    requests it matches (none listed: every request) and their timeouts. ``route`` names where
+    it comes from, for messages."""
+
+    route: str
+    matches: tuple[HttpMatch, ...] = ()
+    timeouts: RouteTimeouts = RouteTimeouts()
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
-    """A named set of endpoints reached by authority (``name`` and ``authorities``)."""
+    """A named set of endpoints reached by authority (``name`` and ``authorities``), and the
+    outbound rules its HTTP requests are matched to (only when some rule has a timeout: else
+    none, and requests are not matched at all)."""
 
     name: str
     endpoints: tuple[Endpoint, ...]
     protocol: ServiceProtocol = ServiceProtocol.HTTP1
     authorities: tuple[str, ...] = field(default=())
+    rules: tuple[OutboundRule, ...] = ()
+    # Whether a rule matches on request headers or query parameters: derived once here,
+    # read for every request matched.
+    needs_headers: bool = field(default=False, init=False, compare=False)
+    needs_query: bool = field(default=False, init=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -85,6 +135,29 @@ class Service:
             raise TypeError(f"service {self.name}: endpoints must be a tuple of Endpoint")
         if not isinstance(self.protocol, ServiceProtocol):
             raise TypeError(f"service {self.name}: protocol must be a ServiceProtocol")
+        if not isinstance(self.rules, tuple) or not all(
+            isinstance(r, OutboundRule) for r in self.rules
+        ):
+            raise TypeError(f"service {self.name}: rules must be a tuple of OutboundRule")
+        matches = [m for r in self.rules for m in r.matches]
+        object.__setattr__(self, "needs_headers", any(m.headers for m in matches))
+        object.__setattr__(self, "needs_query", any(m.query_params for m in matches))
+
+    def rule_for(
+        self, method: str, path: str, headers: dict[str, str], query: dict[str, str]
+    ) -> OutboundRule | None:
+        """The rule whose match is the most specific for the request (Gateway API precedence:
+        the first listed on a tie), or None. ``headers`` have lower-case names."""
+        best: OutboundRule | None = None
+        best_rank: tuple[int, int, bool, int, int] | None = None
+        for rule in self.rules:
+            for match in rule.matches or _EVERY_REQUEST:
+                if not match.matches(method, path, headers, query):
+                    continue
+                rank = match_rank(match)
+                if best_rank is None or rank > best_rank:
+                    best, best_rank = rule, rank
+        return best
 
 
 class RouteSource(Protocol):
@@ -130,7 +203,8 @@ class StaticRoutes:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StaticRoutes:
-        """Build from ``{"services": [{"name", "protocol", "authorities", "endpoints": [...]}]}``."""
+        """Build from ``{"services": [{"name", "protocol", "authorities", "endpoints": [...],
+        "timeouts": {"request", "response"}}]}`` (timeouts in seconds, for every request)."""
         services = []
         for raw in data.get("services", ()):
             try:
@@ -138,12 +212,34 @@ class StaticRoutes:
                     Endpoint(e["host"], int(e["port"]), e.get("identity"), e.get("proxy_port"))
                     for e in raw.get("endpoints", ())
                 )
+                timeouts = raw.get("timeouts")
+                if timeouts is not None and not isinstance(timeouts, Mapping):
+                    raise ConfigError(
+                        f"service {raw['name']}: timeouts must be a mapping with request "
+                        f"and/or response (seconds), got {timeouts!r}"
+                    )
+                rules: tuple[OutboundRule, ...] = ()
+                if timeouts:
+                    unknown = set(timeouts) - {"request", "response"}
+                    if unknown:
+                        raise ConfigError(
+                            f"service {raw['name']}: unknown timeouts {sorted(unknown)} "
+                            "(request and response are known)"
+                        )
+                    rules = (
+                        OutboundRule(
+                            "config",
+                            (),
+                            RouteTimeouts(timeouts.get("request"), timeouts.get("response")),
+                        ),
+                    )
                 services.append(
                     Service(
                         raw["name"],
                         endpoints,
                         ServiceProtocol(raw.get("protocol", "http")),
                         tuple(raw.get("authorities", ())),
+                        rules,
                     )
                 )
             except (KeyError, TypeError, ValueError) as e:

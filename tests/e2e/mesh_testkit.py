@@ -194,6 +194,12 @@ class MeshKit:
         argv = (sys.executable, "-m", "trustmesh.demo.apps", *args)
         self._start(ChildSpec(f"app-{name}", argv, ReadyCheck((host, int(port)), None)))
 
+    def start_script(self, name: str, script: str, port: int) -> None:
+        """Python ``script`` (given the port as its argument) as app ``name``, ready when it
+        accepts on ``port``."""
+        argv = (sys.executable, "-c", script, str(port))
+        self._start(ChildSpec(f"app-{name}", argv, ReadyCheck((HOST, port), None)))
+
     def start_proxy(
         self,
         workload: str,

@@ -338,6 +338,74 @@ def test_a_stopping_sidecar_is_not_ready_while_it_drains(mesh: Mesh) -> None:
         kit.stop("proxy-drainer-0")
 
 
+SLOW_APP = """
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        time.sleep(2 if self.path.startswith("/slow") else 0)
+        self.send_response(200)
+        self.send_header("content-length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\\n")
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_route_timeouts_from_the_mesh_file_answer_504(mesh: Mesh) -> None:
+    """An HTTPRoute's timeout in the mesh file reaches the client's sidecar through
+    destination's outbound policy: a request past it is answered 504 by the proxy, one on
+    another route is not limited; an edit lifting the timeout follows."""
+    kit = mesh.kit
+    (app_port,) = kit.ports(1)
+    ports = kit.proxy_ports()
+    slow = f"slow.{NS}.svc.cluster.local:8080"
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "slow-routes", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "slow", "port": 8080}],
+            "rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+                 "timeouts": {"request": "500ms"}},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]},
+            ],
+        },
+    }  # fmt: skip
+    workload = [
+        workload_doc("slow-0", NS, "slow", ports.inbound, {"http": app_port}),
+        service_doc("slow", NS, "slow", 8080, "http"),
+    ]
+    mesh.write([*mesh.docs, *workload, route])
+    with kit.together():
+        kit.start_script("slow", SLOW_APP, app_port)
+        kit.start_proxy("slow-0", NS, "slow", ports, (app_port,))
+    try:
+        assert curl(mesh.client.outbound, slow, "/fast")[0] == 200
+        # The policy watch starts with the endpoints one; its first answer may come just after.
+        eventually(
+            lambda: curl(mesh.client.outbound, slow, "/slow")[0] == 504, 15, "the timeout applied"
+        )
+        started = time.monotonic()
+        status, headers, _ = curl(mesh.client.outbound, slow, "/slow")
+        assert status == 504 and time.monotonic() - started < 1.5
+        assert headers["l5d-proxy-error"] == (
+            "no response within the route's request timeout of 0.5s"
+        )
+        mesh.write([*mesh.docs, *workload])  # the route (and its timeout) gone
+        eventually(
+            lambda: curl(mesh.client.outbound, slow, "/slow")[0] == 200, 15, "the edit applied"
+        )
+    finally:
+        mesh.write(mesh.docs)
+        kit.stop("proxy-slow-0")
+        kit.stop("app-slow")
+
+
 def test_traffic_continues_while_destination_is_down_and_recovers(mesh: Mesh) -> None:
     kit, client = mesh.kit, mesh.client
     kit.stop("destination")

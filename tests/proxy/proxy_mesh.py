@@ -56,8 +56,23 @@ async def echo_app() -> web.Application:
                 await sock.send_str("echo:" + msg.data)
         return sock
 
+    async def sleep(request: web.Request) -> web.StreamResponse:
+        """Waits ``before`` seconds, sends the head and a first line, waits ``after`` seconds,
+        then ends the body."""
+        await asyncio.sleep(float(request.query.get("before", "0")))
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"head\n")
+        await asyncio.sleep(float(request.query.get("after", "0")))
+        await resp.write(b"done\n")
+        await resp.write_eof()
+        return resp
+
     app = web.Application()
     app.router.add_route("*", "/echo", echo)
+    app.router.add_get("/sleep", sleep)
+    app.router.add_get("/slow", sleep)  # the same, on a path tests leave without timeouts
     app.router.add_get("/stream", stream)
     app.router.add_get("/ws", ws)
     return app

@@ -8,7 +8,7 @@ import pytest
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
 from proxy.errors import ConfigError
-from proxy.inbound import request_path
+from proxy.http1_exchange import request_path
 from proxy.policy import (
     Authorization,
     DefaultPolicy,

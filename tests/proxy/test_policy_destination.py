@@ -19,6 +19,7 @@ from destination.paths import WorkloadRef
 from destination.service import DestinationServer, ServeOptions
 from proxy.control import DestinationPolicy, DestinationRoutes
 from proxy.policy import DefaultPolicy, authorize
+from proxy.routes import RouteTimeouts
 from proxy.rpc import Channel
 
 pytestmark = pytest.mark.timeout(30)
@@ -144,4 +145,66 @@ async def test_idle_service_watches_are_closed_so_new_services_stay_reachable(
         # two sweeps later the unused names are gone, and a new one can be watched
         await eventually(lambda: routes.watch("new-1:80") is not None, timeout=5)
         assert routes.by_authority("api:8080") is not None  # the prefetched one is kept
-        await eventually(lambda: len(client._watches) == 2, timeout=5)  # closed and forgotten
+        # Closed and forgotten: the client keeps only the streams of the services still
+        # watched, each with its endpoints and its outbound policy.
+        await eventually(
+            lambda: len(client._watches) == len(routes._watches) + len(routes._policies) <= 4,
+            timeout=5,
+        )
+        assert set(routes._policies) == set(routes._watches)
+
+
+ROUTED = """\
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: api
+  namespace: shop
+  annotations: {timeout.linkerd.io/response: 300ms}
+spec: {selector: {app: api}, ports: [{port: 8080, targetPort: 18080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-routes, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: api, port: 8080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /reports}}]
+    timeouts: {request: 5s}
+  - matches: [{path: {type: PathPrefix, value: /}, headers: [{name: x-tier, value: bulk}]}]
+"""
+
+
+async def test_route_timeouts_reach_the_proxy_and_follow_edits(tmp_path: Path) -> None:
+    """The outbound policy of a service (HTTPRoute timeouts, the Service's timeout annotation
+    as each rule's fallback) reaches the proxy's route table, and an edit follows."""
+    mesh = tmp_path / "mesh.yaml"
+    write_atomic(mesh, MESH + ROUTED)
+    async with _destination(mesh, WorkloadRef("shop", "web-0")) as (_, client):
+        routes = DestinationRoutes(client, "shop")
+        assert await routes.prefetch(["api:8080"], 5) == []
+        svc = await eventually(lambda: (s := routes.by_authority("api:8080")) and s.rules and s)
+        assert svc.needs_headers and not svc.needs_query
+        reports, bulk = svc.rules
+        assert reports.route == "HTTPRoute shop/api-routes"
+        assert reports.timeouts == RouteTimeouts(request=5.0, response=0.3)
+        assert bulk.timeouts == RouteTimeouts(response=0.3)
+        assert svc.rule_for("GET", "/reports/q3", {}, {}) is reports
+        assert svc.rule_for("GET", "/reports/q3", {"x-tier": "bulk"}, {}) is reports  # longer
+        assert svc.rule_for("GET", "/", {"x-tier": "bulk"}, {}) is bulk
+        assert svc.rule_for("GET", "/", {}, {}) is None
+        assert routes.by_authority("api:8080") is svc  # built once per change
+        # Without any timeout the service has no rules: its requests are not matched at all.
+        write_atomic(mesh, MESH + ROUTED.replace("timeout.linkerd.io/response: 300ms", "a: b")
+                     .replace("    timeouts: {request: 5s}\n", ""))  # fmt: skip
+        await eventually(lambda: routes.by_authority("api:8080").rules == ())  # type: ignore[union-attr]
+        # A service that does not exist is an answer for its policy watch too, not an outage:
+        # the client's control plane stays up (a stale watch would say it is down).
+        wait = routes.resolving("gone:80")
+        assert wait is not None
+        await wait
+        gone = routes._policies["gone.shop.svc.cluster.local:80"]
+        await eventually(lambda: gone.current is not None)
+        assert gone.current is not None and gone.current.routes == () and not gone.stale
+        await eventually(lambda: client.metrics.up == 1)
