@@ -114,8 +114,10 @@ class PeakEwmaBalancer(Generic[E]):
     def state(self, endpoint: E) -> EndpointLoad:
         return self._loads[endpoint]
 
-    def pick(self, now: float) -> E:
-        """Choose an endpoint for one request and count the request as pending on it."""
+    def pick(self, now: float, avoid: E | None = None) -> E:
+        """Choose an endpoint for one request and count the request as pending on it. With
+        ``avoid`` (the endpoint a retry's try before went to), the other of the pair is taken
+        where P2C would have chosen it: another endpoint whenever there is one."""
         eps = self._endpoints
         n = len(eps)
         if n == 0:
@@ -135,6 +137,8 @@ class PeakEwmaBalancer(Generic[E]):
                 if self._loads[best].down:
                     best = a  # every endpoint down: a connection attempt finds out (random)
                 chosen = best
+            if avoid is not None and chosen == avoid:
+                chosen = b if chosen == a else a
         self._loads[chosen].pending += 1
         return chosen
 

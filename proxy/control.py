@@ -52,7 +52,14 @@ from proxy.policy import (
     Server,
     parse_networks,
 )
-from proxy.routes import Endpoint, OutboundRule, RouteTimeouts, Service, ServiceProtocol
+from proxy.routes import (
+    Endpoint,
+    OutboundRule,
+    RouteRetry,
+    RouteTimeouts,
+    Service,
+    ServiceProtocol,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +215,29 @@ def _seconds(value: timedelta | None) -> float | None:
     return value.total_seconds() if value is not None and value > timedelta(0) else None
 
 
+MAX_RETRIES = 10  # a route's retry limit beyond this is taken as this
+
+
+def retry_of(retry: dpolicy.Retry | None) -> RouteRetry | None:
+    """The proxy's view of a route's retry policy (the limit capped at MAX_RETRIES)."""
+    if retry is None:
+        return None
+    low, high = sorted((retry.min_backoff.total_seconds(), retry.max_backoff.total_seconds()))
+    return RouteRetry(
+        min(max(retry.max_retries, 0), MAX_RETRIES),
+        retry.status_ranges,
+        _seconds(retry.timeout),
+        max(low, 0.0),
+        max(high, 0.0),
+        min(max(retry.jitter_ratio, 0.0), 10.0),
+        retry.max_request_bytes,
+    )
+
+
 def rules_of(policy: dpolicy.OutboundPolicy | None) -> tuple[OutboundRule, ...]:
-    """The outbound rules of a service's policy, for their timeouts: none at all when no rule
-    has one (requests are then not matched), else every rule, so that a rule without
-    timeouts still wins the requests it matches best."""
+    """The outbound rules of a service's policy, for their timeouts and retries: none at all
+    when no rule has either (requests are then not matched), else every rule, so that a rule
+    without them still wins the requests it matches best."""
     if policy is None:
         return ()
     rules = tuple(
@@ -220,11 +246,12 @@ def rules_of(policy: dpolicy.OutboundPolicy | None) -> tuple[OutboundRule, ...]:
             f"{route.ref.name}",
             rule.matches,
             RouteTimeouts(_seconds(rule.timeouts.request), _seconds(rule.timeouts.response)),
+            retry_of(rule.retry),
         )
         for route in policy.routes
         for rule in route.rules
     )
-    if all(r.timeouts.shortest is None for r in rules):
+    if not any(r.limits for r in rules):
         return ()
     return rules
 

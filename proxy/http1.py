@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
 
 import httptools
@@ -49,6 +50,7 @@ from proxy.http1_exchange import (
     SPENT_PARSER,
     Dispatcher,
     Exchange,
+    Replay,
     without_headers,
 )
 from proxy.http1_response import Response
@@ -92,6 +94,12 @@ _STATUS: tuple[tuple[type[ProxyError], int, bytes], ...] = (
     (TLSError, 502, b"Bad Gateway"),
     (RequestTimeout, 504, b"Gateway Timeout"),
 )
+
+
+def _current(ex: Exchange, attempt: int) -> bool:
+    """Whether try number ``attempt`` of ``ex`` is the one in progress (not given up on)."""
+    replay = ex.replay
+    return replay is None or replay.tries == attempt
 
 
 def error_status(error: ProxyError) -> tuple[int, bytes]:
@@ -323,6 +331,9 @@ class Http1Server:
             self._send_body(ex, b"0\r\n\r\n")
 
     def _send_body(self, ex: Exchange, data: bytes) -> None:
+        replay = ex.replay
+        if replay is not None and not replay.record(data):
+            ex.replay = None  # over the route's limit: this request is not sent again
         if ex.pending is None:
             link = ex.link
             if link is not None:
@@ -399,7 +410,7 @@ class Http1Server:
         except ProxyError as e:
             self.fail(ex, e)
             return
-        if ex.timeouts is not None:
+        if ex.rule is not None:
             self._arm(ex)
         link = self.dispatcher.take(ex)
         if link is not None:
@@ -408,31 +419,47 @@ class Http1Server:
             self._loop.create_task(self._connect(ex))
 
     async def _connect(self, ex: Exchange) -> None:
+        replay = ex.replay
+        attempt = replay.tries if replay is not None else 0
         try:
             link = await self.dispatcher.connect(ex)
         except ProxyError as e:
-            if self.queue and self.queue[0] is ex:  # else dropped meanwhile: nobody to answer
-                self.fail(ex, e)
+            if self.queue and self.queue[0] is ex and _current(ex, attempt):
+                self.fail(ex, e)  # else dropped, or given up on, meanwhile: nobody to answer
+            return
+        if not _current(ex, attempt):  # this try timed out and the request went again
+            link.close()
             return
         if self.link.closed or not self.queue or self.queue[0] is not ex:
             self.dispatcher.finish(ex, link, reusable=False)
             return
-        if ex.timeouts is not None and ex.timers is None:  # routed while resolving
+        if ex.rule is not None and ex.timers is None:  # routed while resolving
             self._arm(ex)
         self._attach(ex, link)
 
-    # -- route timeouts ---------------------------------------------------------------------
+    # -- route timeouts and retries -----------------------------------------------------------
 
     def _arm(self, ex: Exchange) -> None:
-        """Start the timers of the route's timeouts, counted from the start of the request."""
-        t = ex.timeouts
-        assert t is not None
-        loop, timers = self._loop, []
-        if t.response is not None:
-            timers.append(loop.call_at(ex.started + t.response, self._timed_out, ex, "response"))
-        if t.request is not None:
-            timers.append(loop.call_at(ex.started + t.request, self._timed_out, ex, "request"))
-        ex.timers = tuple(timers)
+        """Start the request timeout (counted from the start of the request) and the first
+        try's; keep the request to send it again if the route retries."""
+        rule = ex.rule
+        assert rule is not None
+        ex.timers = []
+        if rule.timeouts.request is not None:
+            ex.timers.append(
+                self._loop.call_at(ex.started + rule.timeouts.request, self._timed_out, ex, -1)
+            )
+        if rule.retry is not None and ex.replay is None:
+            ex.replay = Replay(ex.pending, rule.retry.max_request_bytes)
+        self._arm_try(ex, ex.started)
+
+    def _arm_try(self, ex: Exchange, at: float) -> None:
+        rule = ex.rule
+        assert rule is not None and ex.timers is not None
+        limit = rule.try_timeout
+        if limit is not None:
+            attempt = ex.replay.tries if ex.replay is not None else 0
+            ex.timers.append(self._loop.call_at(at + limit[0], self._timed_out, ex, attempt))
 
     @staticmethod
     def _disarm(ex: Exchange) -> None:
@@ -442,19 +469,27 @@ class Http1Server:
             for timer in timers:
                 timer.cancel()
 
-    def _timed_out(self, ex: Exchange, which: str) -> None:
-        """A route timeout expired: before the response head, the request is answered 504
-        (and its upstream connection closed); after it (the request timeout only: the
-        response timeout was met), the status is out, so the client connection is cut."""
+    def _timed_out(self, ex: Exchange, attempt: int) -> None:
+        """A route timeout expired: the request timeout (``attempt`` -1), or the timeout of
+        try number ``attempt``. Before the response head, a try that timed out is sent again
+        if the route retries and allows one more, else the request is answered 504 (its
+        upstream connection closed). After the head only the request timeout acts: the status
+        is out, so the client connection is cut."""
         if self.link.closed or not self.queue or self.queue[0] is not ex:
             return
-        resp = ex.resp
-        t = ex.timeouts
-        assert t is not None
-        seconds = t.request if which == "request" else t.response
+        if attempt >= 0 and not _current(ex, attempt):
+            return  # an earlier try's timer
+        rule, resp = ex.rule, ex.resp
+        assert rule is not None
+        if attempt < 0:
+            seconds, name = rule.timeouts.request or 0.0, "request"
+        else:
+            limit = rule.try_timeout
+            assert limit is not None
+            seconds, name = limit
         if resp is not None and resp.head_sent:
-            if which == "response":
-                return
+            if attempt >= 0:
+                return  # the try's answer came in time
             self._disarm(ex)
             failure_log.info(
                 "%s %s request to %s cut mid-response: the route's request timeout (%gs) "
@@ -464,14 +499,71 @@ class Http1Server:
             )  # fmt: skip
             self.link.abort()  # connection_lost ends the exchange; its upstream is not reused
             return
-        self._disarm(ex)
         if resp is not None:
             resp.done = True  # closing its upstream link must not answer the client again
+        if attempt >= 0 and self.may_retry(ex):
+            self.retry(ex, ex.link, 0, f"no response within the {name} timeout of {seconds:g}s")
+            return
+        self._disarm(ex)
         self.fail(
             ex,
-            RequestTimeout(f"no response within the route's {which} timeout of {seconds:g}s"),
+            RequestTimeout(f"no response within the route's {name} timeout of {seconds:g}s"),
             ex.link,
         )
+
+    def may_retry(self, ex: Exchange, status: int = 0) -> bool:
+        """Whether ``ex`` can be sent again after this try (answered ``status``, or 0: timed
+        out): its route retries (that status), the whole request came and was kept, and it has
+        retries left."""
+        rule, replay = ex.rule, ex.replay
+        if rule is None or rule.retry is None or replay is None:
+            return False
+        if not ex.req_done or ex.upgrade or replay.tries >= rule.retry.max_retries:
+            return False
+        return not status or rule.retry.retries_status(status)
+
+    def retry(self, ex: Exchange, upstream: Link | None, status: int, why: str) -> None:
+        """Give this try up (``upstream`` is closed; an answer ``status`` still counts for its
+        endpoint) and send the request again after the route's backoff, to the endpoint the
+        dispatcher picks then."""
+        replay = ex.replay
+        assert replay is not None and ex.rule is not None and ex.rule.retry is not None
+        if status:
+            self.dispatcher.response_head(ex, status, self._loop.time())
+        self.dispatcher.finish(ex, upstream, reusable=False)
+        ex.link = ex.resp = None
+        replay.tries += 1
+        replay.reason = "timeout" if not status else "status"
+        delay = ex.rule.retry.backoff(replay.tries, random.random())
+        failure_log.info(
+            "%s %s request to %s: %s; retry %d of %d in %.0f ms",
+            self.dispatcher.describe(), ex.method.decode("latin-1"), quoted(ex.authority), why,
+            replay.tries, ex.rule.retry.max_retries, delay * 1000.0,
+        )  # fmt: skip
+        self._loop.call_later(delay, self._send_again, ex, replay.tries)
+
+    def _send_again(self, ex: Exchange, attempt: int) -> None:
+        if self.link.closed or not self.queue or self.queue[0] is not ex:
+            return
+        if not _current(ex, attempt):
+            return
+        replay = ex.replay
+        assert replay is not None
+        now = self._loop.time()
+        try:
+            self.dispatcher.begin(ex, now)
+        except ProxyError as e:
+            self._disarm(ex)
+            self.fail(ex, e)
+            return
+        ex.pending = list(replay.chunks)  # _attach writes the head and these
+        if ex.timers is not None:
+            self._arm_try(ex, now)
+        link = self.dispatcher.take(ex)
+        if link is not None:
+            self._attach(ex, link)
+        else:
+            self._loop.create_task(self._connect(ex))
 
     def _attach(self, ex: Exchange, link: Link) -> None:
         ex.link = link

@@ -13,7 +13,7 @@ import asyncio
 from typing import Any, Protocol
 
 from proxy.link import Link
-from proxy.routes import RouteTimeouts
+from proxy.routes import OutboundRule
 from proxy.transfer_coding import TransferDecoder
 
 HOP_BY_HOP = frozenset(
@@ -75,8 +75,8 @@ class Exchange:
     __slots__ = (
         "authority", "client_10", "close_after", "conn_tokens", "drop_left", "dropping",
         "extra_headers", "head", "head_bytes", "is_head", "keep_alive", "link", "method",
-        "pending", "pending_size", "req_done", "resp", "started", "target", "te", "timeouts",
-        "timers", "tunnel_tail", "upgrade", "upgrade_to", "url",
+        "pending", "pending_size", "replay", "req_done", "resp", "rule", "started", "target",
+        "te", "timers", "tunnel_tail", "upgrade", "upgrade_to", "url",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -107,8 +107,31 @@ class Exchange:
         self.extra_headers = b""  # added by the dispatcher, e.g. l5d-client-id
         self.started = 0.0
         self.tunnel_tail = b""
-        self.timeouts: RouteTimeouts | None = None  # the dispatcher's, from the matched route
-        self.timers: tuple[asyncio.TimerHandle, ...] | None = None  # armed for ``timeouts``
+        # The route rule the dispatcher matched, when it has timeouts or retries; the timers
+        # armed for its timeouts; what is kept of the request to send it again.
+        self.rule: OutboundRule | None = None
+        self.timers: list[asyncio.TimerHandle] | None = None
+        self.replay: Replay | None = None
+
+
+class Replay:
+    """What a request that may be retried has sent so far (its body as framed on the wire),
+    kept to send it again, and how many times it was sent again."""
+
+    __slots__ = ("chunks", "limit", "reason", "size", "tries")
+
+    def __init__(self, pending: list[bytes] | None, limit: int) -> None:
+        self.chunks = list(pending or ())
+        self.size = sum(map(len, self.chunks))
+        self.limit = limit
+        self.tries = 0  # retries sent
+        self.reason = ""  # why the last one was: a status, or the try's timeout
+
+    def record(self, data: bytes) -> bool:
+        """Keep ``data``; False once the request is over the limit (it cannot be retried)."""
+        self.chunks.append(data)
+        self.size += len(data)
+        return self.size <= self.limit
 
 
 class Dispatcher(Protocol):
@@ -118,9 +141,9 @@ class Dispatcher(Protocol):
         """The side and the client, for a log line: ``outbound`` or ``inbound from <id>``."""
 
     def begin(self, ex: Exchange, now: float) -> None:
-        """Route ``ex`` (set ``target``, maybe ``extra_headers`` and ``timeouts``; these may
-        be set in ``connect`` instead, while the route is being resolved) or raise a
-        ProxyError."""
+        """Route ``ex`` (set ``target``, maybe ``extra_headers`` and ``rule``; these may be
+        set in ``connect`` instead, while the route is being resolved) or raise a ProxyError.
+        Called again for each retry of the request (``replay.tries`` says which)."""
 
     def take(self, ex: Exchange) -> Link | None:
         """A pooled upstream link for ``ex.target``, if one is idle."""

@@ -54,9 +54,24 @@ class Client(Protocol):
     def fail(self, ex: Exchange, error: ProxyError, link: Link | None = None) -> None:
         """Answer ``ex`` with the error's status (nothing of the response was written)."""
 
+    def may_retry(self, ex: Exchange, status: int = 0) -> bool:
+        """Whether ``ex``, answered ``status`` on this try, is to be sent again."""
+
+    def retry(self, ex: Exchange, upstream: Link | None, status: int, why: str) -> None:
+        """Give this try's answer (``status``) up and send ``ex`` again."""
+
 
 class _TunnelEstablished(Exception):
     """Raised through the parser after a 2xx answer to CONNECT, to stop it at the head."""
+
+
+class _Retry(Exception):
+    """Raised through the parser at the head of an answer the route retries: the client never
+    sees it, and the link is not reused."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 class _Stray(Exception):
@@ -117,6 +132,11 @@ class Response:
                 return
         except httptools.HttpParserError as e:
             self._flush()
+            if isinstance(e.__context__, _Retry):
+                self.done = True  # the link's close that follows must not answer the client
+                status = e.__context__.status
+                self.server.retry(self.ex, self._link(), status, f"answered {status}")
+                return
             if self.unaccounted:
                 self._account()
             if self.switching:  # a 2xx answer to CONNECT: the parser was stopped after its head
@@ -198,6 +218,8 @@ class Response:
         )
         if status == 101 and not switching:  # raised through the parser: answered 502
             raise UpstreamError("the upstream switched protocols on a request that offered none")
+        if ex.replay is not None and status >= 200 and self.server.may_retry(ex, status):
+            raise _Retry(status)  # the route retries this answer: the client does not see it
         tunnel = switching and status != 101  # a 2xx answer to CONNECT
         if tunnel:
             # A successful CONNECT answer has no content: framing headers in it are ignored.

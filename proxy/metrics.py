@@ -205,6 +205,14 @@ class ProxyMetrics:
             "Mesh TLS handshakes by side, negotiated group and result.",
             ("direction", "group", "result"),
         )
+        # Outbound route behaviour: requests sent again (request_total and response_total count
+        # each try where it went), and requests answered 504 or cut by a route timeout.
+        self.retry_total = Family(
+            "retry_total",
+            "counter",
+            "HTTP requests sent again by a route's retry policy, by why (status, timeout).",
+            ("direction", "authority", "reason"),
+        )
         # Policy decisions, in the families Linkerd's proxy reports them in, with the labels of
         # Linkerd's that this proxy has (target port, server, route, authorization, client);
         # ``reason`` is ours: why an HTTP request was denied (unauthorized).
@@ -286,6 +294,7 @@ class ProxyMetrics:
             self.tcp_close_total,
             self.tcp_open_connections,
             self.tls_handshakes_total,
+            self.retry_total,
             self.inbound_http_authz_allow_total,
             self.inbound_http_authz_deny_total,
             self.inbound_http_route_not_found_total,

@@ -26,7 +26,7 @@ from proxy.link import Link, NullSink
 from proxy.listener import Detector
 from proxy.lograte import PeerLog
 from proxy.metrics import HttpSeries, ProxyMetrics
-from proxy.routes import Endpoint, RouteSource, RouteTimeouts, Service, ServiceProtocol
+from proxy.routes import Endpoint, OutboundRule, RouteSource, Service, ServiceProtocol
 from proxy.settings import DETECT_TIMEOUT, HEAD_TIMEOUT
 from proxy.tcp import Relay
 from proxy.transport_header import SessionProtocol
@@ -65,8 +65,8 @@ def _try_another(
     return True
 
 
-def route_timeouts(svc: Service, ex: Exchange) -> RouteTimeouts | None:
-    """The timeouts of the rule of ``svc`` that ``ex`` matches (None: no limit)."""
+def route_rule(svc: Service, ex: Exchange) -> OutboundRule | None:
+    """The rule of ``svc`` that ``ex`` matches, when it has timeouts or retries."""
     target = request_path(ex.url)
     path, _, query_text = target.partition("?")
     headers = (
@@ -74,9 +74,7 @@ def route_timeouts(svc: Service, ex: Exchange) -> RouteTimeouts | None:
     )
     query = dict(parse_qsl(query_text, keep_blank_values=True)) if svc.needs_query else {}
     rule = svc.rule_for(ex.method.decode("latin-1"), path.partition("#")[0], headers, query)
-    if rule is None or rule.timeouts.shortest is None:
-        return None
-    return rule.timeouts
+    return rule if rule is not None and rule.limits else None
 
 
 def authority_label(svc: Service, authority: str) -> str:
@@ -129,12 +127,18 @@ class OutboundHttp:
                 raise UnknownRoute(f"no service is known for authority {quoted(ex.authority)}")
             ex.target = pending
             return
+        replay = ex.replay
+        if replay is not None and replay.tries:  # begun again: a retry (see Http1Server.retry)
+            label = authority_label(svc, ex.authority)
+            self.outbound.metrics.retry_total.inc(("outbound", label, replay.reason))
         self._choose(ex, svc, now)
 
     def _choose(self, ex: Exchange, svc: Service, now: float) -> None:
         out = self.outbound
         balancer = out.balancer(svc, now)
-        ep = balancer.pick(now)
+        before = ex.target
+        # Chosen again (a retry, or a failover): another endpoint than last time, if any.
+        ep = balancer.pick(now, before.endpoint if isinstance(before, _Choice) else None)
         key = (ex.authority, ep)
         series = out.series.get(key)
         if series is None:
@@ -147,7 +151,7 @@ class OutboundHttp:
         series.requests.n += 1
         ex.target = _Choice(balancer, ep, series, now)
         if svc.rules:
-            ex.timeouts = route_timeouts(svc, ex)
+            ex.rule = route_rule(svc, ex)
 
     def take(self, ex: Exchange) -> Link | None:
         if not isinstance(ex.target, _Choice):
@@ -169,10 +173,15 @@ class OutboundHttp:
             try:
                 link = await out.connector.connect(choice.endpoint, SessionProtocol.HTTP1)
             except UpstreamError as e:
-                # Nothing of the request has been sent: another endpoint can take it.
+                # Nothing of the request has been sent: another endpoint can take it, unless
+                # the request was given up while this try connected (a route timeout answered
+                # it, or sent it again: the choice was settled then, and is not this loop's).
                 now = out.clock()
+                given_up = choice.completed
                 choice.completed = True
-                out.failed(choice.balancer, choice.endpoint, e, pooled=True)
+                out.failed(choice.balancer, choice.endpoint, e, pooled=True, picked=not given_up)
+                if given_up:
+                    raise
                 svc = self._service(ex)
                 if svc is None or not _try_another(
                     e, svc, out.balancer(svc, now), attempt, first, now
@@ -263,13 +272,15 @@ class Outbound:
         error: UpstreamError,
         *,
         pooled: bool,
+        picked: bool = True,
     ) -> None:
         """A request's connection to ``endpoint`` failed: it is down in ``balancer`` and
         reconnected to in the background until a connection succeeds (the balancer has it back
         then). A probe of an HTTP endpoint (``pooled``) opens the connection the next request
         takes from the pool; one of an opaque endpoint stops after the TLS handshake, so the
-        application behind it sees no connection."""
-        delay = balancer.failed(endpoint)
+        application behind it sees no connection. ``picked``: the request is still pending on
+        ``endpoint`` in the balancer."""
+        delay = balancer.failed(endpoint, picked=picked)
         if delay is None:
             return
         name = next((n for n, (_, b) in self._balancers.items() if b is balancer), None)

@@ -74,9 +74,8 @@ class Endpoint:
 @dataclass(frozen=True, slots=True)
 class RouteTimeouts:
     """An outbound route's timeouts, in seconds (None: no limit). ``request``: from when the
-    proxy starts forwarding the request until its response is complete; ``response``: until
-    the response's head arrives. Without retries a request is one try, so both count from the
-    start of the request."""
+    proxy starts forwarding the request until its response is complete, retries included;
+    ``response``: for each try, until the response's head arrives."""
 
     request: float | None = None
     response: float | None = None
@@ -100,21 +99,77 @@ class RouteTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteRetry:
+    """An outbound route's retries (Linkerd's ``retry.linkerd.io`` semantics): a request whose
+    answer has a status in ``status_ranges``, or whose try outlives ``timeout`` (seconds, per
+    try) before its answer's head, is sent again, at most ``max_retries`` times, after a
+    backoff from ``min_backoff`` doubling to ``max_backoff`` (seconds, ``jitter`` as a ratio
+    added at random). Only a request whose whole body came and is at most
+    ``max_request_bytes`` can be sent again (it is kept for that)."""
+
+    max_retries: int = 1
+    status_ranges: tuple[tuple[int, int], ...] = ((500, 599),)
+    timeout: float | None = None
+    min_backoff: float = 0.025
+    max_backoff: float = 0.25
+    jitter: float = 1.0
+    max_request_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
+            raise ConfigError(f"the retry limit must be an int, got {self.max_retries!r}")
+        if not 0 <= self.max_retries <= 10:
+            raise ConfigError(f"the retry limit must be between 0 and 10, got {self.max_retries}")
+        for start, end in self.status_ranges:
+            if not 100 <= start <= end <= 599:
+                raise ConfigError(f"retry status range {start}-{end} is not within 100..599")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError("the per-try timeout must be a positive number of seconds")
+        if not 0 <= self.min_backoff <= self.max_backoff or not 0 <= self.jitter <= 10:
+            raise ConfigError("retry backoff: need 0 <= min <= max and a jitter ratio of 0..10")
+
+    def retries_status(self, status: int) -> bool:
+        return any(start <= status <= end for start, end in self.status_ranges)
+
+    def backoff(self, retry: int, sample: float) -> float:
+        """Seconds before retry number ``retry`` (1 for the first), ``sample`` in [0, 1)."""
+        base = min(self.max_backoff, self.min_backoff * 2 ** min(retry - 1, 16))
+        return min(self.max_backoff, base * (1.0 + self.jitter * sample))
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundRule:
     """One rule of an outbound route (an HTTPRoute rule, or a service's default route): the
-    requests it matches (none listed: every request) and their timeouts. ``route`` names where
-    it comes from, for messages."""
+    requests it matches (none listed: every request), their timeouts and retries. ``route``
+    names where it comes from, for messages."""
 
     route: str
     matches: tuple[HttpMatch, ...] = ()
     timeouts: RouteTimeouts = RouteTimeouts()
+    retry: RouteRetry | None = None
+
+    @property
+    def limits(self) -> bool:
+        """Whether the rule does anything to its requests (a timeout or retries)."""
+        return self.timeouts.shortest is not None or self.retry is not None
+
+    @property
+    def try_timeout(self) -> tuple[float, str] | None:
+        """The timeout of each try and its name: the response timeout or the retry's own
+        per-try timeout, whichever is shorter (None when neither is set)."""
+        candidates = []
+        if self.timeouts.response is not None:
+            candidates.append((self.timeouts.response, "response"))
+        if self.retry is not None and self.retry.timeout is not None:
+            candidates.append((self.retry.timeout, "per-try"))
+        return min(candidates) if candidates else None
 
 
 @dataclass(frozen=True, slots=True)
 class Service:
     """A named set of endpoints reached by authority (``name`` and ``authorities``), and the
-    outbound rules its HTTP requests are matched to (only when some rule has a timeout: else
-    none, and requests are not matched at all)."""
+    outbound rules its HTTP requests are matched to (only when some rule has a timeout or
+    retries: else none, and requests are not matched at all)."""
 
     name: str
     endpoints: tuple[Endpoint, ...]

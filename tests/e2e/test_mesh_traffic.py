@@ -341,11 +341,14 @@ def test_a_stopping_sidecar_is_not_ready_while_it_drains(mesh: Mesh) -> None:
 SLOW_APP = """
 import sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+seen = set()
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
         time.sleep(2 if self.path.startswith("/slow") else 0)
-        self.send_response(200)
+        first = self.path.startswith("/once-503") and self.path not in seen
+        seen.add(self.path)
+        self.send_response(503 if first else 200)
         self.send_header("content-length", "3")
         self.end_headers()
         self.wfile.write(b"ok\\n")
@@ -356,9 +359,10 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 
 def test_route_timeouts_from_the_mesh_file_answer_504(mesh: Mesh) -> None:
-    """An HTTPRoute's timeout in the mesh file reaches the client's sidecar through
-    destination's outbound policy: a request past it is answered 504 by the proxy, one on
-    another route is not limited; an edit lifting the timeout follows."""
+    """An HTTPRoute's timeout and retry annotation in the mesh file reach the client's sidecar
+    through destination's outbound policy: a request past the timeout is answered 504 by the
+    proxy, one on another rule is not limited, a 503 is retried; an edit lifting the timeout
+    follows."""
     kit = mesh.kit
     (app_port,) = kit.ports(1)
     ports = kit.proxy_ports()
@@ -366,7 +370,11 @@ def test_route_timeouts_from_the_mesh_file_answer_504(mesh: Mesh) -> None:
     route = {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
-        "metadata": {"name": "slow-routes", "namespace": NS},
+        "metadata": {
+            "name": "slow-routes",
+            "namespace": NS,
+            "annotations": {"retry.linkerd.io/http": "5xx"},
+        },
         "spec": {
             "parentRefs": [{"kind": "Service", "name": "slow", "port": 8080}],
             "rules": [
@@ -396,6 +404,8 @@ def test_route_timeouts_from_the_mesh_file_answer_504(mesh: Mesh) -> None:
         assert headers["l5d-proxy-error"] == (
             "no response within the route's request timeout of 0.5s"
         )
+        # The route's retry annotation: a first 503 is sent again, the client sees the 200.
+        assert curl(mesh.client.outbound, slow, "/once-503/a")[0] == 200
         mesh.write([*mesh.docs, *workload])  # the route (and its timeout) gone
         eventually(
             lambda: curl(mesh.client.outbound, slow, "/slow")[0] == 200, 15, "the edit applied"

@@ -69,8 +69,26 @@ async def echo_app() -> web.Application:
         await resp.write_eof()
         return resp
 
+    seen: dict[str, int] = {}
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        """Counts the requests of each ``key``; the first ``fail`` are answered 503 (after
+        ``sleep`` seconds, if given), the rest 200 with the request body and the count."""
+        key = request.query.get("key", "")
+        n = seen[key] = seen.get(key, 0) + 1
+        body = await request.read()
+        if n <= int(request.query.get("fail", "0")):
+            await asyncio.sleep(float(request.query.get("sleep", "0")))
+            return web.Response(status=int(request.query.get("status", "503")), body=b"no")
+        return web.Response(body=body, headers={"x-count": str(n)})
+
+    async def count(request: web.Request) -> web.Response:
+        return web.Response(text=str(seen.get(request.query.get("key", ""), 0)))
+
     app = web.Application()
     app.router.add_route("*", "/echo", echo)
+    app.router.add_route("*", "/flaky", flaky)
+    app.router.add_get("/count", count)
     app.router.add_get("/sleep", sleep)
     app.router.add_get("/slow", sleep)  # the same, on a path tests leave without timeouts
     app.router.add_get("/stream", stream)

@@ -181,3 +181,16 @@ def test_an_endpoint_that_failed_to_connect_is_down_until_a_connection_succeeds(
     many.set_endpoints(["e9"], now=1.0)
     many.set_endpoints(["e0", "e9"], now=1.0)
     assert not many.is_down("e0")
+
+
+def test_a_pick_can_avoid_the_endpoint_a_retry_came_from() -> None:
+    """A retry goes elsewhere whenever there is an elsewhere: the faster endpoint would
+    otherwise win every pick, and one answering 503s quickly looks fastest of all."""
+    bal = PeakEwmaBalancer(["fast-but-failing", "slow"], now=0.0, rng=random.Random(3))
+    bal.state("slow").rtt = 1.0
+    assert {bal.pick(0.0) for _ in range(20)} == {"fast-but-failing"}
+    assert {bal.pick(0.0, avoid="fast-but-failing") for _ in range(20)} == {"slow"}
+    many = PeakEwmaBalancer([f"e{i}" for i in range(5)], now=0.0, rng=random.Random(4))
+    assert "e2" not in {many.pick(0.0, avoid="e2") for _ in range(200)}
+    single = PeakEwmaBalancer(["only"], now=0.0)
+    assert single.pick(0.0, avoid="only") == "only"  # nowhere else to go

@@ -19,7 +19,7 @@ from destination.paths import WorkloadRef
 from destination.service import DestinationServer, ServeOptions
 from proxy.control import DestinationPolicy, DestinationRoutes
 from proxy.policy import DefaultPolicy, authorize
-from proxy.routes import RouteTimeouts
+from proxy.routes import RouteRetry, RouteTimeouts
 from proxy.rpc import Channel
 
 pytestmark = pytest.mark.timeout(30)
@@ -166,7 +166,10 @@ spec: {selector: {app: api}, ports: [{port: 8080, targetPort: 18080}]}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: api-routes, namespace: shop}
+metadata:
+  name: api-routes
+  namespace: shop
+  annotations: {retry.linkerd.io/http: "502-504", retry.linkerd.io/limit: "25", retry.linkerd.io/timeout: 1s}
 spec:
   parentRefs: [{kind: Service, name: api, port: 8080}]
   rules:
@@ -190,6 +193,10 @@ async def test_route_timeouts_reach_the_proxy_and_follow_edits(tmp_path: Path) -
         assert reports.route == "HTTPRoute shop/api-routes"
         assert reports.timeouts == RouteTimeouts(request=5.0, response=0.3)
         assert bulk.timeouts == RouteTimeouts(response=0.3)
+        # The route's retry annotations, for each of its rules; the limit capped at 10.
+        retry = RouteRetry(max_retries=10, status_ranges=((502, 504),), timeout=1.0)
+        assert reports.retry == bulk.retry == retry
+        assert reports.try_timeout == (0.3, "response")
         assert svc.rule_for("GET", "/reports/q3", {}, {}) is reports
         assert svc.rule_for("GET", "/reports/q3", {"x-tier": "bulk"}, {}) is reports  # longer
         assert svc.rule_for("GET", "/", {"x-tier": "bulk"}, {}) is bulk
@@ -197,7 +204,8 @@ async def test_route_timeouts_reach_the_proxy_and_follow_edits(tmp_path: Path) -
         assert routes.by_authority("api:8080") is svc  # built once per change
         # Without any timeout the service has no rules: its requests are not matched at all.
         write_atomic(mesh, MESH + ROUTED.replace("timeout.linkerd.io/response: 300ms", "a: b")
-                     .replace("    timeouts: {request: 5s}\n", ""))  # fmt: skip
+                     .replace("    timeouts: {request: 5s}\n", "")
+                     .replace("retry.linkerd.io", "x"))  # fmt: skip
         await eventually(lambda: routes.by_authority("api:8080").rules == ())  # type: ignore[union-attr]
         # A service that does not exist is an answer for its policy watch too, not an outage:
         # the client's control plane stays up (a stale watch would say it is down).
