@@ -176,8 +176,8 @@ class Http1Server:
     """Serves HTTP/1 requests arriving on ``link`` by forwarding them through ``dispatcher``."""
 
     __slots__ = (
-        "_loop", "declined", "dispatcher", "head_timeout", "head_timer", "link", "parser",
-        "parsing", "paused", "piped", "queue", "refusal",
+        "_loop", "cancel_on_eof", "declined", "dispatcher", "head_timeout", "head_timer", "link",
+        "parser", "parsing", "paused", "piped", "queue", "refusal",
     )  # fmt: skip
 
     def __init__(
@@ -186,9 +186,14 @@ class Http1Server:
         dispatcher: Dispatcher,
         early: bytes = b"",
         head_timeout: float = HEAD_TIMEOUT,
+        *,
+        cancel_on_eof: bool = False,
     ) -> None:
         self.link = link
         self.head_timeout = head_timeout
+        # The client is a mesh proxy, which closes with a request in progress only to give it
+        # up (a route timeout, or its own client gone): then the request is cut here too.
+        self.cancel_on_eof = cancel_on_eof
         self.head_timer: asyncio.TimerHandle | None = None  # armed while a head is arriving
         self.dispatcher = dispatcher
         self._loop = asyncio.get_running_loop()
@@ -356,6 +361,11 @@ class Http1Server:
     def eof_received(self) -> None:
         if not self.queue:
             self.link.close()
+        elif self.cancel_on_eof:
+            # Its upstream is closed (connection_lost), so the application stops working on
+            # a request nobody waits for. An ordinary HTTP/1.1 client may half-close and
+            # still read its answer, so only a mesh proxy's close cancels.
+            self.link.abort()
 
     def link_retired(self) -> None:
         """The peer's certificate has expired (``Link.retire_at``): no request is taken on this

@@ -406,7 +406,13 @@ class Inbound:
             conn.link.abort()
             return
         if proto is Proto.HTTP1:
-            Http1Server(conn.link, InboundHttp(self, conn), early, self.head_timeout)
+            Http1Server(
+                conn.link,
+                InboundHttp(self, conn),
+                early,
+                self.head_timeout,
+                cancel_on_eof=conn.tls == "true",
+            )
             return
         policy = self.policy.current()
         decision = authorize(policy, conn.port, conn.client_id, conn.ip)

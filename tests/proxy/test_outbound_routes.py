@@ -268,3 +268,37 @@ async def test_a_try_given_up_while_connecting_leaves_no_trace_when_its_connect_
         text = mesh.client.metrics.render()
         assert sample(text, "request_total", direction="outbound", authority="api") == 2
         assert sample(text, "retry_total", reason="timeout") == 1
+
+
+async def test_a_request_given_up_by_the_client_proxy_is_cut_at_the_application(pki) -> None:
+    """After a route timeout the client proxy closes the mesh connection; the server proxy
+    then closes its connection to the application at once, so that the application stops
+    working on a request nobody waits for (before, it stayed open until the answer)."""
+    saw_eof: list[float] = []
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # to EOF: the proxy closed the connection
+        saw_eof.append(time.monotonic())
+        writer.close()
+
+    web, api = pki.credentials("web"), pki.credentials("api")
+    app = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    try:
+        port = app.sockets[0].getsockname()[1]
+        async with run_mesh(web, api, app_port=port) as mesh:
+            live = Endpoint("127.0.0.1", port, api.identity, mesh.server.port("inbound"))
+            rules = (OutboundRule("r", (), RouteTimeouts(response=0.3)),)
+            mesh.routes.replace((Service("api", (live,), rules=rules),))
+            started = time.monotonic()
+            reply = await raw_exchange(
+                mesh.outbound, b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+            )
+            assert reply.startswith(b"HTTP/1.1 504"), reply[:200]
+            for _ in range(100):
+                if saw_eof:
+                    break
+                await asyncio.sleep(0.01)
+            assert saw_eof and saw_eof[0] - started < 1.0
+    finally:
+        app.close()
