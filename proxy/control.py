@@ -9,7 +9,7 @@ the proxy's three source interfaces, and the metrics they add to the admin endpo
   :class:`~proxy.meshtls.MeshCredentials` value per (certificate, bundle) pair, so that the
   mesh TLS contexts are rebuilt only when either changes.
 - :class:`DestinationRoutes` is a :class:`~proxy.routes.RouteSource`: each service authority
-  gets one ``Get`` watch and one outbound policy watch (its routes' timeouts), started on
+  gets one ``Get`` watch and one outbound policy watch (its routes' timeouts and retries), started on
   first use (or ahead of time with :meth:`prefetch`), and its last-known endpoints and policy
   keep serving while the destination service is away.
 - :class:`DestinationPolicy` is a :class:`~proxy.policy.PolicySource` built from one inbound
@@ -220,8 +220,8 @@ MAX_RETRIES = 10  # a route's retry limit beyond this is taken as this
 
 def retry_of(retry: dpolicy.Retry | None) -> RouteRetry | None:
     """The proxy's view of a route's retry policy (the limit capped at MAX_RETRIES)."""
-    if retry is None:
-        return None
+    if retry is None or retry.max_retries <= 0:
+        return None  # nothing to send again
     low, high = sorted((retry.min_backoff.total_seconds(), retry.max_backoff.total_seconds()))
     return RouteRetry(
         min(max(retry.max_retries, 0), MAX_RETRIES),

@@ -494,9 +494,7 @@ class Http1Server:
         if attempt < 0:
             seconds, name = rule.timeouts.request or 0.0, "request"
         else:
-            limit = rule.try_timeout
-            assert limit is not None
-            seconds, name = limit
+            seconds, name = rule.try_timeout or (0.0, "response")
         if resp is not None and resp.head_sent:
             if attempt >= 0:
                 return  # the try's answer came in time

@@ -150,7 +150,7 @@ class OutboundHttp:
             out.series[key] = series
         series.requests.n += 1
         ex.target = _Choice(balancer, ep, series, now)
-        if svc.rules:
+        if svc.rules and before is None:  # matched once: a retry keeps the rule it began with
             ex.rule = route_rule(svc, ex)
 
     def take(self, ex: Exchange) -> Link | None:
