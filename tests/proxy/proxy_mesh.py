@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import Proxy, ProxySettings
 from proxy.meshtls import MeshCredentials, StaticCredentials
+from proxy.outbound import Outbound
 from proxy.policy import InboundPolicy, StaticPolicy
 from proxy.routes import Endpoint, Service, ServiceProtocol, StaticRoutes
 from proxy.settings import KexPolicy, Listen
@@ -262,3 +263,40 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             dst.write(data)
             await dst.drain()
         dst.write_eof()
+
+
+@dataclass
+class StalledBesideLive:
+    """A mesh whose service ``api`` has two endpoints: ``stalled`` (a peer that stalls the
+    handshake until :meth:`FlakyPeer.relay_to`) and ``live`` (the server proxy)."""
+
+    mesh: Mesh
+    outbound: Outbound
+    flaky: FlakyPeer
+    live: Endpoint
+    stalled: Endpoint
+
+
+@contextlib.asynccontextmanager
+async def stalled_beside_live(pki: Any, connect_timeout: float) -> AsyncIterator[StalledBesideLive]:
+    web, api = pki.credentials("web"), pki.credentials("api")
+    async with (
+        FlakyPeer().running() as flaky,
+        run_app() as app_port,
+        run_mesh(web, api, app_port=app_port) as mesh,
+    ):
+        out = mesh.client.outbound
+        assert out is not None
+        out.connector.connect_timeout = connect_timeout
+        live = Endpoint("127.0.0.1", app_port, api.identity, mesh.server.port("inbound"))
+        stalled = Endpoint("127.0.0.1", app_port, api.identity, flaky.port)
+        yield StalledBesideLive(mesh, out, flaky, live, stalled)
+
+
+def settled(mesh: Mesh, service: str, *endpoints: Endpoint) -> bool:
+    """Whether no request is pending on ``endpoints`` in the client's balancer of ``service``
+    (every try was completed, or taken back, exactly once)."""
+    out, svc = mesh.client.outbound, mesh.routes.by_name(service)
+    assert out is not None and svc is not None
+    balancer = out.balancer(svc, out.clock())
+    return all(balancer.state(ep).pending == 0 for ep in endpoints)

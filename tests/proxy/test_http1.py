@@ -16,7 +16,14 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 from loopback import unused_port
-from proxy_mesh import FlakyPeer, behind_the_mesh, raw_exchange, run_app, run_mesh, sample
+from proxy_mesh import (
+    behind_the_mesh,
+    raw_exchange,
+    run_app,
+    run_mesh,
+    sample,
+    stalled_beside_live,
+)
 
 import proxy.inbound as inbound_module
 from destination.policy import HttpMatch, PathMatch, ValueMatch
@@ -340,18 +347,9 @@ async def test_an_endpoint_that_times_out_is_reconnected_in_the_background(pki, 
     to the endpoint that answered from when that one was picked: else one slow failure would
     make a healthy endpoint look slow."""
     caplog.set_level(logging.INFO, logger="proxy.outbound")
-    web, api = pki.credentials("web"), pki.credentials("api")
     request = b"GET /echo HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-    async with (
-        FlakyPeer().running() as flaky,
-        run_app() as app_port,
-        run_mesh(web, api, app_port=app_port) as mesh,
-    ):
-        out = mesh.client.outbound
-        assert out is not None
-        out.connector.connect_timeout = 0.3
-        live = Endpoint("127.0.0.1", app_port, api.identity, mesh.server.port("inbound"))
-        stalled = Endpoint("127.0.0.1", app_port, api.identity, flaky.port)
+    async with stalled_beside_live(pki, connect_timeout=0.3) as s:
+        mesh, out, flaky, live, stalled = s.mesh, s.outbound, s.flaky, s.live, s.stalled
         svc = Service("api", (stalled, live))
         mesh.routes.replace((svc,))
         balancer = out.balancer(svc, out.clock())

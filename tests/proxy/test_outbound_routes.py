@@ -13,7 +13,7 @@ import time
 
 import aiohttp
 import pytest
-from proxy_mesh import FlakyPeer, raw_exchange, run_app, run_mesh, sample
+from proxy_mesh import raw_exchange, run_app, run_mesh, sample, settled, stalled_beside_live
 
 from destination.policy import HttpMatch, PathMatch, ValueMatch
 from proxy.errors import ConfigError
@@ -79,12 +79,7 @@ async def test_route_timeouts_answer_504_or_cut_the_response(pki, caplog) -> Non
             assert (await get("/sleep"))[:3] == (200, "", b"head\ndone\n")
         text = mesh.client.metrics.render()
         assert sample(text, "response_total", direction="outbound", status_code="504") == 2
-        # A timed-out try counts its time in the endpoint's latency estimate.
-        balancer = mesh.client.outbound.balancer(  # type: ignore[union-attr]
-            mesh.routes.by_name("api"),
-            0.0,  # type: ignore[arg-type]
-        )
-        assert balancer.state(live).pending == 0
+        assert settled(mesh, "api", live)
 
 
 async def test_a_timed_out_request_closes_its_upstream_connection(pki) -> None:
@@ -194,11 +189,7 @@ async def test_retries_send_the_whole_request_again_within_the_limit(pki, caplog
         assert sample(text, "retry_total", authority="api", reason="timeout") == 1
         # Each try counts where it went: the retried answers too.
         assert sample(text, "response_total", direction="outbound", status_code="503") == 6
-        balancer = mesh.client.outbound.balancer(  # type: ignore[union-attr]
-            mesh.routes.by_name("api"),
-            0.0,  # type: ignore[arg-type]
-        )
-        assert balancer.state(live).pending == 0
+        assert settled(mesh, "api", live)
 
 
 async def test_a_retried_request_goes_to_another_endpoint_when_one_fails(pki) -> None:
@@ -240,17 +231,8 @@ async def test_a_try_given_up_while_connecting_leaves_no_trace_when_its_connect_
     """The first try connects to a peer that stalls its handshake; the per-try timeout sends
     the request again, to a live endpoint. When the stalled connect fails later, it neither
     fails over (a pick no request would ever complete) nor takes the pick back twice."""
-    web, api = pki.credentials("web"), pki.credentials("api")
-    async with (
-        FlakyPeer().running() as flaky,
-        run_app() as app_port,
-        run_mesh(web, api, app_port=app_port) as mesh,
-    ):
-        out = mesh.client.outbound
-        assert out is not None
-        out.connector.connect_timeout = 0.8
-        live = Endpoint("127.0.0.1", app_port, api.identity, mesh.server.port("inbound"))
-        stalled = Endpoint("127.0.0.1", app_port, api.identity, flaky.port)
+    async with stalled_beside_live(pki, connect_timeout=0.8) as s:
+        mesh, out, live, stalled = s.mesh, s.outbound, s.live, s.stalled
         retry = RouteRetry(max_retries=1, timeout=0.2, min_backoff=0.001, max_backoff=0.002)
         svc = Service("api", (stalled, live), rules=(OutboundRule("r", FLAKY, retry=retry),))
         mesh.routes.replace((svc,))
@@ -264,7 +246,7 @@ async def test_a_try_given_up_while_connecting_leaves_no_trace_when_its_connect_
         reply = await exchange
         assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
         await asyncio.sleep(1.0)  # the stalled connect has timed out by now
-        assert balancer.state(live).pending == 0 and balancer.state(stalled).pending == 0
+        assert settled(mesh, "api", live, stalled)
         text = mesh.client.metrics.render()
         assert sample(text, "request_total", direction="outbound", authority="api") == 2
         assert sample(text, "retry_total", reason="timeout") == 1

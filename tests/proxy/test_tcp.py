@@ -27,6 +27,17 @@ async def _read_all_then_reply(reader: asyncio.StreamReader, writer: asyncio.Str
     writer.close()
 
 
+async def _counted_session(port: int, n: int) -> None:
+    """Send ``n`` bytes through the upstream listener on ``port``, half-close, and check the
+    byte count _read_all_then_reply answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"x" * n)
+    writer.write_eof()
+    async with asyncio.timeout(10):
+        assert await reader.read(-1) == b"got %d" % n
+    writer.close()
+
+
 async def test_opaque_relay_with_half_close(pki) -> None:
     web, api = pki.credentials("web"), pki.credentials("api")
     server = await asyncio.start_server(_read_all_then_reply, "127.0.0.1", 0)
@@ -61,12 +72,7 @@ async def test_an_opaque_endpoint_refusing_connections_is_passed_over(pki) -> No
             mesh.routes.replace((dataclasses.replace(svc, endpoints=(*dead, live)),))
             port = mesh.client.port("upstream:tcp-echo")
             for n in range(20):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(b"x" * n)
-                writer.write_eof()
-                async with asyncio.timeout(10):
-                    assert await reader.read(-1) == b"got %d" % n
-                writer.close()
+                await _counted_session(port, n)
             text = mesh.server.metrics.render()
             assert sample(text, "inbound_tcp_authz_allow_total", client_id=web.identity) == 20
     finally:
@@ -104,16 +110,9 @@ async def test_an_opaque_endpoint_is_reconnected_without_reaching_its_applicatio
             balancer = out.balancer(svc, out.clock())
             balancer.state(live).pending = 1000  # picks prefer the stalled one when it is up
             port = mesh.client.port("upstream:tcp-echo")
-
-            async def session(n: int) -> None:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(b"x" * n)
-                writer.write_eof()
-                async with asyncio.timeout(10):
-                    assert await reader.read(-1) == b"got %d" % n
-                writer.close()
-
-            await session(1)  # waits out the stalled endpoint's connect timeout, then fails over
+            await _counted_session(
+                port, 1
+            )  # waits out the stalled endpoint's connect timeout, then fails over
             assert balancer.is_down(stalled)
             flaky.relay_to(mesh.server.port("inbound"))
             for _ in range(100):
@@ -122,7 +121,7 @@ async def test_an_opaque_endpoint_is_reconnected_without_reaching_its_applicatio
                 await asyncio.sleep(0.02)
             assert not balancer.is_down(stalled) and flaky.relayed == 1
             assert accepted == 1  # the reconnection stopped after its handshake
-            await session(2)  # through the recovered endpoint
+            await _counted_session(port, 2)  # through the recovered endpoint
             assert flaky.relayed == 2 and accepted == 2
             text = mesh.server.metrics.render()
             assert sample(text, "inbound_tcp_authz_allow_total", client_id=web.identity) == 2
