@@ -32,7 +32,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 from destination.policy import HttpMatch
@@ -111,6 +111,32 @@ class HttpRoute:
             raise TypeError(f"route {self.name}: matches and authorizations must be tuples")
 
 
+class _Matched(Protocol):
+    @property
+    def matches(self) -> tuple[HttpMatch, ...]: ...
+
+
+M = TypeVar("M", bound=_Matched)
+
+
+def most_specific(
+    candidates: Iterable[M], method: str, path: str, headers: dict[str, str], query: dict[str, str]
+) -> M | None:
+    """Of ``candidates`` (each with ``matches``; none listed: every request), the one with the
+    most specific match for the request (Gateway API precedence, see match_rank), the first
+    listed on a tie; None when none matches."""
+    best: M | None = None
+    best_rank: tuple[int, int, bool, int, int] | None = None
+    for candidate in candidates:
+        for match in candidate.matches or _EVERY_REQUEST:
+            if not match.matches(method, path, headers, query):
+                continue
+            rank = match_rank(match)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = candidate, rank
+    return best
+
+
 def match_rank(match: HttpMatch) -> tuple[int, int, bool, int, int]:
     """Sort key of a match's specificity; the greater key wins."""
     path = match.path
@@ -153,16 +179,7 @@ class Server:
     ) -> HttpRoute | None:
         """The most specific route matching the request, or None (first listed on a tie).
         ``headers`` (lower-case names) and ``query`` are dicts, as HttpMatch takes them."""
-        best: HttpRoute | None = None
-        best_rank: tuple[int, int, bool, int, int] | None = None
-        for route in self.routes:
-            for match in route.matches or _EVERY_REQUEST:
-                if not match.matches(method, path, headers, query):
-                    continue
-                rank = match_rank(match)
-                if best_rank is None or rank > best_rank:
-                    best, best_rank = route, rank
-        return best
+        return most_specific(self.routes, method, path, headers, query)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,7 @@ from typing import Any, Protocol
 
 from destination.policy import HttpMatch
 from proxy.errors import ConfigError
-from proxy.policy import match_rank
-
-_EVERY_REQUEST = (HttpMatch(),)
+from proxy.policy import most_specific
 
 
 class ServiceProtocol(enum.Enum):
@@ -203,16 +201,7 @@ class Service:
     ) -> OutboundRule | None:
         """The rule whose match is the most specific for the request (Gateway API precedence:
         the first listed on a tie), or None. ``headers`` have lower-case names."""
-        best: OutboundRule | None = None
-        best_rank: tuple[int, int, bool, int, int] | None = None
-        for rule in self.rules:
-            for match in rule.matches or _EVERY_REQUEST:
-                if not match.matches(method, path, headers, query):
-                    continue
-                rank = match_rank(match)
-                if best_rank is None or rank > best_rank:
-                    best, best_rank = rule, rank
-        return best
+        return most_specific(self.rules, method, path, headers, query)
 
 
 class RouteSource(Protocol):
