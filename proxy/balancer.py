@@ -117,7 +117,8 @@ class PeakEwmaBalancer(Generic[E]):
     def pick(self, now: float, avoid: E | None = None) -> E:
         """Choose an endpoint for one request and count the request as pending on it. With
         ``avoid`` (the endpoint a retry's try before went to), the other of the pair is taken
-        where P2C would have chosen it: another endpoint whenever there is one."""
+        where P2C would have chosen it, unless that one is down: another endpoint whenever
+        there is one up."""
         eps = self._endpoints
         n = len(eps)
         if n == 0:
@@ -138,7 +139,9 @@ class PeakEwmaBalancer(Generic[E]):
                     best = a  # every endpoint down: a connection attempt finds out (random)
                 chosen = best
             if avoid is not None and chosen == avoid:
-                chosen = b if chosen == a else a
+                other = b if chosen == a else a
+                if not self._loads[other].down:
+                    chosen = other
         self._loads[chosen].pending += 1
         return chosen
 

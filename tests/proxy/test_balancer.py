@@ -194,3 +194,5 @@ def test_a_pick_can_avoid_the_endpoint_a_retry_came_from() -> None:
     assert "e2" not in {many.pick(0.0, avoid="e2") for _ in range(200)}
     single = PeakEwmaBalancer(["only"], now=0.0)
     assert single.pick(0.0, avoid="only") == "only"  # nowhere else to go
+    bal.failed("slow", picked=False)
+    assert bal.pick(0.0, avoid="fast-but-failing") == "fast-but-failing"  # the other is down
