@@ -389,6 +389,28 @@ class FileStore:
             pending_issuer_key=pending_key,
         )
 
+    def pending_issuer_key_since(self) -> datetime | None:
+        """When the current pending issuer key (an issuer CSR out for signing) was made: the
+        creation time of the oldest kept version, in the run back from the current one, that
+        holds the same key. None without one. When every kept version holds it (older ones
+        were pruned), the time is a lower bound on its age."""
+        version = self.current_version()
+        if version is None:
+            return None
+        key = self.read_version(version).get(PENDING_ISSUER_KEY)
+        if key is None:
+            return None
+        since = None
+        for v in reversed([v for v in self.versions() if v <= version]):
+            if self.read_version(v).get(PENDING_ISSUER_KEY) != key:
+                break
+            created = self._meta(self.version_path(v)).get("created")
+            try:
+                since = datetime.fromisoformat(str(created))
+            except ValueError:
+                break  # a version without a readable time: the run stops there
+        return since
+
     def trust_bundle(self) -> TrustBundle:
         return self.load().require_bundle()
 

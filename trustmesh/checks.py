@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,16 @@ def _validity(
     return _ok(description)
 
 
-def identity_category(state: StoreState | Exception, now: datetime) -> Category:
-    """Linkerd's eight ``linkerd-identity`` checks against a TrustMesh store, in order."""
+# An issuer CSR out for signing longer than this warns (the offline anchor's signing waits on
+# a person; a day is a working day's slack before the issuer renewal window closes in on it).
+PENDING_CSR_WARN = timedelta(hours=24)
+
+
+def identity_category(
+    state: StoreState | Exception, now: datetime, pending_since: datetime | None = None
+) -> Category:
+    """Linkerd's eight ``linkerd-identity`` checks against a TrustMesh store, in order; a ninth
+    when an issuer CSR is out for signing (its key made at ``pending_since``)."""
     name = "trustmesh-identity"
     config = "certificate config is valid"
     if isinstance(state, Exception):
@@ -184,7 +192,24 @@ def identity_category(state: StoreState | Exception, now: datetime) -> Category:
         checks.append(
             CheckResult("issuer cert is issued by the trust anchor", ERROR, "IssuerRefused", str(e))
         )
+    if state.pending_issuer_key is not None:
+        checks.append(_pending_csr(pending_since, now))
     return Category(name, tuple(checks))
+
+
+def _pending_csr(since: datetime | None, now: datetime) -> CheckResult:
+    description = "no issuer CSR has waited long for its signature"
+    if since is None or now - since <= PENDING_CSR_WARN:
+        return _ok(description)
+    hours = (now - since).total_seconds() / 3600
+    return CheckResult(
+        description,
+        WARNING,
+        "IssuerExpiringSoon",
+        f"an issuer CSR has waited {hours:.0f} h for its signature (its key was made "
+        f"{since:%Y-%m-%d %H:%M} UTC): sign it where the anchor key is and 'trustmesh pki "
+        "issuer import' the certificate, or void it with 'trustmesh pki issuer csr --new-key'",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from alerts_testkit import http_server
 
-from pki.rotation import init_anchor, issue_issuer
+from pki.rotation import init_anchor, issue_issuer, request_issuer
 from pki.store import FileStore
 from trustmesh.checks import (
     ERROR,
@@ -183,6 +183,34 @@ def test_cli_warning_only_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[
     store = _store(tmp_path, datetime.now(UTC) - timedelta(days=340), timedelta(days=365))
     assert run_cli(cli, ["check", "--store", str(store.root)]) == 0
     assert "‼ issuer cert is not expiring soon" in capsys.readouterr().out
+
+
+def test_an_issuer_csr_waiting_long_for_its_signature_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An issuer CSR out to an offline anchor: nothing said while it is fresh, a warning with
+    its age and what to do once it has waited over a day. Its age is that of its key: later
+    store versions (another commit meanwhile) do not reset it, a new key does."""
+    now = datetime.now(UTC)
+    store = _store(tmp_path, now - timedelta(days=3), timedelta(days=365))
+    request_issuer(store, now=now - timedelta(hours=30))
+    init_anchor(store, now=now - timedelta(hours=2), stage=True)  # a later, unrelated version
+    assert store.pending_issuer_key_since() == now - timedelta(hours=30)
+    assert run_cli(cli, ["check", "--store", str(store.root), "-o", "json"]) == 0
+    (identity, *_) = json.loads(capsys.readouterr().out)["categories"]
+    pending = identity["checks"][-1]
+    assert pending["description"] == "no issuer CSR has waited long for its signature"
+    assert pending["result"] == "warning" and "IssuerExpiringSoon.md" in pending["hint"]
+    assert pending["error"].startswith("an issuer CSR has waited 30 h for its signature")
+    assert "'trustmesh pki issuer csr --new-key'" in pending["error"]
+    # A new key (its CSR just made) is not overdue.
+    request_issuer(store, now=now - timedelta(minutes=5), new_key=True)
+    assert store.pending_issuer_key_since() == now - timedelta(minutes=5)
+    assert run_cli(cli, ["check", "--store", str(store.root)]) == 0
+    assert "√ no issuer CSR has waited long for its signature" in capsys.readouterr().out
+    # No store, no pending key: nothing to date (and without a pending key the check is not
+    # listed: Linkerd's eight stay eight, test_identity_checks_follow_linkerds_list).
+    assert FileStore(tmp_path / "none").pending_issuer_key_since() is None
 
 
 def test_cli_missing_store_is_a_fatal_error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -122,11 +123,16 @@ def check(
             proxies = tuple(names)
     now = utcnow()
     state: StoreState | Exception
+    pending_since = None
     try:
         state = FileStore(store).load()
     except (PKIError, OSError) as e:
         state = e
-    categories: list[Category] = [identity_category(state, now)]
+    if isinstance(state, StoreState) and state.pending_issuer_key is not None:
+        # Older versions only date the key: one that cannot be read leaves it undated.
+        with contextlib.suppress(PKIError, OSError):
+            pending_since = FileStore(store).pending_issuer_key_since()
+    categories: list[Category] = [identity_category(state, now, pending_since)]
     components = [
         (name, addr)
         for name, addr in (("identity", identity), ("destination", destination))
