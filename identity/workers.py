@@ -259,8 +259,11 @@ async def _worker(spec: WorkerSpec, conn: multiprocessing.connection.Connection)
     threading.Thread(target=receive, daemon=True).start()
     server = grpc.aio.server(options=config.grpc_options())
     add_identity_service(IdentityServicer(certifier, stats, reports), server)
+    # The port is shared (SO_REUSEPORT): once bound, the kernel hands this process its share
+    # of new connections, so it binds only with an issuer to sign with. A worker started again
+    # after a crash answered "cert issuer not ready yet" to its share until the issuer came.
+    await asyncio.to_thread(first_issuer.wait, 30.0)
     if config.tls:
-        await asyncio.to_thread(first_issuer.wait, 30.0)
         serving = ServingCertificate(config.server_identity, certifier, utcnow)
         serving.refresh()
         creds = grpc.dynamic_ssl_server_credentials(serving.grpc_config(), serving.fetch)

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from identity_testkit import Env, csr_for, identity
+from loopback import unused_port
 
 from identity.errors import IssuerSourceError
 from identity.issuer import LINKERD_CRT, LINKERD_KEY, TLS_CA, TLS_CRT, TLS_KEY
@@ -353,3 +354,38 @@ def test_refused_issuer_is_retried_without_a_new_revision(env: Env, tmp_path: Pa
     t[0] += timedelta(minutes=5)
     assert w.reload() == "same"
     assert stats.counts() == {"updated": 2, "unchanged": 0, "refused": 2, "error": 0}
+
+
+async def test_a_worker_binds_the_shared_port_only_once_it_has_an_issuer(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker shares the port (SO_REUSEPORT): once bound, the kernel sends it its share of
+    new connections. One started again after a crash bound before the main process had sent it
+    the issuer, and answered that share "cert issuer not ready yet". The worker's body, run
+    here in process: nothing listens until the issuer message, then the port serves."""
+    import multiprocessing
+
+    import identity.server as server_module
+    from identity.issuer import Issuer
+    from identity.validators import DEFAULT_AUDIENCE
+    from identity.workers import ValidatorSpec, WorkerSpec, _issuer_message, _worker
+
+    monkeypatch.setattr(server_module, "tune_gc", lambda: None)  # not this test process's GC
+    port = unused_port()
+    spec = WorkerSpec(
+        ServerConfig(listen=f"127.0.0.1:{port}", admin_listen=None),
+        ValidatorSpec("local", DEFAULT_AUDIENCE, local_key_pem=env.token_key.to_pem()),
+    )
+    parent, child = multiprocessing.Pipe()
+    task = asyncio.create_task(_worker(spec, child))
+    try:
+        await asyncio.sleep(0.5)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
+        state = env.store.load()
+        parent.send(_issuer_message(Issuer(state.require_issuer(), state.require_bundle(), "test")))
+        assert await asyncio.to_thread(parent.poll, 10) and parent.recv() == ("ready",)
+        await certify_issuer(port, env, own_connection=True, sa="after-the-issuer")
+    finally:
+        parent.send(("stop",))
+        await asyncio.wait_for(task, 10)
