@@ -361,27 +361,48 @@ class DestinationRoutes:
         self._pinned.update(n for n in map(self._canonical, authorities) if n is not None)
 
         async def first(authority: str, watch: Watch[EndpointSet]) -> None:
+            policy = self._policy_wait(authority, timeout)
             try:
                 await watch.wait_ready(timeout)
             except (TimeoutError, DestinationError) as e:
                 log.warning("service %s not resolved yet: %s", authority, e)
                 pending.append(authority)
+            await policy
 
         await asyncio.gather(*(first(a, w) for a, w in watches.items() if w is not None))
         return pending
 
     def resolving(self, authority: str) -> Awaitable[None] | None:
         """For an authority without an answer yet: a wait (at most ``first_answer_timeout``)
-        for destination's first answer, so the first request is not refused while the watch
-        starts. None when there is nothing to wait for."""
+        for destination's first answers, endpoints and outbound policy side by side, so the
+        first request is neither refused while the watch starts nor sent without its route's
+        timeouts and retries. None when there is nothing to wait for."""
         watch = self.watch(authority)
         if watch is None or watch.current is not None or watch.done:
             return None
-        return self._first_answer(watch)
+        return self._first_answer(authority, watch)
 
-    async def _first_answer(self, watch: Watch[EndpointSet]) -> None:
+    async def _first_answer(self, authority: str, watch: Watch[EndpointSet]) -> None:
+        policy = self._policy_wait(authority, self.first_answer_timeout)
         with contextlib.suppress(TimeoutError, DestinationError):
             await watch.wait_ready(self.first_answer_timeout)
+        await policy
+
+    def _policy_wait(self, authority: str, timeout: float) -> asyncio.Future[None]:
+        """The first answer of ``authority``'s outbound policy watch, at most ``timeout``
+        (started now, so that it runs beside the endpoints' wait)."""
+
+        async def wait(policy: Watch[dpolicy.OutboundPolicy]) -> None:
+            with contextlib.suppress(TimeoutError, DestinationError):
+                await policy.wait_ready(timeout)
+
+        name = self._canonical(authority)
+        policy = self._policies.get(name) if name is not None else None
+        if policy is None or policy.current is not None or policy.done:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return asyncio.ensure_future(wait(policy))
 
     def by_authority(self, authority: str) -> Service | None:
         watch = self.watch(authority)

@@ -393,11 +393,9 @@ def test_route_timeouts_from_the_mesh_file_answer_504(mesh: Mesh) -> None:
         kit.start_script("slow", SLOW_APP, app_port)
         kit.start_proxy("slow-0", NS, "slow", ports, (app_port,))
     try:
-        assert curl(mesh.client.outbound, slow, "/fast")[0] == 200
-        # The policy watch starts with the endpoints one; its first answer may come just after.
-        eventually(
-            lambda: curl(mesh.client.outbound, slow, "/slow")[0] == 504, 15, "the timeout applied"
-        )
+        # Destination publishes the new service within its file poll; the first request that
+        # finds it has waited for its policy too, so the timeout applies from then on.
+        eventually(lambda: curl(mesh.client.outbound, slow, "/fast")[0] == 200, 15, "slow known")
         started = time.monotonic()
         status, headers, _ = curl(mesh.client.outbound, slow, "/slow")
         assert status == 504 and time.monotonic() - started < 1.5

@@ -185,9 +185,17 @@ async def test_route_timeouts_reach_the_proxy_and_follow_edits(tmp_path: Path) -
     mesh = tmp_path / "mesh.yaml"
     write_atomic(mesh, MESH + ROUTED)
     async with _destination(mesh, WorkloadRef("shop", "web-0")) as (_, client):
+        # The first request's wait covers the policy too: the service has its rules at once,
+        # whether it was resolved for a request or ahead of time (an upstream listener).
         routes = DestinationRoutes(client, "shop")
-        assert await routes.prefetch(["api:8080"], 5) == []
-        svc = await eventually(lambda: (s := routes.by_authority("api:8080")) and s.rules and s)
+        wait = routes.resolving("api:8080")
+        assert wait is not None
+        await wait
+        svc = routes.by_authority("api:8080")
+        assert svc is not None and svc.rules
+        ahead = DestinationRoutes(client, "shop")
+        assert await ahead.prefetch(["api:8080"], 5) == []
+        assert ahead.by_authority("api:8080").rules == svc.rules  # type: ignore[union-attr]
         assert svc.needs_headers and not svc.needs_query
         reports, bulk = svc.rules
         assert reports.route == "HTTPRoute shop/api-routes"
