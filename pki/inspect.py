@@ -184,6 +184,7 @@ class StoreInfo:
     staged_anchor: str | None = None  # in the bundle, waiting for 'pki anchor activate'
     next_issuer_lifetime: timedelta | None = None  # what a renewal asks for (issuer.json)
     pending_issuer_key: str | None = None  # algorithm of the key an issuer CSR is out for
+    pending_issuer_key_since: datetime | None = None  # when that key was made (store versions)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -205,6 +206,9 @@ class StoreInfo:
             if self.next_issuer_lifetime is None
             else int(self.next_issuer_lifetime.total_seconds()),
             "pending_issuer_key": self.pending_issuer_key,
+            "pending_issuer_key_since": None
+            if self.pending_issuer_key_since is None
+            else _iso(self.pending_issuer_key_since),
         }
 
 
@@ -243,6 +247,9 @@ def describe_store(
         next_issuer_lifetime=next_issuer_lifetime(state) if state.issuer is not None else None,
         pending_issuer_key=(
             state.pending_issuer_key.algorithm.value if state.pending_issuer_key else None
+        ),
+        pending_issuer_key_since=(
+            store.pending_issuer_key_since() if state.pending_issuer_key else None
         ),
     )
 

@@ -393,7 +393,7 @@ class FileStore:
         """When the current pending issuer key (an issuer CSR out for signing) was made: the
         creation time of the oldest kept version, in the run back from the current one, that
         holds the same key. None without one. When every kept version holds it (older ones
-        were pruned), the time is a lower bound on its age."""
+        were pruned), or an older one cannot be read, the time is a lower bound on its age."""
         version = self.current_version()
         if version is None:
             return None
@@ -402,13 +402,12 @@ class FileStore:
             return None
         since = None
         for v in reversed([v for v in self.versions() if v <= version]):
-            if self.read_version(v).get(PENDING_ISSUER_KEY) != key:
-                break
-            created = self._meta(self.version_path(v)).get("created")
             try:
-                since = datetime.fromisoformat(str(created))
-            except ValueError:
-                break  # a version without a readable time: the run stops there
+                if self.read_version(v).get(PENDING_ISSUER_KEY) != key:
+                    break
+                since = datetime.fromisoformat(str(self._meta(self.version_path(v))["created"]))
+            except (StoreCorrupt, OSError, KeyError, ValueError):
+                break  # an older version that cannot be read or dated ends the run there
         return since
 
     def trust_bundle(self) -> TrustBundle:

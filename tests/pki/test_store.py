@@ -260,3 +260,23 @@ def test_a_private_key_readable_by_others_is_refused_on_load(store: FileStore) -
         store.load()
     os.chmod(path, 0o600)
     assert store.load().issuer is not None
+
+
+def test_a_pending_issuer_key_is_dated_by_the_versions_that_hold_it(tmp_path: Path) -> None:
+    """The age of an issuer CSR out for signing is that of its key: the creation time of the
+    oldest version, in the run back from the current one, that holds the same key. An older
+    version that cannot be read ends the run (a lower bound), and does not raise."""
+    from datetime import timedelta
+
+    from pki.rotation import request_issuer
+
+    store = FileStore(tmp_path / "s")
+    init_anchor(store, now=T0)
+    assert store.pending_issuer_key_since() is None  # none pending
+    made, _ = request_issuer(store, now=T0 + timedelta(hours=1))
+    init_anchor(store, now=T0 + timedelta(hours=5), stage=True)  # a later version, same key
+    assert store.pending_issuer_key_since() == T0 + timedelta(hours=1)
+    (store.version_path(made.version) / "meta.json").write_text("{not json")
+    assert store.pending_issuer_key_since() == T0 + timedelta(hours=5)
+    request_issuer(store, now=T0 + timedelta(hours=6), new_key=True)
+    assert store.pending_issuer_key_since() == T0 + timedelta(hours=6)

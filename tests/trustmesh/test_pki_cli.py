@@ -572,7 +572,10 @@ def test_an_issuer_csr_keeps_the_issuer_key_in_the_store(tmp_path: Path) -> None
     view = tm("pki", "inspect", root, "-o", "json").json()
     assert view["version"] == made.json()["version"]
     assert view["pending_issuer_key"] == "ecdsa-p256"
-    assert "pending issuer key: ecdsa-p256" in tm("pki", "inspect", root).out
+    assert view["pending_issuer_key_since"] == view["created"]  # made by the current version
+    assert "pending issuer key: ecdsa-p256, its CSR out for signing since " in (
+        tm("pki", "inspect", root).out
+    )
     cert = tmp_path / "offline" / "issuer.pem"
     signed = tm("pki", "issuer", "sign", "--anchor", anchor_pem, "--anchor-key", anchor_key,
                 "--csr", req, "--validity", "30d", "--out", cert, "-o", "json")  # fmt: skip
@@ -585,7 +588,8 @@ def test_an_issuer_csr_keeps_the_issuer_key_in_the_store(tmp_path: Path) -> None
     assert imported.json()["issuer"] == signed.json()["issuer"]
     files = {p.name for p in (root / "current").iterdir()}
     assert "pending-issuer.key" not in files and "issuer.key" in files
-    assert tm("pki", "inspect", root, "-o", "json").json()["pending_issuer_key"] is None
+    after = tm("pki", "inspect", root, "-o", "json").json()
+    assert after["pending_issuer_key"] is None and after["pending_issuer_key_since"] is None
     store_key = serialization.load_pem_private_key(
         (root / "current" / "issuer.key").read_bytes(), None
     )

@@ -129,8 +129,7 @@ def check(
     except (PKIError, OSError) as e:
         state = e
     if isinstance(state, StoreState) and state.pending_issuer_key is not None:
-        # Older versions only date the key: one that cannot be read leaves it undated.
-        with contextlib.suppress(PKIError, OSError):
+        with contextlib.suppress(PKIError, OSError):  # the current version changed meanwhile
             pending_since = FileStore(store).pending_issuer_key_since()
     categories: list[Category] = [identity_category(state, now, pending_since)]
     components = [

@@ -224,8 +224,10 @@ def _print_store(console: Console, info: StoreInfo) -> None:
         anchors.add_row(a.fingerprint[:16], a.subject, a.key_algorithm, _when(a), signing)
     console.print(anchors)
     if info.pending_issuer_key is not None:
+        since = info.pending_issuer_key_since
+        made = f" since {since:%Y-%m-%d %H:%M} UTC" if since is not None else ""
         console.print(
-            f"pending issuer key: {info.pending_issuer_key}, its CSR out for signing "
+            f"pending issuer key: {info.pending_issuer_key}, its CSR out for signing{made} "
             "('pki issuer import' the certificate)"
         )
     if info.issuer is None:
