@@ -96,6 +96,18 @@ _STATUS: tuple[tuple[type[ProxyError], int, bytes], ...] = (
 )
 
 
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
+def _has_body(ex: Exchange) -> bool:
+    """Whether the request declared a body (Content-Length other than 0; chunked is ``te``)."""
+    head = ex.head
+    return any(
+        head[i].lower() == b"content-length" and head[i + 2].strip() != b"0"
+        for i in range(0, len(head), 4)
+    )
+
+
 def _current(ex: Exchange, attempt: int) -> bool:
     """Whether try number ``attempt`` of ``ex`` is the one in progress (not given up on)."""
     replay = ex.replay
@@ -550,6 +562,30 @@ class Http1Server:
         )  # fmt: skip
         self._loop.call_later(delay, self._send_again, ex, replay.tries)
 
+    def resend(self, ex: Exchange, upstream: Link | None, why: str) -> bool:
+        """A pooled upstream link closed before any byte of the answer: most likely its peer
+        closed it idle just as the request went out. A request that is idempotent (RFC 9110
+        9.2.2) and has no body is sent again, once, on a new connection to the same target;
+        whether it was. (Other requests get the 502: they may have been acted on.)"""
+        if self.link.closed or not self.queue or self.queue[0] is not ex or ex.upgrade:
+            return False
+        if ex.method not in _IDEMPOTENT or not ex.req_done or ex.te or _has_body(ex):
+            return False
+        if ex.replay is not None and ex.replay.resent:
+            return False  # once
+        self.dispatcher.finish(ex, upstream, reusable=False)
+        ex.link = ex.resp = None
+        if ex.replay is None:
+            ex.replay = Replay(None, 0)
+        ex.replay.resent = True
+        failure_log.info(
+            "%s %s request to %s: %s on a pooled connection; sent again on a new one",
+            self.dispatcher.describe(), ex.method.decode("latin-1"), quoted(ex.authority), why,
+        )  # fmt: skip
+        ex.pending = []
+        self._loop.create_task(self._connect(ex))
+        return True
+
     def _send_again(self, ex: Exchange, attempt: int) -> None:
         if self.link.closed or not self.queue or self.queue[0] is not ex:
             return
@@ -580,9 +616,10 @@ class Http1Server:
         resp: Response | None = link.codec
         if resp is None:
             resp = Response()
+            resp.begin(self, ex)
         else:
             link.codec = None  # given back by _finish when this exchange ends cleanly
-        resp.begin(self, ex)
+            resp.begin(self, ex, reused=True)
         ex.resp = resp
         link.sink = resp
         head = self._request_head(ex)

@@ -116,9 +116,10 @@ class Exchange:
 
 class Replay:
     """What a request that may be retried has sent so far (its body as framed on the wire),
-    kept to send it again, and how many times it was sent again."""
+    kept to send it again, and how many times it was sent again (a bodiless idempotent request
+    sent again after its pooled connection closed has one too, with nothing kept)."""
 
-    __slots__ = ("chunks", "limit", "reason", "size", "tries")
+    __slots__ = ("chunks", "limit", "reason", "resent", "size", "tries")
 
     def __init__(self, pending: list[bytes] | None, limit: int) -> None:
         self.chunks = list(pending or ())
@@ -126,6 +127,7 @@ class Replay:
         self.limit = limit
         self.tries = 0  # retries sent
         self.reason = ""  # why the last one was: a status, or the try's timeout
+        self.resent = False  # sent again after a pooled connection closed under it
 
     def record(self, data: bytes) -> bool:
         """Keep ``data``; False once the request is over the limit (it cannot be retried)."""

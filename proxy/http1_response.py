@@ -60,6 +60,10 @@ class Client(Protocol):
     def retry(self, ex: Exchange, upstream: Link | None, status: int, why: str) -> None:
         """Give this try's answer (``status``) up and send ``ex`` again."""
 
+    def resend(self, ex: Exchange, upstream: Link | None, why: str) -> bool:
+        """A pooled ``upstream`` closed before any answer (``why``): send ``ex`` again on a new
+        connection if it is idempotent and bodiless; whether it was."""
+
 
 class _TunnelEstablished(Exception):
     """Raised through the parser after a 2xx answer to CONNECT, to stop it at the head."""
@@ -89,8 +93,8 @@ class Response:
 
     __slots__ = (
         "body_mode", "chunked", "decoder", "done", "ex", "has_length", "head", "head_at",
-        "head_bytes", "head_sent", "out", "parser", "raw", "reason", "reusable", "server",
-        "stray", "switching", "te", "tokens", "unaccounted", "upgrade_to",
+        "head_bytes", "head_sent", "out", "parser", "raw", "reason", "reusable", "reused",
+        "server", "stray", "switching", "te", "tokens", "unaccounted", "upgrade_to",
     )  # fmt: skip
 
     server: Client
@@ -101,9 +105,11 @@ class Response:
         self.out: list[bytes] = []  # what one read produced: written to the client in one go
         self.done = False
 
-    def begin(self, server: Client, ex: Exchange) -> None:
+    def begin(self, server: Client, ex: Exchange, reused: bool = False) -> None:
+        """Carry the response to ``ex`` (``reused``: on a link that carried one before)."""
         self.server = server
         self.ex = ex
+        self.reused = reused
         self.head_sent = False
         self.done = False
         self.switching = False
@@ -356,6 +362,11 @@ class Response:
 
     def _broken(self, reason: str) -> None:
         ex = self.ex
+        # Nothing came back on a pooled link: its peer most likely closed it (an idle timeout)
+        # as the request went out. An idempotent request is sent again.
+        nothing_came = self.reused and not self.head_sent and not self.head_bytes
+        if nothing_came and self.server.resend(ex, ex.link, reason):
+            return
         if self.head_sent:
             ex.close_after = True
             self.server.dispatcher.finish(ex, ex.link, reusable=False)

@@ -1071,3 +1071,42 @@ async def test_pipelined_requests_are_answered_in_order_with_bounded_memory(pki)
                     tail = joined[-(len(marker) - 1) :]
         finally:
             sock.close()
+
+
+async def test_a_pooled_connection_closed_under_a_request_is_retried_if_idempotent(
+    pki, caplog
+) -> None:
+    """An application that closes an idle keep-alive connection just as the proxy reuses it
+    (here: it answers one request per connection, then closes at the next without a word).
+    A bodiless idempotent request is sent again on a new connection; a POST with a body is
+    not (it may have been acted on): 502."""
+    caplog.set_level(logging.INFO, logger="proxy.http1")
+    seen: list[bytes] = []
+
+    async def one_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            head = await reader.readuntil(b"\r\n\r\n")  # the next request: closed unanswered
+            seen.append(head.split(b" ", 2)[1])
+        writer.close()
+
+    async with behind_the_mesh(pki, one_per_connection) as mesh, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{mesh.outbound}"
+        for n in range(3):
+            async with http.get(f"{url}/get-{n}", headers={"Host": "api"}) as resp:
+                assert resp.status == 200 and await resp.read() == b"ok"
+        async with http.post(f"{url}/post", data=b"body", headers={"Host": "api"}) as resp:
+            assert resp.status == 502
+    # The first GET opened the connection; each next request met a pooled one that closed.
+    assert seen == [b"/get-0", b"/get-1", b"/get-1", b"/get-2", b"/get-2", b"/post"]
+    assert "on a pooled connection; sent again on a new one" in caplog.text
