@@ -334,7 +334,13 @@ def test_a_running_up_starts_and_stops_workloads_as_the_mesh_file_changes(
         assert "workloads added shop/web-1" in err and "workload shop/web-1 is ready" in err
         assert "workloads removed shop/web-0; changed shop/shell-0" in err
         assert "stopped app-shop-web-0, proxy-shop-shell-0, proxy-shop-web-0" in err
-        assert {w["workload"] for w in json.loads(out)["workloads"]} == {
+        # stdout: after the ready line, one "changed" line per change of the running workloads
+        # (JSON lines, each the whole mesh), then the summary.
+        *changes, summary = [json.loads(line) for line in out.splitlines()]
+        assert info["event"] == "ready" and changes
+        assert {c["event"] for c in changes} == {"changed"}
+        assert {w["workload"] for w in changes[-1]["workloads"]} == {"shop/shell-0", "shop/web-1"}
+        assert {w["workload"] for w in summary["workloads"]} == {
             "shop/shell-0",
             "shop/web-1",
         }

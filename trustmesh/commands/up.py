@@ -166,8 +166,7 @@ def _run(
         except OSError as e:
             progress(f"cannot write {paths.published} ({e}): 'trustmesh check' will not find it")
         if output == "json" and not traffic:
-            click.echo(json.dumps(_ready_info(mesh)), nl=True)
-            sys.stdout.flush()
+            _echo_line({"event": "ready", **_ready_info(mesh)})
         if traffic:
             driver = Traffic(mesh.upstream(TRAFFIC, "web."), mesh.upstream(TRAFFIC, "echo."))
             driver.start()
@@ -194,11 +193,13 @@ def _run(
             generation = mesh.generation
             for message in mesh.reconcile():
                 progress(message)
-            if mesh.generation != generation:  # workloads started or stopped: for 'check'
+            if mesh.generation != generation:  # workloads started or stopped
                 try:
-                    paths.publish(_ready_info(mesh))
+                    paths.publish(_ready_info(mesh))  # for 'check'
                 except OSError as e:
                     progress(f"cannot update {paths.published} ({e})")
+                if output == "json" and not traffic:  # for a script following the mesh
+                    _echo_line({"event": "changed", **_ready_info(mesh)})
             if live is not None and now - last_scrape >= SCRAPE_EVERY:
                 last_scrape = now
                 rows = workload_rows(_scrape_all(mesh, scrape), time.time())
@@ -252,6 +253,12 @@ def _run(
 
 def _scrape_all(mesh: Any, scrape: Any) -> dict[str, Any]:
     return {key: scrape(addr) for key, addr in mesh.admin.items() if "/" in key}
+
+
+def _echo_line(record: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed (a reader acts on each as it comes)."""
+    click.echo(json.dumps(record), nl=True)
+    sys.stdout.flush()
 
 
 def _ready_info(mesh: Any) -> dict[str, Any]:
