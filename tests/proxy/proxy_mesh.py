@@ -180,15 +180,48 @@ async def run_mesh(
 
 
 @contextlib.asynccontextmanager
-async def behind_the_mesh(pki: Any, app: Any) -> AsyncIterator[Mesh]:
-    """``app`` (an asyncio stream handler) on a local port, behind two proxies: web -> api."""
+async def behind_the_mesh(
+    pki: Any, app: Any, *, opaque: bool = False, policy: InboundPolicy | None = None
+) -> AsyncIterator[Mesh]:
+    """``app`` (an asyncio stream handler) on a local port, behind two proxies: web -> api
+    (``opaque``: also as the service ``tcp-echo``, relayed through the client's upstream
+    listener ``upstream:tcp-echo``)."""
     server = await asyncio.start_server(app, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
-        async with run_mesh(pki.credentials("web"), pki.credentials("api"), app_port=port) as mesh:
+        async with run_mesh(
+            pki.credentials("web"),
+            pki.credentials("api"),
+            app_port=port,
+            tcp_port=port if opaque else None,
+            policy=policy,
+        ) as mesh:
             yield mesh
     finally:
         server.close()
+
+
+async def half_closed_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` to ``port``, half-close, and read the answer to EOF (bounded)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+async def read_all_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An opaque app: reads to EOF (the client's half-close), then answers with the byte count
+    and closes."""
+    total = 0
+    while chunk := await reader.read(65536):
+        total += len(chunk)
+    writer.write(b"got %d" % total)
+    await writer.drain()
+    writer.close()
 
 
 async def raw_exchange(port: int, request: bytes, *, until_close: bool = True) -> bytes:

@@ -21,10 +21,16 @@ import aiohttp
 import pytest
 from loopback import unused_port
 from OpenSSL import SSL
-from proxy_mesh import raw_exchange, run_app, run_mesh
+from proxy_mesh import (
+    behind_the_mesh,
+    half_closed_exchange,
+    raw_exchange,
+    read_all_then_reply,
+    run_app,
+    run_mesh,
+)
 from test_meshtls_inbound import http_request, tls_exchange
 from test_meshtls_protocol import RawClient
-from test_tcp import _read_all_then_reply as read_all_then_reply
 
 from proxy.http1 import MAX_DROPPED_BODY
 from proxy.link import Link
@@ -146,24 +152,12 @@ async def test_a_websocket_relay_frees_its_connections(pki) -> None:
 
 
 async def test_an_opaque_relay_frees_its_connections(pki) -> None:
-    web, api = pki.credentials("web"), pki.credentials("api")
-    server = await asyncio.start_server(read_all_then_reply, "127.0.0.1", 0)
-    tcp_port = server.sockets[0].getsockname()[1]
-    try:
-        async with run_mesh(web, api, app_port=tcp_port, tcp_port=tcp_port) as mesh:
-            with collector_off():
-                for _ in range(3):
-                    reader, writer = await asyncio.open_connection(
-                        "127.0.0.1", mesh.client.port("upstream:tcp-echo")
-                    )
-                    writer.write(b"hello")
-                    writer.write_eof()
-                    async with asyncio.timeout(10):
-                        assert await reader.read(-1) == b"got 5"
-                    writer.close()
-                await assert_all_freed()
-    finally:
-        server.close()
+    async with behind_the_mesh(pki, read_all_then_reply, opaque=True) as mesh:
+        with collector_off():
+            for _ in range(3):
+                port = mesh.client.port("upstream:tcp-echo")
+                assert await half_closed_exchange(port, b"hello") == b"got 5"
+            await assert_all_freed()
 
 
 async def test_refused_requests_and_handshakes_free_their_connections(pki, other_pki) -> None:
